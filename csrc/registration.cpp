@@ -1,0 +1,69 @@
+// The one place that declares rlhf_ext's operator schemas and the pybind11
+// module rlhf_ext._C. Kernels register their CPU / CUDA implementations in
+// csrc/cpu and csrc/cuda; fake (meta) kernels and autograd are registered from
+// Python (rlhf_ext/ops). torch/extension.h and pybind11 stay in this file only:
+// they triple the compile time of every translation unit that includes them.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef RLHF_EXT_VERSION
+#define RLHF_EXT_VERSION "unknown"
+#endif
+#ifndef RLHF_EXT_TORCH_VERSION
+#define RLHF_EXT_TORCH_VERSION ""
+#endif
+#ifndef RLHF_EXT_CUDA_ARCHS
+#define RLHF_EXT_CUDA_ARCHS ""
+#endif
+#ifndef RLHF_EXT_CUDA_VERSION
+#define RLHF_EXT_CUDA_VERSION ""
+#endif
+
+TORCH_LIBRARY(rlhf_ext, m) {
+  // GAE over a padded [B, T] batch, or a packed [total] batch when cu_seqlens
+  // ([B + 1]) is given. gamma_rows / lam_rows ([B]) override the scalars.
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor? mask, Tensor? cu_seqlens, Tensor? last_value, "
+      "Tensor? gamma_rows, Tensor? lam_rows, float gamma, float lam) -> (Tensor, Tensor)");
+  // Mean of x over `dim` (all elements when None) and the number of valid
+  // elements it averaged.
+  m.def("masked_mean(Tensor x, Tensor? mask, int? dim) -> (Tensor, Tensor)");
+  // TRL / verl whitening over all valid elements, and the valid count.
+  m.def(
+      "masked_whiten(Tensor x, Tensor? mask, bool shift_mean, bool unbiased, float eps) "
+      "-> (Tensor, Tensor)");
+  // Per-token -kl_coef * KL plus each row's score at its last valid token.
+  m.def(
+      "kl_shaped_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor? mask, "
+      "float kl_coef, str kl) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = RLHF_EXT_VERSION;
+  info["torch_version"] = RLHF_EXT_TORCH_VERSION;
+#ifdef RLHF_EXT_WITH_CUDA
+  info["with_cuda"] = true;
+#else
+  info["with_cuda"] = false;
+#endif
+  info["cuda_version"] = RLHF_EXT_CUDA_VERSION;
+  info["cuda_archs"] = RLHF_EXT_CUDA_ARCHS;
+  info["parallel"] = at::get_parallel_info();
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "rlhf_ext compiled kernels: importing this module registers the ops.";
+  module.def("build_info", &build_info,
+             "Versions and options this extension was compiled with (dict).");
+}

@@ -1,0 +1,22 @@
+"""rlhf_ext: fused C++ / CUDA / Triton kernels for RLHF and PPO training.
+
+The public API (DESIGN section 3). Every op takes ``backend="auto"``; see
+``available_backends()`` for what this install can run.
+"""
+
+from rlhf_ext._backend import BackendUnavailableError, available_backends, build_info
+from rlhf_ext._version import __version__
+from rlhf_ext.ops.gae import gae
+from rlhf_ext.ops.kl_shaped_rewards import kl_shaped_rewards
+from rlhf_ext.ops.masked_stats import masked_mean, masked_whiten
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "available_backends",
+    "build_info",
+    "gae",
+    "kl_shaped_rewards",
+    "masked_mean",
+    "masked_whiten",
+]

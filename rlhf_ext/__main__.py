@@ -1,0 +1,71 @@
+"""Command line: ``python -m rlhf_ext info | bench [args]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def info() -> int:
+    import torch
+
+    import rlhf_ext
+    from rlhf_ext._backend import (
+        compiled_available,
+        compiled_cuda_available,
+        triton_import_error,
+    )
+
+    build = rlhf_ext.build_info()
+    rows = [
+        ("rlhf_ext", rlhf_ext.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", torch.version.cuda or "none (CPU build)"),
+        ("GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        ("compiled CPU kernels", "yes" if compiled_available() else "no"),
+        ("compiled CUDA kernels", "yes" if compiled_cuda_available() else "no"),
+        ("built against torch", build.get("torch_version", "-")),
+        ("built CUDA / archs", f"{build.get('cuda_version') or '-'} / {build.get('cuda_archs') or '-'}"),
+        ("compiler", build.get("compiler", "-")),
+        ("triton", _triton_version() if triton_import_error() is None else triton_import_error()),
+        ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")),
+        ("backends (cpu tensors)", ", ".join(rlhf_ext.available_backends("cpu"))),
+    ]
+    if torch.cuda.is_available():
+        rows.append(("backends (cuda tensors)", ", ".join(rlhf_ext.available_backends("cuda"))))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, torch, CUDA, compiled archs, triton, backends")
+    bench = sub.add_parser("bench", help="run a microbenchmark (same as python -m bench)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    if args.command == "bench":
+        try:
+            from bench.__main__ import main as bench_main
+        except ImportError:
+            print("rlhf_ext bench: run from a source checkout (the bench/ folder)", file=sys.stderr)
+            return 2
+        return bench_main(args.args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

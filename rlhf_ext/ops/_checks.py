@@ -1,0 +1,65 @@
+"""Argument checks shared by the public ops. Every message starts with the
+op's public name and names the argument, what was expected and what came."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(op: str, name: str, t, *, floating: bool = True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(
+            f"{op}: `{name}` must be float32, float64, bfloat16 or float16, got {t.dtype}"
+        )
+    return t
+
+
+def check_dim(op: str, name: str, t: torch.Tensor, dim: int, what: str = "") -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{op}: `{name}` must be {dim}-D{what}, got shape {tuple(t.shape)}")
+
+
+def check_like(op: str, name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    """Same shape and device as `like`."""
+    if t.device != like.device:
+        raise ValueError(f"{op}: `{name}` must be on {like.device} like `{like_name}`, got {t.device}")
+    if t.shape != like.shape:
+        raise ValueError(
+            f"{op}: `{name}` must have the shape of `{like_name}` {tuple(like.shape)}, "
+            f"got {tuple(t.shape)}"
+        )
+
+
+def check_mask(op: str, mask, like: torch.Tensor, like_name: str) -> torch.Tensor | None:
+    """None, or a bool / 0-1 tensor of `like`'s shape and device."""
+    if mask is None:
+        return None
+    check_tensor(op, "mask", mask, floating=False)
+    check_like(op, "mask", mask, like, like_name)
+    if mask.is_complex():
+        raise TypeError(f"{op}: `mask` must be bool or 0/1 numbers, got {mask.dtype}")
+    return mask
+
+
+def check_rows(op: str, name: str, t, rows: int, like: torch.Tensor):
+    """None, a Python number, or a floating tensor of shape [rows] on like's device."""
+    if t is None or isinstance(t, (int, float)):
+        return t
+    check_tensor(op, name, t)
+    if t.device != like.device:
+        raise ValueError(f"{op}: `{name}` must be on {like.device}, got {t.device}")
+    if t.dim() != 1 or t.shape[0] != rows:
+        raise ValueError(f"{op}: `{name}` must be a float or have shape [{rows}], got {tuple(t.shape)}")
+    return t
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation / output dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def eager() -> bool:
+    """False while torch.compile traces (data-dependent checks are skipped there)."""
+    return not torch.compiler.is_compiling()

@@ -1,0 +1,131 @@
+"""Pure-PyTorch implementations of every rlhf_ext op.
+
+They are the test oracle (called on float64 inputs) and the "torch" backend.
+They favour obviousness over speed: GAE is the naive right-to-left loop, the
+statistics follow TRL / verl line by line. Inputs are upcast to float32 (float64
+stays float64), as the kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gae", "masked_mean", "masked_var", "masked_whiten", "kl_penalty", "kl_shaped_rewards"]
+
+KL_CLAMP_LOG_RATIO = 20.0
+KL_CLAMP_VALUE = 10.0
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _per_row(x, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A float or a [rows] tensor as a [rows] tensor in like's dtype."""
+    if isinstance(x, torch.Tensor):
+        return x.to(like.dtype)
+    return torch.full((rows,), float(x), dtype=like.dtype, device=like.device)
+
+
+def _gae_padded(rewards, values, mask, gamma, lam, last_value):
+    rows, steps = rewards.shape
+    gamma = _per_row(gamma, rows, rewards)
+    lam = _per_row(lam, rows, rewards)
+    next_value = _per_row(0.0 if last_value is None else last_value, rows, rewards)
+    next_advantage = torch.zeros(rows, dtype=rewards.dtype, device=rewards.device)
+    advantages = torch.zeros_like(rewards)
+    returns = torch.zeros_like(rewards)
+    for t in reversed(range(steps)):
+        valid = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        # A masked position is skipped: both running quantities pass through it.
+        next_advantage = torch.where(valid, advantage, next_advantage)
+        next_value = torch.where(valid, values[:, t], next_value)
+        advantages[:, t] = torch.where(valid, advantage, 0.0)
+        returns[:, t] = torch.where(valid, advantage + values[:, t], 0.0)
+    return advantages, returns
+
+
+def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, cu_seqlens=None):
+    """Generalised advantage estimation, DESIGN 3.2 semantics (see rlhf_ext.gae)."""
+    rewards, values = _acc(rewards.detach()), _acc(values.detach()).to(_acc(rewards).dtype)
+    mask = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.detach() != 0
+    if cu_seqlens is None:
+        return _gae_padded(rewards, values, mask, gamma, lam, last_value)
+    advantages = torch.zeros_like(rewards)
+    returns = torch.zeros_like(rewards)
+    bounds = cu_seqlens.tolist()
+    for row, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pick = (lambda x: x[row : row + 1] if isinstance(x, torch.Tensor) else x)  # noqa: E731
+        a, r = _gae_padded(
+            rewards[None, lo:hi], values[None, lo:hi], mask[None, lo:hi],
+            pick(gamma), pick(lam), pick(last_value),
+        )
+        advantages[lo:hi], returns[lo:hi] = a[0], r[0]
+    return advantages, returns
+
+
+def masked_mean(x, mask=None, dim=None):
+    """Mean over valid elements (TRL: (x * mask).sum(dim) / mask.sum(dim)).
+
+    A row with no valid element gives 0 (the kernels' convention; rlhf_ext's
+    public function raises instead when the whole tensor is empty).
+    """
+    x = _acc(x)
+    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return torch.where(count > 0, total / count.clamp_min(1), 0.0)
+
+
+def masked_var(x, mask=None, unbiased=True):
+    """TRL / verl masked variance, with Bessel's correction when unbiased."""
+    x = _acc(x)
+    mean = masked_mean(x, mask)
+    variance = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        count = x.numel() if mask is None else (mask != 0).sum()
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(x, mask=None, shift_mean=True, unbiased=True, eps=1e-8):
+    """TRL / verl whitening: (x - mean) * rsqrt(var + eps), mean added back unless shift_mean."""
+    x = _acc(x)
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+_KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
+
+
+def kl_penalty(logprobs, ref_logprobs, kind="k3"):
+    """Per-token KL estimate (value only; see rlhf_ext.kl_penalty for gradients)."""
+    base = _KL_ALIASES.get(kind.rstrip("+"), kind.rstrip("+"))
+    diff = _acc(logprobs) - _acc(ref_logprobs)
+    if base == "k1":
+        return diff
+    if base == "abs":
+        return diff.abs()
+    if base == "k2":
+        return 0.5 * diff.square()
+    if base == "k3":
+        d = (-diff).clamp(-KL_CLAMP_LOG_RATIO, KL_CLAMP_LOG_RATIO)
+        return (torch.exp(d) - d - 1).clamp(-KL_CLAMP_VALUE, KL_CLAMP_VALUE)
+    raise ValueError(f"rlhf_ext.kl_penalty: unknown `kind` {kind!r}")
+
+
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask=None, *, kl_coef, kl="k1"):
+    """-kl_coef * KL per valid token, plus each row's score at its last valid token."""
+    logprobs = _acc(logprobs)
+    rows, steps = logprobs.shape
+    mask = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask != 0
+    rewards = torch.where(mask, -kl_coef * kl_penalty(logprobs, ref_logprobs, kl), 0.0)
+    positions = torch.arange(steps, device=logprobs.device).expand(rows, steps)
+    last = torch.where(mask, positions, -1).amax(dim=1) if steps else torch.full((rows,), -1)
+    has_token = last >= 0
+    row_index = torch.arange(rows, device=logprobs.device)[has_token]
+    rewards[row_index, last[has_token]] += scores.to(rewards.dtype)[has_token]
+    return rewards

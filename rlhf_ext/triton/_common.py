@@ -1,0 +1,50 @@
+"""Helpers shared by the Triton launchers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def acc_tl_dtype(t: torch.Tensor):
+    """Triton accumulation dtype: float64 for float64 inputs, else float32."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def acc_torch_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def as_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The mask as contiguous uint8 0/1 (Triton handles int1 pointers awkwardly);
+    a 1-element dummy when there is no mask (the kernel never reads it).
+
+    A converted copy even for a bool mask: a zero-copy bool -> uint8 view is
+    faster in eager mode, but Inductor (torch 2.11) cannot lower it inside a
+    traced triton_op, and the triton_op body cannot tell it is being traced.
+    """
+    if mask is None:
+        return like.new_empty((1,), dtype=torch.uint8)
+    return (mask != 0).to(torch.uint8).contiguous()
+
+
+def optional(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as a contiguous `dtype` tensor, or a 1-element dummy the kernel skips."""
+    if t is None:
+        return like.new_empty((1,), dtype=dtype)
+    return t.to(dtype).contiguous()
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@triton.jit
+def affine_combine_reversed(a_right, b_right, a_left, b_left):
+    """Combine for tl.associative_scan(..., reverse=True) of maps x -> a * x + b.
+
+    A reversed scan passes (accumulated right part, new left element); the
+    composite applies the right part first: left(right(x)).
+    """
+    return a_left * a_right, a_left * b_right + b_left

@@ -1,0 +1,31 @@
+"""Run every CUDA kernel of rlhf_ext once on shapes that cover their code paths
+(short and long rows, chunk boundaries, packed rows, masks), for
+compute-sanitizer: `compute-sanitizer --tool racecheck python tools/sanitize_ops.py`."""
+
+import torch
+
+import rlhf_ext
+
+dev = "cuda"
+torch.manual_seed(0)
+for rows, steps in [(3, 1), (5, 37), (4, 600), (3, 4500)]:
+    r, v = torch.randn(rows, steps, device=dev), torch.randn(rows, steps, device=dev)
+    m = torch.rand(rows, steps, device=dev) > 0.3
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        rlhf_ext.gae(r.to(dtype), v.to(dtype), m, gamma=torch.rand(rows, device=dev),
+                     lam=0.95, last_value=torch.randn(rows, device=dev), backend="cuda")
+    rlhf_ext.masked_mean(r, m, backend="cuda")
+    rlhf_ext.masked_mean(r, m, 0, backend="cuda")
+    rlhf_ext.masked_mean(r, m, 1, backend="cuda")
+    rlhf_ext.masked_whiten(r, m, backend="cuda")
+    rlhf_ext.kl_shaped_rewards(torch.randn(rows, device=dev), r, v, m, kl_coef=0.1, kl="k3",
+                               backend="cuda")
+lens = [3, 0, 4000, 7, 1]
+cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=dev)
+n = sum(lens)
+rlhf_ext.gae(torch.randn(n, device=dev), torch.randn(n, device=dev),
+             torch.rand(n, device=dev) > 0.2, cu_seqlens=cu, backend="cuda")
+big = torch.randn(2, 3 * 4096 + 5, device=dev)
+rlhf_ext.masked_whiten(big, big > 0, backend="cuda")
+torch.cuda.synchronize()
+print("sanitize_ops: all kernels ran")
