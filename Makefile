@@ -41,7 +41,7 @@ pytest: $(VENV)/.installed
 test: cpp-test info pytest
 
 demo: $(VENV)/.installed
-	$(PY) -m bench gae --device cpu
+	$(PY) -m bench gae --device cpu --no-save
 
 bench: $(VENV)/.installed
 	$(PY) -m bench all

@@ -17,6 +17,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -83,6 +84,19 @@ def pip_cuda_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None if it does not answer."""
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True, text=True, timeout=120,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def want_cuda(torch):
     forced = env_flag("RLHF_EXT_CUDA")
     reasons = []
@@ -91,6 +105,18 @@ def want_cuda(torch):
     cuda_home = find_cuda_home()
     if cuda_home is None:
         reasons.append("nvcc was not found (set CUDA_HOME)")
+    elif torch.version.cuda is not None and forced is not False:
+        # torch refuses to build with an nvcc of another major version; say so here
+        # and fall back to the CPU build instead of failing deep inside torch.
+        found = nvcc_version(cuda_home)
+        wanted = int(torch.version.cuda.split(".")[0])
+        if found is None:
+            reasons.append(f"{cuda_home}/bin/nvcc --version did not answer")
+        elif found[0] != wanted:
+            reasons.append(
+                f"nvcc {found[0]}.{found[1]} in {cuda_home} does not match torch's CUDA "
+                f"{torch.version.cuda} (set CUDA_HOME to a CUDA {wanted}.x toolkit)"
+            )
     if forced is False:
         return None
     if reasons:
@@ -105,7 +131,13 @@ def extension_modules(version):
     if env_flag("RLHF_EXT_NO_EXT"):
         print("rlhf_ext setup: RLHF_EXT_NO_EXT=1, pure-Python install")
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        sys.exit(
+            "rlhf_ext setup: torch is not importable. Install torch first, then "
+            "`pip install --no-build-isolation .` (or RLHF_EXT_NO_EXT=1 for a pure-Python install)."
+        )
 
     cuda_home = want_cuda(torch)
     if cuda_home:
@@ -120,9 +152,10 @@ def extension_modules(version):
         ("RLHF_EXT_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
     # No -std flag: torch.utils.cpp_extension passes the standard its headers need.
-    cxx_flags = ["-O3", "-fopenmp"]
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
+    cxx_flags = ["-O3"] + openmp
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
+    kwargs = dict(include_dirs=include_dirs, extra_link_args=openmp)
     if cuda_home:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         defines += [

@@ -6,7 +6,7 @@ Implementations (each verified against a float64 reference before it is timed):
   with a mask (``+mask``: an all-valid bool mask, so the masked path does the same math);
 - ``rlhf_ext.gae[triton]`` (and ``+mask``): on CUDA only (on CPU Triton runs only under
   its interpreter, a test tool, so it is not timed there);
-- ``python loop (TRL)``: the per-timestep loop TRL and verl use (bench.peers.trl_gae),
+- ``python loop (TRL)``: the per-timestep loop TRL and verl use (python_tests/peers.py: trl_gae),
   the speedup baseline;
 - ``python loop+mask (verl)``: verl's loop with its multi-turn mask (float mask);
 - ``torch.compile(TRL loop)``: the same loop compiled (the loop is unrolled, so compile
@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from bench import harness, peers
+from bench import harness
+from python_tests import peers
 from bench.harness import Impl
 
 OP = "gae"

@@ -23,6 +23,7 @@ from conftest import (
     st,
 )
 
+import peers
 import rlhf_ext
 from rlhf_ext import reference
 
@@ -530,71 +531,13 @@ def test_gae_cpu_batch_invariant_packed(inputs):
     assert torch.equal(a, adv[lo:hi]) and torch.equal(r, ret[lo:hi])
 
 
-# -- peers: TRL / verl style Python loops -------------------------------------
-
-
-def trl_gae(rewards, values, gamma, lam):
-    """TRL's PPOTrainer loop (no mask, last value 0)."""
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_length = rewards.shape[1]
-    for t in reversed(range(gen_length)):
-        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], axis=1)
-    return advantages, advantages + values
-
-
-def verl_gae(token_level_rewards, values, response_mask, gamma, lam):
-    """verl's compute_gae_advantage_return before its whitening (multi-turn mask)."""
-    nextvalues = 0
-    lastgaelam = 0
-    advantages_reversed = []
-    for t in reversed(range(token_level_rewards.shape[-1])):
-        delta = token_level_rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam_ = delta + gamma * lam * lastgaelam
-        nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
-        lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages, advantages + values
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gae_matches_trl_and_verl_loops(inputs, backend):
-    B, T = 4, 50
-    rewards, values = (
-        inputs.randn(B, T, dtype=torch.float64),
-        inputs.randn(B, T, dtype=torch.float64),
-    )
-    adv, ret = rlhf_ext.gae(rewards, values, gamma=0.99, lam=0.95, backend=backend)
-    t_adv, t_ret = trl_gae(rewards, values, 0.99, 0.95)
-    torch.testing.assert_close(adv, t_adv)
-    torch.testing.assert_close(ret, t_ret)
-    mask = inputs.mask(B, T)
-    adv, ret = rlhf_ext.gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=backend)
-    v_adv, v_ret = verl_gae(rewards, values, mask.double(), 0.99, 0.95)
-    torch.testing.assert_close(adv[mask], v_adv[mask])  # verl leaves masked positions non-zero
-    torch.testing.assert_close(ret[mask], v_ret[mask])
-
-
-def _bench_peers():
-    try:
-        from bench import peers
-    except Exception:  # bench/peers.py is optional (a source checkout has it)
-        return None
-    return peers
+# -- peers: TRL / verl / TorchRL, the same baselines bench/ times ----------------
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("peer", ["trl_gae", "verl_gae", "torchrl_gae"])
-def test_gae_matches_bench_peers(inputs, backend, peer):
-    """The baselines of bench/peers.py (TRL / verl loops, TorchRL), unmasked inputs."""
-    peers = _bench_peers()
-    if peers is None or not hasattr(peers, peer):
-        pytest.skip(f"bench.peers.{peer} is not present")
+def test_gae_matches_peers(inputs, backend, peer):
+    """The peers' GAE as they write it (python_tests/peers.py), unmasked, then verl masked."""
     if peer == "torchrl_gae" and not peers.torchrl_available():
         pytest.skip("torchrl is not installed")
     B, T = 3, 40
@@ -1125,3 +1068,16 @@ def test_gae_triton_float64_keeps_double_precision(inputs):
 def test_sample_inputs_cover_the_edge_cases():
     assert {"B0", "T0", "T1", "all_masked_row", "holes", "prefix"} <= set(SAMPLE_NAMES)
     assert TRITON_CPU == ("triton" in CPU_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gae_zero_dim_tensor_discounts_apply_to_every_row(inputs, backend):
+    rewards, values = inputs.randn(3, 20), inputs.randn(3, 20)
+    expected = rlhf_ext.gae(rewards, values, gamma=0.97, lam=0.9, backend=backend)
+    got = rlhf_ext.gae(rewards, values, gamma=torch.tensor(0.97), lam=torch.tensor(0.9), backend=backend)
+    torch.testing.assert_close(got, expected)
+
+
+def test_gae_rejects_bool_discount(inputs):
+    with pytest.raises(TypeError, match=r"rlhf_ext\.gae: `gamma` must be a float"):
+        rlhf_ext.gae(inputs.randn(2, 3), inputs.randn(2, 3), gamma=True)

@@ -489,7 +489,7 @@ def test_masked_stats_bad_input(inputs, backend):
         ),
         (
             ValueError,
-            r"rlhf_ext\.masked_whiten: `eps` must be a float >= 0",
+            r"rlhf_ext\.masked_whiten: `eps` must be a float > 0",
             lambda: rlhf_ext.masked_whiten(x, None, eps=-1.0, backend=backend),
         ),
     ]
@@ -617,3 +617,47 @@ def test_masked_stats_triton_compile_parity(inputs):
     compiled = torch.compile(fn, fullgraph=True)
     for e, g in zip(fn(x, mask), compiled(x, mask), strict=True):
         torch.testing.assert_close(e, g, rtol=0, atol=0)
+
+
+# -- masked-out values and mask semantics (all backends agree) ------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("poison_value", [float("nan"), float("inf"), float("-inf")])
+def test_masked_out_non_finite_values_are_ignored(inputs, backend, poison_value):
+    x, mask = inputs.randn(4, 300), inputs.mask(4, 300)
+    mask[:, :2] = True
+    expected_mean = reference.masked_mean(x.double(), mask)
+    expected_rows = reference.masked_mean(x.double(), mask, 1)
+    expected_white = reference.masked_whiten(x.double(), mask)
+    x[~mask] = poison_value
+    torch.testing.assert_close(rlhf_ext.masked_mean(x, mask, backend=backend).double(), expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rlhf_ext.masked_mean(x, mask, 1, backend=backend).double(), expected_rows, rtol=1e-5, atol=1e-6)
+    white = rlhf_ext.masked_whiten(x, mask, backend=backend).double()
+    torch.testing.assert_close(white[mask], expected_white[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_mask_selects_not_weights(inputs, backend):
+    x = inputs.randn(3, 50)
+    mask = torch.randint(0, 3, (3, 50), generator=None)
+    mask[:, 0] = 2
+    expected = x[mask != 0].double().mean()
+    torch.testing.assert_close(
+        rlhf_ext.masked_mean(x, mask, backend=backend).double(), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-8, float("nan"), True])
+def test_masked_whiten_rejects_eps_that_is_not_positive(inputs, eps):
+    with pytest.raises(ValueError, match=r"rlhf_ext\.masked_whiten: `eps` must be a float > 0"):
+        rlhf_ext.masked_whiten(inputs.randn(5), eps=eps)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_validate_false_skips_the_empty_check(inputs, backend):
+    x = inputs.randn(6)
+    empty = torch.zeros(6, dtype=torch.bool)
+    assert rlhf_ext.masked_mean(x, empty, validate=False, backend=backend).item() == 0.0
+    out = rlhf_ext.masked_whiten(x, empty, validate=False, backend=backend)
+    assert torch.isfinite(out).all()

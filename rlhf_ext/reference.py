@@ -67,15 +67,18 @@ def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, cu_
 
 
 def masked_mean(x, mask=None, dim=None):
-    """Mean over valid elements (TRL: (x * mask).sum(dim) / mask.sum(dim)).
+    """Mean over valid elements (TRL's (x * mask).sum(dim) / mask.sum(dim) for 0/1 masks).
 
     A row with no valid element gives 0 (the kernels' convention; rlhf_ext's
     public function raises instead when the whole tensor is empty).
     """
     x = _acc(x)
-    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
-    count = mask.sum() if dim is None else mask.sum(dim)
+    valid = torch.ones_like(x, dtype=torch.bool) if mask is None else mask != 0
+    # where(), not x * mask: a mask selects (nonzero = valid), it does not weight, and a
+    # masked-out inf / NaN must not leak into the mean.
+    kept = torch.where(valid, x, 0.0)
+    total = kept.sum() if dim is None else kept.sum(dim)
+    count = valid.sum() if dim is None else valid.sum(dim)
     return torch.where(count > 0, total / count.clamp_min(1), 0.0)
 
 

@@ -13,6 +13,10 @@ OP = "rlhf_ext.gae"
 
 def _split_rate(name: str, rate, rows: int, like: torch.Tensor):
     """(scalar, per-row tensor or None) for a float-or-[B] discount argument."""
+    if isinstance(rate, bool):
+        raise TypeError(f"{OP}: `{name}` must be a float or a [B] tensor, got bool")
+    if isinstance(rate, torch.Tensor) and rate.dim() == 0:
+        rate = rate.expand(rows)  # one value for every row, read on the device (no sync)
     rate = check_rows(OP, name, rate, rows, like)
     if isinstance(rate, torch.Tensor):
         return 1.0, rate.detach()
@@ -74,7 +78,7 @@ def gae(
         rewards, values: ``[B, T]`` (padded form) or ``[total]`` with ``cu_seqlens``
             (packed form, each segment its own sequence). float32/bfloat16/float16/float64.
         mask: bool or 0/1, the shape of ``rewards``; None means all valid.
-        gamma, lam: floats, or ``[B]`` tensors for per-row discounts.
+        gamma, lam: floats, or ``[B]`` (or 0-d) tensors for per-row discounts.
         last_value: ``[B]`` bootstrap value after each row's last token.
         cu_seqlens: ``[B + 1]`` int32/int64 segment offsets (flash-attn's varlen layout).
         validate: check ``cu_seqlens`` on the host (a device sync on CUDA). With

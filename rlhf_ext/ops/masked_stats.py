@@ -36,14 +36,16 @@ def masked_mean(
     mask: torch.Tensor | None = None,
     dim: int | None = None,
     *,
+    validate: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is true.
+    """Mean of ``x`` over the positions where ``mask`` is true (nonzero).
 
     ``dim=None`` averages all valid elements (a 0-d result); an int reduces that
     dimension only. Equal to TRL's ``(x * mask).sum(dim) / mask.sum(dim)``.
     With ``dim=None`` a mask with no valid element raises ValueError (one device
-    sync in eager mode); along a ``dim``, a row with no valid element gives 0.
+    sync in eager mode; ``validate=False`` skips the check and gives 0); along a
+    ``dim``, a row with no valid element gives 0.
 
     Differentiable w.r.t. ``x``. Result in float32 (float64 for float64 ``x``).
     The reduction order is fixed (chunks of 4096 merged in order): the same
@@ -63,7 +65,7 @@ def masked_mean(
         mean = reference.masked_mean(x, mask, dim)
         count = None if dim is not None else (x.numel() if mask is None else (mask != 0).sum())
         count = torch.as_tensor(count) if count is not None else None
-    if dim is None and eager():
+    if validate and dim is None and eager():
         _raise_if_empty(MEAN_OP, count, 1)
     return mean
 
@@ -75,6 +77,7 @@ def masked_whiten(
     unbiased: bool = True,
     eps: float = 1e-8,
     *,
+    validate: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Whiten ``x`` with the mean and variance of its valid elements (TRL / verl).
@@ -83,15 +86,16 @@ def masked_whiten(
     as in TRL), with the mean added back when ``shift_mean`` is False. The
     variance is Bessel-corrected when ``unbiased``. A mask with no valid element
     (or a single one when ``unbiased``) raises ValueError in eager mode (one
-    device sync); it never returns NaN.
+    device sync; ``validate=False`` skips the check, and the variance is then
+    taken as 0); it never returns NaN for finite ``x``.
 
     Not differentiable: ``x`` is detached (whitening is applied to advantages).
     Result in float32 (float64 for float64 ``x``), the shape of ``x``.
     """
     check_tensor(WHITEN_OP, "x", x)
     mask = check_mask(WHITEN_OP, mask, x, "x")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"{WHITEN_OP}: `eps` must be a float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{WHITEN_OP}: `eps` must be a float > 0 (it keeps rsqrt finite), got {eps!r}")
     x = x.detach()
     chosen = resolve_backend(WHITEN_OP, backend, x.device)
     if chosen in ("cpu", "cuda"):
@@ -106,7 +110,7 @@ def masked_whiten(
             out = reference.masked_whiten(x, mask, shift_mean, unbiased, eps)
         else:
             out = torch.zeros_like(x, dtype=acc_dtype(x))
-    if eager():
+    if validate and eager():
         _raise_if_empty(WHITEN_OP, count, 2 if unbiased else 1)
     return out
 

@@ -31,9 +31,10 @@ def _moments_partial_kernel(
     valid = inside
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + row * cols + offs, mask=inside, other=0) != 0)
-    weight = tl.where(valid, 1.0, 0.0).to(ACC)
-    count = tl.sum(weight, axis=0)
-    mean = tl.sum(x * weight, axis=0) / tl.maximum(count, 1.0)
+    # where(), not x * weight: a masked-out inf or NaN must not reach the sums.
+    x = tl.where(valid, x, 0.0)
+    count = tl.sum(tl.where(valid, 1.0, 0.0).to(ACC), axis=0)
+    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
     centered = tl.where(valid, x - mean, 0.0)
     m2 = tl.sum(centered * centered, axis=0)
     tl.store(partial_ptr + task * 3 + 0, count)

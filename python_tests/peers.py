@@ -1,7 +1,7 @@
 """The peers' own implementations, written as the peers write them.
 
-The benchmarks time rlhf_ext against these, and the test suite may import them as
-independent baselines. Only torch is imported at module level; TorchRL is optional.
+The test suite checks rlhf_ext against them and the benchmarks (bench/) import them from
+here as their baselines. Only torch is imported at module level; TorchRL is optional.
 """
 
 from __future__ import annotations
