@@ -1,6 +1,6 @@
 # The README's commands. Each target builds .venv from scratch when it is missing.
 #   make demo   run the main job (today: the GAE benchmark on this machine's CPU)
-#   make test   C++ unit tests (ctest) + the pytest suite
+#   make test   ruff, C++ unit tests (ctest), the pytest suite
 #   make bench  every microbenchmark on this machine
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,14 +11,14 @@ MAX_JOBS ?= 2
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
-.PHONY: all demo test pytest cpp-test bench info clean
+.PHONY: all demo test pytest cpp-test lint bench info clean
 
 all: test
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) setuptools wheel ninja pybind11 numpy "pytest>=8" pytest-timeout "hypothesis>=6" expecttest matplotlib
+	$(PIP) setuptools wheel ninja pybind11 numpy "pytest>=8" pytest-timeout "hypothesis>=6" expecttest matplotlib ruff
 	touch $@
 
 # Editable install: the compiled rlhf_ext/_C*.so lands in the source tree, so
@@ -38,7 +38,11 @@ cpp-test:
 pytest: $(VENV)/.installed
 	$(PY) -m pytest python_tests -q
 
-test: cpp-test info pytest
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check rlhf_ext bench python_tests setup.py
+	$(VENV)/bin/ruff format --check rlhf_ext bench python_tests setup.py
+
+test: lint cpp-test info pytest
 
 demo: $(VENV)/.installed
 	$(PY) -m bench gae --device cpu --no-save

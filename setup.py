@@ -89,7 +89,9 @@ def nvcc_version(cuda_home):
     try:
         out = subprocess.run(
             [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -182,7 +184,10 @@ def extension_modules(version):
         )
     else:
         ext = CppExtension(
-            "rlhf_ext._C", sources, define_macros=defines, extra_compile_args={"cxx": cxx_flags},
+            "rlhf_ext._C",
+            sources,
+            define_macros=defines,
+            extra_compile_args={"cxx": cxx_flags},
             **kwargs,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from bench import harness
-from python_tests import peers
 from bench.harness import Impl
+from python_tests import peers
 
 OP = "gae"
 GAMMA, LAM = 1.0, 0.95

@@ -509,7 +509,9 @@ class Runner:
             print(", timing", end="", flush=True)
             timing = time_fn(impl.fn, input_sets, self.device, **self.budget)
             # Graph replay only where launch overhead can matter (short calls).
-            graph_ms = time_graph(impl.fn, input_sets, self.device) if timing.median_ms < 2 else None
+            graph_ms = (
+                time_graph(impl.fn, input_sets, self.device) if timing.median_ms < 2 else None
+            )
             peak = peak_extra_memory_mib(impl.fn, input_sets[-1], self.device)
             nbytes = int(bytes_moved(impl))
             # Bandwidth from the kernels' own time when a graph measured it.

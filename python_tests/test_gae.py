@@ -7,6 +7,7 @@ are marked and run wherever a GPU exists.
 
 from __future__ import annotations
 
+import peers
 import pytest
 import torch
 from conftest import (
@@ -23,7 +24,6 @@ from conftest import (
     st,
 )
 
-import peers
 import rlhf_ext
 from rlhf_ext import reference
 
@@ -1074,7 +1074,9 @@ def test_sample_inputs_cover_the_edge_cases():
 def test_gae_zero_dim_tensor_discounts_apply_to_every_row(inputs, backend):
     rewards, values = inputs.randn(3, 20), inputs.randn(3, 20)
     expected = rlhf_ext.gae(rewards, values, gamma=0.97, lam=0.9, backend=backend)
-    got = rlhf_ext.gae(rewards, values, gamma=torch.tensor(0.97), lam=torch.tensor(0.9), backend=backend)
+    got = rlhf_ext.gae(
+        rewards, values, gamma=torch.tensor(0.97), lam=torch.tensor(0.9), backend=backend
+    )
     torch.testing.assert_close(got, expected)
 
 

@@ -631,8 +631,15 @@ def test_masked_out_non_finite_values_are_ignored(inputs, backend, poison_value)
     expected_rows = reference.masked_mean(x.double(), mask, 1)
     expected_white = reference.masked_whiten(x.double(), mask)
     x[~mask] = poison_value
-    torch.testing.assert_close(rlhf_ext.masked_mean(x, mask, backend=backend).double(), expected_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(rlhf_ext.masked_mean(x, mask, 1, backend=backend).double(), expected_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        rlhf_ext.masked_mean(x, mask, backend=backend).double(), expected_mean, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        rlhf_ext.masked_mean(x, mask, 1, backend=backend).double(),
+        expected_rows,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     white = rlhf_ext.masked_whiten(x, mask, backend=backend).double()
     torch.testing.assert_close(white[mask], expected_white[mask], rtol=1e-5, atol=1e-5)
 

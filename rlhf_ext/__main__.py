@@ -28,7 +28,10 @@ def info() -> int:
         ("compiled CPU kernels", "yes" if compiled_available() else "no"),
         ("compiled CUDA kernels", "yes" if compiled_cuda_available() else "no"),
         ("built against torch", build.get("torch_version", "-")),
-        ("built CUDA / archs", f"{build.get('cuda_version') or '-'} / {build.get('cuda_archs') or '-'}"),
+        (
+            "built CUDA / archs",
+            f"{build.get('cuda_version') or '-'} / {build.get('cuda_archs') or '-'}",
+        ),
         ("compiler", build.get("compiler", "-")),
         ("triton", _triton_version() if triton_import_error() is None else triton_import_error()),
         ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")),

@@ -23,7 +23,7 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled():
     """The compiled module rlhf_ext._C, or None (with one warning) when absent."""
     try:
@@ -51,7 +51,7 @@ def build_info() -> dict:
     return dict(_build_info())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_info() -> dict:
     module = _compiled()
     return dict(module.build_info()) if module is not None else {}
@@ -66,7 +66,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None when triton imports, else why not (triton is imported lazily)."""
     if importlib.util.find_spec("triton") is None:

@@ -47,6 +47,11 @@ def _gae_padded(rewards, values, mask, gamma, lam, last_value):
     return advantages, returns
 
 
+def _row_of(x, row: int):
+    """Row `row` of a per-row tensor argument (as a [1] tensor); scalars pass through."""
+    return x[row : row + 1] if isinstance(x, torch.Tensor) else x
+
+
 def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, cu_seqlens=None):
     """Generalised advantage estimation, DESIGN 3.2 semantics (see rlhf_ext.gae)."""
     rewards, values = _acc(rewards.detach()), _acc(values.detach()).to(_acc(rewards).dtype)
@@ -56,11 +61,14 @@ def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, cu_
     advantages = torch.zeros_like(rewards)
     returns = torch.zeros_like(rewards)
     bounds = cu_seqlens.tolist()
-    for row, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        pick = (lambda x: x[row : row + 1] if isinstance(x, torch.Tensor) else x)  # noqa: E731
+    for row, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         a, r = _gae_padded(
-            rewards[None, lo:hi], values[None, lo:hi], mask[None, lo:hi],
-            pick(gamma), pick(lam), pick(last_value),
+            rewards[None, lo:hi],
+            values[None, lo:hi],
+            mask[None, lo:hi],
+            _row_of(gamma, row),
+            _row_of(lam, row),
+            _row_of(last_value, row),
         )
         advantages[lo:hi], returns[lo:hi] = a[0], r[0]
     return advantages, returns

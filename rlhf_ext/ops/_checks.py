@@ -24,7 +24,9 @@ def check_dim(op: str, name: str, t: torch.Tensor, dim: int, what: str = "") -> 
 def check_like(op: str, name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
     """Same shape and device as `like`."""
     if t.device != like.device:
-        raise ValueError(f"{op}: `{name}` must be on {like.device} like `{like_name}`, got {t.device}")
+        raise ValueError(
+            f"{op}: `{name}` must be on {like.device} like `{like_name}`, got {t.device}"
+        )
     if t.shape != like.shape:
         raise ValueError(
             f"{op}: `{name}` must have the shape of `{like_name}` {tuple(like.shape)}, "
@@ -51,7 +53,9 @@ def check_rows(op: str, name: str, t, rows: int, like: torch.Tensor):
     if t.device != like.device:
         raise ValueError(f"{op}: `{name}` must be on {like.device}, got {t.device}")
     if t.dim() != 1 or t.shape[0] != rows:
-        raise ValueError(f"{op}: `{name}` must be a float or have shape [{rows}], got {tuple(t.shape)}")
+        raise ValueError(
+            f"{op}: `{name}` must be a float or have shape [{rows}], got {tuple(t.shape)}"
+        )
     return t
 
 

@@ -21,7 +21,9 @@ def _split_rate(name: str, rate, rows: int, like: torch.Tensor):
     if isinstance(rate, torch.Tensor):
         return 1.0, rate.detach()
     if not isinstance(rate, (int, float)):
-        raise TypeError(f"{OP}: `{name}` must be a float or a [B] tensor, got {type(rate).__name__}")
+        raise TypeError(
+            f"{OP}: `{name}` must be a float or a [B] tensor, got {type(rate).__name__}"
+        )
     return float(rate), None
 
 
@@ -30,7 +32,9 @@ def _check_cu_seqlens(cu_seqlens, total: int, like: torch.Tensor) -> None:
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{OP}: `cu_seqlens` must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{OP}: `cu_seqlens` must have shape [B + 1], got {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"{OP}: `cu_seqlens` must have shape [B + 1], got {tuple(cu_seqlens.shape)}"
+        )
     if cu_seqlens.device != like.device:
         raise ValueError(f"{OP}: `cu_seqlens` must be on {like.device}, got {cu_seqlens.device}")
 
@@ -47,7 +51,9 @@ def _validate_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> None:
                 f"{bounds[i - 1]} at index {i}"
             )
     if bounds[-1] != total:
-        raise ValueError(f"{OP}: `cu_seqlens` must end at the number of tokens {total}, got {bounds[-1]}")
+        raise ValueError(
+            f"{OP}: `cu_seqlens` must end at the number of tokens {total}, got {bounds[-1]}"
+        )
 
 
 def gae(
@@ -104,7 +110,8 @@ def gae(
     else:
         if rewards.dim() != 1:
             raise ValueError(
-                f"{OP}: with `cu_seqlens`, `rewards` must be 1-D [total], got shape {tuple(rewards.shape)}"
+                f"{OP}: with `cu_seqlens`, `rewards` must be 1-D [total], "
+                f"got shape {tuple(rewards.shape)}"
             )
         _check_cu_seqlens(cu_seqlens, rewards.numel(), rewards)
         rows = cu_seqlens.numel() - 1
@@ -113,7 +120,9 @@ def gae(
     mask = check_mask(OP, mask, rewards, "rewards")
     last_value = check_rows(OP, "last_value", last_value, rows, rewards)
     if last_value is not None and not isinstance(last_value, torch.Tensor):
-        last_value = torch.full((rows,), float(last_value), dtype=acc_dtype(rewards), device=rewards.device)
+        last_value = torch.full(
+            (rows,), float(last_value), dtype=acc_dtype(rewards), device=rewards.device
+        )
     gamma_scalar, gamma_rows = _split_rate("gamma", gamma, rows, rewards)
     lam_scalar, lam_rows = _split_rate("lam", lam, rows, rewards)
     # Inputs of the two tensors may differ in dtype (bf16 values, fp32 rewards).
@@ -123,7 +132,17 @@ def gae(
         last_value = last_value.detach()
 
     chosen = resolve_backend(OP, backend, rewards.device)
-    args = (rewards, values, mask, cu_seqlens, last_value, gamma_rows, lam_rows, gamma_scalar, lam_scalar)
+    args = (
+        rewards,
+        values,
+        mask,
+        cu_seqlens,
+        last_value,
+        gamma_rows,
+        lam_rows,
+        gamma_scalar,
+        lam_scalar,
+    )
     if chosen in ("cpu", "cuda"):
         return tuple(torch.ops.rlhf_ext.gae(*args))
     if chosen == "triton":
@@ -131,10 +150,13 @@ def gae(
 
         return tuple(gae_triton(*args))
     return reference.gae(
-        rewards, values, mask,
+        rewards,
+        values,
+        mask,
         gamma=gamma if gamma_rows is None else gamma_rows,
         lam=lam if lam_rows is None else lam_rows,
-        last_value=last_value, cu_seqlens=cu_seqlens,
+        last_value=last_value,
+        cu_seqlens=cu_seqlens,
     )
 
 
@@ -142,7 +164,9 @@ def _register_fake() -> None:
     @torch.library.register_fake("rlhf_ext::gae")
     def _(rewards, values, mask, cu_seqlens, last_value, gamma_rows, lam_rows, gamma, lam):
         dtype = acc_dtype(rewards)
-        return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
+        return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(
+            rewards.shape, dtype=dtype
+        )
 
 
 if compiled_available():

@@ -54,7 +54,9 @@ def kl_shaped_rewards(
     if scores.device != logprobs.device:
         raise ValueError(f"{OP}: `scores` must be on {logprobs.device}, got {scores.device}")
     if scores.shape != (logprobs.shape[0],):
-        raise ValueError(f"{OP}: `scores` must have shape [{logprobs.shape[0]}], got {tuple(scores.shape)}")
+        raise ValueError(
+            f"{OP}: `scores` must have shape [{logprobs.shape[0]}], got {tuple(scores.shape)}"
+        )
     mask = check_mask(OP, mask, logprobs, "logprobs")
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)):
         raise TypeError(f"{OP}: `kl_coef` must be a float, got {type(kl_coef).__name__}")
@@ -64,7 +66,9 @@ def kl_shaped_rewards(
     scores = scores.detach()
     chosen = resolve_backend(OP, backend, logprobs.device)
     if chosen in ("cpu", "cuda"):
-        return torch.ops.rlhf_ext.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, float(kl_coef), kl)
+        return torch.ops.rlhf_ext.kl_shaped_rewards(
+            scores, logprobs, ref_logprobs, mask, float(kl_coef), kl
+        )
     if chosen == "triton":
         from rlhf_ext.triton.kl_shaped_rewards import kl_shaped_rewards_triton
 

@@ -18,7 +18,10 @@ def _check_dim(dim, x: torch.Tensor):
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{MEAN_OP}: `dim` must be an int or None, got {type(dim).__name__}")
     if not -x.dim() <= dim < max(x.dim(), 1) or x.dim() == 0:
-        raise ValueError(f"{MEAN_OP}: `dim` must be in [{-x.dim()}, {x.dim() - 1}] for `x` of shape {tuple(x.shape)}, got {dim}")
+        raise ValueError(
+            f"{MEAN_OP}: `dim` must be in [{-x.dim()}, {x.dim() - 1}] for `x` of shape "
+            f"{tuple(x.shape)}, got {dim}"
+        )
     return dim
 
 
@@ -95,11 +98,15 @@ def masked_whiten(
     check_tensor(WHITEN_OP, "x", x)
     mask = check_mask(WHITEN_OP, mask, x, "x")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{WHITEN_OP}: `eps` must be a float > 0 (it keeps rsqrt finite), got {eps!r}")
+        raise ValueError(
+            f"{WHITEN_OP}: `eps` must be a float > 0 (it keeps rsqrt finite), got {eps!r}"
+        )
     x = x.detach()
     chosen = resolve_backend(WHITEN_OP, backend, x.device)
     if chosen in ("cpu", "cuda"):
-        out, count = torch.ops.rlhf_ext.masked_whiten(x, mask, bool(shift_mean), bool(unbiased), float(eps))
+        out, count = torch.ops.rlhf_ext.masked_whiten(
+            x, mask, bool(shift_mean), bool(unbiased), float(eps)
+        )
     elif chosen == "triton":
         from rlhf_ext.triton.masked_stats import masked_whiten_triton
 
@@ -116,6 +123,7 @@ def masked_whiten(
 
 
 # -- autograd and fake kernels ------------------------------------------------
+
 
 def _mean_setup_context(ctx, inputs, output):
     x, mask, dim = inputs[:3]

@@ -26,12 +26,26 @@ MAX_BLOCK = 1024
 
 @triton.jit
 def _gae_fwd_kernel(
-    rewards_ptr, values_ptr, mask_ptr, cu_ptr, last_value_ptr, gamma_ptr, lam_ptr,
-    advantages_ptr, returns_ptr,
-    row_len, total, gamma_scalar, lam_scalar,
-    HAS_MASK: tl.constexpr, PACKED: tl.constexpr, HAS_LAST_VALUE: tl.constexpr,
-    HAS_GAMMA_ROWS: tl.constexpr, HAS_LAM_ROWS: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    rewards_ptr,
+    values_ptr,
+    mask_ptr,
+    cu_ptr,
+    last_value_ptr,
+    gamma_ptr,
+    lam_ptr,
+    advantages_ptr,
+    returns_ptr,
+    row_len,
+    total,
+    gamma_scalar,
+    lam_scalar,
+    HAS_MASK: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_LAST_VALUE: tl.constexpr,
+    HAS_GAMMA_ROWS: tl.constexpr,
+    HAS_LAM_ROWS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if PACKED:
@@ -72,7 +86,9 @@ def _gae_fwd_kernel(
         value_next = tl.load(values_ptr + start + nxt, mask=nxt_inside, other=0.0).to(ACC)
         valid_next = nxt_inside
         if HAS_MASK:
-            valid_next = valid_next & (tl.load(mask_ptr + start + nxt, mask=nxt_inside, other=0) != 0)
+            valid_next = valid_next & (
+                tl.load(mask_ptr + start + nxt, mask=nxt_inside, other=0) != 0
+            )
         a_w = tl.where(valid_next, 0.0, 1.0).to(ACC)
         b_w = tl.where(valid_next, value_next, 0.0).to(ACC)
         a_w, b_w = tl.associative_scan((a_w, b_w), 0, affine_combine_reversed, reverse=True)
@@ -104,7 +120,7 @@ def gae_triton(
     gamma: float,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton GAE with the signature of torch.ops.rlhf_ext.gae (arguments checked by rlhf_ext.gae)."""
+    """Triton GAE with the signature of torch.ops.rlhf_ext.gae (checked by rlhf_ext.gae)."""
     acc = acc_torch_dtype(rewards)
     advantages = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
     returns = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
@@ -116,19 +132,32 @@ def gae_triton(
     block = MAX_BLOCK if packed else min(next_power_of_2(row_len), MAX_BLOCK)
     if acc == torch.float64:
         # Triton types Python floats as fp32: float64 discounts go in as per-row tensors.
-        gamma_rows = gamma_rows if gamma_rows is not None else rewards.new_full((rows,), gamma, dtype=acc)
+        gamma_rows = (
+            gamma_rows if gamma_rows is not None else rewards.new_full((rows,), gamma, dtype=acc)
+        )
         lam_rows = lam_rows if lam_rows is not None else rewards.new_full((rows,), lam, dtype=acc)
     dummy_cu = rewards.new_empty((2,), dtype=torch.int64)
     wrap_triton(_gae_fwd_kernel)[(rows,)](
-        rewards.contiguous(), values.contiguous(), as_mask(mask, rewards),
+        rewards.contiguous(),
+        values.contiguous(),
+        as_mask(mask, rewards),
         cu_seqlens.contiguous() if packed else dummy_cu,
-        optional(last_value, rewards, acc), optional(gamma_rows, rewards, acc),
+        optional(last_value, rewards, acc),
+        optional(gamma_rows, rewards, acc),
         optional(lam_rows, rewards, acc),
-        advantages, returns,
-        row_len, rewards.numel(), gamma, lam,
-        HAS_MASK=mask is not None, PACKED=packed, HAS_LAST_VALUE=last_value is not None,
-        HAS_GAMMA_ROWS=gamma_rows is not None, HAS_LAM_ROWS=lam_rows is not None,
-        ACC=acc_tl_dtype(rewards), BLOCK=block,
+        advantages,
+        returns,
+        row_len,
+        rewards.numel(),
+        gamma,
+        lam,
+        HAS_MASK=mask is not None,
+        PACKED=packed,
+        HAS_LAST_VALUE=last_value is not None,
+        HAS_GAMMA_ROWS=gamma_rows is not None,
+        HAS_LAM_ROWS=lam_rows is not None,
+        ACC=acc_tl_dtype(rewards),
+        BLOCK=block,
         num_warps=4 if block <= 512 else 8,
     )
     return advantages, returns

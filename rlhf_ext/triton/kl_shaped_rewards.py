@@ -16,8 +16,17 @@ MAX_BLOCK = 1024
 
 @triton.jit
 def _kl_shaped_rewards_fwd_kernel(
-    scores_ptr, lp_ptr, ref_ptr, mask_ptr, out_ptr, cols, kl_coef_ptr,
-    HAS_MASK: tl.constexpr, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    scores_ptr,
+    lp_ptr,
+    ref_ptr,
+    mask_ptr,
+    out_ptr,
+    cols,
+    kl_coef_ptr,
+    HAS_MASK: tl.constexpr,
+    KIND: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = row * cols
@@ -62,9 +71,17 @@ def kl_shaped_rewards_triton(
         return out
     block = min(next_power_of_2(cols), MAX_BLOCK)
     wrap_triton(_kl_shaped_rewards_fwd_kernel)[(rows,)](
-        scores.to(acc).contiguous(), logprobs.contiguous(), ref_logprobs.contiguous(),
+        scores.to(acc).contiguous(),
+        logprobs.contiguous(),
+        ref_logprobs.contiguous(),
         # A tensor, not a Python float: Triton would round the coefficient to fp32.
-        as_mask(mask, logprobs), out, cols, logprobs.new_full((1,), kl_coef, dtype=acc),
-        HAS_MASK=mask is not None, KIND=kl_kind_code(kl), ACC=acc_tl_dtype(logprobs), BLOCK=block,
+        as_mask(mask, logprobs),
+        out,
+        cols,
+        logprobs.new_full((1,), kl_coef, dtype=acc),
+        HAS_MASK=mask is not None,
+        KIND=kl_kind_code(kl),
+        ACC=acc_tl_dtype(logprobs),
+        BLOCK=block,
     )
     return out

@@ -19,8 +19,14 @@ APPLY_BLOCK = 1024
 
 @triton.jit
 def _moments_partial_kernel(
-    x_ptr, mask_ptr, partial_ptr, cols, chunks,
-    HAS_MASK: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr,
+    x_ptr,
+    mask_ptr,
+    partial_ptr,
+    cols,
+    chunks,
+    HAS_MASK: tl.constexpr,
+    ACC: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     task = tl.program_id(0).to(tl.int64)
     row = task // chunks
@@ -44,7 +50,10 @@ def _moments_partial_kernel(
 
 @triton.jit
 def _moments_merge_kernel(
-    partial_ptr, stats_ptr, chunks, unbiased,
+    partial_ptr,
+    stats_ptr,
+    chunks,
+    unbiased,
     BLOCK: tl.constexpr,
 ):
     """Row statistics from its chunks: n = sum n_i, mean = sum n_i mean_i / n,
@@ -80,8 +89,14 @@ def _moments_merge_kernel(
 
 @triton.jit
 def _whiten_apply_kernel(
-    x_ptr, stats_ptr, out_ptr, n, eps,
-    SHIFT_MEAN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    stats_ptr,
+    out_ptr,
+    n,
+    eps,
+    SHIFT_MEAN: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -117,11 +132,23 @@ def _row_stats(x2: torch.Tensor, m2: torch.Tensor | None, unbiased: bool) -> tor
     chunks = max(triton.cdiv(cols, CHUNK), 1)
     partial = torch.empty((rows * chunks, 3), dtype=acc, device=x2.device)
     wrap_triton(_moments_partial_kernel)[(rows * chunks,)](
-        x2, as_mask(m2, x2), partial, cols, chunks,
-        HAS_MASK=m2 is not None, ACC=acc_tl_dtype(x2), CHUNK=CHUNK, num_warps=8,
+        x2,
+        as_mask(m2, x2),
+        partial,
+        cols,
+        chunks,
+        HAS_MASK=m2 is not None,
+        ACC=acc_tl_dtype(x2),
+        CHUNK=CHUNK,
+        num_warps=8,
     )
     wrap_triton(_moments_merge_kernel)[(rows,)](
-        partial, stats, chunks, int(unbiased), BLOCK=MERGE_BLOCK, num_warps=4,
+        partial,
+        stats,
+        chunks,
+        int(unbiased),
+        BLOCK=MERGE_BLOCK,
+        num_warps=4,
     )
     return stats
 
@@ -150,8 +177,15 @@ def masked_whiten_triton(
     n = x2.numel()
     if n:
         wrap_triton(_whiten_apply_kernel)[(triton.cdiv(n, APPLY_BLOCK),)](
-            x2, stats, out, n, eps,
-            SHIFT_MEAN=shift_mean, ACC=acc_tl_dtype(x), BLOCK=APPLY_BLOCK, num_warps=4,
+            x2,
+            stats,
+            out,
+            n,
+            eps,
+            SHIFT_MEAN=shift_mean,
+            ACC=acc_tl_dtype(x),
+            BLOCK=APPLY_BLOCK,
+            num_warps=4,
         )
     return out, stats[0, 2].clone()
 
