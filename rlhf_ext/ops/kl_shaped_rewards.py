@@ -9,7 +9,9 @@ from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import acc_dtype, check_dim, check_like, check_mask, check_tensor
 
 OP = "rlhf_ext.kl_shaped_rewards"
-KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# Names (and aliases) of the KL estimators -> the codes of csrc/include/rlhf_ext/kl.h.
+KL_KIND_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+KL_KINDS = tuple(KL_KIND_CODES)
 
 
 def check_kl_kind(op: str, name: str, kind) -> str:

@@ -1,12 +1,11 @@
 """Per-token KL estimators in Triton: the Triton twin of
-csrc/include/rlhf_ext/kl.h (same kinds, same clamps)."""
+csrc/include/rlhf_ext/kl.h (same kinds, same clamps: the log-ratio to [-20, 20],
+k3 to [-10, 10])."""
 
 import triton
 import triton.language as tl
 
-KL_KIND_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
-LOG_RATIO_CLAMP = 20.0
-VALUE_CLAMP = 10.0
+from rlhf_ext.ops.kl_shaped_rewards import KL_KIND_CODES
 
 
 def kl_kind_code(kind: str) -> int:

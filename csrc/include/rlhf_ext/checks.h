@@ -15,10 +15,6 @@ inline std::string shape_str(const at::Tensor& t) {
   return c10::str(t.sizes());
 }
 
-inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": `", name, "` must be a tensor, got None");
-}
-
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": `", name,
                    "` must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
