@@ -36,6 +36,21 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def(
       "kl_shaped_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor? mask, "
       "float kl_coef, str kl) -> Tensor");
+  // log_softmax(logits / temperature) at `target` over the last dim, the
+  // entropy (an empty tensor unless return_entropy) and the per-row
+  // log-sum-exp that the backward reuses instead of a second reduction.
+  m.def(
+      "token_logprobs_fwd(Tensor logits, Tensor target, float temperature, int ignore_index, "
+      "bool return_entropy) -> (Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. logits of sum(grad_logprobs * logprobs + grad_entropy * entropy),
+  // into a fresh tensor, or (the trailing underscore) into the logits buffer.
+  m.def(
+      "token_logprobs_bwd(Tensor logits, Tensor target, Tensor lse, Tensor? entropy, "
+      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, int ignore_index) "
+      "-> Tensor");
+  m.def(
+      "token_logprobs_bwd_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor? entropy, "
+      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, int ignore_index) -> ()");
 }
 
 namespace {

@@ -94,3 +94,52 @@ def torchrl_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float = 1.0,
             gamma, lam, state_value, next_state_value, reward, done, time_dim=-2
         )
     return advantages.squeeze(-1), value_target.squeeze(-1)
+
+
+# -- token log-probs ---------------------------------------------------------------------
+
+
+def eager_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The common eager form: upcast, ``log_softmax`` over the vocabulary, ``gather``.
+
+    Materialises the [..., V] float32 log-probs (the memory RLHF trainers run out of).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def verl_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy as verl's ``entropy_from_logits`` writes it: a softmax, then
+    ``logsumexp - sum(p * logits)``; a second full pass over the logits."""
+    logits = logits.float()
+    pd = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(dim=-1)
+
+
+def trl_selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """TRL's ``selective_log_softmax`` approach on [B, T, V] logits.
+
+    float32 / float64: the target logit minus a per-sequence ``logsumexp`` (a loop over
+    the B sequences keeps the temporaries at one sequence). bfloat16 / float16: a
+    per-sequence ``log_softmax`` in the input dtype (logsumexp is unstable there).
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return picked - lse
+    rows = []
+    for row_logits, row_index in zip(logits, index, strict=True):
+        row_logps = torch.log_softmax(row_logits, dim=-1)
+        rows.append(row_logps.gather(dim=-1, index=row_index.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def trl_entropy(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """TRL's ``entropy_from_logits`` approach: log-softmax over chunks of rows,
+    ``-(exp(logp) * logp).sum(-1)`` per chunk."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    parts = []
+    for chunk in flat.split(chunk_size, dim=0):
+        logps = torch.log_softmax(chunk.float(), dim=-1)
+        parts.append(-(torch.exp(logps) * logps).sum(-1))
+    return torch.cat(parts).reshape(logits.shape[:-1])

@@ -99,13 +99,20 @@ def test_public_api():
         "masked_mean",
         "masked_whiten",
         "kl_shaped_rewards",
+        "token_logprobs",
         "available_backends",
         "build_info",
         "BackendUnavailableError",
         "__version__",
     ):
         assert hasattr(rlhf_ext, name), name
-    assert set(rlhf_ext.__all__) >= {"gae", "masked_mean", "masked_whiten", "kl_shaped_rewards"}
+    assert set(rlhf_ext.__all__) >= {
+        "gae",
+        "masked_mean",
+        "masked_whiten",
+        "kl_shaped_rewards",
+        "token_logprobs",
+    }
 
 
 # -- command line ------------------------------------------------------------------------

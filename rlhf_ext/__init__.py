@@ -9,6 +9,7 @@ from rlhf_ext._version import __version__
 from rlhf_ext.ops.gae import gae
 from rlhf_ext.ops.kl_shaped_rewards import kl_shaped_rewards
 from rlhf_ext.ops.masked_stats import masked_mean, masked_whiten
+from rlhf_ext.ops.token_logprobs import token_logprobs
 
 __all__ = [
     "__version__",
@@ -19,4 +20,5 @@ __all__ = [
     "kl_shaped_rewards",
     "masked_mean",
     "masked_whiten",
+    "token_logprobs",
 ]

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gae", "masked_mean", "masked_var", "masked_whiten", "kl_penalty", "kl_shaped_rewards"]
+__all__ = [
+    "gae",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "kl_penalty",
+    "kl_shaped_rewards",
+    "token_logprobs",
+]
 
 KL_CLAMP_LOG_RATIO = 20.0
 KL_CLAMP_VALUE = 10.0
@@ -140,3 +148,25 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask=None, *, kl_coef, kl=
     row_index = torch.arange(rows, device=logprobs.device)[has_token]
     rewards[row_index, last[has_token]] += scores.to(rewards.dtype)[has_token]
     return rewards
+
+
+def token_logprobs(logits, target, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """log_softmax(logits / temperature) at `target` over the last dim (and the entropy).
+
+    0 (and no gradient) where target == ignore_index; NaN where a target is
+    outside [0, V) otherwise. Materialises the [..., V] log-probs: the oracle
+    and the "torch" backend, not a fast path.
+    """
+    logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
+    ignored = target == ignore_index
+    in_vocab = (target >= 0) & (target < logp.shape[-1])
+    picked = logp.gather(-1, torch.where(in_vocab, target, 0).long().unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(in_vocab, picked, float("nan"))
+    logprobs = torch.where(ignored, 0.0, picked)
+    if not return_entropy:
+        return logprobs
+    p = logp.exp()
+    # A -inf logit has p = 0 and adds 0 (not 0 * -inf), with a zero gradient.
+    finite_logp = torch.where(p > 0, logp, 0.0)
+    entropy = torch.where(ignored, 0.0, -(p * finite_logp).sum(-1))
+    return logprobs, entropy

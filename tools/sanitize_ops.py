@@ -27,5 +27,21 @@ rlhf_ext.gae(torch.randn(n, device=dev), torch.randn(n, device=dev),
              torch.rand(n, device=dev) > 0.2, cu_seqlens=cu, backend="cuda")
 big = torch.randn(2, 3 * 4096 + 5, device=dev)
 rlhf_ext.masked_whiten(big, big > 0, backend="cuda")
+# token_logprobs: aligned and unaligned rows, ignored rows, -inf entries, odd and large V,
+# every dtype, forward with and without entropy, both backwards.
+for rows, vocab in [(4, 1), (5, 33), (3, 4097), (2, 151936)]:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        full = torch.randn(rows, vocab + 1, device=dev).to(dtype)
+        for logits in (full[:, :vocab], full[:, 1:]):
+            target = torch.randint(0, vocab, (rows,), device=dev)
+            target[0] = -100
+            x = logits.clone()
+            x[:, ::7] = float("-inf")
+            x.requires_grad_()
+            lp, ent = rlhf_ext.token_logprobs(x, target, return_entropy=True, backend="cuda")
+            (lp.sum() + ent.sum()).backward()
+            y = logits.clone().requires_grad_()
+            out = rlhf_ext.token_logprobs(y * 1.0, target, inplace_backward=True, backend="cuda")
+            out.sum().backward()
 torch.cuda.synchronize()
 print("sanitize_ops: all kernels ran")

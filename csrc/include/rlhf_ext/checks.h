@@ -61,4 +61,10 @@ inline at::Tensor row_vector(const char* op, const char* name,
   return t->to(dtype).contiguous();
 }
 
+// The data of an optional input, or nullptr for a kernel to skip.
+template <typename T>
+inline const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 }  // namespace rlhf_ext

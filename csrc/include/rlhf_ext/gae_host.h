@@ -82,9 +82,4 @@ inline std::tuple<at::Tensor, at::Tensor> gae_outputs(const GaeProblem& p,
   return {at::empty(rewards.sizes(), options), at::empty(rewards.sizes(), options)};
 }
 
-template <typename T>
-inline const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 }  // namespace rlhf_ext

@@ -1,0 +1,299 @@
+// token_logprobs on the CPU: rows in parallel (at::parallel_for); each row is
+// read once, in chunks of kChunk elements converted to acc_t in an L1-resident
+// buffer. A chunk's max is found first, then its exp-sums relative to it, and
+// the chunk merged into the row's running state (softmax_math.h). The order
+// of every sum depends only on V, so a row gives the same bits in any batch.
+//
+// The hot loops are compiled twice on x86-64: for the baseline ISA and with
+// AVX2 + FMA, picked at run time, because the wheel must run on any x86-64
+// yet the exp polynomial is 4x cheaper on 8 lanes with FMA.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "rlhf_ext/logprobs_host.h"
+#include "rlhf_ext/softmax_math.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RLHF_EXT_X86_CLONES 1
+#define RLHF_AVX2 __attribute__((target("avx2,fma")))
+#define RLHF_INLINE __attribute__((always_inline)) inline
+#else
+#define RLHF_EXT_X86_CLONES 0
+#define RLHF_AVX2
+#define RLHF_INLINE inline
+#endif
+
+namespace rlhf_ext {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // floats: 8 KiB, stays in L1 with the row's input
+constexpr int64_t kLanes = 16;    // independent accumulators, a multiple of any SIMD width
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+RLHF_INLINE int64_t round_up_lanes(int64_t n) {
+  return (n + kLanes - 1) / kLanes * kLanes;
+}
+
+// Converts n elements into buf and pads it to a whole number of lane groups
+// with -inf, which every sum below treats as "no element".
+template <typename scalar_t, typename acc_t>
+RLHF_INLINE void load_chunk(const scalar_t* src, int64_t n, acc_t* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+  for (int64_t i = n; i < round_up_lanes(n); ++i) buf[i] = kNegInf<acc_t>;
+}
+
+// Max over the chunk. NaN-blind: a NaN logit still reaches the results
+// through its exponential.
+template <typename acc_t>
+RLHF_INLINE acc_t chunk_max(const acc_t* buf, int64_t padded) {
+  acc_t lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = kNegInf<acc_t>;
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = buf[i + l] > lanes[l] ? buf[i + l] : lanes[l];
+  }
+  acc_t m = lanes[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+// Lane sums added pairwise, in a fixed tree.
+template <typename acc_t>
+RLHF_INLINE acc_t sum_lanes(acc_t* lanes) {
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
+
+template <typename acc_t>
+RLHF_INLINE SoftmaxState<acc_t> chunk_state(const acc_t* buf, int64_t padded, acc_t scale_log2) {
+  const acc_t m = chunk_max(buf, padded);
+  // An all -inf chunk sums to 0 relative to any base (NaN if it holds a NaN),
+  // and a state with no positive sum adds nothing when merged.
+  const acc_t base = m == kNegInf<acc_t> ? acc_t(0) : m;
+  acc_t sum_exp[kLanes] = {}, sum_shift[kLanes] = {};
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      softmax_add(buf[i + l], base, scale_log2, sum_exp[l], sum_shift[l]);
+    }
+  }
+  return {m, sum_lanes(sum_exp), sum_lanes(sum_shift)};
+}
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* logits;
+  RowLayout layout;
+  int64_t vocab;
+  const int64_t* target;
+  int64_t ignore_index;
+  acc_t inv_temp;
+  acc_t* logprobs;
+  acc_t* entropy;  // nullptr: not asked for
+  acc_t* lse;
+};
+
+template <typename scalar_t, typename acc_t>
+RLHF_INLINE void forward_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  alignas(64) acc_t buf[kChunk];
+  const acc_t scale_log2 = a.inv_temp * acc_t(kLog2e);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t tgt = a.target[row];
+    if (tgt == a.ignore_index) {  // no work, and exact zeros
+      a.logprobs[row] = 0;
+      if (a.entropy) a.entropy[row] = 0;
+      a.lse[row] = 0;
+      continue;
+    }
+    const scalar_t* x = a.logits + a.layout.offset(row);
+    SoftmaxState<acc_t> state = softmax_empty<acc_t>();
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      load_chunk(x + start, n, buf);
+      state = softmax_merge(state, chunk_state(buf, round_up_lanes(n), scale_log2), scale_log2);
+    }
+    const acc_t lse = softmax_lse(state, a.inv_temp);
+    const bool in_vocab = tgt >= 0 && tgt < a.vocab;
+    a.logprobs[row] = in_vocab ? static_cast<acc_t>(x[tgt]) * a.inv_temp - lse
+                               : std::numeric_limits<acc_t>::quiet_NaN();
+    if (a.entropy) a.entropy[row] = softmax_entropy(state, a.inv_temp);
+    a.lse[row] = lse;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* logits;
+  RowLayout layout;
+  scalar_t* grad;  // may alias logits (inplace_backward), with grad_layout == layout
+  RowLayout grad_layout;
+  int64_t vocab;
+  const int64_t* target;
+  int64_t ignore_index;
+  acc_t inv_temp;
+  const acc_t* lse;
+  const acc_t* entropy;        // nullptr when no entropy gradient flows
+  const acc_t* grad_logprobs;  // nullptr: zero
+  const acc_t* grad_entropy;   // nullptr: zero
+};
+
+template <typename scalar_t, typename acc_t>
+RLHF_INLINE void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin,
+                               int64_t end) {
+  alignas(64) acc_t buf[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t tgt = a.target[row];
+    const scalar_t* x = a.logits + a.layout.offset(row);
+    scalar_t* g = a.grad + a.grad_layout.offset(row);
+    if (tgt == a.ignore_index) {
+      std::fill(g, g + a.vocab, scalar_t(0));
+      continue;
+    }
+    const acc_t g_lp = a.grad_logprobs ? a.grad_logprobs[row] : acc_t(0);
+    const acc_t g_ent = a.grad_entropy ? a.grad_entropy[row] : acc_t(0);
+    const acc_t entropy = a.entropy ? a.entropy[row] : acc_t(0);
+    // A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
+    const bool in_vocab = tgt >= 0 && tgt < a.vocab;
+    const acc_t lse = in_vocab ? a.lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
+    for (int64_t start = 0; start < a.vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - start);
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(x[start + i]);
+      for (int64_t i = 0; i < n; ++i) {
+        buf[i] = logits_grad(buf[i], a.inv_temp, lse, entropy, g_lp, g_ent);
+      }
+      if (tgt >= start && tgt < start + n) buf[tgt - start] += target_grad(g_lp, a.inv_temp);
+      for (int64_t i = 0; i < n; ++i) g[start + i] = static_cast<scalar_t>(buf[i]);
+    }
+  }
+}
+
+// The ISA-specific copies of the row loops (see the file comment).
+template <typename scalar_t, typename acc_t>
+RLHF_AVX2 void forward_rows_avx2(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  forward_rows(a, b, e);
+}
+template <typename scalar_t, typename acc_t>
+RLHF_AVX2 void backward_rows_avx2(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  backward_rows(a, b, e);
+}
+
+bool cpu_has_avx2() {
+#if RLHF_EXT_X86_CLONES
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Rows per task: enough elements that scheduling costs nothing.
+int64_t row_grain(int64_t vocab) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(vocab, 1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, double temperature,
+    int64_t ignore_index, bool return_entropy) {
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  at::Tensor logprobs = per_token_output(p);
+  at::Tensor lse = per_token_output(p);
+  at::Tensor entropy = return_entropy ? per_token_output(p)
+                                      : at::empty({0}, p.logits.options().dtype(p.acc_dtype));
+  if (p.rows == 0) return {logprobs, entropy, lse};
+  const bool avx2 = cpu_has_avx2();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardArgs<scalar_t, acc_t> args{
+        p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
+        p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
+        return_entropy ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>()};
+    at::parallel_for(0, p.rows, row_grain(p.vocab), [&](int64_t begin, int64_t end) {
+      if (avx2) {
+        forward_rows_avx2(args, begin, end);
+      } else {
+        forward_rows(args, begin, end);
+      }
+    });
+  });
+  return {logprobs, entropy, lse};
+}
+
+template <typename scalar_t, typename acc_t>
+void run_backward(const BackwardArgs<scalar_t, acc_t>& args, int64_t rows, int64_t vocab) {
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+    if (avx2) {
+      backward_rows_avx2(args, begin, end);
+    } else {
+      backward_rows(args, begin, end);
+    }
+  });
+}
+
+// Writes the gradient w.r.t. logits into `grad` (laid out as `grad_layout`).
+void backward_into(const LogprobsProblem& p, at::Tensor& grad, const RowLayout& grad_layout,
+                   const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                   const std::optional<at::Tensor>& grad_logprobs,
+                   const std::optional<at::Tensor>& grad_entropy) {
+  if (p.rows == 0) return;
+  const LogprobsGradInputs in =
+      prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardArgs<scalar_t, acc_t> args{p.logits.data_ptr<scalar_t>(),
+                                             p.layout,
+                                             grad.data_ptr<scalar_t>(),
+                                             grad_layout,
+                                             p.vocab,
+                                             p.target.data_ptr<int64_t>(),
+                                             p.ignore_index,
+                                             static_cast<acc_t>(p.inv_temp),
+                                             in.lse.data_ptr<acc_t>(),
+                                             data_or_null<acc_t>(in.entropy),
+                                             data_or_null<acc_t>(in.grad_logprobs),
+                                             data_or_null<acc_t>(in.grad_entropy)};
+    run_backward(args, p.rows, p.vocab);
+  });
+}
+
+at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                                  const std::optional<at::Tensor>& grad_logprobs,
+                                  const std::optional<at::Tensor>& grad_entropy,
+                                  double temperature, int64_t ignore_index) {
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  at::Tensor grad = fresh_grad(p);
+  backward_into(p, grad, contiguous_layout(p), lse, entropy, grad_logprobs, grad_entropy);
+  return grad;
+}
+
+void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                    const at::Tensor& lse,
+                                    const std::optional<at::Tensor>& entropy,
+                                    const std::optional<at::Tensor>& grad_logprobs,
+                                    const std::optional<at::Tensor>& grad_entropy,
+                                    double temperature, int64_t ignore_index) {
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  at::Tensor grad = p.logits;  // the logits themselves, or their contiguous copy
+  backward_into(p, grad, p.layout, lse, entropy, grad_logprobs, grad_entropy);
+  if (!grad.is_same(logits)) logits.copy_(grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cpu);
+  m.impl("token_logprobs_bwd_", &token_logprobs_bwd_inplace_cpu);
+}
+
+}  // namespace rlhf_ext

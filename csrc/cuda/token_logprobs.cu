@@ -1,0 +1,350 @@
+// token_logprobs on CUDA: one block per row, the row read once.
+//
+// Forward: each thread owns the 16-byte vectors v = tid, tid + blockDim, ...
+// of its row. It loads kUnroll of them (to keep enough bytes in flight), finds
+// their max, rebases its running softmax state when the max moved, and adds
+// the exponentials (softmax_math.h). The block then merges the thread states
+// in a fixed order (warp butterfly, then warps in index order), so the result
+// depends only on the row and V: batch-invariant and deterministic.
+// Rows that are not 16-byte aligned (odd V, a sliced view) take the same
+// element order with scalar loads, so alignment never changes the bits.
+//
+// Backward: the same traversal, writing d loss / d logits per element from
+// the saved log-sum-exp and entropy; one read, one write.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "rlhf_ext/cuda_scan.cuh"
+#include "rlhf_ext/logprobs_host.h"
+#include "rlhf_ext/softmax_math.h"
+
+namespace rlhf_ext {
+namespace {
+
+constexpr int kMaxThreads = 512;
+constexpr int kUnroll = 4;
+constexpr int kVecBytes = 16;
+
+// Threads per row: a function of V alone (batch invariance), sized so that
+// each thread has about 8 vectors to read and large vocabularies fill 512.
+int threads_for(int64_t vocab, int64_t vec) {
+  const int64_t vectors = (vocab + vec - 1) / vec;
+  int threads = 64;
+  while (threads < kMaxThreads && threads * 8 < vectors) threads *= 2;
+  return threads;
+}
+
+template <typename scalar_t>
+struct alignas(kVecBytes) Vec {
+  static constexpr int kSize = kVecBytes / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+// Vector `index` of the row (kSize elements from index * kSize), as acc_t;
+// positions past V read as `fill`.
+template <typename scalar_t, typename acc_t, bool kAligned>
+__device__ __forceinline__ void load_vec(const scalar_t* row, int64_t index, int64_t vocab,
+                                         acc_t fill, acc_t (&out)[Vec<scalar_t>::kSize]) {
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const int64_t first = index * kSize;
+  if (kAligned && first + kSize <= vocab) {
+    const Vec<scalar_t> v = *reinterpret_cast<const Vec<scalar_t>*>(row + first);
+#pragma unroll
+    for (int j = 0; j < kSize; ++j) out[j] = static_cast<acc_t>(v.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kSize; ++j) {
+      out[j] = first + j < vocab ? static_cast<acc_t>(row[first + j]) : fill;
+    }
+  }
+}
+
+template <typename acc_t, bool kEntropy>
+__device__ __forceinline__ SoftmaxState<acc_t> shfl_xor_state(const SoftmaxState<acc_t>& s,
+                                                              int mask) {
+  return {__shfl_xor_sync(kFullWarp, s.max, mask), __shfl_xor_sync(kFullWarp, s.sum_exp, mask),
+          kEntropy ? __shfl_xor_sync(kFullWarp, s.sum_shift, mask) : acc_t(0)};
+}
+
+// The block's merged state, valid in thread 0.
+template <typename acc_t, bool kEntropy>
+__device__ __forceinline__ SoftmaxState<acc_t> block_merge(SoftmaxState<acc_t> s,
+                                                           acc_t scale_log2) {
+  __shared__ SoftmaxState<acc_t> warp_states[kMaxThreads / kWarpSize];
+#pragma unroll
+  for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) {
+    s = softmax_merge(s, shfl_xor_state<acc_t, kEntropy>(s, mask), scale_log2);
+  }
+  const int warp = threadIdx.x / kWarpSize;
+  if (threadIdx.x % kWarpSize == 0) warp_states[warp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s = warp_states[0];
+    for (int w = 1; w < int(blockDim.x / kWarpSize); ++w) {
+      s = softmax_merge(s, warp_states[w], scale_log2);
+    }
+  }
+  return s;
+}
+
+// This thread's softmax state over its vectors of the row.
+template <typename scalar_t, typename acc_t, bool kEntropy, bool kAligned>
+__device__ __forceinline__ SoftmaxState<acc_t> thread_state(const scalar_t* row, int64_t vocab,
+                                                            acc_t scale_log2) {
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t vectors = (vocab + kSize - 1) / kSize;
+  SoftmaxState<acc_t> state = softmax_empty<acc_t>();
+  for (int64_t base = threadIdx.x; base < vectors; base += int64_t(blockDim.x) * kUnroll) {
+    acc_t x[kUnroll][kSize];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t index = base + int64_t(u) * blockDim.x;
+      if (index < vectors) {
+        load_vec<scalar_t, acc_t, kAligned>(row, index, vocab, neg_inf, x[u]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kSize; ++j) x[u][j] = neg_inf;
+      }
+    }
+    acc_t m = neg_inf;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < kSize; ++j) m = (x[u][j] > m || x[u][j] != x[u][j]) ? x[u][j] : m;
+    }
+    if (m == neg_inf) continue;  // nothing but masked entries
+    if (!(m <= state.max)) state = softmax_rebase(state, m, scale_log2);  // also when NaN
+    acc_t shift = state.sum_shift;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int j = 0; j < kSize; ++j) {
+        softmax_add(x[u][j], state.max, scale_log2, state.sum_exp, shift);
+      }
+    }
+    if (kEntropy) state.sum_shift = shift;
+  }
+  return state;
+}
+
+template <typename scalar_t, typename acc_t, bool kEntropy>
+__global__ void __launch_bounds__(kMaxThreads)
+    token_logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
+                              int64_t vocab, const int64_t* __restrict__ target,
+                              int64_t ignore_index, acc_t inv_temp,
+                              acc_t* __restrict__ logprobs, acc_t* __restrict__ entropy,
+                              acc_t* __restrict__ lse_out) {
+  const int64_t row = blockIdx.x;
+  const int64_t tgt = target[row];
+  if (tgt == ignore_index) {  // no work, and exact zeros
+    if (threadIdx.x == 0) {
+      logprobs[row] = 0;
+      if (kEntropy) entropy[row] = 0;
+      lse_out[row] = 0;
+    }
+    return;
+  }
+  const scalar_t* x = logits + layout.offset(row);
+  const acc_t scale_log2 = inv_temp * acc_t(kLog2e);
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % kVecBytes == 0;
+  SoftmaxState<acc_t> state =
+      aligned ? thread_state<scalar_t, acc_t, kEntropy, true>(x, vocab, scale_log2)
+              : thread_state<scalar_t, acc_t, kEntropy, false>(x, vocab, scale_log2);
+  state = block_merge<acc_t, kEntropy>(state, scale_log2);
+  if (threadIdx.x == 0) {
+    const acc_t lse = softmax_lse(state, inv_temp);
+    const bool in_vocab = tgt >= 0 && tgt < vocab;
+    logprobs[row] = in_vocab ? static_cast<acc_t>(x[tgt]) * inv_temp - lse
+                             : std::numeric_limits<acc_t>::quiet_NaN();
+    if (kEntropy) entropy[row] = softmax_entropy(state, inv_temp);
+    lse_out[row] = lse;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BackwardRow {
+  const scalar_t* x;
+  scalar_t* g;
+  int64_t vocab;
+  int64_t target;  // in [0, V), or outside it for a NaN row
+  acc_t inv_temp, lse, entropy, g_lp, g_ent;
+};
+
+template <typename scalar_t, typename acc_t, bool kAligned>
+__device__ __forceinline__ void backward_row(const BackwardRow<scalar_t, acc_t>& r) {
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const int64_t vectors = (r.vocab + kSize - 1) / kSize;
+  for (int64_t index = threadIdx.x; index < vectors; index += blockDim.x) {
+    acc_t x[kSize];
+    load_vec<scalar_t, acc_t, kAligned>(r.x, index, r.vocab, acc_t(0), x);
+    Vec<scalar_t> out;
+#pragma unroll
+    for (int j = 0; j < kSize; ++j) {
+      acc_t g = logits_grad(x[j], r.inv_temp, r.lse, r.entropy, r.g_lp, r.g_ent);
+      if (index * kSize + j == r.target) g += target_grad(r.g_lp, r.inv_temp);
+      out.v[j] = static_cast<scalar_t>(g);
+    }
+    const int64_t first = index * kSize;
+    if (kAligned && first + kSize <= r.vocab) {
+      *reinterpret_cast<Vec<scalar_t>*>(r.g + first) = out;
+    } else {
+      for (int j = 0; j < kSize && first + j < r.vocab; ++j) r.g[first + j] = out.v[j];
+    }
+  }
+}
+
+template <typename scalar_t, bool kAligned>
+__device__ __forceinline__ void zero_row(scalar_t* g, int64_t vocab) {
+  constexpr int kSize = Vec<scalar_t>::kSize;
+  const int64_t vectors = (vocab + kSize - 1) / kSize;
+  Vec<scalar_t> zero;
+#pragma unroll
+  for (int j = 0; j < kSize; ++j) zero.v[j] = scalar_t(0);
+  for (int64_t index = threadIdx.x; index < vectors; index += blockDim.x) {
+    const int64_t first = index * kSize;
+    if (kAligned && first + kSize <= vocab) {
+      *reinterpret_cast<Vec<scalar_t>*>(g + first) = zero;
+    } else {
+      for (int j = 0; j < kSize && first + j < vocab; ++j) g[first + j] = scalar_t(0);
+    }
+  }
+}
+
+// `grad` may alias `logits` (inplace_backward, then grad_layout == layout):
+// each element is read before it is written, by the same thread.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    token_logprobs_bwd_kernel(const scalar_t* logits, RowLayout layout, scalar_t* grad,
+                              RowLayout grad_layout, int64_t vocab,
+                              const int64_t* __restrict__ target, int64_t ignore_index,
+                              acc_t inv_temp, const acc_t* __restrict__ lse,
+                              const acc_t* __restrict__ entropy,
+                              const acc_t* __restrict__ grad_logprobs,
+                              const acc_t* __restrict__ grad_entropy) {
+  const int64_t row = blockIdx.x;
+  const int64_t tgt = target[row];
+  scalar_t* g = grad + grad_layout.offset(row);
+  const bool g_aligned = reinterpret_cast<uintptr_t>(g) % kVecBytes == 0;
+  if (tgt == ignore_index) {
+    g_aligned ? zero_row<scalar_t, true>(g, vocab) : zero_row<scalar_t, false>(g, vocab);
+    return;
+  }
+  const bool in_vocab = tgt >= 0 && tgt < vocab;
+  BackwardRow<scalar_t, acc_t> r;
+  r.x = logits + layout.offset(row);
+  r.g = g;
+  r.vocab = vocab;
+  r.target = tgt;
+  r.inv_temp = inv_temp;
+  // A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
+  r.lse = in_vocab ? lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
+  r.entropy = entropy ? entropy[row] : acc_t(0);
+  r.g_lp = grad_logprobs ? grad_logprobs[row] : acc_t(0);
+  r.g_ent = grad_entropy ? grad_entropy[row] : acc_t(0);
+  const bool aligned = g_aligned && reinterpret_cast<uintptr_t>(r.x) % kVecBytes == 0;
+  aligned ? backward_row<scalar_t, acc_t, true>(r) : backward_row<scalar_t, acc_t, false>(r);
+}
+
+void check_rows(const LogprobsProblem& p) {
+  TORCH_CHECK_VALUE(p.rows < (int64_t(1) << 31), kLogprobsOp,
+                    ": at most 2^31 - 1 rows on CUDA, got ", p.rows);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, double temperature,
+    int64_t ignore_index, bool return_entropy) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  at::Tensor logprobs = per_token_output(p);
+  at::Tensor lse = per_token_output(p);
+  at::Tensor entropy = return_entropy ? per_token_output(p)
+                                      : at::empty({0}, p.logits.options().dtype(p.acc_dtype));
+  if (p.rows == 0) return {logprobs, entropy, lse};
+  check_rows(p);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
+    auto launch = [&](auto kernel, acc_t* entropy_ptr) {
+      kernel<<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
+          p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
+          p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
+          entropy_ptr, lse.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (return_entropy) {
+      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, true>, entropy.data_ptr<acc_t>());
+    } else {
+      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, false>, nullptr);
+    }
+  });
+  return {logprobs, entropy, lse};
+}
+
+void backward_into(const LogprobsProblem& p, const at::Tensor& grad, const RowLayout& grad_layout,
+                   const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                   const std::optional<at::Tensor>& grad_logprobs,
+                   const std::optional<at::Tensor>& grad_entropy) {
+  if (p.rows == 0) return;
+  check_rows(p);
+  const LogprobsGradInputs in =
+      prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
+    token_logprobs_bwd_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
+            p.logits.data_ptr<scalar_t>(), p.layout, grad.data_ptr<scalar_t>(), grad_layout,
+            p.vocab, p.target.data_ptr<int64_t>(), p.ignore_index,
+            static_cast<acc_t>(p.inv_temp), in.lse.data_ptr<acc_t>(),
+            data_or_null<acc_t>(in.entropy), data_or_null<acc_t>(in.grad_logprobs),
+            data_or_null<acc_t>(in.grad_entropy));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& lse,
+                                   const std::optional<at::Tensor>& entropy,
+                                   const std::optional<at::Tensor>& grad_logprobs,
+                                   const std::optional<at::Tensor>& grad_entropy,
+                                   double temperature, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  at::Tensor grad = fresh_grad(p);
+  backward_into(p, grad, contiguous_layout(p), lse, entropy, grad_logprobs, grad_entropy);
+  return grad;
+}
+
+void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                     const at::Tensor& lse,
+                                     const std::optional<at::Tensor>& entropy,
+                                     const std::optional<at::Tensor>& grad_logprobs,
+                                     const std::optional<at::Tensor>& grad_entropy,
+                                     double temperature, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  backward_into(p, p.logits, p.layout, lse, entropy, grad_logprobs, grad_entropy);
+  if (!p.logits.is_same(logits)) logits.copy_(p.logits);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) {
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cuda);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cuda);
+  m.impl("token_logprobs_bwd_", &token_logprobs_bwd_inplace_cuda);
+}
+
+}  // namespace rlhf_ext

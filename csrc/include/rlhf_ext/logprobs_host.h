@@ -1,0 +1,138 @@
+// Argument handling of token_logprobs, shared by the CPU and CUDA entry points.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "rlhf_ext/checks.h"
+#include "rlhf_ext/row_layout.h"
+
+namespace rlhf_ext {
+
+constexpr const char* kLogprobsOp = "rlhf_ext.token_logprobs";
+
+// The leading dimensions of `t` (all but the last) as a RowLayout, when they
+// reduce to at most two (size, stride) pairs; size-1 dimensions are dropped
+// and neighbours that are contiguous with each other merged.
+inline std::optional<RowLayout> leading_layout(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (size, stride), outermost first
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) == 1) continue;
+    if (!dims.empty() && dims.back().second == t.size(d) * t.stride(d)) {
+      dims.back() = {dims.back().first * t.size(d), t.stride(d)};
+    } else {
+      dims.emplace_back(t.size(d), t.stride(d));
+    }
+  }
+  RowLayout layout;
+  if (dims.size() > 2) return std::nullopt;
+  if (dims.size() >= 1) {
+    layout.inner = dims.back().first;
+    layout.inner_stride = dims.back().second;
+  }
+  if (dims.size() == 2) layout.outer_stride = dims.front().second;
+  if (layout.inner < 1) layout.inner = 1;  // an empty tensor: no row is ever addressed
+  return layout;
+}
+
+struct LogprobsProblem {
+  at::Tensor logits;  // the caller's tensor, or a contiguous copy if its layout needs one
+  at::Tensor target;  // int64, contiguous, [rows]
+  RowLayout layout;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  double inv_temp = 1.0;
+  int64_t ignore_index = -100;
+  at::ScalarType acc_dtype = at::kFloat;
+  std::vector<int64_t> lead_shape;  // logits.shape[:-1]: the shape of every per-token tensor
+};
+
+inline LogprobsProblem prepare_logprobs(const at::Tensor& logits, const at::Tensor& target,
+                                        double temperature, int64_t ignore_index) {
+  const char* op = kLogprobsOp;
+  check_floating(op, "logits", logits);
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1, op,
+                    ": `logits` must have shape [..., V] with V >= 1, got ", shape_str(logits));
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                   ": `target` must be int64 or int32, got ", target.scalar_type());
+  check_same_device(op, "target", target, logits);
+  const auto lead = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK_VALUE(target.sizes() == lead, op, ": `target` must have shape ", lead,
+                    " (the shape of `logits` without its last dimension), got ",
+                    shape_str(target));
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": `temperature` must be a finite float > 0, got ", temperature);
+  LogprobsProblem p;
+  p.vocab = logits.size(-1);
+  p.rows = target.numel();
+  p.inv_temp = 1.0 / temperature;
+  p.ignore_index = ignore_index;
+  p.acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.lead_shape = lead.vec();
+  p.target = target.to(at::kLong).contiguous().reshape({p.rows});
+  const bool unit_stride = p.vocab == 1 || logits.stride(-1) == 1;
+  std::optional<RowLayout> layout = unit_stride ? leading_layout(logits) : std::nullopt;
+  p.logits = layout ? logits : logits.contiguous();
+  p.layout = layout ? *layout : *leading_layout(p.logits);
+  return p;
+}
+
+// A per-token tensor of the backward (lse, entropy, upstream gradients) as
+// contiguous acc_dtype [rows], or undefined when absent.
+inline at::Tensor per_token(const LogprobsProblem& p, const char* name,
+                            const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_same_device(kLogprobsOp, name, *t, p.logits);
+  check_floating(kLogprobsOp, name, *t);
+  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(p.lead_shape), kLogprobsOp, ": `", name,
+                    "` must have shape ", at::IntArrayRef(p.lead_shape), ", got ", shape_str(*t));
+  return t->to(p.acc_dtype).contiguous().reshape({p.rows});
+}
+
+// The backward's per-row inputs, converted once for either device.
+struct LogprobsGradInputs {
+  at::Tensor lse;
+  at::Tensor entropy;  // defined only when grad_entropy is
+  at::Tensor grad_logprobs;
+  at::Tensor grad_entropy;
+};
+
+inline LogprobsGradInputs prepare_grad_inputs(const LogprobsProblem& p, const at::Tensor& lse,
+                                              const std::optional<at::Tensor>& entropy,
+                                              const std::optional<at::Tensor>& grad_logprobs,
+                                              const std::optional<at::Tensor>& grad_entropy) {
+  LogprobsGradInputs in;
+  in.lse = per_token(p, "lse", lse);
+  in.grad_logprobs = per_token(p, "grad_logprobs", grad_logprobs);
+  in.grad_entropy = per_token(p, "grad_entropy", grad_entropy);
+  if (in.grad_entropy.defined()) {
+    in.entropy = per_token(p, "entropy", entropy);
+    TORCH_CHECK_VALUE(in.entropy.defined(), kLogprobsOp,
+                      ": `entropy` is needed with `grad_entropy`");
+  }
+  return in;
+}
+
+inline at::Tensor per_token_output(const LogprobsProblem& p) {
+  return at::empty(p.lead_shape, p.logits.options().dtype(p.acc_dtype));
+}
+
+// Where the backward writes: a fresh [..., V] tensor in logits' dtype.
+inline at::Tensor fresh_grad(const LogprobsProblem& p) {
+  std::vector<int64_t> shape = p.lead_shape;
+  shape.push_back(p.vocab);
+  return at::empty(shape, p.logits.options());
+}
+
+// The layout of a contiguous [rows, V] tensor.
+inline RowLayout contiguous_layout(const LogprobsProblem& p) {
+  RowLayout layout;
+  layout.inner = p.rows > 0 ? p.rows : 1;
+  layout.inner_stride = p.vocab;
+  return layout;
+}
+
+}  // namespace rlhf_ext

@@ -1,0 +1,141 @@
+// Per-element math of token_logprobs, shared by the CPU and CUDA kernels.
+//
+// A row of logits x is read once. With z = x / T the softmax is kept online
+// relative to the running max m of x (so no exponential ever overflows):
+//   sum_exp   = sum_k exp((x_k - m) / T)
+//   sum_shift = sum_k exp((x_k - m) / T) * (x_k - m)
+// and at the end
+//   lse     = m / T + log(sum_exp)                  (log-sum-exp of z)
+//   entropy = log(sum_exp) - sum_shift / (T sum_exp)  (= lse - E_p[z])
+// Entropy thus costs one multiply-add per element and no second pass.
+// Exponentials are exp2 of pre-scaled arguments: `scale_log2` = log2(e) / T.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "rlhf_ext/macros.h"
+
+namespace rlhf_ext {
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+// exp2(x) for x <= 0.5 (the online softmax only produces x <= 0, up to rounding),
+// written so that a compiler vectorises it: no calls, no branches (built
+// with -fno-trapping-math, which lets GCC turn the selects into blends). Accurate to ~2 ulp; results below 2^-125 flush to 0 (they cannot
+// move a sum that holds the row max's term, 1). NaN stays NaN.
+RLHF_HD float exp2_nonpositive(float x) {
+#ifdef __CUDA_ARCH__
+  return exp2f(x);  // the hardware's ex2: one instruction
+#else
+  const float clamped = x < -125.0f ? -125.0f : x;  // NaN compares false: kept
+  // Round to nearest integer by the 1.5 * 2^23 trick (no SSE4.1 needed).
+  const float rounded = (clamped + 12582912.0f) - 12582912.0f;
+  const float f = clamped - rounded;  // in [-0.5, 0.5]
+  // Minimax polynomial of 2^f on [-0.5, 0.5] (relative error < 2e-7).
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(rounded) * (1 << 23);
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  // A multiply, not a select: GCC if-converts (vectorises) only the former here.
+  result *= static_cast<float>(x >= -125.0f);
+  return x != x ? x : result;
+#endif
+}
+
+RLHF_HD double exp2_nonpositive(double x) {
+  return std::exp2(x);
+}
+
+// One partial softmax of a row (a chunk, a thread's share, a whole row).
+// An empty state has sum_exp == 0; its max may be anything (-inf at start).
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t max;
+  acc_t sum_exp;
+  acc_t sum_shift;
+};
+
+template <typename acc_t>
+RLHF_HD SoftmaxState<acc_t> softmax_empty() {
+  return {-std::numeric_limits<acc_t>::infinity(), acc_t(0), acc_t(0)};
+}
+
+// The state re-expressed relative to new_max >= state.max:
+//   exp((x - m') / T) = f exp((x - m) / T) with f = exp((m - m') / T), and
+//   (x - m') = (x - m) + (m - m').
+template <typename acc_t>
+RLHF_HD SoftmaxState<acc_t> softmax_rebase(SoftmaxState<acc_t> s, acc_t new_max,
+                                           acc_t scale_log2) {
+  if (!(s.sum_exp > acc_t(0))) return {new_max, s.sum_exp, s.sum_shift};  // empty (or NaN)
+  const acc_t delta = s.max - new_max;
+  const acc_t f = exp2_nonpositive(delta * scale_log2);
+  return {new_max, f * s.sum_exp, f * (s.sum_shift + delta * s.sum_exp)};
+}
+
+// Merge of two partial states. Symmetric in (a, b) bit for bit, so a
+// butterfly reduction gives every lane the same result.
+template <typename acc_t>
+RLHF_HD SoftmaxState<acc_t> softmax_merge(SoftmaxState<acc_t> a, SoftmaxState<acc_t> b,
+                                          acc_t scale_log2) {
+  const acc_t m = a.max > b.max ? a.max : b.max;
+  const SoftmaxState<acc_t> ra = softmax_rebase(a, m, scale_log2);
+  const SoftmaxState<acc_t> rb = softmax_rebase(b, m, scale_log2);
+  return {m, ra.sum_exp + rb.sum_exp, ra.sum_shift + rb.sum_shift};
+}
+
+// Adds element x to sums kept relative to `max` (x <= max). A -inf logit
+// (a masked vocabulary entry) adds exactly 0, not 0 * -inf.
+template <typename acc_t>
+RLHF_HD void softmax_add(acc_t x, acc_t max, acc_t scale_log2, acc_t& sum_exp,
+                         acc_t& sum_shift) {
+  const acc_t shifted = x - max;
+  const acc_t e = exp2_nonpositive(shifted * scale_log2);
+  sum_exp += e;
+  sum_shift += e > acc_t(0) ? e * shifted : acc_t(0);
+}
+
+// log-sum-exp of z = x / T over the row. An all -inf row (sum_exp == 0)
+// gives -inf, and then NaN log-probs: no probability distribution exists.
+template <typename acc_t>
+RLHF_HD acc_t softmax_lse(SoftmaxState<acc_t> s, acc_t inv_temp) {
+  return s.max * inv_temp + std::log(s.sum_exp);
+}
+
+template <typename acc_t>
+RLHF_HD acc_t softmax_entropy(SoftmaxState<acc_t> s, acc_t inv_temp) {
+  return std::log(s.sum_exp) - inv_temp * s.sum_shift / s.sum_exp;
+}
+
+// d(loss)/d(x_k) for loss = g_lp * logprob[target] + g_ent * entropy, from
+// logp_k = x_k / T - lse and p_k = exp(logp_k):
+//   d logprob / d z_k = [k == target] - p_k
+//   d entropy / d z_k = -p_k (logp_k + entropy)
+// and d z / d x = 1 / T. The [k == target] term is added by the caller
+// (target_grad) so that this stays a pure per-element map.
+template <typename acc_t>
+RLHF_HD acc_t logits_grad(acc_t x, acc_t inv_temp, acc_t lse, acc_t entropy, acc_t g_lp,
+                          acc_t g_ent) {
+  const acc_t logp = x * inv_temp - lse;
+  const acc_t p = exp2_nonpositive(logp * acc_t(kLog2e));
+  const acc_t weighted = g_lp + g_ent * (logp + entropy);
+  // p == 0 (a -inf logit) contributes nothing, even where logp is -inf.
+  return p > acc_t(0) ? -p * weighted * inv_temp : (p != p ? p : acc_t(0));
+}
+
+template <typename acc_t>
+RLHF_HD acc_t target_grad(acc_t g_lp, acc_t inv_temp) {
+  return g_lp * inv_temp;
+}
+
+}  // namespace rlhf_ext
