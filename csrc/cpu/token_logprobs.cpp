@@ -21,10 +21,12 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #define RLHF_EXT_X86_CLONES 1
 #define RLHF_AVX2 __attribute__((target("avx2,fma")))
+#define RLHF_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
 #define RLHF_INLINE __attribute__((always_inline)) inline
 #else
 #define RLHF_EXT_X86_CLONES 0
 #define RLHF_AVX2
+#define RLHF_AVX512
 #define RLHF_INLINE inline
 #endif
 
@@ -184,12 +186,31 @@ RLHF_AVX2 void backward_rows_avx2(const BackwardArgs<scalar_t, acc_t>& a, int64_
   backward_rows(a, b, e);
 }
 
-bool cpu_has_avx2() {
+template <typename scalar_t, typename acc_t>
+RLHF_AVX512 void forward_rows_avx512(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
+  forward_rows(a, b, e);
+}
+template <typename scalar_t, typename acc_t>
+RLHF_AVX512 void backward_rows_avx512(const BackwardArgs<scalar_t, acc_t>& a, int64_t b,
+                                      int64_t e) {
+  backward_rows(a, b, e);
+}
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
 #if RLHF_EXT_X86_CLONES
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  static const Isa isa = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBaseline;
+  }();
+  return isa;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
 
@@ -207,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
   at::Tensor entropy = return_entropy ? per_token_output(p)
                                       : at::empty({0}, p.logits.options().dtype(p.acc_dtype));
   if (p.rows == 0) return {logprobs, entropy, lse};
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
                                   "rlhf_ext.token_logprobs", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -216,10 +237,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
         p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
         return_entropy ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>()};
     at::parallel_for(0, p.rows, row_grain(p.vocab), [&](int64_t begin, int64_t end) {
-      if (avx2) {
-        forward_rows_avx2(args, begin, end);
-      } else {
-        forward_rows(args, begin, end);
+      switch (isa) {
+        case Isa::kAvx512:
+          return forward_rows_avx512(args, begin, end);
+        case Isa::kAvx2:
+          return forward_rows_avx2(args, begin, end);
+        case Isa::kBaseline:
+          return forward_rows(args, begin, end);
       }
     });
   });
@@ -228,12 +252,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
 
 template <typename scalar_t, typename acc_t>
 void run_backward(const BackwardArgs<scalar_t, acc_t>& args, int64_t rows, int64_t vocab) {
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-    if (avx2) {
-      backward_rows_avx2(args, begin, end);
-    } else {
-      backward_rows(args, begin, end);
+    switch (isa) {
+      case Isa::kAvx512:
+        return backward_rows_avx512(args, begin, end);
+      case Isa::kAvx2:
+        return backward_rows_avx2(args, begin, end);
+      case Isa::kBaseline:
+        return backward_rows(args, begin, end);
     }
   });
 }
