@@ -229,9 +229,7 @@ def kl_loss(
     """``agg(kl_penalty(logprobs, ref_logprobs, kind=kind))`` over the valid tokens of a
     ``[B, T]`` batch, fused: a 0-dim tensor, differentiable w.r.t. logprobs."""
     op = KL_LOSS_OP
-    (lp, ref), mask = _loss_inputs(
-        op, logprobs, "logprobs", [("ref_logprobs", ref_logprobs)], mask
-    )
+    (lp, ref), mask = _loss_inputs(op, logprobs, "logprobs", [("ref_logprobs", ref_logprobs)], mask)
     check_kl_kind(op, "kind", kind)
     check_agg(op, agg)
     chosen = resolve_backend(op, backend, lp.device)

@@ -238,6 +238,8 @@ def _run_loss(family, a, b, c, mask, params, agg, *, kind="k1", dual=False, clip
     row_weight = torch.empty((rows,), dtype=acc, device=device)
     partials = torch.empty((rows, ncols), dtype=acc, device=device)
     # float64 parameters in a tensor: a Python float argument would be rounded to fp32.
+    # The "-norm" divisor of an empty (T = 0) batch is never used; 1 keeps 0/0 out.
+    params = params[:3] + [params[3] if params[3] > 0 else 1.0]
     params = torch.tensor(params, dtype=torch.float64, device=device)
     if rows > 0:
         wrap_triton(_loss_rows_kernel)[(rows,)](
@@ -365,9 +367,7 @@ def kl_penalty_triton(
 
 
 @triton.jit
-def _loss_backward_kernel(
-    up_ptr, grad_ptr, row_weight_ptr, out_ptr, n, cols, BLOCK: tl.constexpr
-):
+def _loss_backward_kernel(up_ptr, grad_ptr, row_weight_ptr, out_ptr, n, cols, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     up = tl.load(up_ptr)
