@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "rlhf_ext/loss_host.h"
 
@@ -20,29 +21,70 @@ int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
 }
 
-template <typename Family, typename scalar_t, typename acc_t>
-void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_t* partials) {
+// Tokens t of a row go to lane t % kLanes: independent accumulators (a fixed
+// assignment, so the order of each sum never changes), laid out [column][lane]
+// so that the compiler vectorises the lanes; the per-token math is branch-free.
+constexpr int kLanes = 8;
+
+template <typename Family, typename scalar_t, typename acc_t, bool kHasMask>
+inline void loss_token(const Family& family, const scalar_t* a, const scalar_t* b,
+                       const scalar_t* c, const bool* mask, int64_t i, int l, acc_t* grad,
+                       acc_t (&acc)[Family::kCols][kLanes]) {
+  constexpr int K = Family::kCols;
+  // Masked tokens are computed too and then dropped by selects, so a NaN or inf
+  // there never reaches the sums or the gradient.
+  const bool valid = kHasMask ? mask[i] : true;
+  const acc_t z = Family::kInputs == 3 ? static_cast<acc_t>(c[i]) : acc_t(0);
+  acc_t v[K];
+  const acc_t g = family.token(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), z, v);
+  grad[i] = select_value(valid, g, acc_t(0));
+  for (int k = 0; k < K; ++k) {
+    const acc_t x = select_value(valid, v[k], acc_t(0));
+    acc[k][l] = k == Family::kMaxCol ? max_value(acc[k][l], x) : acc[k][l] + x;
+  }
+}
+
+template <typename Family, typename scalar_t, typename acc_t, bool kHasMask>
+void loss_rows_cpu_impl(const Family& family, const LossProblem& p, acc_t* grad,
+                        acc_t* partials) {
   constexpr int K = Family::kCols;
   const scalar_t* a = p.a.data_ptr<scalar_t>();
   const scalar_t* b = p.b.data_ptr<scalar_t>();
   const scalar_t* c = Family::kInputs == 3 ? p.c.data_ptr<scalar_t>() : nullptr;
-  const bool* mask = p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr;
+  const bool* mask = kHasMask ? p.mask.data_ptr<bool>() : nullptr;
   at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      acc_t acc[K] = {};
+      acc_t acc[K][kLanes] = {};
       const int64_t base = row * p.cols;
-      for (int64_t t = 0; t < p.cols; ++t) {
-        const int64_t i = base + t;
-        if (mask != nullptr && !mask[i]) {
-          grad[i] = acc_t(0);
-          continue;
+      int64_t t0 = 0;
+      for (; t0 + kLanes <= p.cols; t0 += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          loss_token<Family, scalar_t, acc_t, kHasMask>(family, a, b, c, mask, base + t0 + l,
+                                                        l, grad, acc);
         }
-        const acc_t z = c != nullptr ? static_cast<acc_t>(c[i]) : acc_t(0);
-        grad[i] = family.accumulate(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), z, acc);
       }
-      std::copy(acc, acc + K, partials + row * K);
+      for (int l = 0; t0 + l < p.cols; ++l) {
+        loss_token<Family, scalar_t, acc_t, kHasMask>(family, a, b, c, mask, base + t0 + l, l,
+                                                      grad, acc);
+      }
+      for (int k = 0; k < K; ++k) {
+        acc_t total = acc[k][0];
+        for (int l = 1; l < kLanes; ++l) {
+          total = k == Family::kMaxCol ? max_value(total, acc[k][l]) : total + acc[k][l];
+        }
+        partials[row * K + k] = total;
+      }
     }
   });
+}
+
+template <typename Family, typename scalar_t, typename acc_t>
+void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_t* partials) {
+  if (p.mask.defined()) {
+    loss_rows_cpu_impl<Family, scalar_t, acc_t, true>(family, p, grad, partials);
+  } else {
+    loss_rows_cpu_impl<Family, scalar_t, acc_t, false>(family, p, grad, partials);
+  }
 }
 
 // Level 2: row order, float64.
@@ -74,21 +116,22 @@ void loss_finish_cpu(const acc_t* partials, int64_t rows, LossAgg agg, double no
   }
 }
 
-template <template <typename> class Family, typename Make>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_loss_cpu(const char* op,
-                                                                         const LossProblem& p,
+// make(acc_t(0)) builds the level-1 family for the accumulation type.
+template <typename Make>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_loss_cpu(const LossProblem& p,
                                                                          LossAgg agg,
                                                                          double norm,
                                                                          const Make& make) {
-  LossOutputs out = allocate_loss_outputs(p, Family<float>::kCols);
+  LossOutputs out = allocate_loss_outputs(p, decltype(make(0.f))::kCols);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.a.scalar_type(), "rlhf_ext.loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Family<acc_t> family = make(acc_t(0));
-    loss_rows_cpu<Family<acc_t>, scalar_t, acc_t>(family, p, out.grad.data_ptr<acc_t>(),
-                                                  out.partials.data_ptr<acc_t>());
-    loss_finish_cpu<Family<acc_t>, acc_t>(out.partials.data_ptr<acc_t>(), p.rows, agg, norm,
-                                          out.loss.data_ptr<acc_t>(), out.stats.data_ptr<float>(),
-                                          out.row_weight.data_ptr<acc_t>());
+    const auto family = make(acc_t(0));
+    using F = std::decay_t<decltype(family)>;
+    loss_rows_cpu<F, scalar_t, acc_t>(family, p, out.grad.data_ptr<acc_t>(),
+                                      out.partials.data_ptr<acc_t>());
+    loss_finish_cpu<F, acc_t>(out.partials.data_ptr<acc_t>(), p.rows, agg, norm,
+                              out.loss.data_ptr<acc_t>(), out.stats.data_ptr<float>(),
+                              out.row_weight.data_ptr<acc_t>());
   });
   return {out.loss, out.stats, out.grad, out.row_weight};
 }
@@ -101,8 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
   const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
   const LossProblem p = prepare_loss(op, logprobs, "logprobs", old_logprobs, "old_logprobs",
                                      &advantages, "advantages", mask);
-  return run_loss_cpu<PolicyFamily>(op, p, mode, norm_factor(loss_scale_factor, p.cols),
-                                    [&](auto zero) {
+  return run_loss_cpu(p, mode, norm_factor(loss_scale_factor, p.cols), [&](auto zero) {
                                       using T = decltype(zero);
                                       return PolicyFamily<T>{T(1.0 - clip_eps),
                                                              T(1.0 + clip_eps_high), T(dual_clip)};
@@ -116,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
   const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
   const LossProblem p =
       prepare_loss(op, values, "values", old_values, "old_values", &returns, "returns", mask);
-  return run_loss_cpu<ValueFamily>(op, p, mode, norm_factor(0, p.cols), [&](auto zero) {
+  return run_loss_cpu(p, mode, norm_factor(0, p.cols), [&](auto zero) {
     using T = decltype(zero);
     return ValueFamily<T>{T(clip_eps)};
   });
@@ -130,10 +172,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_loss_cpu(
   const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
   const LossProblem p = prepare_loss(op, logprobs, "logprobs", ref_logprobs, "ref_logprobs",
                                      nullptr, "", mask);
-  return run_loss_cpu<KLFamily>(op, p, mode, norm_factor(0, p.cols), [&](auto zero) {
-    using T = decltype(zero);
-    return KLFamily<T>{spec.kind, spec.straight_through};
-  });
+  const double norm = norm_factor(0, p.cols);
+  // One instantiation per kind: the per-token switch folds away.
+  auto run = [&](auto kind, auto straight_through) {
+    return run_loss_cpu(p, mode, norm, [&](auto zero) {
+      return KLFixedFamily<decltype(zero), decltype(kind)::value, decltype(straight_through)::value>{};
+    });
+  };
+  auto with_kind = [&](auto straight_through) {
+    switch (spec.kind) {
+      case KLKind::kK1:
+        return run(std::integral_constant<KLKind, KLKind::kK1>{}, straight_through);
+      case KLKind::kAbs:
+        return run(std::integral_constant<KLKind, KLKind::kAbs>{}, straight_through);
+      case KLKind::kK2:
+        return run(std::integral_constant<KLKind, KLKind::kK2>{}, straight_through);
+      case KLKind::kK3:
+      default:
+        return run(std::integral_constant<KLKind, KLKind::kK3>{}, straight_through);
+    }
+  };
+  return spec.straight_through ? with_kind(std::true_type{}) : with_kind(std::false_type{});
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& logprobs,

@@ -65,10 +65,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t base = int64_t(blockIdx.x) * cols;
   for (int64_t t = threadIdx.x; t < cols; t += kThreads) {
     const int64_t i = base + t;
+    const bool valid = mask == nullptr || mask[i];
     acc_t g = acc_t(0);
-    if (mask == nullptr || mask[i]) {
+    if (valid) {
       const acc_t z = Family::kInputs == 3 ? static_cast<acc_t>(c[i]) : acc_t(0);
-      g = family.accumulate(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), z, acc);
+      acc_t v[K];
+      g = family.token(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), z, v);
+      combine<Family>(acc, v, true);
     }
     grad[i] = g;
   }

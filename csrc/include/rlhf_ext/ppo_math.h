@@ -27,7 +27,7 @@ enum class LossAgg : int {
 
 template <typename T>
 RLHF_HD T max_value(T a, T b) {
-  return a < b ? b : a;
+  return select_value(a < b, b, a);
 }
 
 // One token of the clipped PPO objective.
@@ -56,19 +56,17 @@ RLHF_HD PolicyToken<T> policy_token(T logprob, T old_logprob, T advantage, T rat
   PolicyToken<T> out;
   out.ratio = ratio;
   out.neg_log_ratio = -log_ratio;
+  // Branch-free (bitwise & and selects): the signs of A and the clip outcomes are
+  // data-dependent coin flips that a branch predictor cannot learn.
   out.clipped = clipped > unclipped;
-  out.clipped_lower = false;
-  out.loss = out.clipped ? clipped : unclipped;
-  const bool in_clamp = raw >= T(-kKLLogRatioClamp) && raw <= T(kKLLogRatioClamp);
-  out.grad = (out.clipped || !in_clamp) ? T(0) : unclipped;
-  if (dual_clip > T(0) && advantage < T(0)) {
-    const T floor_loss = -advantage * dual_clip;
-    if (out.loss > floor_loss) {
-      out.loss = floor_loss;
-      out.grad = T(0);
-      out.clipped_lower = true;
-    }
-  }
+  // A 0/1 factor instead of a select for the gradient (its operand is finite for
+  // finite inputs: the ratio is at most e^20); fewer instructions per token.
+  const T loss = max_value(clipped, unclipped);
+  const bool in_clamp = raw == log_ratio;
+  const T floor_loss = -advantage * dual_clip;
+  out.clipped_lower = (dual_clip > T(0)) & (advantage < T(0)) & (loss > floor_loss);
+  out.loss = select_value(out.clipped_lower, floor_loss, loss);  // exact, unlike a blend
+  out.grad = unclipped * T(!out.clipped & in_clamp & !out.clipped_lower);
   return out;
 }
 
@@ -86,12 +84,13 @@ template <typename T>
 RLHF_HD ValueToken<T> value_token(T value, T old_value, T ret, T clip_eps) {
   const T err = value - ret;
   const T loss = err * err;
-  if (!(clip_eps > T(0))) return ValueToken<T>{T(0.5) * loss, err, false};
   const T clipped_err = clamp_value(value, old_value - clip_eps, old_value + clip_eps) - ret;
   const T clipped_loss = clipped_err * clipped_err;
-  const bool clipped = clipped_loss > loss;
+  // No early return for clip_eps <= 0: branch-free code vectorises on the CPU.
+  const bool clipped = (clip_eps > T(0)) & (clipped_loss > loss);
   // The clipped branch only wins when v is outside the band, where it is constant in v.
-  return ValueToken<T>{T(0.5) * (clipped ? clipped_loss : loss), clipped ? T(0) : err, clipped};
+  return ValueToken<T>{T(0.5) * select_value(clipped, clipped_loss, loss), err * T(!clipped),
+                       clipped};
 }
 
 // d kl_value / d logprob; with straight_through ("+" kinds) the gradient of k2.
@@ -103,23 +102,25 @@ RLHF_HD T kl_grad(KLKind kind, bool straight_through, T logprob, T ref_logprob) 
     case KLKind::kK1:
       return T(1);
     case KLKind::kAbs:
-      return diff > T(0) ? T(1) : (diff < T(0) ? T(-1) : T(0));
+      return T(diff > T(0)) - T(diff < T(0));
     case KLKind::kK2:
       return diff;
     case KLKind::kK3:
     default: {
       const T d = -diff;
-      if (d < T(-kKLLogRatioClamp) || d > T(kKLLogRatioClamp)) return T(0);
-      const T e = exp_value(d);
+      const T clamped = clamp_value(d, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
+      const T e = exp_value(clamped);
       // The value clamp at 10 is the only one that can bind (exp(d) - d - 1 >= 0).
-      if (e - d - T(1) > T(kKLValueClamp)) return T(0);
-      return T(1) - e;
+      const bool live = (clamped == d) & !(e - d - T(1) > T(kKLValueClamp));
+      return select_value(live, T(1) - e, T(0));
     }
   }
 }
 
-// Level-1 families: `kCols` partial columns per row; accumulate() adds one valid
-// token to `acc` and returns its un-aggregated derivative.
+// Level-1 families: `kCols` partial columns per row. token() writes one valid
+// token's contribution to each column into `v` and returns its un-aggregated
+// derivative; callers add the contributions of valid tokens (max for kMaxCol)
+// with combine().
 template <typename T>
 struct PolicyFamily {
   static constexpr int kInputs = 3;
@@ -128,16 +129,16 @@ struct PolicyFamily {
   static constexpr int kMaxCol = 6;
   T ratio_lo, ratio_hi, dual_clip;
 
-  RLHF_HD T accumulate(T logprob, T old_logprob, T advantage, T* acc) const {
+  RLHF_HD T token(T logprob, T old_logprob, T advantage, T* v) const {
     const PolicyToken<T> p =
         policy_token(logprob, old_logprob, advantage, ratio_lo, ratio_hi, dual_clip);
-    acc[0] += p.loss;
-    acc[1] += T(1);
-    acc[2] += p.clipped ? T(1) : T(0);
-    acc[3] += p.clipped_lower ? T(1) : T(0);
-    acc[4] += p.neg_log_ratio;
-    acc[5] += p.ratio;
-    acc[6] = max_value(acc[6], p.ratio);  // ratios are > 0, so 0 is the identity
+    v[0] = p.loss;
+    v[1] = T(1);
+    v[2] = T(p.clipped);
+    v[3] = T(p.clipped_lower);
+    v[4] = p.neg_log_ratio;
+    v[5] = p.ratio;
+    v[6] = p.ratio;  // ratios are > 0, so 0 is the identity of the max
     return p.grad;
   }
 };
@@ -149,12 +150,12 @@ struct ValueFamily {
   static constexpr int kMaxCol = -1;
   T clip_eps;
 
-  RLHF_HD T accumulate(T value, T old_value, T ret, T* acc) const {
-    const ValueToken<T> v = value_token(value, old_value, ret, clip_eps);
-    acc[0] += v.loss;
-    acc[1] += T(1);
-    acc[2] += v.clipped ? T(1) : T(0);
-    return v.grad;
+  RLHF_HD T token(T value, T old_value, T ret, T* v) const {
+    const ValueToken<T> t = value_token(value, old_value, ret, clip_eps);
+    v[0] = t.loss;
+    v[1] = T(1);
+    v[2] = T(t.clipped);
+    return t.grad;
   }
 };
 
@@ -166,12 +167,39 @@ struct KLFamily {
   KLKind kind;
   bool straight_through;
 
-  RLHF_HD T accumulate(T logprob, T ref_logprob, T /*unused*/, T* acc) const {
-    acc[0] += kl_value(kind, logprob, ref_logprob);
-    acc[1] += T(1);
+  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T* v) const {
+    v[0] = kl_value(kind, logprob, ref_logprob);
+    v[1] = T(1);
     return kl_grad(kind, straight_through, logprob, ref_logprob);
   }
 };
+
+// KLFamily with the kind fixed at compile time: the CPU kernels instantiate one
+// per kind so that the per-token switch folds away and the loop vectorises.
+template <typename T, KLKind kKind, bool kStraightThrough>
+struct KLFixedFamily {
+  static constexpr int kInputs = 2;
+  static constexpr int kCols = 2;
+  static constexpr int kMaxCol = -1;
+
+  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T* v) const {
+    v[0] = kl_value(kKind, logprob, ref_logprob);
+    v[1] = T(1);
+    return kl_grad(kKind, kStraightThrough, logprob, ref_logprob);
+  }
+};
+
+// acc += v for a valid token (max for column kMaxCol); an invalid token adds 0.
+template <typename Family, typename T>
+RLHF_HD void combine(T* acc, const T* v, bool valid) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < Family::kCols; ++k) {
+    const T x = select_value(valid, v[k], T(0));
+    acc[k] = k == Family::kMaxCol ? max_value(acc[k], x) : acc[k] + x;
+  }
+}
 
 // Level 2. `loss_sum`: sum of all row loss sums; `mean_sum`: sum over non-empty
 // rows of (row loss sum / row count); `tokens`: valid tokens; `rows`: non-empty
