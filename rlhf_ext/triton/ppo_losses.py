@@ -99,7 +99,7 @@ def _loss_rows_kernel(
             loss = tl.where(is_clipped, clipped, unclipped)
             in_clamp = (raw >= -20.0) & (raw <= 20.0)
             grad = tl.where(is_clipped | (~in_clamp), 0.0, unclipped)
-            lower = is_clipped & False
+            lower = tl.zeros((BLOCK,), dtype=tl.int1)
             if HAS_DUAL:
                 floor_loss = -adv * p2
                 lower = (adv < 0) & (loss > floor_loss)
