@@ -222,8 +222,9 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& logprobs,
       for (int64_t i = begin; i < end; ++i) {
         const acc_t l = static_cast<acc_t>(x[i]);
         const acc_t r = static_cast<acc_t>(y[i]);
-        v[i] = kl_value(spec.kind, l, r);
-        g[i] = kl_grad(spec.kind, spec.straight_through, l, r);
+        acc_t grad_i;
+        v[i] = kl_value_and_grad(spec.kind, spec.straight_through, l, r, &grad_i);
+        g[i] = grad_i;
       }
     });
   });

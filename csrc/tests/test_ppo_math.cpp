@@ -13,6 +13,7 @@ using rlhf_ext::agg_loss;
 using rlhf_ext::agg_row_weight;
 using rlhf_ext::kl_grad;
 using rlhf_ext::kl_value;
+using rlhf_ext::kl_value_and_grad;
 using rlhf_ext::KLKind;
 using rlhf_ext::LossAgg;
 using rlhf_ext::policy_token;
@@ -108,6 +109,18 @@ void kl_grad_matches_finite_difference() {
       TRACE("kind=", int(kind), " lp=", lp, " ref=", ref);
       CHECK_NEAR(kl_grad(kind, false, lp, ref), fd, 1e-5 * (1 + std::fabs(fd)));
       CHECK_EQ(kl_grad(kind, true, lp, ref), lp - ref);  // straight-through: k2's gradient
+    }
+  }
+  // The fused form (one exp for k3) agrees with the two separate functions bit for bit.
+  for (KLKind kind : kinds) {
+    for (int i = 0; i < 2000; ++i) {
+      const float ref = float(rng.uniform(-10, 0)), lp = ref + float(rng.uniform(-30, 30));
+      for (bool st : {false, true}) {
+        TRACE("fused kind=", int(kind), " st=", st, " lp=", lp, " ref=", ref);
+        float grad = 0;
+        CHECK_SAME_BITS(kl_value_and_grad(kind, st, lp, ref, &grad), kl_value(kind, lp, ref));
+        CHECK_SAME_BITS(grad, kl_grad(kind, st, lp, ref));
+      }
     }
   }
   // k3 past its clamps: no gradient.
