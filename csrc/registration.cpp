@@ -51,6 +51,31 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def(
       "token_logprobs_bwd_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor? entropy, "
       "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, int ignore_index) -> ()");
+  // The loss ops return (loss, stats, grad, row_weight): the aggregated loss
+  // (0-d), the statistics ([k] float32), the per-token derivative before
+  // aggregation ([B, T], 0 at masked tokens) and the per-row aggregation weight
+  // ([B]); d loss / d input[b, t] = grad[b, t] * row_weight[b] (loss_backward).
+  // Clipped PPO policy loss; dual_clip <= 0 disables the dual clip and
+  // loss_scale_factor <= 0 means T. stats: clipfrac, clipfrac_lower,
+  // approx_kl, ratio_mean, ratio_max.
+  m.def(
+      "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
+      "float clip_eps, float clip_eps_high, float dual_clip, str agg, float loss_scale_factor) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // (Clipped) value loss; clip_eps <= 0 disables the clipping. stats: clipfrac.
+  m.def(
+      "value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, "
+      "float clip_eps, str agg) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Aggregated KL estimator; stats is empty.
+  m.def(
+      "kl_loss(Tensor logprobs, Tensor ref_logprobs, Tensor? mask, str kind, str agg) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Per-token KL estimator and its derivative w.r.t. logprobs.
+  m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, str kind) -> (Tensor, Tensor)");
+  // Backward of the loss ops: grad_loss * grad[b, t] * row_weight[b], in `dtype`.
+  m.def(
+      "loss_backward(Tensor grad_loss, Tensor grad, Tensor row_weight, ScalarType dtype) "
+      "-> Tensor");
 }
 
 namespace {

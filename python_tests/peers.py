@@ -143,3 +143,108 @@ def trl_entropy(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
         logps = torch.log_softmax(chunk.float(), dim=-1)
         parts.append(-(torch.exp(logps) * logps).sum(-1))
     return torch.cat(parts).reshape(logits.shape[:-1])
+
+
+# -- losses, as verl's core_algos writes them ----------------------------------
+# verl computes the PPO losses in eager PyTorch, one small kernel per line; these are
+# the same steps (written here in our own words) so tests and bench/bench_losses.py
+# compare against, and time, what a verl user runs today.
+
+
+def verl_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's masked mean: sum(values * mask) / (sum(mask) + 1e-8)."""
+    return (values * mask).sum() / (mask.sum() + 1e-8)
+
+
+def verl_agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str):
+    """verl's agg_loss. Unlike rlhf_ext, the seq-mean modes average over every row
+    (a row with no valid token counts as 0, or NaN for seq-mean-token-mean)."""
+    if loss_agg_mode == "token-mean":
+        return verl_masked_mean(loss_mat, loss_mask)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return torch.sum(loss_mat * loss_mask, dim=-1).mean()
+    if loss_agg_mode == "seq-mean-token-mean":
+        per_row = torch.sum(loss_mat * loss_mask, dim=-1) / torch.sum(loss_mask, dim=-1)
+        return per_row.mean()
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return torch.sum(loss_mat * loss_mask) / loss_mask.shape[-1]
+    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
+
+
+def verl_policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+):
+    """verl's vanilla PPO policy loss (dual clip always on, c = clip_ratio_c).
+
+    Returns ``(loss, clipfrac, ppo_kl, clipfrac_lower)``; response_mask is float 0/1.
+    """
+    log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(log_ratio)
+    ppo_kl = verl_masked_mean(-log_ratio, response_mask)
+    surrogate = -advantages * ratio
+    surrogate_clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clip_max = torch.maximum(surrogate, surrogate_clipped)
+    clipfrac = verl_masked_mean(torch.gt(surrogate_clipped, surrogate).float(), response_mask)
+    floor = -advantages * clip_ratio_c
+    clip_min = torch.min(floor, clip_max)
+    clipfrac_lower = verl_masked_mean(
+        torch.gt(clip_max, floor) * (advantages < 0).float(), response_mask
+    )
+    per_token = torch.where(advantages < 0, clip_min, clip_max)
+    loss = verl_agg_loss(per_token, response_mask, loss_agg_mode)
+    return loss, clipfrac, ppo_kl, clipfrac_lower
+
+
+def verl_value_loss(
+    vpreds: torch.Tensor,
+    returns: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange_value: float,
+    loss_agg_mode: str = "token-mean",
+):
+    """verl's clipped value loss: ``(loss, clipfrac)``."""
+    vpreds_clipped = torch.clamp(vpreds, values - cliprange_value, values + cliprange_value)
+    losses = (vpreds - returns) ** 2
+    losses_clipped = (vpreds_clipped - returns) ** 2
+    loss = 0.5 * verl_agg_loss(torch.max(losses, losses_clipped), response_mask, loss_agg_mode)
+    clipfrac = verl_masked_mean(torch.gt(losses_clipped, losses).float(), response_mask)
+    return loss, clipfrac
+
+
+def verl_kl_penalty(
+    logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str = "low_var_kl"
+):
+    """verl's per-token KL estimators ("kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3";
+    "+" = straight-through with the k2 gradient)."""
+    if kl_penalty.endswith("+"):
+        value = verl_kl_penalty(logprob, ref_logprob, kl_penalty[:-1])
+        k2 = verl_kl_penalty(logprob, ref_logprob, "mse")
+        return k2 - k2.detach() + value.detach()
+    if kl_penalty in ("kl", "k1"):
+        return logprob - ref_logprob
+    if kl_penalty == "abs":
+        return (logprob - ref_logprob).abs()
+    if kl_penalty in ("mse", "k2"):
+        return 0.5 * (logprob - ref_logprob).square()
+    if kl_penalty in ("low_var_kl", "k3"):
+        kl = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+        kl = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+        return kl
+    raise ValueError(f"unknown kl_penalty {kl_penalty!r}")
+
+
+def verl_kl_loss(
+    logprob, ref_logprob, response_mask, kl_penalty="low_var_kl", loss_agg_mode="token-mean"
+):
+    """verl's actor KL loss: agg_loss(kl_penalty(...))."""
+    return verl_agg_loss(
+        verl_kl_penalty(logprob, ref_logprob, kl_penalty), response_mask, loss_agg_mode
+    )

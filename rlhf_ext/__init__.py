@@ -9,6 +9,7 @@ from rlhf_ext._version import __version__
 from rlhf_ext.ops.gae import gae
 from rlhf_ext.ops.kl_shaped_rewards import kl_shaped_rewards
 from rlhf_ext.ops.masked_stats import masked_mean, masked_whiten
+from rlhf_ext.ops.ppo_losses import kl_loss, kl_penalty, ppo_policy_loss, value_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs
 
 __all__ = [
@@ -17,8 +18,12 @@ __all__ = [
     "available_backends",
     "build_info",
     "gae",
+    "kl_loss",
+    "kl_penalty",
     "kl_shaped_rewards",
     "masked_mean",
     "masked_whiten",
+    "ppo_policy_loss",
     "token_logprobs",
+    "value_loss",
 ]

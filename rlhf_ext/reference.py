@@ -18,6 +18,10 @@ __all__ = [
     "kl_penalty",
     "kl_shaped_rewards",
     "token_logprobs",
+    "agg_loss",
+    "ppo_policy_loss",
+    "value_loss",
+    "kl_loss",
 ]
 
 KL_CLAMP_LOG_RATIO = 20.0
@@ -120,10 +124,7 @@ def masked_whiten(x, mask=None, shift_mean=True, unbiased=True, eps=1e-8):
 _KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
-def kl_penalty(logprobs, ref_logprobs, kind="k3"):
-    """Per-token KL estimate (value only; see rlhf_ext.kl_penalty for gradients)."""
-    base = _KL_ALIASES.get(kind.rstrip("+"), kind.rstrip("+"))
-    diff = _acc(logprobs) - _acc(ref_logprobs)
+def _kl_value(diff, base):
     if base == "k1":
         return diff
     if base == "abs":
@@ -133,7 +134,22 @@ def kl_penalty(logprobs, ref_logprobs, kind="k3"):
     if base == "k3":
         d = (-diff).clamp(-KL_CLAMP_LOG_RATIO, KL_CLAMP_LOG_RATIO)
         return (torch.exp(d) - d - 1).clamp(-KL_CLAMP_VALUE, KL_CLAMP_VALUE)
-    raise ValueError(f"rlhf_ext.kl_penalty: unknown `kind` {kind!r}")
+    raise ValueError(f"rlhf_ext.kl_penalty: unknown `kind` {base!r}")
+
+
+def kl_penalty(logprobs, ref_logprobs, kind="k3"):
+    """Per-token KL estimate, differentiable w.r.t. logprobs (ref_logprobs is a constant).
+
+    A "+" suffix keeps the value of the kind and takes the gradient of k2
+    (straight-through, as verl): k2 - k2.detach() + value.detach().
+    """
+    base = _KL_ALIASES.get(kind.rstrip("+"), kind.rstrip("+"))
+    diff = _acc(logprobs) - _acc(ref_logprobs).detach()
+    value = _kl_value(diff, base)
+    if kind.endswith("+"):
+        k2 = 0.5 * diff.square()
+        return k2 - k2.detach() + value.detach()
+    return value
 
 
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask=None, *, kl_coef, kl="k1"):
@@ -170,3 +186,109 @@ def token_logprobs(logits, target, *, temperature=1.0, ignore_index=-100, return
     finite_logp = torch.where(p > 0, logp, 0.0)
     entropy = torch.where(ignored, 0.0, -(p * finite_logp).sum(-1))
     return logprobs, entropy
+
+
+# -- losses (DESIGN 3.3) -------------------------------------------------------
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _valid(mask, like):
+    return torch.ones_like(like, dtype=torch.bool) if mask is None else mask.to(like.device) != 0
+
+
+def agg_loss(loss_mat, mask=None, agg="token-mean", loss_scale_factor=None):
+    """verl's four aggregation modes over a [B, T] per-token loss.
+
+    Rows with no valid token are left out of the seq-mean modes; an all-masked
+    batch gives 0 (with zero gradient), never NaN. "-norm" divides the sum by
+    loss_scale_factor (default T).
+    """
+    valid = _valid(mask, loss_mat)
+    kept = torch.where(valid, loss_mat, 0.0)
+    row_sum = kept.sum(-1)
+    row_count = valid.sum(-1).to(loss_mat.dtype)
+    rows = (row_count > 0).sum().to(loss_mat.dtype)
+    if agg == "token-mean":
+        return kept.sum() / row_count.sum().clamp_min(1)
+    if agg == "seq-mean-token-sum":
+        return row_sum.sum() / rows.clamp_min(1)
+    if agg == "seq-mean-token-mean":
+        return (row_sum / row_count.clamp_min(1)).sum() / rows.clamp_min(1)
+    if agg == "seq-mean-token-sum-norm":
+        factor = loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        return kept.sum() / (factor if factor > 0 else 1)
+    raise ValueError(f"rlhf_ext.agg_loss: unknown `agg` {agg!r}")
+
+
+def _token_mean(x, valid):
+    """Mean over valid tokens as a float32 0-d tensor (0 when none is valid)."""
+    with torch.no_grad():
+        count = valid.sum().clamp_min(1)
+        return (torch.where(valid, x.to(torch.float64), 0.0).sum() / count).float()
+
+
+def ppo_policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask=None,
+    *,
+    clip_eps=0.2,
+    clip_eps_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    loss_scale_factor=None,
+):
+    """Clipped PPO surrogate (DESIGN 3.3): (loss, stats), gradient w.r.t. logprobs only."""
+    lp = _acc(logprobs)
+    old = _acc(old_logprobs).detach().to(lp.dtype)
+    adv = _acc(advantages).detach().to(lp.dtype)
+    valid = _valid(mask, lp)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = (lp - old).clamp(-KL_CLAMP_LOG_RATIO, KL_CLAMP_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_eps, 1 + high)
+    loss_t = torch.maximum(unclipped, clipped)
+    is_clipped = clipped > unclipped
+    lower = torch.zeros_like(is_clipped)
+    if dual_clip is not None:
+        floor = -adv * dual_clip
+        lower = (adv < 0) & (loss_t > floor)
+        loss_t = torch.where(adv < 0, torch.minimum(loss_t, floor), loss_t)
+    loss = agg_loss(loss_t, valid, agg, loss_scale_factor)
+    with torch.no_grad():
+        kept_ratio = torch.where(valid, ratio, 0.0)
+        ratio_max = kept_ratio.amax() if ratio.numel() else ratio.new_zeros(())
+        stats = {
+            "clipfrac": _token_mean(is_clipped, valid),
+            "clipfrac_lower": _token_mean(lower, valid),
+            "approx_kl": _token_mean(-log_ratio, valid),
+            "ratio_mean": _token_mean(ratio, valid),
+            "ratio_max": ratio_max.float(),
+        }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask=None, *, clip_eps=None, agg="token-mean"):
+    """(Clipped) value loss 0.5 * agg(max((v - R)^2, (clip(v) - R)^2)): (loss, stats)."""
+    v = _acc(values)
+    old = _acc(old_values).detach().to(v.dtype)
+    ret = _acc(returns).detach().to(v.dtype)
+    valid = _valid(mask, v)
+    unclipped = (v - ret).square()
+    if clip_eps is None:
+        loss_t, is_clipped = unclipped, torch.zeros_like(valid)
+    else:
+        v_clipped = torch.clamp(v, old - clip_eps, old + clip_eps)
+        clipped = (v_clipped - ret).square()
+        loss_t, is_clipped = torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = 0.5 * agg_loss(loss_t, valid, agg)
+    return loss, {"clipfrac": _token_mean(is_clipped, valid)}
+
+
+def kl_loss(logprobs, ref_logprobs, mask=None, *, kind="k3", agg="token-mean"):
+    """agg(kl_penalty(logprobs, ref_logprobs, kind)) over the valid tokens."""
+    per_token = kl_penalty(logprobs, ref_logprobs, kind)
+    return agg_loss(per_token, _valid(mask, per_token), agg)

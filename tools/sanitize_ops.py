@@ -25,6 +25,31 @@ cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=dev)
 n = sum(lens)
 rlhf_ext.gae(torch.randn(n, device=dev), torch.randn(n, device=dev),
              torch.rand(n, device=dev) > 0.2, cu_seqlens=cu, backend="cuda")
+# Loss ops (forward: per-row kernel + one-block finish; backward: loss_backward) on
+# short, long and empty rows, every agg mode, an all-masked and an empty batch.
+for rows, steps in [(3, 1), (5, 37), (4, 600), (3, 4500), (300, 9)]:
+    lp = -torch.rand(rows, steps, device=dev) * 3
+    old, adv = lp + 0.3 * torch.randn_like(lp), torch.randn_like(lp)
+    m = torch.rand(rows, steps, device=dev) > 0.3
+    m[0] = False
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = lp.to(dtype).requires_grad_()
+        for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                    "seq-mean-token-sum-norm"):
+            loss, _ = rlhf_ext.ppo_policy_loss(x, old.to(dtype), adv.to(dtype), m,
+                                               clip_eps_high=0.28, dual_clip=3.0, agg=agg,
+                                               backend="cuda")
+            vloss, _ = rlhf_ext.value_loss(x, old.to(dtype), adv.to(dtype), m, clip_eps=0.2,
+                                           agg=agg, backend="cuda")
+            kl = rlhf_ext.kl_loss(x, old.to(dtype), m, kind="k3+", agg=agg, backend="cuda")
+            (loss + vloss + kl).backward()
+        pen = rlhf_ext.kl_penalty(x, old.to(dtype), kind="k3", backend="cuda")
+        pen.sum().backward()
+    rlhf_ext.ppo_policy_loss(lp, old, adv, torch.zeros_like(m), backend="cuda")
+for shape in [(0, 5), (4, 0)]:
+    e = torch.randn(shape, device=dev, requires_grad=True)
+    loss, _ = rlhf_ext.ppo_policy_loss(e, e.detach(), e.detach(), backend="cuda")
+    loss.backward()
 big = torch.randn(2, 3 * 4096 + 5, device=dev)
 rlhf_ext.masked_whiten(big, big > 0, backend="cuda")
 # token_logprobs: aligned and unaligned rows, ignored rows, -inf entries, odd and large V,

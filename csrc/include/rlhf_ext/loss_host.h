@@ -1,0 +1,113 @@
+// Argument handling of the loss ops (ppo_policy_loss, value_loss, kl_loss,
+// kl_penalty, loss_backward), shared by the CPU and CUDA entry points.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "rlhf_ext/checks.h"
+#include "rlhf_ext/kl_parse.h"
+#include "rlhf_ext/ppo_math.h"
+#include "rlhf_ext/stats_host.h"
+
+namespace rlhf_ext {
+
+inline LossAgg parse_agg_or_throw(const char* op, const std::string& agg) {
+  if (agg == "token-mean") return LossAgg::kTokenMean;
+  if (agg == "seq-mean-token-sum") return LossAgg::kSeqMeanTokenSum;
+  if (agg == "seq-mean-token-mean") return LossAgg::kSeqMeanTokenMean;
+  if (agg == "seq-mean-token-sum-norm") return LossAgg::kSeqMeanTokenSumNorm;
+  TORCH_CHECK_VALUE(false, op,
+                    ": `agg` must be one of 'token-mean', 'seq-mean-token-sum', "
+                    "'seq-mean-token-mean', 'seq-mean-token-sum-norm', got '",
+                    agg, "'");
+  return LossAgg::kTokenMean;
+}
+
+inline KLSpec parse_kind_or_throw(const char* op, const std::string& kind) {
+  KLSpec spec;
+  TORCH_CHECK_VALUE(parse_kl_kind(kind, &spec), op,
+                    ": `kind` must be one of 'k1', 'kl', 'abs', 'k2', 'mse', 'k3', 'low_var_kl' "
+                    "(optionally with a '+' suffix), got '",
+                    kind, "'");
+  return spec;
+}
+
+// Level-1 inputs of one loss op: two or three [B, T] tensors of one floating
+// dtype (c undefined for two), contiguous, and the optional mask.
+struct LossProblem {
+  at::Tensor a, b, c;  // contiguous [B, T]
+  at::Tensor mask;     // contiguous bool [B, T], or undefined
+  int64_t rows = 0;
+  int64_t cols = 0;
+  at::ScalarType acc_dtype = at::kFloat;
+};
+
+inline LossProblem prepare_loss(const char* op, const at::Tensor& a, const char* a_name,
+                                const at::Tensor& b, const char* b_name, const at::Tensor* c,
+                                const char* c_name, const std::optional<at::Tensor>& mask) {
+  check_floating(op, a_name, a);
+  check_dim(op, a_name, a, 2);
+  const at::Tensor* others[2] = {&b, c};
+  const char* names[2] = {b_name, c_name};
+  for (int k = 0; k < 2; ++k) {
+    if (others[k] == nullptr) continue;
+    const at::Tensor& t = *others[k];
+    check_floating(op, names[k], t);
+    check_same_device(op, names[k], t, a);
+    check_same_shape(op, names[k], t, a, a_name);
+    TORCH_CHECK_TYPE(t.scalar_type() == a.scalar_type(), op, ": `", names[k],
+                     "` must have the dtype of `", a_name, "` (", a.scalar_type(), "), got ",
+                     t.scalar_type());
+  }
+  LossProblem p;
+  p.rows = a.size(0);
+  p.cols = a.size(1);
+  p.acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.a = a.contiguous();
+  p.b = b.contiguous();
+  if (c != nullptr) p.c = c->contiguous();
+  p.mask = bool_mask(op, mask, a, a_name);
+  return p;
+}
+
+// Outputs of a loss op: loss (0-d, acc dtype), stats ([kCols - 2] float32),
+// grad ([B, T] acc dtype, the un-aggregated derivative, 0 at masked tokens),
+// row_weight ([B] acc dtype), and the [B, kCols] level-1 partials (internal).
+struct LossOutputs {
+  at::Tensor loss, stats, grad, row_weight, partials;
+};
+
+inline LossOutputs allocate_loss_outputs(const LossProblem& p, int cols) {
+  const auto options = p.a.options().dtype(p.acc_dtype);
+  LossOutputs out;
+  out.loss = at::empty({}, options);
+  out.stats = at::empty({cols - 2}, options.dtype(at::kFloat));
+  out.grad = at::empty({p.rows, p.cols}, options);
+  out.row_weight = at::empty({p.rows}, options);
+  out.partials = at::empty({p.rows, cols}, options);
+  return out;
+}
+
+// The "-norm" divisor: loss_scale_factor when > 0, else T.
+inline double norm_factor(double loss_scale_factor, int64_t cols) {
+  return loss_scale_factor > 0 ? loss_scale_factor : static_cast<double>(cols);
+}
+
+// Checks of loss_backward(grad_loss, grad, row_weight, dtype).
+inline void check_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad,
+                                const at::Tensor& row_weight) {
+  constexpr const char* op = "rlhf_ext.loss_backward";
+  check_floating(op, "grad", grad);
+  check_dim(op, "grad", grad, 2);
+  check_same_device(op, "grad_loss", grad_loss, grad);
+  check_same_device(op, "row_weight", row_weight, grad);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": `grad_loss` must have one element, got shape ",
+                    shape_str(grad_loss));
+  TORCH_CHECK_VALUE(row_weight.dim() == 1 && row_weight.size(0) == grad.size(0), op,
+                    ": `row_weight` must have shape [", grad.size(0), "], got ",
+                    shape_str(row_weight));
+}
+
+}  // namespace rlhf_ext

@@ -1,0 +1,260 @@
+// Per-token math of the PPO policy loss, the value loss and the KL loss
+// (DESIGN 3.3), and the aggregation modes that turn per-row partial sums into
+// one loss. Math only: no ATen, so the CPU kernels, the CUDA kernels and the
+// C++ unit tests share one definition.
+//
+// Every loss op works in two levels. Level 1 visits each valid token once and
+// yields its loss, its derivative w.r.t. the differentiable input (before
+// aggregation) and its statistics, summed per row into kCols partials:
+//   column 0: loss sum, column 1: valid-token count, columns 2..: statistics
+//   (sums, except Family::kMaxCol, which is a max).
+// Level 2 reduces the rows in a fixed order and gives the loss, each
+// statistic's mean over valid tokens, and a per-row weight such that
+// d loss / d input[b, t] = grad[b, t] * row_weight[b].
+#pragma once
+
+#include "rlhf_ext/kl.h"
+#include "rlhf_ext/macros.h"
+
+namespace rlhf_ext {
+
+enum class LossAgg : int {
+  kTokenMean = 0,            // sum over valid tokens / valid-token count
+  kSeqMeanTokenSum = 1,      // mean over non-empty rows of the row's sum
+  kSeqMeanTokenMean = 2,     // mean over non-empty rows of the row's mean
+  kSeqMeanTokenSumNorm = 3,  // sum over tokens / a fixed factor (default T)
+};
+
+template <typename T>
+RLHF_HD T max_value(T a, T b) {
+  return select_value(a < b, b, a);
+}
+
+// One token of the clipped PPO objective.
+template <typename T>
+struct PolicyToken {
+  T loss;
+  T grad;           // d loss / d logprob
+  T ratio;          // exp(clamped log-ratio)
+  T neg_log_ratio;  // old - new, clamped like the ratio (the approx_kl term)
+  bool clipped;     // the clipped surrogate won the max
+  bool clipped_lower;  // the dual clip (A < 0) won the min
+};
+
+// ratio = exp(clamp(lp - old, -20, 20)); loss = max(-A r, -A clamp(r, lo, hi));
+// with dual_clip = c > 0 and A < 0: min(loss, -A c). The gradient is the one of
+// the branch that wins: 0 for a clipped or dual-clipped token and for a
+// log-ratio beyond the +-20 clamp, -A r otherwise.
+template <typename T>
+RLHF_HD PolicyToken<T> policy_token(T logprob, T old_logprob, T advantage, T ratio_lo, T ratio_hi,
+                                    T dual_clip) {
+  const T raw = logprob - old_logprob;
+  const T log_ratio = clamp_value(raw, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
+  const T ratio = exp_value(log_ratio);
+  const T unclipped = -advantage * ratio;
+  const T clipped = -advantage * clamp_value(ratio, ratio_lo, ratio_hi);
+  PolicyToken<T> out;
+  out.ratio = ratio;
+  out.neg_log_ratio = -log_ratio;
+  // Branch-free (bitwise & and selects): the signs of A and the clip outcomes are
+  // data-dependent coin flips that a branch predictor cannot learn.
+  out.clipped = clipped > unclipped;
+  // A 0/1 factor instead of a select for the gradient (its operand is finite for
+  // finite inputs: the ratio is at most e^20); fewer instructions per token.
+  const T loss = max_value(clipped, unclipped);
+  const bool in_clamp = raw == log_ratio;
+  const T floor_loss = -advantage * dual_clip;
+  out.clipped_lower = (dual_clip > T(0)) & (advantage < T(0)) & (loss > floor_loss);
+  out.loss = select_value(out.clipped_lower, floor_loss, loss);  // exact, unlike a blend
+  out.grad = unclipped * T(!out.clipped & in_clamp & !out.clipped_lower);
+  return out;
+}
+
+// One token of the (optionally clipped) value loss, 0.5 included.
+template <typename T>
+struct ValueToken {
+  T loss;
+  T grad;  // d loss / d value
+  bool clipped;
+};
+
+// 0.5 max((v - R)^2, (clamp(v, old - eps, old + eps) - R)^2), or 0.5 (v - R)^2
+// when clip_eps <= 0 (no clipping).
+template <typename T>
+RLHF_HD ValueToken<T> value_token(T value, T old_value, T ret, T clip_eps) {
+  const T err = value - ret;
+  const T loss = err * err;
+  const T clipped_err = clamp_value(value, old_value - clip_eps, old_value + clip_eps) - ret;
+  const T clipped_loss = clipped_err * clipped_err;
+  // No early return for clip_eps <= 0: branch-free code vectorises on the CPU.
+  const bool clipped = (clip_eps > T(0)) & (clipped_loss > loss);
+  // The clipped branch only wins when v is outside the band, where it is constant in v.
+  return ValueToken<T>{T(0.5) * select_value(clipped, clipped_loss, loss), err * T(!clipped),
+                       clipped};
+}
+
+// d kl_value / d logprob; with straight_through ("+" kinds) the gradient of k2.
+template <typename T>
+RLHF_HD T kl_grad(KLKind kind, bool straight_through, T logprob, T ref_logprob) {
+  const T diff = logprob - ref_logprob;
+  if (straight_through) return diff;
+  switch (kind) {
+    case KLKind::kK1:
+      return T(1);
+    case KLKind::kAbs:
+      return T(diff > T(0)) - T(diff < T(0));
+    case KLKind::kK2:
+      return diff;
+    case KLKind::kK3:
+    default: {
+      const T d = -diff;
+      const T clamped = clamp_value(d, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
+      const T e = exp_value(clamped);
+      // The value clamp at 10 is the only one that can bind (exp(d) - d - 1 >= 0).
+      const bool live = (clamped == d) & !(e - d - T(1) > T(kKLValueClamp));
+      return select_value(live, T(1) - e, T(0));
+    }
+  }
+}
+
+// kl_value and kl_grad together, with one exp for k3 (the CPU's hot loop).
+template <typename T>
+RLHF_HD T kl_value_and_grad(KLKind kind, bool straight_through, T logprob, T ref_logprob,
+                            T* grad) {
+  if (kind != KLKind::kK3) {
+    *grad = kl_grad(kind, straight_through, logprob, ref_logprob);
+    return kl_value(kind, logprob, ref_logprob);
+  }
+  const T diff = logprob - ref_logprob;
+  const T d = clamp_value(-diff, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
+  const T e = exp_value(d);
+  const T raw_value = e - d - T(1);
+  const bool live = (d == -diff) & !(raw_value > T(kKLValueClamp));
+  *grad = straight_through ? diff : select_value(live, T(1) - e, T(0));
+  return clamp_value(raw_value, T(-kKLValueClamp), T(kKLValueClamp));
+}
+
+// Level-1 families: `kCols` partial columns per row. token() writes one valid
+// token's contribution to each column into `v` and returns its un-aggregated
+// derivative; callers add the contributions of valid tokens (max for kMaxCol)
+// with combine().
+template <typename T>
+struct PolicyFamily {
+  static constexpr int kInputs = 3;
+  static constexpr int kCols = 7;  // loss, count, clipfrac, clipfrac_lower, approx_kl,
+                                   // ratio_mean, ratio_max
+  static constexpr int kMaxCol = 6;
+  T ratio_lo, ratio_hi, dual_clip;
+
+  RLHF_HD T token(T logprob, T old_logprob, T advantage, T* v) const {
+    const PolicyToken<T> p =
+        policy_token(logprob, old_logprob, advantage, ratio_lo, ratio_hi, dual_clip);
+    v[0] = p.loss;
+    v[1] = T(1);
+    v[2] = T(p.clipped);
+    v[3] = T(p.clipped_lower);
+    v[4] = p.neg_log_ratio;
+    v[5] = p.ratio;
+    v[6] = p.ratio;  // ratios are > 0, so 0 is the identity of the max
+    return p.grad;
+  }
+};
+
+template <typename T>
+struct ValueFamily {
+  static constexpr int kInputs = 3;
+  static constexpr int kCols = 3;  // loss, count, clipfrac
+  static constexpr int kMaxCol = -1;
+  T clip_eps;
+
+  RLHF_HD T token(T value, T old_value, T ret, T* v) const {
+    const ValueToken<T> t = value_token(value, old_value, ret, clip_eps);
+    v[0] = t.loss;
+    v[1] = T(1);
+    v[2] = T(t.clipped);
+    return t.grad;
+  }
+};
+
+template <typename T>
+struct KLFamily {
+  static constexpr int kInputs = 2;
+  static constexpr int kCols = 2;  // loss, count
+  static constexpr int kMaxCol = -1;
+  KLKind kind;
+  bool straight_through;
+
+  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T* v) const {
+    T grad;
+    v[0] = kl_value_and_grad(kind, straight_through, logprob, ref_logprob, &grad);
+    v[1] = T(1);
+    return grad;
+  }
+};
+
+// KLFamily with the kind fixed at compile time: the CPU kernels instantiate one
+// per kind so that the per-token switch folds away and the loop vectorises.
+template <typename T, KLKind kKind, bool kStraightThrough>
+struct KLFixedFamily {
+  static constexpr int kInputs = 2;
+  static constexpr int kCols = 2;
+  static constexpr int kMaxCol = -1;
+
+  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T* v) const {
+    T grad;
+    v[0] = kl_value_and_grad(kKind, kStraightThrough, logprob, ref_logprob, &grad);
+    v[1] = T(1);
+    return grad;
+  }
+};
+
+// acc += v for a valid token (max for column kMaxCol); an invalid token adds 0.
+template <typename Family, typename T>
+RLHF_HD void combine(T* acc, const T* v, bool valid) {
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int k = 0; k < Family::kCols; ++k) {
+    const T x = select_value(valid, v[k], T(0));
+    acc[k] = k == Family::kMaxCol ? max_value(acc[k], x) : acc[k] + x;
+  }
+}
+
+// Level 2. `loss_sum`: sum of all row loss sums; `mean_sum`: sum over non-empty
+// rows of (row loss sum / row count); `tokens`: valid tokens; `rows`: non-empty
+// rows; `norm`: the "-norm" divisor. An all-masked batch gives 0, never NaN.
+template <typename T>
+RLHF_HD T agg_loss(LossAgg agg, T loss_sum, T mean_sum, T tokens, T rows, T norm) {
+  if (!(tokens > T(0))) return T(0);
+  switch (agg) {
+    case LossAgg::kTokenMean:
+      return loss_sum / tokens;
+    case LossAgg::kSeqMeanTokenSum:
+      return loss_sum / rows;
+    case LossAgg::kSeqMeanTokenMean:
+      return mean_sum / rows;
+    case LossAgg::kSeqMeanTokenSumNorm:
+    default:
+      return loss_sum / norm;
+  }
+}
+
+// d loss / d (token loss) for every valid token of a row with `row_tokens`
+// valid tokens; 0 for an empty row.
+template <typename T>
+RLHF_HD T agg_row_weight(LossAgg agg, T row_tokens, T tokens, T rows, T norm) {
+  if (!(row_tokens > T(0))) return T(0);
+  switch (agg) {
+    case LossAgg::kTokenMean:
+      return T(1) / tokens;
+    case LossAgg::kSeqMeanTokenSum:
+      return T(1) / rows;
+    case LossAgg::kSeqMeanTokenMean:
+      return T(1) / (rows * row_tokens);
+    case LossAgg::kSeqMeanTokenSumNorm:
+    default:
+      return T(1) / norm;
+  }
+}
+
+}  // namespace rlhf_ext
