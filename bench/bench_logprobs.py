@@ -159,20 +159,8 @@ def as_impl(name: str, compute: Callable, mode: str, dtype: torch.dtype, **kwarg
 
 def implementations(device, mode, dtype, args, runner) -> list[Impl]:
     """Ours first, the peers after; the in-place variant last (it overwrites its inputs)."""
-    impls = []
-    try:
-        import rlhf_ext
-
-        available = rlhf_ext.available_backends(device)
-    except Exception as error:
-        runner.note(f"rlhf_ext does not import ({type(error).__name__}: {error}); peers only")
-        available = []
-    wanted = [device.type] + (["triton"] if device.type == "cuda" else [])
-    for backend in wanted:
-        if backend in available:
-            impls.append(as_impl(f"rlhf_ext[{backend}]", ours(backend), mode, dtype))
-        else:
-            runner.note(f"rlhf_ext backend {backend!r} unavailable here (available: {available})")
+    ours_here = harness.rlhf_ext_backends(device, runner)
+    impls = [as_impl(f"rlhf_ext[{b}]", ours(b), mode, dtype) for b in ours_here]
     impls.append(as_impl(BASELINE, eager, mode, dtype, optional=True))
     impls.append(as_impl("TRL selective_log_softmax", trl, mode, dtype, optional=True))
     if device.type == "cpu" and args.quick:
@@ -190,7 +178,7 @@ def implementations(device, mode, dtype, args, runner) -> list[Impl]:
                 runner.note(f"{name} skipped: {module} is not installed")
             else:
                 impls.append(as_impl(name, fn, mode, dtype, optional=True))
-    if "bwd" in mode and device.type in available:
+    if "bwd" in mode and device.type in ours_here:
         inplace = ours(device.type, inplace=True)
         impls.append(as_impl(f"rlhf_ext[{device.type}]+inplace", inplace, mode, dtype))
     return harness.select(impls, args.only, keep=BASELINE)

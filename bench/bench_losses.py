@@ -184,17 +184,7 @@ def expected_outputs(spec: OpSpec, x: dict):
 def impls_for(spec: OpSpec, device: torch.device, runner: harness.Runner, shape) -> list[Impl]:
     """rlhf_ext's backends for the device, verl eager (baseline), verl compiled."""
     impls = []
-    try:
-        import rlhf_ext
-
-        available = rlhf_ext.available_backends(device)
-    except Exception as error:
-        runner.note(f"rlhf_ext does not import ({type(error).__name__}: {error}); peers only")
-        available = []
-    for backend in [device.type] + (["triton"] if device.type == "cuda" else []):
-        if backend not in available:
-            runner.note(f"rlhf_ext backend {backend!r} unavailable here (available: {available})")
-            continue
+    for backend in harness.rlhf_ext_backends(device, runner):
         call = functools.partial(spec.ours, backend=backend)
         impls.append(
             Impl(
@@ -202,10 +192,6 @@ def impls_for(spec: OpSpec, device: torch.device, runner: harness.Runner, shape)
                 functools.partial(with_backward, call, spec),
                 meta={"mask_bytes": 1},
             )
-        )
-    if device.type == "cpu":
-        runner.note(
-            "triton not timed on CPU (Triton kernels need CUDA; its CPU interpreter is for tests)"
         )
     impls.append(
         Impl(BASELINE, functools.partial(with_backward, spec.verl, spec), meta={"mask_bytes": 4})

@@ -445,6 +445,27 @@ def _cpu_peak_rss_growth_mib(fn: Callable[[Any], Any], inputs: Any) -> float | s
     return max(0, peak - before) / 1024
 
 
+def rlhf_ext_backends(device: torch.device, runner: Runner) -> list[str]:
+    """The rlhf_ext backends to time on `device` (the compiled one, and Triton on CUDA) that
+    this install can run; a note for each one it cannot, or when rlhf_ext does not import."""
+    try:
+        import rlhf_ext
+
+        available = rlhf_ext.available_backends(device)
+    except Exception as error:
+        runner.note(f"rlhf_ext does not import ({type(error).__name__}: {error}); peers only")
+        return []
+    wanted = [device.type] + (["triton"] if device.type == "cuda" else [])
+    for backend in wanted:
+        if backend not in available:
+            runner.note(f"rlhf_ext backend {backend!r} unavailable here (available: {available})")
+    if device.type == "cpu":
+        runner.note(
+            "triton not timed on CPU (Triton kernels need CUDA; its CPU interpreter is for tests)"
+        )
+    return [b for b in wanted if b in available]
+
+
 # ----------------------------------------------------------------- verification
 
 

@@ -154,7 +154,6 @@ def test_token_logprobs_gradcheck(inputs):
         return rlhf_ext.token_logprobs(x, target, temperature=0.8, return_entropy=True)
 
     assert torch.autograd.gradcheck(both, (logits,))
-    assert torch.autograd.gradgradcheck is not None  # second order is not supported (one kernel)
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
@@ -239,8 +238,7 @@ def test_token_logprobs_inplace_backward(inputs, backend):
 
     torch.testing.assert_close(grad_of(True, logits), grad_of(False, logits), rtol=0, atol=0)
     # The buffer itself holds the gradient afterwards.
-    buf = logits.clone().requires_grad_()
-    leaf = buf.detach().clone().requires_grad_()
+    leaf = logits.detach().clone().requires_grad_()
     out = run(leaf, target, backend, inplace_backward=True)
     out.sum().backward()
     assert leaf.grad.data_ptr() == leaf.data_ptr() or torch.equal(leaf.grad, leaf.detach())

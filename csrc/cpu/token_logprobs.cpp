@@ -103,7 +103,7 @@ struct ForwardArgs {
 };
 
 template <typename scalar_t, typename acc_t>
-RLHF_INLINE void forward_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+RLHF_INLINE void process_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   alignas(64) acc_t buf[kChunk];
   const acc_t scale_log2 = a.inv_temp * acc_t(kLog2e);
   for (int64_t row = begin; row < end; ++row) {
@@ -147,8 +147,8 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, typename acc_t>
-RLHF_INLINE void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin,
-                               int64_t end) {
+RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin,
+                              int64_t end) {
   alignas(64) acc_t buf[kChunk];
   for (int64_t row = begin; row < end; ++row) {
     const int64_t tgt = a.target[row];
@@ -177,23 +177,13 @@ RLHF_INLINE void backward_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t b
 }
 
 // The ISA-specific copies of the row loops (see the file comment).
-template <typename scalar_t, typename acc_t>
-RLHF_AVX2 void forward_rows_avx2(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  forward_rows(a, b, e);
+template <typename Args>
+RLHF_AVX2 void process_rows_avx2(const Args& args, int64_t begin, int64_t end) {
+  process_rows(args, begin, end);
 }
-template <typename scalar_t, typename acc_t>
-RLHF_AVX2 void backward_rows_avx2(const BackwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  backward_rows(a, b, e);
-}
-
-template <typename scalar_t, typename acc_t>
-RLHF_AVX512 void forward_rows_avx512(const ForwardArgs<scalar_t, acc_t>& a, int64_t b, int64_t e) {
-  forward_rows(a, b, e);
-}
-template <typename scalar_t, typename acc_t>
-RLHF_AVX512 void backward_rows_avx512(const BackwardArgs<scalar_t, acc_t>& a, int64_t b,
-                                      int64_t e) {
-  backward_rows(a, b, e);
+template <typename Args>
+RLHF_AVX512 void process_rows_avx512(const Args& args, int64_t begin, int64_t end) {
+  process_rows(args, begin, end);
 }
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
@@ -219,16 +209,22 @@ int64_t row_grain(int64_t vocab) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(vocab, 1));
 }
 
+// All rows in parallel, through the copy of the row loop this CPU can run best.
+template <typename Args>
+void parallel_rows(const Args& args, int64_t rows, int64_t vocab) {
+  void (*loop)(const Args&, int64_t, int64_t) = &process_rows;
+  if (cpu_isa() == Isa::kAvx512) loop = &process_rows_avx512<Args>;
+  if (cpu_isa() == Isa::kAvx2) loop = &process_rows_avx2<Args>;
+  at::parallel_for(0, rows, row_grain(vocab),
+                   [&](int64_t begin, int64_t end) { loop(args, begin, end); });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, double temperature,
     int64_t ignore_index, bool return_entropy) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
-  at::Tensor logprobs = per_token_output(p);
-  at::Tensor lse = per_token_output(p);
-  at::Tensor entropy = return_entropy ? per_token_output(p)
-                                      : at::empty({0}, p.logits.options().dtype(p.acc_dtype));
+  auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
   if (p.rows == 0) return {logprobs, entropy, lse};
-  const Isa isa = cpu_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
                                   "rlhf_ext.token_logprobs", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -236,38 +232,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
         p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
         p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
         return_entropy ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>()};
-    at::parallel_for(0, p.rows, row_grain(p.vocab), [&](int64_t begin, int64_t end) {
-      switch (isa) {
-        case Isa::kAvx512:
-          return forward_rows_avx512(args, begin, end);
-        case Isa::kAvx2:
-          return forward_rows_avx2(args, begin, end);
-        case Isa::kBaseline:
-          return forward_rows(args, begin, end);
-      }
-    });
+    parallel_rows(args, p.rows, p.vocab);
   });
   return {logprobs, entropy, lse};
 }
 
-template <typename scalar_t, typename acc_t>
-void run_backward(const BackwardArgs<scalar_t, acc_t>& args, int64_t rows, int64_t vocab) {
-  const Isa isa = cpu_isa();
-  at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-    switch (isa) {
-      case Isa::kAvx512:
-        return backward_rows_avx512(args, begin, end);
-      case Isa::kAvx2:
-        return backward_rows_avx2(args, begin, end);
-      case Isa::kBaseline:
-        return backward_rows(args, begin, end);
-    }
-  });
-}
-
-// Writes the gradient w.r.t. logits into `grad` (laid out as `grad_layout`).
-void backward_into(const LogprobsProblem& p, at::Tensor& grad, const RowLayout& grad_layout,
-                   const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+// Writes the gradient w.r.t. the logits into `out`.
+void backward_into(const LogprobsProblem& p, const GradTarget& out, const at::Tensor& lse,
+                   const std::optional<at::Tensor>& entropy,
                    const std::optional<at::Tensor>& grad_logprobs,
                    const std::optional<at::Tensor>& grad_entropy) {
   if (p.rows == 0) return;
@@ -278,8 +250,8 @@ void backward_into(const LogprobsProblem& p, at::Tensor& grad, const RowLayout& 
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardArgs<scalar_t, acc_t> args{p.logits.data_ptr<scalar_t>(),
                                              p.layout,
-                                             grad.data_ptr<scalar_t>(),
-                                             grad_layout,
+                                             out.grad.data_ptr<scalar_t>(),
+                                             out.layout,
                                              p.vocab,
                                              p.target.data_ptr<int64_t>(),
                                              p.ignore_index,
@@ -288,7 +260,7 @@ void backward_into(const LogprobsProblem& p, at::Tensor& grad, const RowLayout& 
                                              data_or_null<acc_t>(in.entropy),
                                              data_or_null<acc_t>(in.grad_logprobs),
                                              data_or_null<acc_t>(in.grad_entropy)};
-    run_backward(args, p.rows, p.vocab);
+    parallel_rows(args, p.rows, p.vocab);
   });
 }
 
@@ -298,9 +270,9 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& ta
                                   const std::optional<at::Tensor>& grad_entropy,
                                   double temperature, int64_t ignore_index) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
-  at::Tensor grad = fresh_grad(p);
-  backward_into(p, grad, contiguous_layout(p), lse, entropy, grad_logprobs, grad_entropy);
-  return grad;
+  const GradTarget out = fresh_grad(p);
+  backward_into(p, out, lse, entropy, grad_logprobs, grad_entropy);
+  return out.grad;
 }
 
 void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
@@ -310,9 +282,8 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
                                     const std::optional<at::Tensor>& grad_entropy,
                                     double temperature, int64_t ignore_index) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
-  at::Tensor grad = p.logits;  // the logits themselves, or their contiguous copy
-  backward_into(p, grad, p.layout, lse, entropy, grad_logprobs, grad_entropy);
-  if (!grad.is_same(logits)) logits.copy_(grad);
+  backward_into(p, logits_as_grad(p), lse, entropy, grad_logprobs, grad_entropy);
+  if (!p.logits.is_same(logits)) logits.copy_(p.logits);
 }
 
 }  // namespace

@@ -263,10 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
     int64_t ignore_index, bool return_entropy) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
-  at::Tensor logprobs = per_token_output(p);
-  at::Tensor lse = per_token_output(p);
-  at::Tensor entropy = return_entropy ? per_token_output(p)
-                                      : at::empty({0}, p.logits.options().dtype(p.acc_dtype));
+  auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
   if (p.rows == 0) return {logprobs, entropy, lse};
   check_rows(p);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -290,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
   return {logprobs, entropy, lse};
 }
 
-void backward_into(const LogprobsProblem& p, const at::Tensor& grad, const RowLayout& grad_layout,
-                   const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+void backward_into(const LogprobsProblem& p, const GradTarget& out, const at::Tensor& lse,
+                   const std::optional<at::Tensor>& entropy,
                    const std::optional<at::Tensor>& grad_logprobs,
                    const std::optional<at::Tensor>& grad_entropy) {
   if (p.rows == 0) return;
@@ -305,7 +302,7 @@ void backward_into(const LogprobsProblem& p, const at::Tensor& grad, const RowLa
     const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
     token_logprobs_bwd_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
-            p.logits.data_ptr<scalar_t>(), p.layout, grad.data_ptr<scalar_t>(), grad_layout,
+            p.logits.data_ptr<scalar_t>(), p.layout, out.grad.data_ptr<scalar_t>(), out.layout,
             p.vocab, p.target.data_ptr<int64_t>(), p.ignore_index,
             static_cast<acc_t>(p.inv_temp), in.lse.data_ptr<acc_t>(),
             data_or_null<acc_t>(in.entropy), data_or_null<acc_t>(in.grad_logprobs),
@@ -322,9 +319,9 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& t
                                    double temperature, int64_t ignore_index) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
-  at::Tensor grad = fresh_grad(p);
-  backward_into(p, grad, contiguous_layout(p), lse, entropy, grad_logprobs, grad_entropy);
-  return grad;
+  const GradTarget out = fresh_grad(p);
+  backward_into(p, out, lse, entropy, grad_logprobs, grad_entropy);
+  return out.grad;
 }
 
 void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
@@ -335,7 +332,7 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
                                      double temperature, int64_t ignore_index) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
-  backward_into(p, p.logits, p.layout, lse, entropy, grad_logprobs, grad_entropy);
+  backward_into(p, logits_as_grad(p), lse, entropy, grad_logprobs, grad_entropy);
   if (!p.logits.is_same(logits)) logits.copy_(p.logits);
 }
 

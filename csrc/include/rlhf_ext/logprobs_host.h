@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -116,23 +117,35 @@ inline LogprobsGradInputs prepare_grad_inputs(const LogprobsProblem& p, const at
   return in;
 }
 
-inline at::Tensor per_token_output(const LogprobsProblem& p) {
-  return at::empty(p.lead_shape, p.logits.options().dtype(p.acc_dtype));
+// The forward's outputs: logprobs, entropy (an empty tensor unless asked for)
+// and the per-row log-sum-exp, each [...] in acc_dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const LogprobsProblem& p,
+                                                                      bool return_entropy) {
+  const auto options = p.logits.options().dtype(p.acc_dtype);
+  at::Tensor entropy = return_entropy ? at::empty(p.lead_shape, options) : at::empty({0}, options);
+  return {at::empty(p.lead_shape, options), entropy, at::empty(p.lead_shape, options)};
 }
 
-// Where the backward writes: a fresh [..., V] tensor in logits' dtype.
-inline at::Tensor fresh_grad(const LogprobsProblem& p) {
+// Where the backward writes, and the layout of its rows.
+struct GradTarget {
+  at::Tensor grad;
+  RowLayout layout;
+};
+
+// A fresh contiguous [..., V] tensor in logits' dtype.
+inline GradTarget fresh_grad(const LogprobsProblem& p) {
   std::vector<int64_t> shape = p.lead_shape;
   shape.push_back(p.vocab);
-  return at::empty(shape, p.logits.options());
+  GradTarget target{at::empty(shape, p.logits.options()), RowLayout{}};
+  target.layout.inner = p.rows > 0 ? p.rows : 1;
+  target.layout.inner_stride = p.vocab;
+  return target;
 }
 
-// The layout of a contiguous [rows, V] tensor.
-inline RowLayout contiguous_layout(const LogprobsProblem& p) {
-  RowLayout layout;
-  layout.inner = p.rows > 0 ? p.rows : 1;
-  layout.inner_stride = p.vocab;
-  return layout;
+// The logits themselves (inplace_backward), or the contiguous copy
+// prepare_logprobs made of them; the caller copies a copy back.
+inline GradTarget logits_as_grad(const LogprobsProblem& p) {
+  return {p.logits, p.layout};
 }
 
 }  // namespace rlhf_ext

@@ -20,7 +20,6 @@
 namespace rlhf_ext {
 
 constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // exp2(x) for x <= 0.5 (the online softmax only produces x <= 0, up to rounding),
 // written so that a compiler vectorises it: no calls, no branches (built
