@@ -414,15 +414,21 @@ def _proc_status_kib(field_name: str) -> int:
     raise KeyError(field_name)
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 def _set_mmap_threshold(nbytes: int) -> None:
-    """glibc: serve allocations of at least `nbytes` with fresh mmaps (no-op elsewhere)."""
+    """glibc: serve allocations of at least `nbytes` with fresh mmaps (no-op elsewhere).
+    Setting it freezes glibc's adaptive thresholds, so the trim threshold is set to
+    twice it, as glibc's own adaptation would: a lower one hands freed heap memory back
+    to the OS after every call, and every implementation then pays page faults on the
+    next one that a training process does not see."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, nbytes)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, nbytes)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)
     except (OSError, AttributeError):
         pass
 

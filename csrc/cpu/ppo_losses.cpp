@@ -1,8 +1,11 @@
 // ppo_policy_loss, value_loss, kl_loss, kl_penalty and loss_backward on the
-// CPU. Level 1 (ppo_math.h) runs one row per task in parallel, summing the
-// row's tokens left to right in the accumulation dtype; level 2 sums the rows'
-// partials in row order in float64. Both orders are fixed, so the results do
-// not depend on the thread count.
+// CPU. Level 1 (ppo_math.h) runs rows in parallel; a row's tokens go through
+// in blocks: inputs converted into L1 buffers, every token's contributions
+// computed by one branch-free loop that vectorises (exp_math.h), then summed
+// into kLanes accumulators per column (token t into lane t % kLanes) and the
+// lanes added in a fixed tree. Level 2 sums the rows' partials in row order in
+// float64. Every order depends on T alone, so the results do not depend on
+// the thread count or on a row's batch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,6 +14,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "cpu_isa.h"
 #include "rlhf_ext/loss_host.h"
 
 namespace rlhf_ext {
@@ -21,70 +25,128 @@ int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
 }
 
-// Tokens t of a row go to lane t % kLanes: independent accumulators (a fixed
-// assignment, so the order of each sum never changes), laid out [column][lane]
-// so that the compiler vectorises the lanes; the per-token math is branch-free.
-constexpr int kLanes = 8;
+constexpr int64_t kBlock = 512;  // tokens per block: the buffers stay in L1
+constexpr int64_t kLanes = 16;   // accumulators per column, a multiple of any SIMD width
 
-template <typename Family, typename scalar_t, typename acc_t, bool kHasMask>
-inline void loss_token(const Family& family, const scalar_t* a, const scalar_t* b,
-                       const scalar_t* c, const bool* mask, int64_t i, int l, acc_t* grad,
-                       acc_t (&acc)[Family::kCols][kLanes]) {
-  constexpr int K = Family::kCols;
-  // Masked tokens are computed too and then dropped by selects, so a NaN or inf
-  // there never reaches the sums or the gradient.
-  const bool valid = kHasMask ? mask[i] : true;
-  const acc_t z = Family::kInputs == 3 ? static_cast<acc_t>(c[i]) : acc_t(0);
-  acc_t v[K];
-  const acc_t g = family.token(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), z, v);
-  grad[i] = select_value(valid, g, acc_t(0));
-  for (int k = 0; k < K; ++k) {
-    const acc_t x = select_value(valid, v[k], acc_t(0));
-    acc[k][l] = k == Family::kMaxCol ? max_value(acc[k][l], x) : acc[k][l] + x;
-  }
-}
-
-template <typename Family, typename scalar_t, typename acc_t, bool kHasMask>
-void loss_rows_cpu_impl(const Family& family, const LossProblem& p, acc_t* grad,
-                        acc_t* partials) {
-  constexpr int K = Family::kCols;
-  const scalar_t* a = p.a.data_ptr<scalar_t>();
-  const scalar_t* b = p.b.data_ptr<scalar_t>();
-  const scalar_t* c = Family::kInputs == 3 ? p.c.data_ptr<scalar_t>() : nullptr;
-  const bool* mask = kHasMask ? p.mask.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, p.rows, row_grain(p.cols), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      acc_t acc[K][kLanes] = {};
-      const int64_t base = row * p.cols;
-      int64_t t0 = 0;
-      for (; t0 + kLanes <= p.cols; t0 += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-          loss_token<Family, scalar_t, acc_t, kHasMask>(family, a, b, c, mask, base + t0 + l,
-                                                        l, grad, acc);
-        }
-      }
-      for (int l = 0; t0 + l < p.cols; ++l) {
-        loss_token<Family, scalar_t, acc_t, kHasMask>(family, a, b, c, mask, base + t0 + l, l,
-                                                      grad, acc);
-      }
-      for (int k = 0; k < K; ++k) {
-        acc_t total = acc[k][0];
-        for (int l = 1; l < kLanes; ++l) {
-          total = k == Family::kMaxCol ? max_value(total, acc[k][l]) : total + acc[k][l];
-        }
-        partials[row * K + k] = total;
-      }
-    }
-  });
+RLHF_INLINE int64_t round_up_lanes(int64_t n) {
+  return (n + kLanes - 1) / kLanes * kLanes;
 }
 
 template <typename Family, typename scalar_t, typename acc_t>
-void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_t* partials) {
-  if (p.mask.defined()) {
-    loss_rows_cpu_impl<Family, scalar_t, acc_t, true>(family, p, grad, partials);
+struct LossRowsArgs {
+  Family family;
+  const scalar_t* a;
+  const scalar_t* b;
+  const scalar_t* c;  // nullptr for two-input families
+  const uint8_t* mask;  // bool bytes; nullptr: every token valid
+  int64_t cols;
+  acc_t* grad;
+  acc_t* partials;  // [rows, kCols]
+};
+
+// Converts n inputs into buf and pads it to whole lane groups with 0 (a finite
+// value: the padding is computed like a token, then dropped as invalid).
+template <typename scalar_t, typename acc_t>
+RLHF_INLINE void load_block(const scalar_t* src, int64_t n, acc_t* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+  for (int64_t i = n; i < round_up_lanes(n); ++i) buf[i] = acc_t(0);
+}
+
+// valid[i] = 1 or 0 in acc_t: GCC vectorises selects on a float compare, not on
+// a bool array. The mask is read as bytes for the same reason.
+template <typename acc_t>
+RLHF_INLINE void load_valid(const uint8_t* mask, int64_t n, acc_t* valid) {
+  if (mask == nullptr) {
+    for (int64_t i = 0; i < n; ++i) valid[i] = acc_t(1);
   } else {
-    loss_rows_cpu_impl<Family, scalar_t, acc_t, false>(family, p, grad, partials);
+    for (int64_t i = 0; i < n; ++i) valid[i] = static_cast<acc_t>(mask[i]);
   }
+  for (int64_t i = n; i < round_up_lanes(n); ++i) valid[i] = acc_t(0);
+}
+
+// Token i of a block goes to lane i % kLanes. One loop per kind of column, so
+// that each is a plain vector loop.
+template <typename acc_t>
+RLHF_INLINE void add_into_lanes(const acc_t* contrib, int64_t padded, acc_t* lanes) {
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += contrib[i + l];
+  }
+}
+
+template <typename acc_t>
+RLHF_INLINE void max_into_lanes(const acc_t* contrib, int64_t padded, acc_t* lanes) {
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = max_value(lanes[l], contrib[i + l]);
+  }
+}
+
+template <typename Family, typename scalar_t, typename acc_t>
+RLHF_INLINE void process_rows(const LossRowsArgs<Family, scalar_t, acc_t>& args, int64_t begin,
+                              int64_t end) {
+  constexpr int K = Family::kCols;
+  alignas(64) acc_t in[3][kBlock];
+  alignas(64) acc_t valid[kBlock];
+  alignas(64) acc_t grad[kBlock];
+  alignas(64) acc_t contrib[K][kBlock];
+  for (int64_t row = begin; row < end; ++row) {
+    // 0 is also the identity of the max column (ratios are > 0).
+    acc_t lanes[K][kLanes] = {};
+    for (int64_t start = 0; start < args.cols; start += kBlock) {
+      const int64_t at = row * args.cols + start;
+      const int64_t n = std::min(kBlock, args.cols - start);
+      const int64_t padded = round_up_lanes(n);
+      load_block(args.a + at, n, in[0]);
+      load_block(args.b + at, n, in[1]);
+      if (Family::kInputs == 3) load_block(args.c + at, n, in[2]);
+      load_valid(args.mask ? args.mask + at : nullptr, n, valid);
+      // Masked tokens are computed too and then dropped by selects, so a NaN or
+      // inf there never reaches the sums or the gradient.
+      for (int64_t i = 0; i < padded; ++i) {
+        acc_t v[K];
+        const acc_t z = Family::kInputs == 3 ? in[2][i] : acc_t(0);
+        const acc_t g = args.family.token(in[0][i], in[1][i], z, v);
+        const bool is_valid = valid[i] != acc_t(0);
+        grad[i] = select_value(is_valid, g, acc_t(0));
+        for (int k = 0; k < K; ++k) contrib[k][i] = select_value(is_valid, v[k], acc_t(0));
+      }
+      for (int k = 0; k < K; ++k) {
+        if (k == Family::kMaxCol) {
+          max_into_lanes(contrib[k], padded, lanes[k]);
+        } else {
+          add_into_lanes(contrib[k], padded, lanes[k]);
+        }
+      }
+      std::copy(grad, grad + n, args.grad + at);
+    }
+    for (int k = 0; k < K; ++k) {
+      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+        for (int64_t l = 0; l < width; ++l) {
+          lanes[k][l] = k == Family::kMaxCol ? max_value(lanes[k][l], lanes[k][l + width])
+                                             : lanes[k][l] + lanes[k][l + width];
+        }
+      }
+      args.partials[row * K + k] = lanes[k][0];
+    }
+  }
+}
+
+RLHF_EXT_ISA_CLONES(process_rows)
+
+template <typename Family, typename scalar_t, typename acc_t>
+void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_t* partials) {
+  using Args = LossRowsArgs<Family, scalar_t, acc_t>;
+  const Args args{family,
+                  p.a.data_ptr<scalar_t>(),
+                  p.b.data_ptr<scalar_t>(),
+                  Family::kInputs == 3 ? p.c.data_ptr<scalar_t>() : nullptr,
+                  p.mask.defined() ? reinterpret_cast<const uint8_t*>(p.mask.data_ptr<bool>()) : nullptr,
+                  p.cols,
+                  grad,
+                  partials};
+  const RangeLoop<Args> loop =
+      best_loop<Args>(&process_rows, &process_rows_avx2<Args>, &process_rows_avx512<Args>);
+  at::parallel_for(0, p.rows, row_grain(p.cols),
+                   [&](int64_t begin, int64_t end) { loop(args, begin, end); });
 }
 
 // Level 2: row order, float64.
@@ -164,21 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_loss_cpu(
-    const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-    const std::optional<at::Tensor>& mask, c10::string_view kind, c10::string_view agg) {
-  constexpr const char* op = "rlhf_ext.kl_loss";
-  const KLSpec spec = parse_kind_or_throw(op, std::string(kind));
-  const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
-  const LossProblem p = prepare_loss(op, logprobs, "logprobs", ref_logprobs, "ref_logprobs",
-                                     nullptr, "", mask);
-  const double norm = norm_factor(0, p.cols);
-  // One instantiation per kind: the per-token switch folds away.
-  auto run = [&](auto kind, auto straight_through) {
-    return run_loss_cpu(p, mode, norm, [&](auto zero) {
-      return KLFixedFamily<decltype(zero), decltype(kind)::value, decltype(straight_through)::value>{};
-    });
-  };
+// run(kind, straight_through) with both as compile-time constants: one
+// instantiation per kind, so that the per-token switch folds away and the
+// token loops vectorise.
+template <typename Run>
+auto with_fixed_kind(const KLSpec& spec, const Run& run) {
   auto with_kind = [&](auto straight_through) {
     switch (spec.kind) {
       case KLKind::kK1:
@@ -194,6 +246,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_loss_cpu(
   };
   return spec.straight_through ? with_kind(std::true_type{}) : with_kind(std::false_type{});
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_loss_cpu(
+    const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+    const std::optional<at::Tensor>& mask, c10::string_view kind, c10::string_view agg) {
+  constexpr const char* op = "rlhf_ext.kl_loss";
+  const KLSpec spec = parse_kind_or_throw(op, std::string(kind));
+  const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
+  const LossProblem p = prepare_loss(op, logprobs, "logprobs", ref_logprobs, "ref_logprobs",
+                                     nullptr, "", mask);
+  const double norm = norm_factor(0, p.cols);
+  return with_fixed_kind(spec, [&](auto kind, auto straight_through) {
+    return run_loss_cpu(p, mode, norm, [&](auto zero) {
+      return KLFixedFamily<decltype(zero), decltype(kind)::value, decltype(straight_through)::value>{};
+    });
+  });
+}
+
+template <typename Family, typename scalar_t, typename acc_t>
+struct KLPenaltyArgs {
+  const scalar_t* logprobs;
+  const scalar_t* ref;
+  acc_t* value;
+  acc_t* grad;
+};
+
+template <typename Family, typename scalar_t, typename acc_t>
+RLHF_INLINE void kl_penalty_range(const KLPenaltyArgs<Family, scalar_t, acc_t>& args,
+                                  int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    acc_t v[Family::kCols];
+    args.grad[i] = Family{}.token(static_cast<acc_t>(args.logprobs[i]),
+                                  static_cast<acc_t>(args.ref[i]), acc_t(0), v);
+    args.value[i] = v[0];
+  }
+}
+
+RLHF_EXT_ISA_CLONES(kl_penalty_range)
 
 std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& logprobs,
                                                   const at::Tensor& ref_logprobs,
@@ -214,18 +303,17 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& logprobs,
   at::Tensor grad = at::empty(logprobs.sizes(), logprobs.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = lp.data_ptr<scalar_t>();
-    const scalar_t* y = ref.data_ptr<scalar_t>();
-    acc_t* v = value.data_ptr<acc_t>();
-    acc_t* g = grad.data_ptr<acc_t>();
-    at::parallel_for(0, lp.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t l = static_cast<acc_t>(x[i]);
-        const acc_t r = static_cast<acc_t>(y[i]);
-        acc_t grad_i;
-        v[i] = kl_value_and_grad(spec.kind, spec.straight_through, l, r, &grad_i);
-        g[i] = grad_i;
-      }
+    with_fixed_kind(spec, [&](auto kind, auto straight_through) {
+      using Family =
+          KLFixedFamily<acc_t, decltype(kind)::value, decltype(straight_through)::value>;
+      using Args = KLPenaltyArgs<Family, scalar_t, acc_t>;
+      const Args args{lp.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), value.data_ptr<acc_t>(),
+                      grad.data_ptr<acc_t>()};
+      const RangeLoop<Args> loop = best_loop<Args>(
+          &kl_penalty_range, &kl_penalty_range_avx2<Args>, &kl_penalty_range_avx512<Args>);
+      at::parallel_for(0, lp.numel(), 1 << 14,
+                       [&](int64_t begin, int64_t end) { loop(args, begin, end); });
+      return 0;
     });
   });
   return {value, grad};

@@ -4,9 +4,8 @@
 // the chunk merged into the row's running state (softmax_math.h). The order
 // of every sum depends only on V, so a row gives the same bits in any batch.
 //
-// The hot loops are compiled twice on x86-64: for the baseline ISA and with
-// AVX2 + FMA, picked at run time, because the wheel must run on any x86-64
-// yet the exp polynomial is 4x cheaper on 8 lanes with FMA.
+// The row loops are compiled for the baseline x86-64, AVX2 and AVX-512 and
+// picked at run time (cpu_isa.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,20 +14,9 @@
 #include <algorithm>
 #include <limits>
 
+#include "cpu_isa.h"
 #include "rlhf_ext/logprobs_host.h"
 #include "rlhf_ext/softmax_math.h"
-
-#if defined(__GNUC__) && defined(__x86_64__)
-#define RLHF_EXT_X86_CLONES 1
-#define RLHF_AVX2 __attribute__((target("avx2,fma")))
-#define RLHF_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
-#define RLHF_INLINE __attribute__((always_inline)) inline
-#else
-#define RLHF_EXT_X86_CLONES 0
-#define RLHF_AVX2
-#define RLHF_AVX512
-#define RLHF_INLINE inline
-#endif
 
 namespace rlhf_ext {
 namespace {
@@ -176,33 +164,8 @@ RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t be
   }
 }
 
-// The ISA-specific copies of the row loops (see the file comment).
-template <typename Args>
-RLHF_AVX2 void process_rows_avx2(const Args& args, int64_t begin, int64_t end) {
-  process_rows(args, begin, end);
-}
-template <typename Args>
-RLHF_AVX512 void process_rows_avx512(const Args& args, int64_t begin, int64_t end) {
-  process_rows(args, begin, end);
-}
-
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-#if RLHF_EXT_X86_CLONES
-  static const Isa isa = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-      return Isa::kAvx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBaseline;
-  }();
-  return isa;
-#else
-  return Isa::kBaseline;
-#endif
-}
+// The ISA-specific copies of the row loops (see cpu_isa.h).
+RLHF_EXT_ISA_CLONES(process_rows)
 
 // Rows per task: enough elements that scheduling costs nothing.
 int64_t row_grain(int64_t vocab) {
@@ -212,9 +175,8 @@ int64_t row_grain(int64_t vocab) {
 // All rows in parallel, through the copy of the row loop this CPU can run best.
 template <typename Args>
 void parallel_rows(const Args& args, int64_t rows, int64_t vocab) {
-  void (*loop)(const Args&, int64_t, int64_t) = &process_rows;
-  if (cpu_isa() == Isa::kAvx512) loop = &process_rows_avx512<Args>;
-  if (cpu_isa() == Isa::kAvx2) loop = &process_rows_avx2<Args>;
+  const RangeLoop<Args> loop =
+      best_loop<Args>(&process_rows, &process_rows_avx2<Args>, &process_rows_avx512<Args>);
   at::parallel_for(0, rows, row_grain(vocab),
                    [&](int64_t begin, int64_t end) { loop(args, begin, end); });
 }

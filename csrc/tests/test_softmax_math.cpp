@@ -78,6 +78,18 @@ void test_exp2_accuracy() {
   CHECK_EQ(rlhf_ext::exp2_nonpositive(0.0f), 1.0f);
 }
 
+// exp_small serves the loss math (clamped log-ratios, |x| <= 20) and promises |x| <= 80.
+void test_exp_small_accuracy() {
+  for (int i = -400000; i <= 400000; ++i) {
+    const float x = 80.0f * float(i) / 400000.0f;
+    TRACE("x = ", x);
+    CHECK_NEAR(rlhf_ext::exp_small(x) / std::exp(double(x)), 1.0, 4e-7);
+  }
+  CHECK_EQ(rlhf_ext::exp_small(0.0f), 1.0f);
+  CHECK(std::isnan(rlhf_ext::exp_small(std::nanf(""))));
+  CHECK_EQ(rlhf_ext::exp_small(20.0), std::exp(20.0));  // double: the library's exp
+}
+
 void test_online_matches_two_pass() {
   Rng rng(7);
   for (int trial = 0; trial < 200; ++trial) {
@@ -177,6 +189,7 @@ void test_gradient_matches_finite_differences() {
 
 int main() {
   RUN(test_exp2_accuracy);
+  RUN(test_exp_small_accuracy);
   RUN(test_online_matches_two_pass);
   RUN(test_merge_is_symmetric);
   RUN(test_masked_vocabulary);

@@ -254,8 +254,13 @@ def register_loss_autograd(op, backward_op, n_inputs: int) -> None:
         _, _, grad, row_weight = output
         ctx.dtype = inputs[0].dtype
         ctx.save_for_backward(grad, row_weight)
+        # The other outputs never carry a gradient; materialising zeros for them
+        # would cost a [B, T] fill per backward (as long as the kernel itself).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _stats, _grad, _row_weight):
+        if grad_loss is None:
+            return (None,) * n_inputs
         grad, row_weight = ctx.saved_tensors
         return (backward_op(grad_loss, grad, row_weight, ctx.dtype),) + (None,) * (n_inputs - 1)
 

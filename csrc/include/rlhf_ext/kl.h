@@ -7,6 +7,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "rlhf_ext/exp_math.h"
 #include "rlhf_ext/macros.h"
 
 namespace rlhf_ext {
@@ -48,20 +49,18 @@ RLHF_HD T select_value(bool c, T a, T b) {
 #endif
 }
 
+// 1 or 0 in T. A select, not T(c): GCC vectorises the select but not a
+// bool-to-float conversion of a combined condition (the loss loops stay scalar).
+template <typename T>
+RLHF_HD T indicator(bool c) {
+  return select_value(c, T(1), T(0));
+}
+
 // For lo <= hi the same as x < lo ? lo : (x > hi ? hi : x); NaN passes through.
 template <typename T>
 RLHF_HD T clamp_value(T x, T lo, T hi) {
   const T above_lo = select_value(x < lo, lo, x);
   return select_value(above_lo > hi, hi, above_lo);
-}
-
-template <typename T>
-RLHF_HD T exp_value(T x) {
-#if defined(__CUDA_ARCH__)
-  return exp(x);  // CUDA's float/double overloads
-#else
-  return std::exp(x);
-#endif
 }
 
 template <typename T>
@@ -77,7 +76,7 @@ RLHF_HD T kl_value(KLKind kind, T logprob, T ref_logprob) {
     case KLKind::kK3:
     default: {
       const T d = clamp_value(-diff, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
-      return clamp_value(exp_value(d) - d - T(1), T(-kKLValueClamp), T(kKLValueClamp));
+      return clamp_value(exp_small(d) - d - T(1), T(-kKLValueClamp), T(kKLValueClamp));
     }
   }
 }

@@ -50,7 +50,7 @@ RLHF_HD PolicyToken<T> policy_token(T logprob, T old_logprob, T advantage, T rat
                                     T dual_clip) {
   const T raw = logprob - old_logprob;
   const T log_ratio = clamp_value(raw, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
-  const T ratio = exp_value(log_ratio);
+  const T ratio = exp_small(log_ratio);
   const T unclipped = -advantage * ratio;
   const T clipped = -advantage * clamp_value(ratio, ratio_lo, ratio_hi);
   PolicyToken<T> out;
@@ -59,14 +59,12 @@ RLHF_HD PolicyToken<T> policy_token(T logprob, T old_logprob, T advantage, T rat
   // Branch-free (bitwise & and selects): the signs of A and the clip outcomes are
   // data-dependent coin flips that a branch predictor cannot learn.
   out.clipped = clipped > unclipped;
-  // A 0/1 factor instead of a select for the gradient (its operand is finite for
-  // finite inputs: the ratio is at most e^20); fewer instructions per token.
   const T loss = max_value(clipped, unclipped);
   const bool in_clamp = raw == log_ratio;
   const T floor_loss = -advantage * dual_clip;
   out.clipped_lower = (dual_clip > T(0)) & (advantage < T(0)) & (loss > floor_loss);
   out.loss = select_value(out.clipped_lower, floor_loss, loss);  // exact, unlike a blend
-  out.grad = unclipped * T(!out.clipped & in_clamp & !out.clipped_lower);
+  out.grad = select_value(!out.clipped & in_clamp & !out.clipped_lower, unclipped, T(0));
   return out;
 }
 
@@ -89,7 +87,7 @@ RLHF_HD ValueToken<T> value_token(T value, T old_value, T ret, T clip_eps) {
   // No early return for clip_eps <= 0: branch-free code vectorises on the CPU.
   const bool clipped = (clip_eps > T(0)) & (clipped_loss > loss);
   // The clipped branch only wins when v is outside the band, where it is constant in v.
-  return ValueToken<T>{T(0.5) * select_value(clipped, clipped_loss, loss), err * T(!clipped),
+  return ValueToken<T>{T(0.5) * select_value(clipped, clipped_loss, loss), select_value(clipped, T(0), err),
                        clipped};
 }
 
@@ -102,14 +100,14 @@ RLHF_HD T kl_grad(KLKind kind, bool straight_through, T logprob, T ref_logprob) 
     case KLKind::kK1:
       return T(1);
     case KLKind::kAbs:
-      return T(diff > T(0)) - T(diff < T(0));
+      return indicator<T>(diff > T(0)) - indicator<T>(diff < T(0));
     case KLKind::kK2:
       return diff;
     case KLKind::kK3:
     default: {
       const T d = -diff;
       const T clamped = clamp_value(d, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
-      const T e = exp_value(clamped);
+      const T e = exp_small(clamped);
       // The value clamp at 10 is the only one that can bind (exp(d) - d - 1 >= 0).
       const bool live = (clamped == d) & !(e - d - T(1) > T(kKLValueClamp));
       return select_value(live, T(1) - e, T(0));
@@ -127,7 +125,7 @@ RLHF_HD T kl_value_and_grad(KLKind kind, bool straight_through, T logprob, T ref
   }
   const T diff = logprob - ref_logprob;
   const T d = clamp_value(-diff, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
-  const T e = exp_value(d);
+  const T e = exp_small(d);
   const T raw_value = e - d - T(1);
   const bool live = (d == -diff) & !(raw_value > T(kKLValueClamp));
   *grad = straight_through ? diff : select_value(live, T(1) - e, T(0));
@@ -151,8 +149,8 @@ struct PolicyFamily {
         policy_token(logprob, old_logprob, advantage, ratio_lo, ratio_hi, dual_clip);
     v[0] = p.loss;
     v[1] = T(1);
-    v[2] = T(p.clipped);
-    v[3] = T(p.clipped_lower);
+    v[2] = indicator<T>(p.clipped);
+    v[3] = indicator<T>(p.clipped_lower);
     v[4] = p.neg_log_ratio;
     v[5] = p.ratio;
     v[6] = p.ratio;  // ratios are > 0, so 0 is the identity of the max
@@ -171,7 +169,7 @@ struct ValueFamily {
     const ValueToken<T> t = value_token(value, old_value, ret, clip_eps);
     v[0] = t.loss;
     v[1] = T(1);
-    v[2] = T(t.clipped);
+    v[2] = indicator<T>(t.clipped);
     return t.grad;
   }
 };

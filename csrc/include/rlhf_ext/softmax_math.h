@@ -15,46 +15,10 @@
 #include <cstring>
 #include <limits>
 
+#include "rlhf_ext/exp_math.h"
 #include "rlhf_ext/macros.h"
 
 namespace rlhf_ext {
-
-constexpr double kLog2e = 1.4426950408889634;
-
-// exp2(x) for x <= 0.5 (the online softmax only produces x <= 0, up to rounding),
-// written so that a compiler vectorises it: no calls, no branches (built
-// with -fno-trapping-math, which lets GCC turn the selects into blends). Accurate to ~2 ulp; results below 2^-125 flush to 0 (they cannot
-// move a sum that holds the row max's term, 1). NaN stays NaN.
-RLHF_HD float exp2_nonpositive(float x) {
-#ifdef __CUDA_ARCH__
-  return exp2f(x);  // the hardware's ex2: one instruction
-#else
-  const float clamped = x < -125.0f ? -125.0f : x;  // NaN compares false: kept
-  // Round to nearest integer by the 1.5 * 2^23 trick (no SSE4.1 needed).
-  const float rounded = (clamped + 12582912.0f) - 12582912.0f;
-  const float f = clamped - rounded;  // in [-0.5, 0.5]
-  // Minimax polynomial of 2^f on [-0.5, 0.5] (relative error < 2e-7).
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += static_cast<int32_t>(rounded) * (1 << 23);
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  // A multiply, not a select: GCC if-converts (vectorises) only the former here.
-  result *= static_cast<float>(x >= -125.0f);
-  return x != x ? x : result;
-#endif
-}
-
-RLHF_HD double exp2_nonpositive(double x) {
-  return std::exp2(x);
-}
 
 // One partial softmax of a row (a chunk, a thread's share, a whole row).
 // An empty state has sum_exp == 0; its max may be anything (-inf at start).
