@@ -19,6 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
 	$(PIP) setuptools wheel ninja pybind11 numpy "pytest>=8" pytest-timeout "hypothesis>=6" expecttest matplotlib ruff
+	$(PIP) "trl>=1.10,<1.13"  # the `peers` extra: python_tests/test_integrations_trl.py
 	touch $@
 
 # Editable install: the compiled rlhf_ext/_C*.so lands in the source tree, so
