@@ -79,12 +79,9 @@ class Patcher:
         """
         if self.active:
             return [slot.qualname for slot in self._slots]
-        self._import_peer(caller)
         # Import every defining module before replacing anything, so that no module of the
         # peer binds a replacement by name while it loads.
-        present = [t for t in self.targets if not t.optional or _module_exists(t.module)]
-        for target in present:
-            importlib.import_module(target.module)
+        present = self._import_peer(caller)
         try:
             for target in present:
                 self._patch_target(target)
@@ -119,9 +116,14 @@ class Patcher:
                     restored.append(f"{name}.{attr}")
         return restored
 
-    def _import_peer(self, caller: str) -> None:
+    def _import_peer(self, caller: str) -> list[Target]:
+        """Import the peer and the modules that define the targets; the targets present."""
         try:
             importlib.import_module(self.package)
+            present = [t for t in self.targets if not t.optional or _module_exists(t.module)]
+            for target in present:
+                importlib.import_module(target.module)
+            return present
         except ImportError as error:
             raise ImportError(
                 f"{caller}: the `{self.pip_name}` package is not installed or fails to import "
