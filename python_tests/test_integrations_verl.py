@@ -98,7 +98,10 @@ def test_policy_loss_matches_verl(mode, settings, weighted):
     advantages = torch.randn(B, T)
     mask = _mask()
     config = Config(settings, global_batch_info={})
-    weights = torch.rand(B, T) * 2 + 0.1 if weighted else None
+    weights = None
+    if weighted:  # truncated importance weights, some exactly 0 (dropped tokens)
+        weights = torch.rand(B, T) * 2 + 0.1
+        weights[torch.rand(B, T) < 0.2] = 0.0
     ours, our_metrics = adapter.compute_policy_loss_vanilla(
         old, new, advantages, mask, mode, config, weights
     )

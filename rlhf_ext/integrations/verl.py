@@ -165,7 +165,8 @@ def compute_policy_loss_vanilla(
     ``dp_size`` / ``batch_num_tokens`` / ``global_batch_size`` / ``loss_scale_factor`` that
     ``agg_loss`` takes). ``rollout_is_weights`` (non-negative importance weights) scale the
     per-token loss; the fused kernel takes them folded into the advantages, which gives the
-    same loss because every branch of the surrogate is linear in A for a weight >= 0.
+    same loss because every branch of the surrogate is linear in A for a weight >= 0 (the
+    clip fractions come from a second, gradient-free pass on the unweighted advantages).
     Returns ``(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})``
     with the metrics as Python floats, like verl. Differentiable w.r.t. ``log_prob``.
     """
@@ -183,19 +184,21 @@ def compute_policy_loss_vanilla(
             f"(dual-clip PPO), got {clip_ratio_c}"
         )
     batch_info = dict(_config_value(config, "global_batch_info", None) or {})
-    agg = _our_agg("compute_policy_loss_vanilla", loss_agg_mode)
-    if rollout_is_weights is not None:
-        advantages = advantages * rollout_is_weights.detach()
-    loss, stats = _rlhf_policy_loss(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
+    settings = dict(
         clip_eps=clip_low,
         clip_eps_high=clip_high,
         dual_clip=clip_ratio_c,
-        agg=agg,
+        agg=_our_agg("compute_policy_loss_vanilla", loss_agg_mode),
     )
+    weighted = advantages
+    if rollout_is_weights is not None:
+        weighted = advantages * rollout_is_weights.detach()
+    loss, stats = _rlhf_policy_loss(log_prob, old_log_prob, weighted, response_mask, **settings)
+    if rollout_is_weights is not None:  # verl's clip fractions compare unweighted surrogates
+        with torch.no_grad():
+            _, stats = _rlhf_policy_loss(
+                log_prob.detach(), old_log_prob, advantages, response_mask, **settings
+            )
     loss = loss * _global_scale(
         "compute_policy_loss_vanilla",
         response_mask,
