@@ -364,3 +364,8 @@ def test_patch_without_openrlhf_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "openrlhf", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"openrlhf.patch: the `openrlhf` package"):
         adapter.patch()
+
+
+def test_original_rejects_a_name_that_is_not_a_target():
+    with pytest.raises(ValueError, match=r"openrlhf.original: `qualname` must name one of"):
+        adapter.original("openrlhf.models.utils.compute_entropy")

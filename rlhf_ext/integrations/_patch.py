@@ -68,8 +68,14 @@ class Patcher:
         whether or not the peer is patched now (imports the peer if needed)."""
         if qualname in self._originals:
             return self._originals[qualname]
-        module, _, name = _split(qualname, self)
-        return _resolve(importlib.import_module(module), name)
+        for target in self.targets:
+            if qualname == f"{target.module}.{target.name}":
+                return _resolve(importlib.import_module(target.module), target.name)
+        known = ", ".join(f"{t.module}.{t.name}" for t in self.targets)
+        raise ValueError(
+            f"rlhf_ext.integrations.{self.package}.original: `qualname` must name one of the "
+            f"replaced targets ({known}), got {qualname!r}"
+        )
 
     def patch(self, caller: str) -> list[str]:
         """Replace every target and every reference to it in the loaded peer modules.
@@ -93,14 +99,13 @@ class Patcher:
     def unpatch(self) -> list[str]:
         """Restore every replaced slot; returns the qualified names restored (empty when
         the peer was not patched)."""
-        restored = []
+        restored = [slot.qualname for slot in self._slots]
         for slot in reversed(self._slots):
             slot.write(slot.original)
-            restored.append(slot.qualname)
         restored += self._restore_late_bindings()
         self._slots.clear()
         self._originals.clear()
-        return restored[::-1]
+        return restored
 
     def _restore_late_bindings(self) -> list[str]:
         """Peer modules first imported while patched bound the replacement by name; give
@@ -178,12 +183,3 @@ def _resolve(root, dotted: str):
     for part in dotted.split(".") if dotted else ():
         value = getattr(value, part)
     return value
-
-
-def _split(qualname: str, patcher: Patcher):
-    """(defining module, '.', attribute path) of a target's qualified name."""
-    for target in patcher.targets:
-        if qualname == f"{target.module}.{target.name}":
-            return target.module, ".", target.name
-    module, _, name = qualname.rpartition(".")
-    return module, ".", name
