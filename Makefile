@@ -19,6 +19,11 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
 	$(PIP) setuptools wheel ninja pybind11 numpy "pytest>=8" pytest-timeout "hypothesis>=6" expecttest matplotlib ruff
+	$(PIP) "trl>=1.10,<1.13"  # the `peers` extra: python_tests/test_integrations_trl.py
+	# verl for python_tests/test_integrations_verl.py: its full install pulls vLLM-era pins,
+	# so verl itself without dependencies, plus what its core_algos imports (docs/integrations.md)
+	$(PIP) --no-deps verl==0.9.1 tensordict==0.15.3 pyvers
+	$(PIP) "ray>=2.41" omegaconf codetiming cloudpickle orjson
 	touch $@
 
 # Editable install: the compiled rlhf_ext/_C*.so lands in the source tree, so

@@ -1,0 +1,163 @@
+"""``python -m bench integrations``: each peer's own function against rlhf_ext's drop-in
+adapter for it (``rlhf_ext.integrations``), timed on the same inputs, in one run.
+
+Only the peers installed here are timed (TRL: the `peers` extra; verl: see
+docs/integrations.md; OpenRLHF does not import without flash-attn). Each case checks that
+the adapter's output matches the peer's before it is timed. One timed call is the forward
+and, for differentiable functions, the backward (``torch.autograd.grad`` of a weighted sum
+of the output). The table prints the median time per call of each and the speedup
+(peer / adapter); ``--no-save`` is accepted for `python -m bench all` (nothing is saved:
+the figures go to docs/integrations.md by hand).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench import harness
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+# (rows, tokens, vocab): a small policy's micro-batch on a CPU
+SHAPE = (8, 256, 8192)
+QUICK_SHAPE = (4, 64, 2048)
+
+
+@dataclass
+class Case:
+    """One peer function: its qualified name, the adapter, the inputs it takes, whether
+    the timed call includes a backward through the first input."""
+
+    peer: str
+    qualname: str
+    adapter: Callable
+    make_args: Callable[[dict], tuple]
+    backward: bool
+
+
+def _peer_function(qualname: str):
+    module, _, name = qualname.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception:  # not installed, or fails to import here
+        return None
+
+
+def make_inputs(shape, seed: int = 0) -> dict:
+    """Logits [B, T, V], labels, per-token log-probs, rewards, values and a mask with
+    right padding and holes (every row keeps its first token)."""
+    rows, tokens, vocab = shape
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, tokens, vocab, generator=generator) * 2
+    lengths = torch.randint(tokens // 2, tokens + 1, (rows,), generator=generator)
+    mask = torch.arange(tokens)[None, :] < lengths[:, None]
+    mask &= torch.rand(rows, tokens, generator=generator) > 0.1
+    mask[:, 0] = True
+    old = -torch.rand(rows, tokens, generator=generator) * 4
+    return {
+        "logits": logits,
+        "labels": torch.randint(0, vocab, (rows, tokens), generator=generator),
+        "old": old,
+        "new": old + torch.randn(rows, tokens, generator=generator) * 0.3,
+        "adv": torch.randn(rows, tokens, generator=generator),
+        "rewards": torch.randn(rows, tokens, generator=generator),
+        "values": torch.randn(rows, tokens, generator=generator),
+        "mask": mask.float(),
+    }
+
+
+class _VerlConfig(dict):
+    __getattr__ = dict.__getitem__
+
+
+VERL_CONFIG = _VerlConfig(
+    clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, global_batch_info={}
+)
+
+
+def cases() -> list[Case]:
+    """The timed functions of every peer (the adapters import without the peers)."""
+    from rlhf_ext.integrations import trl, verl
+
+    logits_labels = lambda x: (x["logits"], x["labels"])  # noqa: E731
+    logits_only = lambda x: (x["logits"],)  # noqa: E731
+    core, functional = "verl.trainer.ppo.core_algos", "verl.utils.torch_functional"
+    return [
+        Case("trl", "trl.trainer.utils.selective_log_softmax", trl.selective_log_softmax,
+             logits_labels, True),
+        Case("trl", "trl.trainer.utils.entropy_from_logits", trl.entropy_from_logits,
+             logits_only, True),
+        Case("trl", "trl.experimental.ppo.ppo_trainer.masked_whiten", trl.masked_whiten,
+             lambda x: (x["adv"], x["mask"]), False),
+        Case("verl", f"{functional}.logprobs_from_logits_v2",
+             lambda lg, lb: verl.logprobs_from_logits(lg, lb, inplace_backward=False),
+             logits_labels, True),
+        Case("verl", f"{functional}.entropy_from_logits", verl.entropy_from_logits,
+             logits_only, True),
+        Case("verl", f"{core}.compute_gae_advantage_return", verl.compute_gae_advantage_return,
+             lambda x: (x["rewards"], x["values"], x["mask"], 1.0, 0.95), False),
+        Case("verl", f"{core}.compute_policy_loss_vanilla", verl.compute_policy_loss_vanilla,
+             lambda x: (x["old"], x["new"], x["adv"], x["mask"], "token-mean", VERL_CONFIG),
+             False),
+        Case("verl", f"{core}.kl_penalty", verl.kl_penalty,
+             lambda x: (x["new"], x["old"], "low_var_kl"), True),
+    ]  # fmt: skip
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def timed_call(fn: Callable, args: tuple, backward: bool) -> Callable[[dict], object]:
+    """fn(*args), plus the gradient w.r.t. args[0] when ``backward``."""
+
+    def call(_):
+        if not backward:
+            return fn(*args)
+        leaf = args[0].detach().requires_grad_()
+        out = _first_tensor(fn(leaf, *args[1:]))
+        weights = torch.ones_like(out)
+        return torch.autograd.grad((out * weights).sum(), leaf)
+
+    return call
+
+
+def main(argv=None) -> int:
+    """Time every installed peer's function against its adapter; print the table."""
+    args = harness.parse_args("integrations", argv, __doc__.splitlines()[0])
+    device = torch.device("cpu")  # the peers' reference code paths here are the CPU ones
+    shape = QUICK_SHAPE if args.quick else SHAPE
+    budget = 0.3 if args.quick else 1.5
+    x = make_inputs(shape)
+    print(f"integrations on {harness.device_name(device)}, (B, T, V) = {shape}, float32")
+    print(f"{'function':58s} {'peer ms':>9s} {'rlhf_ext ms':>12s} {'speedup':>8s}")
+    for case in cases():
+        peer = _peer_function(case.qualname)
+        if peer is None:
+            print(f"{case.qualname:58s} {'(peer not installed)':>31s}")
+            continue
+        call_args = case.make_args(x)
+        expected = _first_tensor(peer(*call_args))
+        got = _first_tensor(case.adapter(*call_args))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        times = []
+        for fn in (peer, case.adapter):
+            timing = harness.time_fn(
+                timed_call(fn, call_args, case.backward),
+                [None],
+                device,
+                min_time_s=budget,
+                min_repeats=5,
+                max_repeats=200,
+            )
+            times.append(timing.median_ms)
+        print(f"{case.qualname:58s} {times[0]:9.3f} {times[1]:12.3f} {times[0] / times[1]:7.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

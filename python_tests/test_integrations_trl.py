@@ -1,0 +1,207 @@
+"""rlhf_ext.integrations.trl against the installed TRL's own functions (the `peers` extra
+installs TRL; `make test` installs it). Values and gradients within float32 tolerance,
+masks with holes, patch() through TRL's own callers, unpatch() restoring TRL exactly."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+trl_utils = pytest.importorskip("trl.trainer.utils")
+
+from rlhf_ext.integrations import trl as adapter  # noqa: E402
+from rlhf_ext.integrations._patch import Patcher, Target  # noqa: E402
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _ppo_module():
+    try:
+        import trl.experimental.ppo.ppo_trainer as ppo
+    except ImportError:
+        return None
+    return ppo
+
+
+def _logits(shape, dtype=torch.float32, requires_grad=True):
+    logits = (torch.randn(shape) * 3).to(dtype)
+    return logits.requires_grad_(requires_grad)
+
+
+def _holey_mask(shape):
+    mask = torch.rand(shape) > 0.3
+    mask.view(-1)[0] = True
+    mask.view(-1)[-1] = False
+    return mask
+
+
+def _values_and_grads(fn, logits, *args, seed=0):
+    """fn's output and the gradient of a random (seeded, so repeatable) weighting of it."""
+    out = fn(logits, *args)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (grad,) = torch.autograd.grad((out.float() * upstream).sum(), logits)
+    return out, grad
+
+
+@pytest.mark.parametrize("index_shape", ["per_token", "top_k"])
+def test_selective_log_softmax_matches_trl(index_shape):
+    batch, length, vocab = 3, 7, 53
+    logits = _logits((batch, length, vocab))
+    if index_shape == "per_token":
+        index = torch.randint(0, vocab, (batch, length))
+    else:
+        index = torch.randint(0, vocab, (batch, length, 4))
+    ours, our_grad = _values_and_grads(adapter.selective_log_softmax, logits, index)
+    theirs, their_grad = _values_and_grads(trl_utils.selective_log_softmax, logits, index)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(our_grad, their_grad, **TOL)
+
+
+def test_selective_log_softmax_bf16_dtype_and_accuracy():
+    logits = _logits((2, 5, 40), torch.bfloat16, requires_grad=False)
+    index = torch.randint(0, 40, (2, 5))
+    ours = adapter.selective_log_softmax(logits, index)
+    theirs = trl_utils.selective_log_softmax(logits, index)
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    our_error = (ours.double() - exact).abs().max()
+    their_error = (theirs.double() - exact).abs().max()
+    assert our_error <= 2 * their_error + 1e-2
+
+
+def test_selective_log_softmax_temperature_and_row_mask():
+    """TRL >= 1.16's arguments, against the formula TRL documents for them."""
+    logits = _logits((2, 6, 30))
+    index = torch.randint(0, 30, (2, 6))
+    row_mask = _holey_mask((2, 6))
+    ours = adapter.selective_log_softmax(logits, index, temperature=0.7, row_mask=row_mask)
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    expected = expected.masked_fill(~row_mask, 0.0)
+    torch.testing.assert_close(ours, expected, **TOL)
+    with pytest.raises(ValueError, match="selective_log_softmax: `temperature`"):
+        adapter.selective_log_softmax(logits, index, temperature=0.0)
+
+
+def test_entropy_from_logits_matches_trl():
+    logits = _logits((4, 5, 37))
+    ours, our_grad = _values_and_grads(adapter.entropy_from_logits, logits)
+    theirs, their_grad = _values_and_grads(trl_utils.entropy_from_logits, logits)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(our_grad, their_grad, **TOL)
+    with pytest.raises(ValueError, match="entropy_from_logits: `chunk_size`"):
+        adapter.entropy_from_logits(logits, chunk_size=0)
+
+
+@pytest.fixture
+def ppo():
+    module = _ppo_module()
+    if module is None:
+        pytest.skip("the installed TRL has no PPO trainer (removed in TRL 1.13)")
+    return module
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_masked_mean_matches_trl_ppo(ppo, axis):
+    values = torch.randn(6, 11, dtype=torch.float32, requires_grad=True)
+    mask = _holey_mask((6, 11))
+    mask[:, 0] = True  # no empty row: TRL gives NaN there
+    ours = adapter.masked_mean(values, mask, axis)
+    theirs = ppo.masked_mean(values, mask, axis)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    (our_grad,) = torch.autograd.grad(ours.sum(), values)
+    (their_grad,) = torch.autograd.grad(theirs.sum(), values)
+    torch.testing.assert_close(our_grad, their_grad, **TOL)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_masked_var_matches_trl_ppo(ppo, unbiased):
+    values = torch.randn(5, 9) * 2 + 1
+    mask = _holey_mask((5, 9))
+    torch.testing.assert_close(
+        adapter.masked_var(values, mask, unbiased), ppo.masked_var(values, mask, unbiased), **TOL
+    )
+    with pytest.raises(ValueError, match="masked_var: `mask` keeps 1"):
+        adapter.masked_var(values, torch.zeros_like(mask).index_fill_(1, torch.tensor([0]), 1)[:1])
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_matches_trl_ppo(ppo, shift_mean):
+    values = torch.randn(7, 13) * 3 + 2
+    mask = _holey_mask((7, 13))
+    ours = adapter.masked_whiten(values, mask, shift_mean)
+    theirs = ppo.masked_whiten(values, mask, shift_mean)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+@pytest.fixture
+def patched():
+    replaced = adapter.patch()
+    yield replaced
+    adapter.unpatch()
+
+
+def test_patch_reports_and_replaces_every_binding(patched):
+    assert "trl.trainer.utils.selective_log_softmax" in patched
+    assert "trl.trainer.utils.entropy_from_logits" in patched
+    assert trl_utils.selective_log_softmax is adapter.selective_log_softmax
+    assert adapter.patch() == patched  # idempotent
+    ppo = _ppo_module()
+    if ppo is not None:
+        assert "trl.experimental.ppo.ppo_trainer.selective_log_softmax" in patched
+        assert ppo.selective_log_softmax is adapter.selective_log_softmax
+        assert ppo.masked_whiten is adapter.masked_whiten
+
+
+def test_trl_callers_give_the_same_results_after_patch():
+    """TRL's DFT loss (sft_trainer.dft_loss) calls selective_log_softmax by the name it
+    imported; patched, it must give the same loss and gradient as before."""
+    from types import SimpleNamespace
+
+    from trl.trainer import sft_trainer
+
+    logits = _logits((3, 8, 29))
+    labels = torch.randint(0, 29, (3, 8))
+    labels[0, 5:] = -100
+
+    def loss_and_grad():
+        loss = sft_trainer.dft_loss(SimpleNamespace(logits=logits), labels.clone())
+        (grad,) = torch.autograd.grad(loss, logits)
+        return loss, grad
+
+    before = loss_and_grad()
+    replaced = adapter.patch()
+    try:
+        assert "trl.trainer.sft_trainer.selective_log_softmax" in replaced
+        assert sft_trainer.selective_log_softmax is adapter.selective_log_softmax
+        after = loss_and_grad()
+    finally:
+        adapter.unpatch()
+    torch.testing.assert_close(after[0], before[0], **TOL)
+    torch.testing.assert_close(after[1], before[1], **TOL)
+
+
+def test_unpatch_restores_trl_exactly():
+    originals = {
+        "selective_log_softmax": trl_utils.selective_log_softmax,
+        "entropy_from_logits": trl_utils.entropy_from_logits,
+    }
+    replaced = adapter.patch()
+    restored = adapter.unpatch()
+    assert set(replaced) <= set(restored)
+    for name, function in originals.items():
+        assert getattr(trl_utils, name) is function
+    assert (
+        adapter.original("trl.trainer.utils.entropy_from_logits")
+        is originals["entropy_from_logits"]
+    )
+    assert adapter.unpatch() == []
+
+
+def test_patch_without_the_peer_names_the_package():
+    missing = Patcher("no_such_peer_pkg", "no-such-peer", [Target("no_such_peer_pkg", "f", None)])
+    with pytest.raises(ImportError, match=r"caller: the `no-such-peer` package is not installed"):
+        missing.patch("caller")

@@ -1,0 +1,294 @@
+"""OpenRLHF's log-prob, KL, masked-mean, PPO loss and GAE functions, backed by rlhf_ext's
+kernels.
+
+Drop-in for ``openrlhf.models.utils`` (``log_probs_from_logits``, ``compute_approx_kl``,
+``masked_mean``), the ``forward`` of ``openrlhf.models.loss.PolicyLoss`` / ``ValueLoss``, and
+``RemoteExperienceMaker.get_advantages_and_returns`` (its GAE) in
+``openrlhf.trainer.ppo_utils.experience_maker``, with OpenRLHF 0.11.2's names, arguments,
+defaults and semantics. ``PolicyLoss`` / ``ValueLoss`` here are ``nn.Module``s with
+OpenRLHF's constructor; ``patch()`` replaces only the peer classes' ``forward``.
+
+Importing this module does not import OpenRLHF; ``patch()`` does, and raises ImportError
+when OpenRLHF is not installed or does not import (it needs flash-attn and DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf_ext.integrations._patch import Patcher, Target
+from rlhf_ext.ops.gae import gae as _rlhf_gae
+from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
+from rlhf_ext.ops.ppo_losses import kl_penalty as _rlhf_kl_penalty
+from rlhf_ext.ops.ppo_losses import ppo_policy_loss as _rlhf_policy_loss
+from rlhf_ext.ops.ppo_losses import value_loss as _rlhf_value_loss
+from rlhf_ext.ops.token_logprobs import token_logprobs as _rlhf_token_logprobs
+
+PREFIX = "rlhf_ext.integrations.openrlhf"
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_CLAMP = 10.0  # OpenRLHF clamps every estimator's value to [-10, 10]
+KL_IS_WEIGHT_CLIP = 10.0  # and the importance weight of its unbiased gradient to <= 10
+
+
+def log_probs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """OpenRLHF's ``log_probs_from_logits``: ``log_softmax(logits / temperature)[labels]``
+    per token, dtype of ``logits``, differentiable w.r.t. ``logits``.
+
+    Like OpenRLHF, a temperature other than 1 divides ``logits`` in place first
+    (``logits.div_(temperature)``): OpenRLHF's callers go on to use the scaled logits (e.g.
+    for the entropy), so the side effect is part of the contract.
+    """
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return _rlhf_token_logprobs(logits, labels).to(logits.dtype)
+
+
+def compute_approx_kl(
+    log_probs: torch.Tensor,
+    log_probs_base: torch.Tensor,
+    log_probs_old: torch.Tensor | None = None,
+    kl_estimator: str = "k1",
+    unbiased_gradient: bool = False,
+) -> torch.Tensor:
+    """OpenRLHF's ``compute_approx_kl``: the per-token estimate ``kl_estimator`` of
+    KL(pi || pi_base) from ``log_ratio = log_probs - log_probs_base`` in float32 -- "k1":
+    ``log_ratio``; "k2": ``log_ratio^2 / 2``; "k3": ``exp(-log_ratio) - 1 + log_ratio`` --
+    clamped to [-10, 10] (all three kinds, as OpenRLHF).
+
+    ``unbiased_gradient=True`` keeps that value and backpropagates ``w * log_ratio`` with the
+    detached importance weight ``w = exp(log_probs - log_probs_old)`` clamped to <= 10 (1
+    without ``log_probs_old``): the straight-through "+" kinds of rlhf_ext's kernel, scaled.
+    """
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(
+            f"{PREFIX}.compute_approx_kl: `kl_estimator` must be one of {KL_ESTIMATORS}, "
+            f"got {kl_estimator!r}"
+        )
+    log_probs, log_probs_base = log_probs.float(), log_probs_base.float()
+    if not unbiased_gradient:
+        value = _rlhf_kl_penalty(log_probs, log_probs_base, kind=kl_estimator)
+        return value.clamp(min=-KL_CLAMP, max=KL_CLAMP)
+    straight_through = _rlhf_kl_penalty(log_probs, log_probs_base, kind=kl_estimator + "+")
+    weight = 1.0
+    if log_probs_old is not None:
+        weight = (log_probs - log_probs_old.float()).exp().clamp(max=KL_IS_WEIGHT_CLIP).detach()
+    value = straight_through.detach().clamp(min=-KL_CLAMP, max=KL_CLAMP)
+    return value + weight * (straight_through - straight_through.detach())
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int = None) -> torch.Tensor:
+    """OpenRLHF's ``masked_mean``: ``(tensor * mask).sum(dim) / mask.sum(dim)``, or
+    ``tensor.mean(dim)`` without a mask; dtype of ``tensor``; differentiable. An empty mask
+    raises ValueError with ``dim=None`` and gives 0 along a ``dim`` (OpenRLHF: NaN)."""
+    return _rlhf_masked_mean(tensor, mask, dim).to(tensor.dtype)
+
+
+def _global_scale(mask, like, token_level_loss, dp_size, batch_num_tokens, global_batch_size):
+    """OpenRLHF's ``aggregate_loss`` divides by global counts when given (and multiplies by
+    ``dp_size``); rlhf_ext's aggregate is over the local batch: this is the ratio."""
+    valid = torch.ones_like(like, dtype=torch.bool) if mask is None else mask != 0
+    if token_level_loss:
+        if batch_num_tokens is None:
+            return 1.0
+        return valid.sum() / batch_num_tokens * dp_size
+    if global_batch_size is None:
+        return 1.0
+    return valid.any(-1).sum() / global_batch_size * dp_size
+
+
+def policy_loss_forward(
+    self,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    rollout_log_probs: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+):
+    """OpenRLHF's ``PolicyLoss.forward`` for ``policy_loss_type="ppo"`` without the
+    rollout importance-sampling correction: the clipped surrogate (``clip_eps_low`` /
+    ``clip_eps_high``, optional ``dual_clip``) aggregated per token (``token_level_loss``)
+    or per sequence, rescaled by the global counts. Returns ``(loss, clip_ratio, ppo_kl,
+    None, None)`` like OpenRLHF. ``ppo_kl`` is the masked mean of the unclamped
+    ``old - new``, as OpenRLHF. Differentiable w.r.t. ``log_probs``.
+
+    GSPO and the IS correction (``is_correction_level != "off"``) are not served by the
+    fused kernel: when patched, those configurations run OpenRLHF's own forward; on the
+    standalone ``PolicyLoss`` they raise ValueError.
+    """
+    if _needs_peer_policy_loss(self):
+        peer_forward = _PATCHER.original(f"{LOSS}.PolicyLoss.forward") if _PATCHER.active else None
+        if peer_forward is None or peer_forward is policy_loss_forward:
+            raise ValueError(
+                f"{PREFIX}.PolicyLoss: policy_loss_type={self.policy_loss_type!r} with "
+                f"is_correction_level={getattr(self, 'is_correction_level', 'off')!r} is not "
+                "backed by rlhf_ext; only 'ppo' without IS correction is"
+            )
+        return peer_forward(
+            self,
+            log_probs,
+            old_log_probs,
+            advantages,
+            action_mask,
+            rollout_log_probs,
+            dp_size,
+            batch_num_tokens,
+            global_batch_size,
+        )
+    agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
+    loss, stats = _rlhf_policy_loss(
+        log_probs,
+        old_log_probs,
+        advantages,
+        action_mask,
+        clip_eps=self.clip_eps_low,
+        clip_eps_high=self.clip_eps_high,
+        dual_clip=self.dual_clip,
+        agg=agg,
+    )
+    scale = _global_scale(
+        action_mask, log_probs, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
+    )
+    ppo_kl = _rlhf_masked_mean((old_log_probs - log_probs).detach(), action_mask)
+    return loss * scale, stats["clipfrac"], ppo_kl, None, None
+
+
+def _needs_peer_policy_loss(module) -> bool:
+    return (
+        module.policy_loss_type != "ppo" or getattr(module, "is_correction_level", "off") != "off"
+    )
+
+
+def value_loss_forward(
+    self,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: float | None = None,
+    global_batch_size: float | None = None,
+) -> torch.Tensor:
+    """OpenRLHF's ``ValueLoss.forward``: ``0.5 * aggregate(max((clipped - R)^2, (v - R)^2))``
+    with ``clipped = old + clamp(v - old, -clip_eps, clip_eps)`` when ``clip_eps`` is set,
+    else ``0.5 * aggregate((v - R)^2)``; per token or per sequence (``token_level_loss``),
+    rescaled by the global counts. Differentiable w.r.t. ``values``."""
+    agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
+    loss, _ = _rlhf_value_loss(
+        values, old_values, returns, action_mask, clip_eps=self.clip_eps, agg=agg
+    )
+    scale = _global_scale(
+        action_mask, values, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
+    )
+    return loss * scale
+
+
+class PolicyLoss(nn.Module):
+    """OpenRLHF's ``PolicyLoss`` (same constructor and defaults), whose ``forward`` is
+    ``policy_loss_forward`` (the fused PPO loss kernel)."""
+
+    def __init__(
+        self,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        dual_clip: float = None,
+        token_level_loss: bool = True,
+        policy_loss_type: str = "ppo",
+        is_correction_level: str = "off",
+        is_correction_mode: str = "mask",
+        is_correction_gating: str = "ratio",
+        is_correction_threshold: list = (0.5, 5.0),
+    ) -> None:
+        super().__init__()
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"{PREFIX}.PolicyLoss: `dual_clip` must be > 1.0, got {dual_clip}")
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+        self.dual_clip = dual_clip
+        self.policy_loss_type = policy_loss_type
+        self.token_level_loss = False if policy_loss_type == "gspo" else token_level_loss
+        self.is_correction_level = is_correction_level
+        self.is_correction_mode = is_correction_mode
+        self.is_correction_gating = is_correction_gating
+        self.is_correction_threshold = is_correction_threshold
+
+    forward = policy_loss_forward
+
+
+class ValueLoss(nn.Module):
+    """OpenRLHF's ``ValueLoss`` (same constructor and defaults), whose ``forward`` is
+    ``value_loss_forward`` (the fused value loss kernel)."""
+
+    def __init__(self, clip_eps: float = None, token_level_loss: bool = True) -> None:
+        super().__init__()
+        self.clip_eps = clip_eps
+        self.token_level_loss = token_level_loss
+
+    forward = value_loss_forward
+
+
+@torch.no_grad()
+def get_advantages_and_returns(
+    self,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    action_mask: torch.Tensor,
+    gamma: float,
+    lambd: float,
+):
+    """OpenRLHF's GAE (``RemoteExperienceMaker.get_advantages_and_returns``): rewards and
+    values are zeroed where ``action_mask`` is 0, then the recurrence runs over every
+    position (a masked position is *not* skipped, unlike ``rlhf_ext.gae``'s mask), with
+    next-value 0 after the last position. Returns ``(advantages, returns)``, ``returns =
+    advantages + masked values``. One fused GAE kernel. ``self`` is unused (a method in
+    OpenRLHF)."""
+    if action_mask is not None:
+        values = action_mask * values
+        rewards = action_mask * rewards
+    advantages, returns = _rlhf_gae(rewards, values, None, gamma=gamma, lam=lambd)
+    return advantages.to(values.dtype), returns.to(values.dtype)
+
+
+UTILS = "openrlhf.models.utils"
+LOSS = "openrlhf.models.loss"
+EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
+_PATCHER = Patcher(
+    package="openrlhf",
+    pip_name="openrlhf",
+    targets=[
+        Target(UTILS, "log_probs_from_logits", log_probs_from_logits),
+        Target(UTILS, "compute_approx_kl", compute_approx_kl),
+        Target(UTILS, "masked_mean", masked_mean),
+        Target(LOSS, "PolicyLoss.forward", policy_loss_forward),
+        Target(LOSS, "ValueLoss.forward", value_loss_forward),
+        Target(
+            EXPERIENCE,
+            "RemoteExperienceMaker.get_advantages_and_returns",
+            get_advantages_and_returns,
+        ),
+    ],
+)
+
+
+def patch() -> list[str]:
+    """Swap this module's functions into the installed OpenRLHF: ``openrlhf.models.utils``'s
+    functions (and every loaded ``openrlhf.*`` module that imported them by name), the
+    ``forward`` of ``PolicyLoss`` and ``ValueLoss``, and the experience maker's GAE. Returns
+    the qualified names replaced. Idempotent; raises ImportError naming ``openrlhf`` when it
+    is not installed or does not import."""
+    return _PATCHER.patch(f"{PREFIX}.patch")
+
+
+def unpatch() -> list[str]:
+    """Restore everything ``patch()`` replaced; returns the qualified names restored."""
+    return _PATCHER.unpatch()
+
+
+def original(qualname: str):
+    """OpenRLHF's own object named ``qualname``, patched or not."""
+    return _PATCHER.original(qualname)
