@@ -1,0 +1,140 @@
+"""Whole runs of the trainer: 2-process DDP (gloo), SIGTERM then --resume through
+the CLI, the offline demo at a tiny scale, and the Hugging Face path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import trainer_helpers as th
+from trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+from rlhf_ext.__main__ import main
+from rlhf_ext.trainer import PPOTrainer
+from rlhf_ext.trainer.checkpoint import load_checkpoint
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def test_two_process_ddp_run(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(th.ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["params"], rank1["params"])  # DDP kept the replicas equal
+    assert rank0["kl_coef"] == rank1["kl_coef"]  # the controller saw the global KL
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [16, 32]  # 8 rollouts per rank x 2 ranks
+    assert len(load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["rng"]) == 2
+
+
+def _train_config(tmp_path, iterations: int) -> str:
+    spec = {
+        "policy": {"builtin": {"n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 48}},
+        "reward": "trainer_helpers:byte_reward",
+        "prompts": ["abc", "hello", "a cat"],
+        "ppo": th.tiny_config(tmp_path / "out", total_iterations=iterations).to_dict(),
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _cli(config: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "rlhf_ext", "train", "--config", config, *extra]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for_lines(path, count: int, proc, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the run wrote no metrics in time")
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
+    config = _train_config(tmp_path, iterations=100_000)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    proc = _cli(config)
+    _wait_for_lines(metrics, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by signal" in output
+    stopped_at = load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["iteration"]
+    assert stopped_at >= 2
+    resumed = _cli(config, "--resume", "--iterations", str(stopped_at + 2))
+    output, _ = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output and f"at iteration {stopped_at}" in output
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, stopped_at + 3))
+    assert load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["iteration"] == stopped_at + 2
+
+
+def test_demo_command_quick(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert (
+            main(
+                [
+                    "demo",
+                    "--quick",
+                    "--seeds",
+                    "0",
+                    "--iterations",
+                    "2",
+                    "--output-dir",
+                    str(tmp_path),
+                ]
+            )
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary[0]["seed"] == 0
+    for stage in ("start", "end"):
+        assert set(summary[0][stage]) == {"hidden_rule", "rm_score", "kl"}
+    assert summary[0]["start"]["kl"] == 0.0  # the policy starts as the reference
+    assert (tmp_path / "seed0" / "metrics.jsonl").exists()
+    assert "| seed | hidden rule start |" in capsys.readouterr().out
+
+
+def test_hugging_face_causal_lm_from_config(tmp_path):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
+    )
+    from rlhf_ext.trainer import ByteTokenizer
+
+    def gpt2(seed):
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(
+            vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2
+        )
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+    for critic in (None, gpt2(1)):
+        config = th.tiny_config(tmp_path / str(critic is None), total_iterations=2)
+        trainer = PPOTrainer(config, gpt2(0), None, th.byte_reward, ByteTokenizer(), critic)
+        before = [p.detach().clone() for p in trainer.all_parameters()]
+        history = trainer.train(["abc", "hello"])
+        assert len(history) == 2
+        assert any(
+            not torch.equal(a, b) for a, b in zip(before, trainer.all_parameters(), strict=True)
+        )
