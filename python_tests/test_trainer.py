@@ -367,3 +367,10 @@ def test_nonfinite_once_is_skipped_and_logged(tmp_path):
         json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["objective/scores"]
         is None
     )  # NaN is written as null
+
+
+def test_a_fresh_run_starts_a_fresh_metrics_log(tmp_path):
+    th.tiny_trainer(tmp_path, total_iterations=2).train(th.prompts())
+    th.tiny_trainer(tmp_path, total_iterations=2).train(th.prompts())
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

@@ -138,3 +138,28 @@ def test_hugging_face_causal_lm_from_config(tmp_path):
         assert any(
             not torch.equal(a, b) for a, b in zip(before, trainer.all_parameters(), strict=True)
         )
+
+
+def test_plot_or_the_reason_there_is_none(tmp_path):
+    trainer = th.tiny_trainer(tmp_path, total_iterations=2)
+    trainer.train(th.prompts())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert any("matplotlib is not installed" in line for line in trainer._log_stream.lines)
+        assert not (tmp_path / "metrics.png").exists()
+    else:
+        assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_command_config_errors(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"reward": "trainer_helpers:byte_reward", "ppo": {}}))
+    with pytest.raises(ValueError, match="train: the config file needs a `policy` entry"):
+        main(["train", "--config", str(path)])
+    path.write_text(json.dumps({"policy": {"builtin": {}}, "ppo": {"lr": 1.0}}))
+    with pytest.raises(ValueError, match="PPOConfig: unknown field\\(s\\) \\['lr'\\]"):
+        main(["train", "--config", str(path)])
+    path.write_text(json.dumps({"policy": {"builtin": {"d_model": 16}}, "reward": 3}))
+    with pytest.raises(ValueError, match="`reward` must be 'module:function'"):
+        main(["train", "--config", str(path)])

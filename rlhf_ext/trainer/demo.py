@@ -81,6 +81,10 @@ class DemoTokenizer:
         return " ".join(self.names[i] for i in keep)
 
 
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
 def hidden_rule(completions: list[str]) -> list[float]:
     """The preference the reward model must discover: the fraction of a-class
     tokens in each completion (0 for an empty one)."""
@@ -230,10 +234,10 @@ def demo_config(scale: DemoScale, seed: int, output_dir: str) -> PPOConfig:
         mini_batch_size=scale.rollout_batch // 4,
         ppo_epochs=4,
         vf_coef=0.5,
-        kl_coef=0.1,
+        kl_coef=0.2,
         adaptive_kl=True,
         kl_target=6.0,
-        kl_horizon=512.0,
+        kl_horizon=256.0,
         normalize_reward=True,
         reward_clip=5.0,
         max_new_tokens=12,
@@ -245,7 +249,7 @@ def demo_config(scale: DemoScale, seed: int, output_dir: str) -> PPOConfig:
     )
 
 
-def run_seed(seed: int, output_dir: str, scale: DemoScale, log=print) -> dict:
+def run_seed(seed: int, output_dir: str, scale: DemoScale, log=_print) -> dict:
     """The three stages for one seed; returns the start / end figures."""
     corpus = SyntheticCorpus()
     clock = time.perf_counter()
@@ -272,8 +276,9 @@ def run_seed(seed: int, output_dir: str, scale: DemoScale, log=print) -> dict:
         log=None,
     )
     clock = time.perf_counter()
-    trainer.train(train_prompts)
+    history = trainer.train(train_prompts)
     ppo_seconds = time.perf_counter() - clock
+    train_kl = [m["objective/kl"] for m in history]
     end = evaluate(
         trainer.policy_lm, reference, reward_model, eval_prompts, cfg.max_new_tokens, seed
     )
@@ -283,6 +288,8 @@ def run_seed(seed: int, output_dir: str, scale: DemoScale, log=print) -> dict:
         "start": start,
         "end": end,
         "final_kl_coef": trainer.kl_controller.value,
+        "train_kl_max": max(train_kl),
+        "train_kl_last10": _mean(train_kl[-10:]),
         "kl_target": cfg.kl_target,
         "ppo_seconds": ppo_seconds,
     }
@@ -293,7 +300,7 @@ def _mean(values: list[float]) -> float:
 
 
 def run_demo(
-    output_dir: str = "runs/demo", seeds=(0,), scale: DemoScale | None = None, log=print
+    output_dir: str = "runs/demo", seeds=(0,), scale: DemoScale | None = None, log=_print
 ) -> list[dict]:
     """Run the demo for each seed under ``output_dir/seed<N>``; print and write
     ``summary.json`` (start and end figures per seed)."""

@@ -408,6 +408,8 @@ class PPOTrainer:
         encoded = self.encode_prompts(prompts)
         if not encoded:
             raise ValueError(f"{NAME}.train: `prompts` is empty")
+        if self.writer is not None:  # a fresh run starts a fresh log; a resumed one cuts it back
+            self.writer.truncate_after(self.iteration)
         self.log(cfg.batch_arithmetic(self.world_size))
         bar = ProgressBar(total, enabled=cfg.progress_bar and self.rank == 0)
         history = []
