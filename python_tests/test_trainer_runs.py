@@ -113,7 +113,7 @@ def test_demo_command_quick(tmp_path, capsys):
         assert set(summary[0][stage]) == {"hidden_rule", "rm_score", "kl"}
     assert summary[0]["start"]["kl"] == 0.0  # the policy starts as the reference
     assert (tmp_path / "seed0" / "metrics.jsonl").exists()
-    assert "| seed | hidden rule start |" in capsys.readouterr().out
+    assert "| seed | RM pair accuracy | hidden rule start |" in capsys.readouterr().out
 
 
 def test_hugging_face_causal_lm_from_config(tmp_path):

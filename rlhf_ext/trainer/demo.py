@@ -331,16 +331,18 @@ def format_result(r: dict) -> str:
 
 
 def format_summary(results: list[dict]) -> str:
-    """A Markdown table of every seed."""
+    """A Markdown table of every seed (held-out start / end, and the training KL)."""
     lines = [
-        "| seed | hidden rule start | end | rise | RM score start | end | KL start | end |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | RM pair accuracy | hidden rule start | end | rise | RM score start | end "
+        "| KL start | end | training KL, last 10 it. | max | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, e = r["start"], r["end"]
         lines.append(
-            f"| {r['seed']} | {s['hidden_rule']:.3f} | {e['hidden_rule']:.3f} | "
-            f"{e['hidden_rule'] - s['hidden_rule']:+.3f} | {s['rm_score']:.3f} | "
-            f"{e['rm_score']:.3f} | {s['kl']:.3f} | {e['kl']:.3f} |"
+            f"| {r['seed']} | {r['reward_model_accuracy']:.3f} | {s['hidden_rule']:.3f} | "
+            f"{e['hidden_rule']:.3f} | {e['hidden_rule'] - s['hidden_rule']:+.3f} | "
+            f"{s['rm_score']:.3f} | {e['rm_score']:.3f} | {s['kl']:.3f} | {e['kl']:.3f} | "
+            f"{r['train_kl_last10']:.2f} | {r['train_kl_max']:.2f} | {r['kl_target']:g} |"
         )
     return "\n".join(lines)
