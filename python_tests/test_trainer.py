@@ -374,3 +374,39 @@ def test_a_fresh_run_starts_a_fresh_metrics_log(tmp_path):
     th.tiny_trainer(tmp_path, total_iterations=2).train(th.prompts())
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+def test_rollout_pipeline_matches_plain_torch(tmp_path):
+    """Log-probs line up with the tokens they score (the classic off-by-one), and
+    rewards -> GAE -> whitening equal the pure-PyTorch reference chain."""
+    from rlhf_ext import reference
+
+    trainer = th.tiny_trainer(tmp_path, temperature=0.7, kl_coef=0.3, gamma=0.9, lam=0.8)
+    captured = {}
+
+    def capture(batch, data):
+        captured.update(batch=batch, data=data)
+        return {}
+
+    trainer._ppo_epochs = capture
+    assert not trainer.model.value_head.weight.any()  # the value head starts at zero
+    torch.nn.init.normal_(trainer.model.value_head.weight)  # non-zero values for GAE
+    batch = trainer.generate(th.prompts(6))
+    scores = torch.randn(6)
+    trainer._ppo_iteration(batch, scores, timings={})
+    data, mask = captured["data"], batch.response_mask
+
+    logits, _, _ = trainer.policy_lm(batch.input_ids, batch.attention_mask)
+    q = batch.queries.shape[1]
+    by_hand = torch.log_softmax(logits[:, q - 1 : -1].double() / 0.7, -1)
+    by_hand = by_hand.gather(-1, batch.responses[..., None]).squeeze(-1) * mask
+    torch.testing.assert_close(data["old_logprobs"].double(), by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(data["ref_logprobs"], data["old_logprobs"])  # ref = copy
+
+    rewards = reference.kl_shaped_rewards(
+        scores, data["old_logprobs"], data["ref_logprobs"], mask, kl_coef=0.3, kl="k1"
+    )
+    advantages, returns = reference.gae(rewards, data["old_values"], mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(data["rewards"], rewards)
+    torch.testing.assert_close(data["returns"], returns)
+    torch.testing.assert_close(data["advantages"], reference.masked_whiten(advantages, mask))

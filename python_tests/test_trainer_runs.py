@@ -35,6 +35,30 @@ def test_two_process_ddp_run(tmp_path):
     assert len(load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["rng"]) == 2
 
 
+def test_torchrun_cli_two_cpu_processes(tmp_path):
+    config = _train_config(tmp_path, iterations=2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "rlhf_ext",
+        "train",
+        "--config",
+        config,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x 2 rank(s) = 16 sequences per iteration" in done.stdout
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [16, 32]
+    assert len(load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["rng"]) == 2
+
+
 def _train_config(tmp_path, iterations: int) -> str:
     spec = {
         "policy": {"builtin": {"n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 48}},
@@ -163,3 +187,30 @@ def test_train_command_config_errors(tmp_path):
     path.write_text(json.dumps({"policy": {"builtin": {"d_model": 16}}, "reward": 3}))
     with pytest.raises(ValueError, match="`reward` must be 'module:function'"):
         main(["train", "--config", str(path)])
+
+
+def test_reward_model_with_its_own_tokenizer(tmp_path):
+    from rlhf_ext.trainer import ByteTokenizer, PooledRewardModel
+
+    seen = []
+
+    class Recording(PooledRewardModel):
+        def forward(self, input_ids, attention_mask):
+            seen.append(input_ids)
+            return super().forward(input_ids, attention_mask)
+
+    reward_model = Recording(th.tiny_gpt(5, vocab_size=ByteTokenizer.vocab_size))
+    trainer = PPOTrainer(
+        th.tiny_config(tmp_path),
+        th.tiny_gpt(),
+        None,
+        reward_model,
+        th.DemoTokenizer(),
+        reward_tokenizer=ByteTokenizer(),
+    )
+    batch = trainer.generate([[1, 4, 5], [1, 9]])
+    scores = trainer.score(batch)
+    prompts, completions = trainer.reward.texts(batch)
+    expected = ByteTokenizer().encode(prompts[1] + completions[1])
+    assert seen[0][1, : len(expected)].tolist() == expected  # re-encoded as bytes
+    assert scores.shape == (2,) and scores.dtype == torch.float32

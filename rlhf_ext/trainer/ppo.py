@@ -58,7 +58,8 @@ class PPOTrainer:
         log: where text logs go (default: stdout on rank 0).
 
     Use :meth:`train` for the whole loop, or :meth:`step` with your own
-    ``(queries, responses, scores)``.
+    ``(queries, responses, scores)``. Construction seeds torch's global RNG and
+    the trainer's sampling generator with ``config.seed + rank``.
     """
 
     def __init__(
