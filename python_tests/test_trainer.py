@@ -359,8 +359,12 @@ def test_nonfinite_once_is_skipped_and_logged(tmp_path):
         scores = th.a_fraction(prompts, completions)
         return [float("nan")] * len(scores) if len(calls) == 1 else scores
 
-    trainer = th.tiny_trainer(tmp_path, reward=flaky, max_nonfinite_updates=5)
+    trainer = th.tiny_trainer(
+        tmp_path, reward=flaky, max_nonfinite_updates=5, normalize_reward=True
+    )
     history = trainer.train(th.prompts(), iterations=3)
+    assert math.isfinite(trainer.reward_moments.mean) and trainer.reward_moments.count == 16
+    assert math.isfinite(trainer.kl_controller.value)
     assert history[0]["train/skipped_updates"] == trainer.config.updates_per_iteration
     assert history[1]["train/skipped_updates"] == 0 and trainer.nonfinite_in_row == 0
     assert (

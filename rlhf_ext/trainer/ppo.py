@@ -4,6 +4,7 @@ checkpoints, metrics. Every log-prob, advantage, KL and loss is an rlhf_ext op."
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 import sys
@@ -196,8 +197,8 @@ class PPOTrainer:
         update_stats = self._ppo_epochs(batch, data)
         timings["time/update"] = time.perf_counter() - clock
         metrics = self._metrics(batch, data, raw_scores, scores, kl_coef, update_stats)
-        global_kl = dist.mean_over_ranks({"kl": metrics["objective/kl"]})["kl"]
-        self.kl_controller.update(global_kl, cfg.rollout_batch_size * self.world_size)
+        if math.isfinite(metrics["objective/kl"]):  # already the mean over ranks
+            self.kl_controller.update(metrics["objective/kl"], len(batch.queries) * self.world_size)
         metrics.update(timings)
         return metrics
 
@@ -237,7 +238,8 @@ class PPOTrainer:
     def _shaped_scores(self, raw_scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
         if self.reward_moments is not None:
             penalised = shape_scores(raw_scores, has_eos, None, _NoClip(self.config))
-            self.reward_moments.update(dist.gather_from_ranks(penalised))
+            penalised = dist.gather_from_ranks(penalised)
+            self.reward_moments.update(penalised[torch.isfinite(penalised)])  # NaN never sticks
         return shape_scores(raw_scores, has_eos, self.reward_moments, self.config)
 
     # ------------------------------------------------------------- update
