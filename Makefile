@@ -1,5 +1,5 @@
 # The README's commands. Each target builds .venv from scratch when it is missing.
-#   make demo   run the main job (today: the GAE benchmark on this machine's CPU)
+#   make demo   run the main job: the offline RLHF demo (pretrain, reward model, PPO; 3 seeds, runs/demo)
 #   make test   ruff, C++ unit tests (ctest), the pytest suite
 #   make bench  every microbenchmark on this machine
 PYTHON ?= python3
@@ -50,7 +50,7 @@ lint: $(VENV)/.deps
 test: lint cpp-test info pytest
 
 demo: $(VENV)/.installed
-	$(PY) -m bench gae --device cpu --no-save
+	$(PY) -m rlhf_ext demo --output-dir runs/demo
 
 bench: $(VENV)/.installed
 	$(PY) -m bench all

@@ -1,4 +1,4 @@
-"""Command line: ``python -m rlhf_ext info | bench [args]``."""
+"""Command line: ``python -m rlhf_ext info | bench [args] | demo | train --config FILE``."""
 
 from __future__ import annotations
 
@@ -57,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="version, torch, CUDA, compiled archs, triton, backends")
     bench = sub.add_parser("bench", help="run a microbenchmark (same as python -m bench)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
+    from rlhf_ext.trainer.cli import add_subcommands, run_demo_command, run_train_command
+
+    add_subcommands(sub)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return run_demo_command(args)
+    if args.command == "train":
+        return run_train_command(args)
     if args.command == "info":
         return info()
     if args.command == "bench":

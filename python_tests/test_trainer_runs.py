@@ -1,0 +1,216 @@
+"""Whole runs of the trainer: 2-process DDP (gloo), SIGTERM then --resume through
+the CLI, the offline demo at a tiny scale, and the Hugging Face path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import trainer_helpers as th
+from trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+from rlhf_ext.__main__ import main
+from rlhf_ext.trainer import PPOTrainer
+from rlhf_ext.trainer.checkpoint import load_checkpoint
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def test_two_process_ddp_run(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(th.ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["params"], rank1["params"])  # DDP kept the replicas equal
+    assert rank0["kl_coef"] == rank1["kl_coef"]  # the controller saw the global KL
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [16, 32]  # 8 rollouts per rank x 2 ranks
+    assert len(load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["rng"]) == 2
+
+
+def test_torchrun_cli_two_cpu_processes(tmp_path):
+    config = _train_config(tmp_path, iterations=2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "rlhf_ext",
+        "train",
+        "--config",
+        config,
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x 2 rank(s) = 16 sequences per iteration" in done.stdout
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [16, 32]
+    assert len(load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["rng"]) == 2
+
+
+def _train_config(tmp_path, iterations: int) -> str:
+    spec = {
+        "policy": {"builtin": {"n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 48}},
+        "reward": "trainer_helpers:byte_reward",
+        "prompts": ["abc", "hello", "a cat"],
+        "ppo": th.tiny_config(tmp_path / "out", total_iterations=iterations).to_dict(),
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _cli(config: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "rlhf_ext", "train", "--config", config, *extra]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for_lines(path, count: int, proc, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the run wrote no metrics in time")
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
+    config = _train_config(tmp_path, iterations=100_000)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    proc = _cli(config)
+    _wait_for_lines(metrics, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by signal" in output
+    stopped_at = load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["iteration"]
+    assert stopped_at >= 2
+    resumed = _cli(config, "--resume", "--iterations", str(stopped_at + 2))
+    output, _ = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output and f"at iteration {stopped_at}" in output
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, stopped_at + 3))
+    assert load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["iteration"] == stopped_at + 2
+
+
+def test_demo_command_quick(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert (
+            main(
+                [
+                    "demo",
+                    "--quick",
+                    "--seeds",
+                    "0",
+                    "--iterations",
+                    "2",
+                    "--output-dir",
+                    str(tmp_path),
+                ]
+            )
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary[0]["seed"] == 0
+    for stage in ("start", "end"):
+        assert set(summary[0][stage]) == {"hidden_rule", "rm_score", "kl"}
+    assert summary[0]["start"]["kl"] == 0.0  # the policy starts as the reference
+    assert (tmp_path / "seed0" / "metrics.jsonl").exists()
+    assert "| seed | RM pair accuracy | hidden rule start |" in capsys.readouterr().out
+
+
+def test_hugging_face_causal_lm_from_config(tmp_path):
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
+    )
+    from rlhf_ext.trainer import ByteTokenizer
+
+    def gpt2(seed):
+        torch.manual_seed(seed)
+        config = transformers.GPT2Config(
+            vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2
+        )
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+    for critic in (None, gpt2(1)):
+        config = th.tiny_config(tmp_path / str(critic is None), total_iterations=2)
+        trainer = PPOTrainer(config, gpt2(0), None, th.byte_reward, ByteTokenizer(), critic)
+        before = [p.detach().clone() for p in trainer.all_parameters()]
+        history = trainer.train(["abc", "hello"])
+        assert len(history) == 2
+        assert any(
+            not torch.equal(a, b) for a, b in zip(before, trainer.all_parameters(), strict=True)
+        )
+
+
+def test_plot_or_the_reason_there_is_none(tmp_path):
+    trainer = th.tiny_trainer(tmp_path, total_iterations=2)
+    trainer.train(th.prompts())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert any("matplotlib is not installed" in line for line in trainer._log_stream.lines)
+        assert not (tmp_path / "metrics.png").exists()
+    else:
+        assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_command_config_errors(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"reward": "trainer_helpers:byte_reward", "ppo": {}}))
+    with pytest.raises(ValueError, match="train: the config file needs a `policy` entry"):
+        main(["train", "--config", str(path)])
+    path.write_text(json.dumps({"policy": {"builtin": {}}, "ppo": {"lr": 1.0}}))
+    with pytest.raises(ValueError, match="PPOConfig: unknown field\\(s\\) \\['lr'\\]"):
+        main(["train", "--config", str(path)])
+    path.write_text(json.dumps({"policy": {"builtin": {"d_model": 16}}, "reward": 3}))
+    with pytest.raises(ValueError, match="`reward` must be 'module:function'"):
+        main(["train", "--config", str(path)])
+
+
+def test_reward_model_with_its_own_tokenizer(tmp_path):
+    from rlhf_ext.trainer import ByteTokenizer, PooledRewardModel
+
+    seen = []
+
+    class Recording(PooledRewardModel):
+        def forward(self, input_ids, attention_mask):
+            seen.append(input_ids)
+            return super().forward(input_ids, attention_mask)
+
+    reward_model = Recording(th.tiny_gpt(5, vocab_size=ByteTokenizer.vocab_size))
+    trainer = PPOTrainer(
+        th.tiny_config(tmp_path),
+        th.tiny_gpt(),
+        None,
+        reward_model,
+        th.DemoTokenizer(),
+        reward_tokenizer=ByteTokenizer(),
+    )
+    batch = trainer.generate([[1, 4, 5], [1, 9]])
+    scores = trainer.score(batch)
+    prompts, completions = trainer.reward.texts(batch)
+    expected = ByteTokenizer().encode(prompts[1] + completions[1])
+    assert seen[0][1, : len(expected)].tolist() == expected  # re-encoded as bytes
+    assert scores.shape == (2,) and scores.dtype == torch.float32

@@ -1,0 +1,149 @@
+"""``python -m rlhf_ext demo`` and ``python -m rlhf_ext train --config FILE``.
+
+The train config file (JSON, or TOML on Python 3.11+) holds::
+
+    {
+      "policy": "gpt2",                      # a transformers name or path, or
+                                             # {"builtin": {GPTConfig fields}} (byte tokenizer)
+      "ref_policy": null,                    # default: a frozen copy of the policy
+      "value_model": null,                   # a separate critic; default: a value head
+      "reward": "my_module:score",           # fn(prompts, completions) -> scores, or
+                                             # {"model": name_or_path} (a sequence classifier)
+      "prompts": "prompts.txt",              # one prompt per line, or a list of strings
+      "ppo": {...every PPOConfig field...}
+    }
+
+Under ``torchrun`` each process joins the group (gloo on CPU, NCCL on GPU) and
+rolls out its own share.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from rlhf_ext.trainer.config import PPOConfig, load_config_file
+
+NAME = "python -m rlhf_ext train"
+
+
+def add_subcommands(sub) -> None:
+    """Register ``demo`` and ``train`` on an argparse subparsers object."""
+    demo = sub.add_parser("demo", help="the offline RLHF demo (pretrain, reward model, PPO)")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    demo.add_argument("--iterations", type=int, default=None, help="PPO iterations per seed")
+    demo.add_argument("--quick", action="store_true", help="a tiny scale, for smoke tests")
+    train = sub.add_parser("train", help="PPO from a config file")
+    train.add_argument("--config", required=True, help="JSON or TOML file")
+    train.add_argument("--resume", action="store_true", help="continue from output_dir")
+    train.add_argument("--output-dir", default=None, help="overrides ppo.output_dir")
+    train.add_argument("--iterations", type=int, default=None, help="overrides total_iterations")
+
+
+def run_demo_command(args) -> int:
+    """Entry point of ``demo``."""
+    import dataclasses
+
+    from rlhf_ext.trainer.demo import QUICK, DemoScale, run_demo
+
+    scale = QUICK if args.quick else DemoScale()
+    if args.iterations is not None:
+        scale = dataclasses.replace(scale, ppo_iterations=args.iterations)
+    run_demo(args.output_dir, seeds=args.seeds, scale=scale)
+    return 0
+
+
+def run_train_command(args) -> int:
+    """Entry point of ``train``: build everything from the file, then train."""
+    from rlhf_ext.trainer.ppo import PPOTrainer
+
+    spec = load_config_file(args.config)
+    ppo = dict(spec.get("ppo", {}))
+    if args.output_dir is not None:
+        ppo["output_dir"] = args.output_dir
+    if args.iterations is not None:
+        ppo["total_iterations"] = args.iterations
+    config = PPOConfig.from_dict(ppo)
+    device = _init_distributed()
+    if "policy" not in spec:
+        raise ValueError(f"{NAME}: the config file needs a `policy` entry")
+    policy, tokenizer = load_policy(spec["policy"], device)
+    ref = load_policy(spec["ref_policy"], device)[0] if spec.get("ref_policy") else None
+    critic = load_policy(spec["value_model"], device)[0] if spec.get("value_model") else None
+    reward = load_reward(spec.get("reward"), device)
+    trainer = PPOTrainer(config, policy, ref, reward, tokenizer, critic)
+    if args.resume and os.path.exists(trainer.checkpoint_path):
+        trainer.load_checkpoint()
+        trainer.log(f"resumed from {trainer.checkpoint_path} at iteration {trainer.iteration}")
+    trainer.train(load_prompts(spec.get("prompts")))
+    return 0
+
+
+def _init_distributed() -> torch.device:
+    """Join the torchrun process group when there is one; this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def load_policy(spec, device):
+    """A model and its tokenizer: ``{"builtin": {...}}`` or a transformers name/path."""
+    if isinstance(spec, dict) and "builtin" in spec:
+        from rlhf_ext.trainer.model import ByteTokenizer, GPTConfig, TinyGPT
+
+        tokenizer = ByteTokenizer()
+        fields = {"vocab_size": tokenizer.vocab_size, **spec["builtin"]}
+        model = TinyGPT(GPTConfig(**fields))
+        if spec.get("weights"):
+            model.load_state_dict(torch.load(spec["weights"], map_location="cpu"))
+        return model.to(device), tokenizer
+    if not isinstance(spec, str):
+        raise ValueError(f"{NAME}: a model must be a name/path or {{'builtin': ...}}, got {spec!r}")
+    transformers = _transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec).to(device)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(spec)
+    return model, tokenizer
+
+
+def load_reward(spec, device):
+    """``"module:function"`` or ``{"model": name_or_path}`` (a sequence classifier)."""
+    if isinstance(spec, str) and ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    if isinstance(spec, dict) and "model" in spec:
+        transformers = _transformers()
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(spec["model"])
+        return model.to(device).eval()
+    raise ValueError(
+        f"{NAME}: `reward` must be 'module:function' or {{'model': name_or_path}}, got {spec!r}"
+    )
+
+
+def load_prompts(spec) -> list:
+    """A list of prompts, or the non-empty lines of a text file."""
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, str):
+        with open(spec) as fh:
+            return [line.rstrip("\n") for line in fh if line.strip()]
+    raise ValueError(f"{NAME}: `prompts` must be a file path or a list of strings, got {spec!r}")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(
+            f"{NAME}: loading a Hugging Face model needs `transformers` "
+            "(pip install 'rlhf_ext[trainer]')"
+        ) from exc
+    return transformers

@@ -1,0 +1,241 @@
+"""PPOConfig: every knob of the PPO trainer, validated with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+NAME = "rlhf_ext.trainer.PPOConfig"
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_PLACEMENTS = ("reward", "loss")
+
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of :class:`rlhf_ext.trainer.PPOTrainer` (DESIGN 6).
+
+    Names follow TRL's ``PPOConfig`` / OpenRLHF's flags where one exists. Batch
+    sizes are per process (per rank): each rank rolls out ``rollout_batch_size``
+    sequences per iteration, splits them into ``rollout_batch_size //
+    mini_batch_size`` optimizer steps per PPO epoch, and each mini-batch into
+    ``mini_batch_size // micro_batch_size`` gradient-accumulation passes.
+
+    KL: ``kl_placement="reward"`` adds ``-kl_coef * kl_t`` to every token's reward
+    (classic RLHF; the score is added at the last real token);
+    ``kl_placement="loss"`` adds ``kl_coef * kl_loss(new, ref)`` to the loss (GRPO
+    style). The adaptive controller (``adaptive_kl=True``) is fed the batch mean
+    of the per-sequence *sum* of per-token k1 KL (TRL's ``objective/kl``).
+    """
+
+    # optimisation
+    learning_rate: float = 1e-5
+    value_learning_rate: float | None = None  # None: learning_rate
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    # batching
+    total_iterations: int = 100
+    rollout_batch_size: int = 64
+    mini_batch_size: int = 16
+    micro_batch_size: int | None = None  # None: mini_batch_size (no accumulation)
+    ppo_epochs: int = 4
+    # policy loss
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    loss_agg: str = "token-mean"
+    entropy_coef: float = 0.0
+    # value loss
+    vf_coef: float = 0.1
+    value_clip: float | None = 0.2
+    # advantages
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    # KL
+    kl_coef: float = 0.05
+    adaptive_kl: bool = True
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    kl_kind: str = "k1"
+    kl_placement: str = "reward"
+    # rewards
+    normalize_reward: bool = False
+    reward_clip: float | None = None
+    missing_eos_penalty: float | None = None
+    # sampling
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int = 32
+    # run
+    seed: int = 0
+    log_interval: int = 1
+    sample_interval: int = 10
+    checkpoint_interval: int = 50
+    output_dir: str = "runs/ppo"
+    max_nonfinite_updates: int = 3
+    progress_bar: bool = True
+    extra: dict = field(default_factory=dict)  # free-form, carried into checkpoints
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise ValueError / TypeError naming the first bad field."""
+        self._check_positive_floats()
+        self._check_optional_positive()
+        self._check_ints()
+        self._check_batching()
+        self._check_choices()
+        if not 0.0 <= self.gamma <= 1.0:
+            self._fail("gamma", "a float in [0, 1]", self.gamma)
+        if not 0.0 <= self.lam <= 1.0:
+            self._fail("lam", "a float in [0, 1]", self.lam)
+        if self.kl_coef < 0:
+            self._fail("kl_coef", "a float >= 0", self.kl_coef)
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            self._fail("dual_clip", "None or a float > 1", self.dual_clip)
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            self._fail("top_p", "None or a float in (0, 1]", self.top_p)
+
+    def _fail(self, name: str, expected: str, got) -> None:
+        raise ValueError(f"{NAME}: `{name}` must be {expected}, got {got!r}")
+
+    def _number(self, name: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{NAME}: `{name}` must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            self._fail(name, "finite", value)
+        return value
+
+    def _check_positive_floats(self) -> None:
+        for name in ("learning_rate", "adam_eps", "clip_eps", "kl_target", "kl_horizon"):
+            if self._number(name, getattr(self, name)) <= 0:
+                self._fail(name, "a float > 0", getattr(self, name))
+        if self._number("temperature", self.temperature) <= 0:
+            self._fail("temperature", "a float > 0", self.temperature)
+        for name in ("weight_decay", "vf_coef", "entropy_coef", "gamma", "lam", "kl_coef"):
+            self._number(name, getattr(self, name))
+
+    def _check_optional_positive(self) -> None:
+        for name in (
+            "value_learning_rate",
+            "max_grad_norm",
+            "clip_eps_high",
+            "value_clip",
+            "reward_clip",
+            "dual_clip",
+            "top_p",
+        ):
+            value = getattr(self, name)
+            if value is not None and self._number(name, value) <= 0:
+                self._fail(name, "None or a float > 0", value)
+        if self.missing_eos_penalty is not None:
+            self._number("missing_eos_penalty", self.missing_eos_penalty)
+
+    def _check_ints(self) -> None:
+        for name in (
+            "total_iterations",
+            "rollout_batch_size",
+            "mini_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "log_interval",
+            "sample_interval",
+            "checkpoint_interval",
+            "max_nonfinite_updates",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self._fail(name, "an int >= 1", value)
+        for name in ("micro_batch_size", "top_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                self._fail(name, "None or an int >= 1", value)
+            if value is not None and value < 1:
+                self._fail(name, "None or an int >= 1", value)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            self._fail("seed", "an int", self.seed)
+
+    def _check_batching(self) -> None:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"{NAME}: `rollout_batch_size` ({self.rollout_batch_size}) must be a multiple "
+                f"of `mini_batch_size` ({self.mini_batch_size})"
+            )
+        if self.mini_batch_size % self.micro_batch:
+            raise ValueError(
+                f"{NAME}: `mini_batch_size` ({self.mini_batch_size}) must be a multiple "
+                f"of `micro_batch_size` ({self.micro_batch_size})"
+            )
+
+    def _check_choices(self) -> None:
+        choices = {"loss_agg": AGG_MODES, "kl_kind": KL_KINDS, "kl_placement": KL_PLACEMENTS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                self._fail(name, f"one of {allowed}", getattr(self, name))
+
+    # ------------------------------------------------------------ arithmetic
+    @property
+    def micro_batch(self) -> int:
+        """The micro-batch size in effect (``mini_batch_size`` when unset)."""
+        return self.micro_batch_size or self.mini_batch_size
+
+    @property
+    def mini_batches_per_epoch(self) -> int:
+        """Optimizer steps per PPO epoch."""
+        return self.rollout_batch_size // self.mini_batch_size
+
+    @property
+    def updates_per_iteration(self) -> int:
+        """Optimizer steps per iteration (PPO epochs x mini-batches)."""
+        return self.ppo_epochs * self.mini_batches_per_epoch
+
+    def batch_arithmetic(self, world_size: int = 1) -> str:
+        """The batch-size arithmetic, printed at the start of a run."""
+        accum = self.mini_batch_size // self.micro_batch
+        return (
+            f"rollout batch {self.rollout_batch_size} per rank x {world_size} rank(s) = "
+            f"{self.rollout_batch_size * world_size} sequences per iteration; "
+            f"{self.mini_batches_per_epoch} mini-batch(es) of {self.mini_batch_size} "
+            f"({accum} micro-batch(es) of {self.micro_batch}) x {self.ppo_epochs} PPO epoch(s) "
+            f"= {self.updates_per_iteration} optimizer step(s) per iteration"
+        )
+
+    # ------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PPOConfig:
+        """Build from a dict; an unknown key is an error that names it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{NAME}: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> PPOConfig:
+        """Read a JSON file holding the fields (or a ``"ppo"`` section of them)."""
+        data = load_config_file(path)
+        return cls.from_dict(data.get("ppo", data))
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Parse a JSON (``.json``) or TOML (``.toml``, Python 3.11+) config file."""
+    path = os.fspath(path)
+    if path.endswith(".toml"):
+        import tomllib
+
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    with open(path) as fh:
+        return json.load(fh)

@@ -1,0 +1,599 @@
+"""PPOTrainer: rollouts, reward shaping, GAE, clipped PPO updates, KL control,
+checkpoints, metrics. Every log-prob, advantage, KL and loss is an rlhf_ext op."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+import rlhf_ext
+from rlhf_ext.trainer import distributed as dist
+from rlhf_ext.trainer.checkpoint import atomic_torch_save, capture_rng, load_checkpoint, restore_rng
+from rlhf_ext.trainer.config import PPOConfig
+from rlhf_ext.trainer.kl_control import build_kl_controller
+from rlhf_ext.trainer.metrics import MetricsWriter, ProgressBar, format_sample_table, plot_metrics
+from rlhf_ext.trainer.model import ValueHeadModel, as_causal_lm
+from rlhf_ext.trainer.rewards import RewardSource, RunningMoments, shape_scores
+from rlhf_ext.trainer.rollout import (
+    Batch,
+    generate,
+    left_pad,
+    response_logits,
+    response_logprobs,
+    right_pad,
+)
+
+NAME = "rlhf_ext.trainer.PPOTrainer"
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``max_nonfinite_updates`` skipped (non-finite) updates in a row."""
+
+
+class PPOTrainer:
+    """PPO for language models (Ziegler et al. 2019; TRL / OpenRLHF semantics).
+
+    Args:
+        config: a :class:`PPOConfig`.
+        policy: a :class:`TinyGPT` or a transformers causal LM (trained).
+        ref_policy: the frozen reference (None: a frozen copy of ``policy``).
+        reward_fn_or_model: ``fn(prompts, completions) -> scores`` on decoded
+            text, or a reward model ``rm(input_ids, attention_mask) -> [B]``.
+        tokenizer: ``pad_token_id``, ``eos_token_id``, ``encode``, ``decode``
+            (a transformers tokenizer or :class:`ByteTokenizer`). pad may equal
+            eos: masks come from lengths and the first EOS, never from pad ids.
+        value_model: None for a value head on the policy's backbone, or a
+            separate causal LM that becomes the critic.
+        reward_tokenizer: the reward model's own tokenizer, when it differs.
+        metrics_fn: optional ``fn(prompts, completions) -> dict`` of extra
+            per-iteration metrics (the demo's hidden-rule score).
+        log: where text logs go (default: stdout on rank 0).
+
+    Use :meth:`train` for the whole loop, or :meth:`step` with your own
+    ``(queries, responses, scores)``. Construction seeds torch's global RNG and
+    the trainer's sampling generator with ``config.seed + rank``.
+    """
+
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: nn.Module,
+        ref_policy: nn.Module | None,
+        reward_fn_or_model,
+        tokenizer,
+        value_model: nn.Module | None = None,
+        *,
+        reward_tokenizer=None,
+        metrics_fn=None,
+        log=None,
+    ) -> None:
+        if not isinstance(config, PPOConfig):
+            raise TypeError(f"{NAME}: `config` must be a PPOConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        torch.manual_seed(config.seed + self.rank)
+        self.generator = torch.Generator().manual_seed(config.seed + self.rank)
+        self.eos_token_id, self.pad_token_id = _special_tokens(tokenizer)
+        self.tokenizer = tokenizer
+        self._build_models(policy, ref_policy, value_model)
+        self.reward = RewardSource(reward_fn_or_model, tokenizer, reward_tokenizer)
+        self.metrics_fn = metrics_fn
+        self.optimizer = self._build_optimizer()
+        self.kl_controller = build_kl_controller(config)
+        self.reward_moments = RunningMoments() if config.normalize_reward else None
+        self.iteration = 0
+        self.nonfinite_in_row = 0
+        self.writer = MetricsWriter(config.output_dir) if self.rank == 0 else None
+        self._log_stream = log if log is not None else sys.stdout
+        self._stop_signal = None
+
+    # ----------------------------------------------------------- building
+    def _build_models(self, policy, ref_policy, value_model) -> None:
+        self.device = next(policy.parameters()).device
+        if value_model is None:
+            self.model = ValueHeadModel(policy).to(self.device)
+            self.policy_lm, self.critic = self.model.lm, None
+        else:
+            self.model = as_causal_lm(policy)
+            self.policy_lm = self.model
+            self.critic = ValueHeadModel(value_model, with_logits=False).to(self.device)
+        ref = ref_policy if ref_policy is not None else copy.deepcopy(self.policy_lm)
+        self.ref_lm = as_causal_lm(ref).to(self.device).eval().requires_grad_(False)
+        for module in (self.model, self.critic):
+            if module is not None:
+                module.eval()  # dropout off during RL, also while training
+        self.train_model = _maybe_ddp(self.model)
+        self.train_critic = _maybe_ddp(self.critic) if self.critic is not None else None
+
+    def _value_parameters(self) -> list[nn.Parameter]:
+        if self.critic is not None:
+            return list(self.critic.parameters())
+        return list(self.model.value_head.parameters())
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        value_params = self._value_parameters()
+        value_ids = {id(p) for p in value_params}
+        policy_params = [p for p in self.model.parameters() if id(p) not in value_ids]
+        cfg = self.config
+        groups = [
+            {"params": policy_params, "lr": cfg.learning_rate},
+            {"params": value_params, "lr": cfg.value_learning_rate or cfg.learning_rate},
+        ]
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+
+    def all_parameters(self) -> list[nn.Parameter]:
+        """Every trained parameter (policy, value head or critic)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    # ----------------------------------------------------------- rollouts
+    def encode_prompts(self, prompts) -> list:
+        """Token ids of each prompt (strings are encoded with the tokenizer)."""
+        return [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+
+    def generate(self, queries) -> Batch:
+        """Sample responses for ``queries`` (token-id sequences) with the KV cache."""
+        ids, mask = left_pad(queries, self.pad_token_id, self.device)
+        return generate(
+            self.policy_lm,
+            ids,
+            mask,
+            config=self.config,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            generator=self.generator,
+        )
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Raw scores of a rollout from the reward function or model."""
+        return self.reward(batch)
+
+    # --------------------------------------------------------------- step
+    def step(self, queries, responses, scores) -> dict:
+        """One PPO iteration on given ``queries``, ``responses`` (token-id
+        sequences; a response ends at its first EOS) and ``scores [B]``.
+        Returns the iteration's metrics."""
+        ids, qmask = left_pad(queries, self.pad_token_id, self.device)
+        rids, rmask, has_eos = right_pad(
+            responses, self.pad_token_id, self.eos_token_id, self.device
+        )
+        batch = Batch(ids, qmask, rids, rmask, has_eos)
+        scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device).reshape(-1)
+        if scores.numel() != ids.shape[0]:
+            raise ValueError(
+                f"{NAME}.step: `scores` must hold one score per query ({ids.shape[0]}), "
+                f"got {scores.numel()}"
+            )
+        return self._ppo_iteration(batch, scores, timings={})
+
+    def _ppo_iteration(self, batch: Batch, raw_scores: torch.Tensor, timings: dict) -> dict:
+        cfg = self.config
+        clock = time.perf_counter()
+        data = self._rollout_statistics(batch)
+        timings["time/logprobs"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        scores = self._shaped_scores(raw_scores, batch.has_eos)
+        kl_coef = self.kl_controller.value
+        data["rewards"] = self.shaped_rewards(
+            scores, data["old_logprobs"], data["ref_logprobs"], batch.response_mask
+        )
+        advantages, data["returns"] = rlhf_ext.gae(
+            data["rewards"], data["old_values"], batch.response_mask, gamma=cfg.gamma, lam=cfg.lam
+        )
+        if cfg.whiten_advantages:
+            advantages = rlhf_ext.masked_whiten(advantages, batch.response_mask)
+        data["advantages"] = advantages
+        timings["time/advantages"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        update_stats = self._ppo_epochs(batch, data)
+        timings["time/update"] = time.perf_counter() - clock
+        metrics = self._metrics(batch, data, raw_scores, scores, kl_coef, update_stats)
+        if math.isfinite(metrics["objective/kl"]):  # already the mean over ranks
+            self.kl_controller.update(metrics["objective/kl"], len(batch.queries) * self.world_size)
+        metrics.update(timings)
+        return metrics
+
+    def shaped_rewards(self, scores, logprobs, ref_logprobs, mask) -> torch.Tensor:
+        """Per-token rewards: ``-kl_coef * kl_t`` (only when ``kl_placement="reward"``)
+        plus each row's score at its last response token (rlhf_ext.kl_shaped_rewards)."""
+        in_reward = self.config.kl_placement == "reward"
+        return rlhf_ext.kl_shaped_rewards(
+            scores,
+            logprobs,
+            ref_logprobs,
+            mask,
+            kl_coef=self.kl_controller.value if in_reward else 0.0,
+            kl=self.config.kl_kind,
+        )
+
+    @torch.no_grad()
+    def _rollout_statistics(self, batch: Batch) -> dict:
+        """Old log-probs, entropy and values of the policy; reference log-probs."""
+        temperature = self.config.temperature
+        if self.critic is None:
+            logits, values = response_logits(self.model, batch, value_model=True)
+        else:
+            logits, _ = response_logits(self.policy_lm, batch)
+            _, values = response_logits(self.critic, batch, value_model=True)
+        old_logprobs, entropy = response_logprobs(logits, batch, temperature, True)
+        ref_logits, _ = response_logits(self.ref_lm, batch)
+        ref_logprobs = response_logprobs(ref_logits, batch, temperature)
+        mask = batch.response_mask
+        return {
+            "old_logprobs": old_logprobs,
+            "entropy": entropy,
+            "old_values": values.masked_fill(~mask, 0.0),
+            "ref_logprobs": ref_logprobs,
+        }
+
+    def _shaped_scores(self, raw_scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+        if self.reward_moments is not None:
+            penalised = shape_scores(raw_scores, has_eos, None, _NoClip(self.config))
+            penalised = dist.gather_from_ranks(penalised)
+            self.reward_moments.update(penalised[torch.isfinite(penalised)])  # NaN never sticks
+        return shape_scores(raw_scores, has_eos, self.reward_moments, self.config)
+
+    # ------------------------------------------------------------- update
+    def _ppo_epochs(self, batch: Batch, data: dict) -> dict:
+        cfg = self.config
+        sums: dict[str, float] = {}
+        updates = skipped = 0
+        rows = batch.queries.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(rows, generator=self.generator)
+            for start in range(0, rows, cfg.mini_batch_size):
+                stats = self._update_minibatch(
+                    batch, data, order[start : start + cfg.mini_batch_size]
+                )
+                if stats is None:
+                    skipped += 1
+                    continue
+                updates += 1
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        averages = {key: value / max(updates, 1) for key, value in sums.items()}
+        averages["train/skipped_updates"] = float(skipped)
+        return averages
+
+    def _update_minibatch(self, batch: Batch, data: dict, rows: torch.Tensor) -> dict | None:
+        """Forward, backward (accumulated over micro-batches), clip and step; None
+        when a loss or the gradient norm was not finite (the update is skipped)."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        micro = cfg.micro_batch
+        for start in range(0, rows.numel(), micro):
+            part = rows[start : start + micro].to(self.device)
+            loss, stats = self._loss(batch.select(part), {k: v[part] for k, v in data.items()})
+            if dist.any_rank(not bool(torch.isfinite(loss))):
+                return self._skip("loss", float(loss.detach()))
+            (loss * (part.numel() / rows.numel())).backward()
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value * part.numel() / rows.numel()
+        grad_norm = self._clip_gradients()
+        if dist.any_rank(not bool(torch.isfinite(grad_norm))):
+            return self._skip("gradient norm", float(grad_norm))
+        self.optimizer.step()
+        self.nonfinite_in_row = 0
+        totals["policy/grad_norm"] = float(grad_norm)
+        return totals
+
+    def _clip_gradients(self) -> torch.Tensor:
+        params = [p for p in self.all_parameters() if p.grad is not None]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _skip(self, what: str, value: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_row += 1
+        self.log(
+            f"rlhf_ext.trainer: non-finite {what} ({value}) at iteration {self.iteration}: "
+            f"update skipped ({self.nonfinite_in_row} in a row)"
+        )
+        if self.nonfinite_in_row >= self.config.max_nonfinite_updates:
+            raise NonFiniteLossError(
+                f"{NAME}: {self.nonfinite_in_row} non-finite updates in a row "
+                f"(max_nonfinite_updates={self.config.max_nonfinite_updates}); stopping"
+            )
+        return None
+
+    def _loss(self, mb: Batch, data: dict) -> tuple[torch.Tensor, dict]:
+        """PPO loss of one micro-batch: clipped policy loss + vf_coef * value loss
+        - entropy_coef * entropy (+ kl_coef * KL loss when the KL is a loss term)."""
+        cfg = self.config
+        mask = mb.response_mask
+        if self.critic is None:
+            logits, values = response_logits(self.train_model, mb, value_model=True)
+        else:
+            logits, _ = response_logits(self.train_model, mb)
+            _, values = response_logits(self.train_critic, mb, value_model=True)
+        logprobs, entropy = response_logprobs(logits, mb, cfg.temperature, True)
+        pg_loss, pg_stats = rlhf_ext.ppo_policy_loss(
+            logprobs,
+            data["old_logprobs"],
+            data["advantages"],
+            mask,
+            clip_eps=cfg.clip_eps,
+            clip_eps_high=cfg.clip_eps_high,
+            dual_clip=cfg.dual_clip,
+            agg=cfg.loss_agg,
+        )
+        vf_loss, vf_stats = rlhf_ext.value_loss(
+            values,
+            data["old_values"],
+            data["returns"],
+            mask,
+            clip_eps=cfg.value_clip,
+            agg=cfg.loss_agg,
+        )
+        mean_entropy = rlhf_ext.masked_mean(entropy, mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
+        stats = {}
+        if cfg.kl_placement == "loss":
+            kl = rlhf_ext.kl_loss(
+                logprobs, data["ref_logprobs"], mask, kind=cfg.kl_kind, agg=cfg.loss_agg
+            )
+            loss = loss + self.kl_controller.value * kl
+            stats["loss/kl_avg"] = float(kl.detach())
+        stats.update(
+            {
+                "loss/policy_avg": float(pg_loss.detach()),
+                "loss/value_avg": float(vf_loss.detach()),
+                "loss/total_avg": float(loss.detach()),
+                "policy/approxkl_avg": float(pg_stats["approx_kl"]),
+                "policy/clipfrac_avg": float(pg_stats["clipfrac"]),
+                "policy/entropy_avg": float(mean_entropy.detach()),
+                "val/ratio": float(pg_stats["ratio_mean"]),
+                "val/clipfrac_avg": float(vf_stats["clipfrac"]),
+            }
+        )
+        return loss, stats
+
+    # ------------------------------------------------------------ metrics
+    def _metrics(self, batch, data, raw_scores, scores, kl_coef, update_stats) -> dict:
+        mask = batch.response_mask
+        per_token_kl = rlhf_ext.kl_penalty(data["old_logprobs"], data["ref_logprobs"], kind="k1")
+        kl_per_seq = (per_token_kl * mask).sum(1)
+        rlhf_reward = data["rewards"].sum(1)
+        lengths = mask.sum(1).float()
+        returns, values = data["returns"], data["old_values"]
+        residual_var = _masked_var(returns - values, mask)
+        local = {
+            "objective/kl": float(kl_per_seq.mean()),
+            "objective/entropy": float((data["entropy"] * mask).sum(1).mean()),
+            "objective/scores": float(raw_scores.mean()),
+            "objective/shaped_scores": float(scores.mean()),
+            "objective/rlhf_reward": float(rlhf_reward.mean()),
+            "objective/non_score_reward": float((rlhf_reward - scores).mean()),
+            "val/num_eos_tokens": float(batch.has_eos.sum()),
+            "val/var_explained": 1.0 - residual_var / max(_masked_var(returns, mask), 1e-12),
+            "val/mean_response_length": float(lengths.mean()),
+            "val/min_response_length": float(lengths.min()),
+            "val/max_response_length": float(lengths.max()),
+        }
+        local.update(update_stats)
+        if self.metrics_fn is not None:
+            local.update(self.metrics_fn(*self.reward.texts(batch)))
+        metrics = dist.mean_over_ranks(local)
+        metrics["val/num_eos_tokens"] *= self.world_size  # a count: the sum over ranks
+        metrics.update(
+            {
+                "kl_coef": kl_coef,
+                "objective/kl_coef": kl_coef,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "value_lr": self.optimizer.param_groups[1]["lr"],
+            }
+        )
+        return metrics
+
+    # -------------------------------------------------------------- train
+    def train(self, prompts, iterations: int | None = None) -> list[dict]:
+        """Run PPO from the current iteration up to ``iterations`` (default
+        ``config.total_iterations``), sampling ``rollout_batch_size`` prompts per
+        rank per iteration from ``prompts`` (strings or token-id sequences).
+
+        Writes ``metrics.jsonl``, a checkpoint every ``checkpoint_interval``
+        iterations and at the end, and ``metrics.png``. SIGINT / SIGTERM write a
+        checkpoint after the current iteration and return. Returns this call's
+        metrics, one dict per iteration.
+        """
+        cfg = self.config
+        total = iterations if iterations is not None else cfg.total_iterations
+        encoded = self.encode_prompts(prompts)
+        if not encoded:
+            raise ValueError(f"{NAME}.train: `prompts` is empty")
+        if self.writer is not None:  # a fresh run starts a fresh log; a resumed one cuts it back
+            self.writer.truncate_after(self.iteration)
+        self.log(cfg.batch_arithmetic(self.world_size))
+        bar = ProgressBar(total, enabled=cfg.progress_bar and self.rank == 0)
+        history = []
+        with self._signals_caught():
+            while self.iteration < total:
+                metrics = self._train_iteration(encoded)
+                history.append(metrics)
+                bar.update(self.iteration, metrics)
+                if dist.any_rank(self._stop_signal is not None):
+                    self.save_checkpoint()
+                    bar.close()
+                    self.log(
+                        f"rlhf_ext.trainer: stopped by signal at iteration "
+                        f"{self.iteration}; checkpoint in {self.checkpoint_path}"
+                    )
+                    self.interrupted = True
+                    return history
+                if self.iteration % cfg.checkpoint_interval == 0:
+                    self.save_checkpoint()
+        bar.close()
+        self.interrupted = False
+        self.save_checkpoint()
+        self.plot()
+        return history
+
+    def _train_iteration(self, encoded: list) -> dict:
+        cfg = self.config
+        start = time.perf_counter()
+        picks = torch.randint(len(encoded), (cfg.rollout_batch_size,), generator=self.generator)
+        batch = self.generate([encoded[i] for i in picks.tolist()])
+        timings = {"time/rollout": time.perf_counter() - start}
+        clock = time.perf_counter()
+        raw_scores = self.score(batch)
+        timings["time/reward"] = time.perf_counter() - clock
+        metrics = self._ppo_iteration(batch, raw_scores, timings)
+        self.iteration += 1
+        elapsed = time.perf_counter() - start
+        tokens = float(batch.response_mask.sum()) * self.world_size
+        metrics.update(
+            {
+                "step": self.iteration,
+                "episode": self.iteration * cfg.rollout_batch_size * self.world_size,
+                "time/iteration": elapsed,
+                "tokens/s": tokens / elapsed,
+            }
+        )
+        if self.writer is not None and self.iteration % cfg.log_interval == 0:
+            self.writer.append(metrics)
+        if self.iteration % cfg.sample_interval == 0:
+            prompts, completions = self.reward.texts(batch)
+            self.log(
+                f"samples at iteration {self.iteration}:\n"
+                + format_sample_table(prompts, completions, raw_scores.tolist())
+            )
+        return metrics
+
+    @contextmanager
+    def _signals_caught(self):
+        """SIGINT / SIGTERM set a flag checked between iterations (main thread only)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            signal.signal(signum, previous[signum])  # a second signal acts as usual
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    # -------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> str:
+        """``<output_dir>/checkpoint.pt``."""
+        return os.path.join(self.config.output_dir, CHECKPOINT)
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs (this rank's RNG states included)."""
+        return {
+            "iteration": self.iteration,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "critic": self.critic.state_dict() if self.critic is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "reward_moments": (
+                self.reward_moments.state_dict() if self.reward_moments is not None else None
+            ),
+            "nonfinite_in_row": self.nonfinite_in_row,
+        }
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        """Write a checkpoint atomically (rank 0 writes; every rank's RNG is in it)."""
+        path = path or self.checkpoint_path
+        rng_states = dist.gather_objects(capture_rng(self.generator))
+        if self.rank == 0:
+            state = self.state_dict()
+            state["rng"] = rng_states
+            atomic_torch_save(state, path)
+        dist.barrier()
+        return path
+
+    def load_checkpoint(self, path: str | None = None) -> None:
+        """Continue from a checkpoint: the run then gives the same results as one
+        that was never interrupted (same seed, same world size)."""
+        path = path or self.checkpoint_path
+        state = load_checkpoint(path)
+        if len(state["rng"]) != self.world_size:
+            raise ValueError(
+                f"{NAME}.load_checkpoint: {path} was written by {len(state['rng'])} rank(s), "
+                f"this run has {self.world_size}"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        if self.reward_moments is not None and state["reward_moments"] is not None:
+            self.reward_moments.load_state_dict(state["reward_moments"])
+        self.iteration = state["iteration"]
+        self.nonfinite_in_row = state["nonfinite_in_row"]
+        restore_rng(state["rng"][self.rank], self.generator)
+        if self.writer is not None:
+            self.writer.truncate_after(self.iteration)
+
+    # ------------------------------------------------------------ outputs
+    def plot(self) -> str | None:
+        """Write ``metrics.png`` from ``metrics.jsonl`` (rank 0); the path, or None."""
+        if self.writer is None:
+            return None
+        path = os.path.join(self.config.output_dir, "metrics.png")
+        problem = plot_metrics(self.writer.read(), path)
+        if problem:
+            self.log(f"rlhf_ext.trainer: {problem}")
+            return None
+        return path
+
+    def log(self, message: str) -> None:
+        """Print ``message`` on rank 0."""
+        if self.rank == 0:
+            print(message, file=self._log_stream, flush=True)
+
+
+class _NoClip:
+    """A config view without normalisation-stage clipping (for the moments' input)."""
+
+    def __init__(self, config: PPOConfig) -> None:
+        self.missing_eos_penalty = config.missing_eos_penalty
+        self.reward_clip = None
+
+
+def _masked_var(x: torch.Tensor, mask: torch.Tensor) -> float:
+    mean = rlhf_ext.masked_mean(x, mask)
+    return float(rlhf_ext.masked_mean((x - mean) ** 2, mask))
+
+
+def _special_tokens(tokenizer) -> tuple[int, int]:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"{NAME}: `tokenizer` needs an `eos_token_id` (generation stops at EOS)")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(eos), int(eos if pad is None else pad)
+
+
+def _maybe_ddp(module: nn.Module) -> nn.Module:
+    if not dist.is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [module_device(module)] if module_device(module).type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter."""
+    return next(module.parameters()).device

@@ -1,0 +1,146 @@
+"""Rollouts: batching queries, sampling responses with a KV cache, and the
+forward passes that give per-token log-probs, entropies and values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_ext
+
+
+@dataclass
+class Batch:
+    """Queries (left-padded) and responses (right-padded) of one rollout.
+
+    ``query_mask [B, Q]`` and ``response_mask [B, R]`` are bool; a response's
+    mask covers its tokens up to and including its EOS. ``has_eos [B]`` says
+    which responses ended with EOS.
+    """
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Query and response side by side ``[B, Q + R]``."""
+        return torch.cat([self.queries, self.responses], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Real tokens of :attr:`input_ids`."""
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The rows ``rows`` of every field."""
+        return Batch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+def left_pad(queries: list, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences as a left-padded ``[B, Q]`` tensor and its bool mask."""
+    rows = [torch.as_tensor(q, dtype=torch.long).flatten() for q in queries]
+    if any(r.numel() == 0 for r in rows):
+        raise ValueError("rlhf_ext.trainer: every query needs at least one token")
+    width = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - r.numel() :] = r
+        mask[i, width - r.numel() :] = True
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(responses: list, pad_token_id: int, eos_token_id: int, device) -> tuple:
+    """Response sequences as ``[B, R]`` ids, mask (up to the first EOS) and has_eos."""
+    rows = [torch.as_tensor(r, dtype=torch.long).flatten() for r in responses]
+    width = max(1, max(r.numel() for r in rows))
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : r.numel()] = r
+    lengths = torch.tensor([r.numel() for r in rows])
+    mask, has_eos = response_mask_from_eos(ids, lengths, eos_token_id)
+    return ids.to(device), mask.to(device), has_eos.to(device)
+
+
+def response_mask_from_eos(ids: torch.Tensor, lengths: torch.Tensor, eos_token_id: int):
+    """Mask of tokens up to and including the first EOS (within ``lengths``), and
+    whether each row has one."""
+    positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    in_length = positions < lengths.to(ids.device)[:, None]
+    is_eos = (ids == eos_token_id) & in_length
+    eos_seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return in_length & ~eos_seen_before, is_eos.any(1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: excluded tokens get -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p  # keeps the first token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(lm, queries, query_mask, *, config, eos_token_id, pad_token_id, generator) -> Batch:
+    """Sample up to ``config.max_new_tokens`` tokens per query with a KV cache.
+
+    The logits are divided by ``config.temperature`` (the same division the
+    log-prob passes apply), filtered by top-k / top-p and sampled with
+    ``generator``. A row stops at its first EOS; later positions hold pad.
+    """
+    attention = query_mask.clone()
+    logits, _, past = lm(queries, attention, use_cache=True)
+    next_logits = logits[:, -1].float()
+    finished = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
+    tokens = []
+    for step in range(config.max_new_tokens):
+        probs = filter_logits(next_logits / config.temperature, config.top_k, config.top_p)
+        probs = probs.softmax(-1)
+        token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+        token = torch.where(finished, pad_token_id, token.to(queries.device))
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()) or step == config.max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, torch.ones_like(finished)[:, None]], dim=1)
+        logits, _, past = lm(token[:, None], attention, past=past, use_cache=True)
+        next_logits = logits[:, -1].float()
+    responses = torch.stack(tokens, dim=1)
+    lengths = torch.full((responses.shape[0],), responses.shape[1])
+    mask, has_eos = response_mask_from_eos(responses, lengths, eos_token_id)
+    responses = responses.masked_fill(~mask, pad_token_id)
+    return Batch(queries, query_mask, responses, mask, has_eos)
+
+
+def response_logits(lm_or_model, batch: Batch, value_model=False):
+    """Run the full sequence; return the logits that predict each response token
+    ``[B, R, V]`` and, for a value-head model, the values ``[B, R]`` of the states
+    before each response token."""
+    q = batch.queries.shape[1]
+    r = batch.responses.shape[1]
+    if value_model:
+        logits, values = lm_or_model(batch.input_ids, batch.attention_mask)
+        values = values[:, q - 1 : q + r - 1]
+    else:
+        logits, _, _ = lm_or_model(batch.input_ids, batch.attention_mask)
+        values = None
+    logits = None if logits is None else logits[:, q - 1 : q + r - 1]
+    return logits, values
+
+
+def response_logprobs(logits, batch: Batch, temperature: float, return_entropy=False):
+    """rlhf_ext.token_logprobs of the response tokens (0 at masked positions)."""
+    targets = batch.responses.masked_fill(~batch.response_mask, -100)
+    return rlhf_ext.token_logprobs(
+        logits, targets, temperature=temperature, return_entropy=return_entropy
+    )
