@@ -1,0 +1,304 @@
+// linear_token_logprobs: token_logprobs(hidden @ weight.T + bias, target)
+// without ever holding the whole [N, V] logits. A composite of GEMMs (at::mm:
+// torch's CPU GEMM, cuBLAS on CUDA) and the row loops of token_logprobs, run
+// chunk by chunk; shared by the CPU and CUDA entry points, which pass their
+// row loops in (RowKernels).
+//
+// Only rows whose target is not ignore_index are computed: their indices are
+// gathered once (one host sync on CUDA, for the count) and the chunks hold
+// valid rows only.
+//
+// Forward: chunks of `chunk_rows` valid rows; per chunk one GEMM into a
+// [chunk_rows, V] tile, then the forward row loop, which keeps only per-row
+// float32 statistics (logprob, entropy, log-sum-exp). Each chunk's row count
+// is padded up to a multiple of kRowQuantum (repeating a row), so every GEMM
+// a row goes through has at least that many rows: small-M GEMMs take other
+// code paths (GEMV) whose sums round differently, and batch invariance needs
+// the same path for a row alone or in a batch.
+//
+// Backward: tiles of [tile_rows, tile_vocab] over (vocabulary chunk, token
+// chunk), vocabulary outermost. Each tile's logits are recomputed, turned
+// into d loss / d logits in place by the backward row loop (from the saved
+// log-sum-exp and entropy), and then
+//   grad_hidden[rows]  += dlogits @ weight[cols]       (float32 accumulator)
+//   grad_weight[cols]  += dlogits^T @ hidden[rows]
+//   grad_bias[cols]    += sum over rows of dlogits     (float32)
+// When a vocabulary chunk spans all valid rows in one tile (the usual case),
+// grad_weight[cols] is one GEMM written straight into the output (the GEMM's
+// own float32 accumulation); otherwise a float32 [tile_vocab, H] accumulator
+// collects it over the token chunks. See tile_geometry for the memory bound.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "rlhf_ext/checks.h"
+#include "rlhf_ext/logprobs_host.h"
+
+namespace rlhf_ext {
+
+constexpr const char* kLinearLogprobsOp = "rlhf_ext.linear_token_logprobs";
+constexpr int64_t kRowQuantum = 16;
+// The narrowest vocabulary chunk of the backward: below it a GEMM is too thin
+// to run near its peak, so the token chunk shrinks instead.
+constexpr int64_t kMinTileVocab = 1024;
+
+// The device's row loops of token_logprobs (logprobs_host.h).
+struct RowKernels {
+  void (*forward)(const LogprobsProblem&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&);
+  void (*backward)(const LogprobsProblem&, const GradTarget&, const LogprobsGradInputs&,
+                   VocabSlice);
+};
+
+struct LinearProblem {
+  at::Tensor hidden;  // [N, H], rows with stride 1
+  at::Tensor weight;  // [V, H], contiguous
+  at::Tensor bias;    // [V] or undefined
+  at::Tensor target;  // int64 [N]
+  at::Tensor valid;   // int64 [Nv]: indices of the rows whose target is not ignore_index
+  int64_t rows = 0, hidden_size = 0, vocab = 0;
+  double inv_temp = 1.0;
+  int64_t ignore_index = -100;
+  int64_t chunk_rows = 1;
+  at::ScalarType acc_dtype = at::kFloat;
+  std::vector<int64_t> lead_shape;  // hidden.shape[:-1]
+};
+
+inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& target) {
+  const char* op = kLinearLogprobsOp;
+  check_floating(op, "hidden", hidden);
+  check_floating(op, "weight", weight);
+  TORCH_CHECK_VALUE(hidden.dim() >= 1, op, ": `hidden` must have shape [..., H], got ",
+                    shape_str(hidden));
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1, op,
+                    ": `weight` must have shape [V, H] with V >= 1, got ", shape_str(weight));
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), op, ": `weight` must have shape [V, ",
+                    hidden.size(-1), "] (H of `hidden`), got ", shape_str(weight));
+  check_same_device(op, "weight", weight, hidden);
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), op,
+                   ": `weight` must have the dtype of `hidden` (", hidden.scalar_type(),
+                   "), got ", weight.scalar_type());
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(op, "bias", *bias, hidden);
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), op,
+                     ": `bias` must have the dtype of `hidden` (", hidden.scalar_type(),
+                     "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                      ": `bias` must have shape [", weight.size(0), "] (V of `weight`), got ",
+                      shape_str(*bias));
+  }
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                   ": `target` must be int64 or int32, got ", target.scalar_type());
+  check_same_device(op, "target", target, hidden);
+  const auto lead = hidden.sizes().slice(0, hidden.dim() - 1);
+  TORCH_CHECK_VALUE(target.sizes() == lead, op, ": `target` must have shape ", lead,
+                    " (the shape of `hidden` without its last dimension), got ",
+                    shape_str(target));
+}
+
+inline LinearProblem prepare_linear(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& target, double temperature,
+                                    int64_t ignore_index, int64_t chunk_size) {
+  const char* op = kLinearLogprobsOp;
+  check_linear_inputs(hidden, weight, bias, target);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": `temperature` must be a finite float > 0, got ", temperature);
+  TORCH_CHECK_VALUE(chunk_size >= 1, op, ": `chunk_size` must be an int >= 1, got ", chunk_size);
+  LinearProblem p;
+  p.hidden_size = hidden.size(-1);
+  p.vocab = weight.size(0);
+  p.rows = target.numel();
+  p.inv_temp = 1.0 / temperature;
+  p.ignore_index = ignore_index;
+  p.chunk_rows = chunk_size;
+  p.acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.lead_shape = hidden.sizes().slice(0, hidden.dim() - 1).vec();
+  p.hidden = hidden.reshape({p.rows, p.hidden_size});
+  if (p.hidden_size > 1 && p.hidden.stride(1) != 1) p.hidden = p.hidden.contiguous();
+  p.weight = weight.contiguous();
+  if (bias.has_value() && bias->defined()) p.bias = bias->contiguous();
+  p.target = target.to(at::kLong).contiguous().reshape({p.rows});
+  p.valid = at::nonzero(p.target.ne(ignore_index)).reshape({-1});
+  return p;
+}
+
+// logits = hidden_rows @ weight_rows^T (+ bias_cols): one GEMM into a fresh
+// contiguous [rows, cols] tile.
+inline at::Tensor logits_tile(const at::Tensor& hidden_rows, const at::Tensor& weight_rows,
+                              const at::Tensor& bias_cols) {
+  if (bias_cols.defined()) return at::addmm(bias_cols, hidden_rows, weight_rows.t());
+  return at::mm(hidden_rows, weight_rows.t());
+}
+
+// Indices [begin, end) of `valid`, padded with the last one up to a multiple
+// of kRowQuantum rows (see the file comment); the padding rows are computed
+// and dropped.
+inline at::Tensor padded_indices(const at::Tensor& valid, int64_t begin, int64_t end) {
+  const at::Tensor idx = valid.slice(0, begin, end);
+  const int64_t n = end - begin;
+  const int64_t padded = (n + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
+  if (padded == n) return idx;
+  return at::cat({idx, idx.slice(0, n - 1, n).expand({padded - n})});
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
+    const LinearProblem& p, bool return_entropy, const RowKernels& kernels) {
+  const auto options = p.hidden.options().dtype(p.acc_dtype);
+  at::Tensor logprobs = at::zeros({p.rows}, options);
+  at::Tensor entropy = return_entropy ? at::zeros({p.rows}, options) : at::empty({0}, options);
+  at::Tensor lse = at::zeros({p.rows}, options);
+  const int64_t valid_rows = p.valid.size(0);
+  for (int64_t begin = 0; begin < valid_rows; begin += p.chunk_rows) {
+    const int64_t end = std::min(valid_rows, begin + p.chunk_rows);
+    const at::Tensor idx = padded_indices(p.valid, begin, end);
+    const at::Tensor tile = logits_tile(p.hidden.index_select(0, idx), p.weight, p.bias);
+    at::Tensor tile_target = p.target.index_select(0, idx);
+    // The padding rows are ignored: the row loop skips them.
+    tile_target.slice(0, end - begin).fill_(p.ignore_index);
+    const int64_t n = idx.size(0);
+    at::Tensor lp = at::empty({n}, options), ls = at::empty({n}, options);
+    at::Tensor ent = return_entropy ? at::empty({n}, options) : at::Tensor();
+    kernels.forward(tile_problem(tile, tile_target, p.inv_temp, p.ignore_index), lp, ent, ls);
+    const at::Tensor rows = p.valid.slice(0, begin, end);
+    logprobs.index_copy_(0, rows, lp.slice(0, 0, end - begin));
+    lse.index_copy_(0, rows, ls.slice(0, 0, end - begin));
+    if (return_entropy) entropy.index_copy_(0, rows, ent.slice(0, 0, end - begin));
+  }
+  std::vector<int64_t> shape = p.lead_shape;
+  return {logprobs.view(shape), return_entropy ? entropy.view(shape) : entropy, lse.view(shape)};
+}
+
+// The backward's tile: [tile_rows, tile_vocab] logits at a time, at most
+// chunk_rows * V elements (the forward's tile). The vocabulary is split so that
+// all valid rows fit in one tile per vocabulary chunk; when that would make
+// the chunk narrower than kMinTileVocab, the rows are split instead.
+// Extra memory of the backward, besides the outputs: the tile, the float32
+// grad_hidden accumulator of the valid rows (absent for float32 hidden with no
+// ignored rows), the gathered valid hidden rows (only with ignored rows), a
+// float32 [tile_vocab, H] grad_weight accumulator (only when rows are split),
+// and O(N) per-row statistics.
+struct TileGeometry {
+  int64_t rows;
+  int64_t vocab;
+};
+
+inline TileGeometry tile_geometry(int64_t valid_rows, int64_t vocab, int64_t chunk_rows) {
+  const int64_t budget = chunk_rows * vocab;  // logits elements
+  if (valid_rows <= chunk_rows) return {std::max<int64_t>(valid_rows, 1), vocab};
+  const int64_t cols = budget / valid_rows;
+  if (cols >= std::min(vocab, kMinTileVocab)) return {valid_rows, std::min(vocab, cols)};
+  const int64_t narrow = std::min(vocab, kMinTileVocab);
+  return {std::max<int64_t>(1, budget / narrow), narrow};
+}
+
+// acc += a @ b, with acc in float32 (or float64) and a, b in the inputs' dtype.
+inline void accumulate_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a, b);
+  } else if (acc.is_cuda()) {
+    acc.add_(at::mm(a, b, acc.scalar_type()));  // cuBLAS: float32 output, no rounding to bf16
+  } else {
+    acc.add_(at::mm(a, b));  // torch's CPU GEMM has no float32 output for bf16/fp16 inputs
+  }
+}
+
+struct LinearGradInputs {
+  at::Tensor target, lse, entropy, grad_logprobs, grad_entropy;  // [Nv] each, or undefined
+};
+
+inline at::Tensor valid_per_row(const LinearProblem& p, const char* name,
+                                const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_same_device(kLinearLogprobsOp, name, *t, p.hidden);
+  check_floating(kLinearLogprobsOp, name, *t);
+  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(p.lead_shape), kLinearLogprobsOp, ": `", name,
+                    "` must have shape ", at::IntArrayRef(p.lead_shape), ", got ", shape_str(*t));
+  return t->reshape({p.rows}).index_select(0, p.valid).to(p.acc_dtype).contiguous();
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const LinearProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy, bool need_grad_hidden,
+    bool need_grad_weight, const RowKernels& kernels) {
+  LinearGradInputs in;
+  in.target = p.target.index_select(0, p.valid);
+  in.lse = valid_per_row(p, "lse", lse);
+  in.grad_logprobs = valid_per_row(p, "grad_logprobs", grad_logprobs);
+  in.grad_entropy = valid_per_row(p, "grad_entropy", grad_entropy);
+  if (in.grad_entropy.defined()) {
+    in.entropy = valid_per_row(p, "entropy", entropy);
+    TORCH_CHECK_VALUE(in.entropy.defined(), kLinearLogprobsOp,
+                      ": `entropy` is needed with `grad_entropy`");
+  }
+  const int64_t valid_rows = p.valid.size(0);
+  const bool all_valid = valid_rows == p.rows;
+  const at::Tensor hidden = all_valid ? p.hidden : p.hidden.index_select(0, p.valid);
+  const auto acc_options = p.hidden.options().dtype(p.acc_dtype);
+  at::Tensor grad_hidden = need_grad_hidden ? at::zeros({p.rows, p.hidden_size}, p.hidden.options())
+                                            : at::empty({0}, p.hidden.options());
+  at::Tensor grad_weight = need_grad_weight ? at::empty_like(p.weight) : at::empty({0}, p.weight.options());
+  const bool has_bias = p.bias.defined();
+  at::Tensor grad_bias_acc = has_bias ? at::zeros({p.vocab}, acc_options) : at::Tensor();
+  // Accumulates straight into the output when it is already float32 and dense.
+  const bool direct_hidden = all_valid && p.hidden.scalar_type() == p.acc_dtype;
+  at::Tensor grad_hidden_acc;
+  if (need_grad_hidden) {
+    grad_hidden_acc = direct_hidden ? grad_hidden : at::zeros({valid_rows, p.hidden_size}, acc_options);
+  }
+  const TileGeometry tile = tile_geometry(valid_rows, p.vocab, p.chunk_rows);
+  const bool split_rows = tile.rows < valid_rows;
+  for (int64_t col = 0; col < p.vocab && valid_rows > 0; col += tile.vocab) {
+    const int64_t cols = std::min(tile.vocab, p.vocab - col);
+    const at::Tensor weight_cols = p.weight.slice(0, col, col + cols);
+    const at::Tensor bias_cols = has_bias ? p.bias.slice(0, col, col + cols) : at::Tensor();
+    at::Tensor grad_weight_acc;
+    if (need_grad_weight && split_rows) grad_weight_acc = at::zeros({cols, p.hidden_size}, acc_options);
+    for (int64_t row = 0; row < valid_rows; row += tile.rows) {
+      const int64_t rows = std::min(tile.rows, valid_rows - row);
+      const at::Tensor hidden_rows = hidden.slice(0, row, row + rows);
+      const at::Tensor dlogits = logits_tile(hidden_rows, weight_cols, bias_cols);
+      const LogprobsProblem tp = tile_problem(dlogits, in.target.slice(0, row, row + rows),
+                                              p.inv_temp, p.ignore_index);
+      LogprobsGradInputs tile_in;
+      auto rows_of = [&](const at::Tensor& t) {
+        return t.defined() ? t.slice(0, row, row + rows) : at::Tensor();
+      };
+      tile_in.lse = rows_of(in.lse);
+      tile_in.entropy = rows_of(in.entropy);
+      tile_in.grad_logprobs = rows_of(in.grad_logprobs);
+      tile_in.grad_entropy = rows_of(in.grad_entropy);
+      kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{col, p.vocab});
+      if (need_grad_hidden) {
+        accumulate_mm(grad_hidden_acc.slice(0, row, row + rows), dlogits, weight_cols);
+      }
+      if (grad_weight_acc.defined()) {
+        accumulate_mm(grad_weight_acc, dlogits.t(), hidden_rows);
+      } else if (need_grad_weight) {
+        at::Tensor out = grad_weight.slice(0, col, col + cols);
+        at::mm_out(out, dlogits.t(), hidden_rows);
+      }
+      if (has_bias) grad_bias_acc.slice(0, col, col + cols).add_(dlogits.sum(0, false, p.acc_dtype));
+    }
+    if (grad_weight_acc.defined()) grad_weight.slice(0, col, col + cols).copy_(grad_weight_acc);
+  }
+  if (need_grad_weight && valid_rows == 0) grad_weight.zero_();
+  if (need_grad_hidden && !direct_hidden) {
+    grad_hidden.index_copy_(0, p.valid, grad_hidden_acc.to(p.hidden.scalar_type()));
+  }
+  std::vector<int64_t> shape = p.lead_shape;
+  shape.push_back(p.hidden_size);
+  const at::Tensor grad_bias =
+      has_bias ? grad_bias_acc.to(p.bias.scalar_type()) : at::empty({0}, p.weight.options());
+  return {need_grad_hidden ? grad_hidden.view(shape) : at::empty({0}, p.hidden.options()),
+          grad_weight, grad_bias};
+}
+
+}  // namespace rlhf_ext
