@@ -83,11 +83,13 @@ def expected_outputs(inputs: dict, mode: str):
 
 
 def floor_expected(inputs: dict, mode: str):
+    """The floor's first rows by a float32 GEMM; its second GEMM reads the logits rounded
+    to the inputs' dtype, as the floor's does."""
     hidden, weight = inputs["hidden"], inputs["weight"]
     logits = hidden[:GRAD_ROWS].float() @ weight.float().T
     if "bwd" not in mode:
         return (logits,)
-    return logits, logits @ weight.float()
+    return logits, logits.to(hidden.dtype).float() @ weight.float()
 
 
 # -- the implementations, as functions (hidden, weight, target) -> logprobs ----------------

@@ -83,7 +83,7 @@ CASES = [
     # (name, lead, H, V, chunk_size, bias, temperature)
     ("one_chunk", (6,), 8, 33, None, True, 1.0),
     ("3d_uneven_chunks", (3, 7), 12, 50, 5, False, 0.7),
-    ("vocab_split", (20,), 16, 2048, 16, True, 1.0),  # tiles of 20 rows x 1638 columns
+    ("vocab_split", (20,), 16, 2048, 16, True, 1.0),  # tiles of 20 rows x 1600 columns
     ("row_and_vocab_split", (40,), 8, 1100, 16, True, 1.3),  # tiles of 17 rows x 1024 columns
     ("1d", (), 5, 9, None, True, 2.0),
 ]
@@ -502,3 +502,17 @@ def test_linear_token_logprobs_cuda_peak_memory(inputs):
     accumulator = rows * size * 4
     assert extra < 3 * tile + grads + accumulator + rows * size * 2 + (16 << 20), extra
     assert extra < full_logits, extra
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
+def test_linear_token_logprobs_triton_opcheck_under_interpreter(inputs):
+    """Custom ops with fake kernels (not triton_ops): opcheck runs here too."""
+    from rlhf_ext.triton import linear_token_logprobs as kernels
+
+    for kind, args in op_samples(inputs):
+        op = (
+            kernels.linear_token_logprobs_fwd_triton
+            if kind == "fwd"
+            else kernels.linear_token_logprobs_bwd_triton
+        )
+        torch.library.opcheck(op, args)

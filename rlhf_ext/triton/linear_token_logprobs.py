@@ -6,12 +6,14 @@ kernels of token_logprobs. The same tiles, in the same order, as the C++ path.""
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op
+from torch.library import custom_op
 
+from rlhf_ext.ops.linear_token_logprobs import backward_fake, forward_fake
 from rlhf_ext.triton import token_logprobs as rows_kernels
 
 ROW_QUANTUM = 16
 MIN_TILE_VOCAB = 1024
+VOCAB_QUANTUM = 64
 
 
 def _logits_tile(hidden_rows, weight_rows, bias_cols):
@@ -20,20 +22,24 @@ def _logits_tile(hidden_rows, weight_rows, bias_cols):
     return torch.addmm(bias_cols, hidden_rows, weight_rows.T)
 
 
-def _padded_indices(valid: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-    """valid[begin:end], repeating its last index up to a multiple of 16 rows."""
-    idx = valid[begin:end]
+def _chunk_rows(flat_hidden, valid, begin: int, end: int):
+    """(indices, rows) of valid rows [begin, end) padded up to a multiple of 16 rows,
+    as chunk_rows in the C++ header: a slice of hidden when no row is ignored."""
     padded = -(-(end - begin) // ROW_QUANTUM) * ROW_QUANTUM
-    if padded == end - begin:
-        return idx
-    return torch.cat([idx, idx[-1:].expand(padded - (end - begin))])
+    rows = flat_hidden.shape[0]
+    if valid.numel() == rows and begin + padded <= rows:
+        return valid[begin : begin + padded], flat_hidden[begin : begin + padded]
+    idx = valid[begin:end]
+    if padded > end - begin:
+        idx = torch.cat([idx, idx[-1:].expand(padded - (end - begin))])
+    return idx, flat_hidden.index_select(0, idx)
 
 
 def _valid_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.nonzero(target.reshape(-1) != ignore_index).reshape(-1)
 
 
-@triton_op("rlhf_ext::linear_token_logprobs_fwd_triton", mutates_args=())
+@custom_op("rlhf_ext::linear_token_logprobs_fwd_triton", mutates_args=())
 def linear_token_logprobs_fwd_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -55,8 +61,8 @@ def linear_token_logprobs_fwd_triton(
     valid = _valid_rows(flat_target, ignore_index)
     for begin in range(0, valid.numel(), chunk_size):
         end = min(valid.numel(), begin + chunk_size)
-        idx = _padded_indices(valid, begin, end)
-        tile = _logits_tile(flat_hidden.index_select(0, idx), weight, bias)
+        idx, chunk = _chunk_rows(flat_hidden, valid, begin, end)
+        tile = _logits_tile(chunk, weight, bias)
         tile_target = flat_target.index_select(0, idx)
         tile_target[end - begin :] = ignore_index  # padding rows: skipped by the kernel
         lp, ent, ls = rows_kernels.token_logprobs_fwd_triton(
@@ -75,7 +81,7 @@ def _tile_geometry(valid_rows: int, vocab: int, chunk_rows: int) -> tuple[int, i
     budget = chunk_rows * vocab
     if valid_rows <= chunk_rows:
         return max(valid_rows, 1), vocab
-    cols = budget // valid_rows
+    cols = budget // valid_rows // VOCAB_QUANTUM * VOCAB_QUANTUM
     narrow = min(vocab, MIN_TILE_VOCAB)
     if cols >= narrow:
         return valid_rows, min(vocab, cols)
@@ -92,7 +98,7 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(a @ b)
 
 
-@triton_op("rlhf_ext::linear_token_logprobs_bwd_triton", mutates_args=())
+@custom_op("rlhf_ext::linear_token_logprobs_bwd_triton", mutates_args=())
 def linear_token_logprobs_bwd_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -163,3 +169,7 @@ def linear_token_logprobs_bwd_triton(
         grad_hidden = grad_hidden.view(hidden.shape)
     grad_bias = weight.new_empty(0) if bias is None else grad_bias_acc.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+linear_token_logprobs_fwd_triton.register_fake(forward_fake)
+linear_token_logprobs_bwd_triton.register_fake(backward_fake)

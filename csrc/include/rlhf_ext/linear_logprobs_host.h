@@ -46,6 +46,7 @@ constexpr int64_t kRowQuantum = 16;
 // The narrowest vocabulary chunk of the backward: below it a GEMM is too thin
 // to run near its peak, so the token chunk shrinks instead.
 constexpr int64_t kMinTileVocab = 1024;
+constexpr int64_t kVocabQuantum = 64;
 
 // The device's row loops of token_logprobs (logprobs_host.h).
 struct RowKernels {
@@ -137,15 +138,31 @@ inline at::Tensor logits_tile(const at::Tensor& hidden_rows, const at::Tensor& w
   return at::mm(hidden_rows, weight_rows.t());
 }
 
-// Indices [begin, end) of `valid`, padded with the last one up to a multiple
-// of kRowQuantum rows (see the file comment); the padding rows are computed
-// and dropped.
-inline at::Tensor padded_indices(const at::Tensor& valid, int64_t begin, int64_t end) {
-  const at::Tensor idx = valid.slice(0, begin, end);
-  const int64_t n = end - begin;
-  const int64_t padded = (n + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
-  if (padded == n) return idx;
-  return at::cat({idx, idx.slice(0, n - 1, n).expand({padded - n})});
+inline int64_t round_up_rows(int64_t n) {
+  return (n + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
+}
+
+// Rows [begin, end) of the valid rows, padded up to a multiple of kRowQuantum
+// rows (see the file comment; the padding rows are computed and dropped):
+// the indices into `hidden` and the rows themselves. With no ignored row the
+// chunk is a slice of `hidden` (no copy), padded with the rows that follow it
+// where there are such rows.
+struct ChunkRows {
+  at::Tensor indices;
+  at::Tensor hidden;
+};
+
+inline ChunkRows gather_chunk(const LinearProblem& p, int64_t begin, int64_t end) {
+  const int64_t padded = round_up_rows(end - begin);
+  const bool all_valid = p.valid.size(0) == p.rows;
+  if (all_valid && begin + padded <= p.rows) {
+    return {p.valid.slice(0, begin, begin + padded), p.hidden.slice(0, begin, begin + padded)};
+  }
+  at::Tensor idx = p.valid.slice(0, begin, end);
+  if (padded > end - begin) {
+    idx = at::cat({idx, idx.slice(0, -1).expand({padded - (end - begin)})});
+  }
+  return {idx, p.hidden.index_select(0, idx)};
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
@@ -157,12 +174,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
   const int64_t valid_rows = p.valid.size(0);
   for (int64_t begin = 0; begin < valid_rows; begin += p.chunk_rows) {
     const int64_t end = std::min(valid_rows, begin + p.chunk_rows);
-    const at::Tensor idx = padded_indices(p.valid, begin, end);
-    const at::Tensor tile = logits_tile(p.hidden.index_select(0, idx), p.weight, p.bias);
-    at::Tensor tile_target = p.target.index_select(0, idx);
+    const ChunkRows chunk = gather_chunk(p, begin, end);
+    const at::Tensor tile = logits_tile(chunk.hidden, p.weight, p.bias);
+    at::Tensor tile_target = p.target.index_select(0, chunk.indices);
     // The padding rows are ignored: the row loop skips them.
     tile_target.slice(0, end - begin).fill_(p.ignore_index);
-    const int64_t n = idx.size(0);
+    const int64_t n = chunk.indices.size(0);
     at::Tensor lp = at::empty({n}, options), ls = at::empty({n}, options);
     at::Tensor ent = return_entropy ? at::empty({n}, options) : at::Tensor();
     kernels.forward(tile_problem(tile, tile_target, p.inv_temp, p.ignore_index), lp, ent, ls);
@@ -192,7 +209,9 @@ struct TileGeometry {
 inline TileGeometry tile_geometry(int64_t valid_rows, int64_t vocab, int64_t chunk_rows) {
   const int64_t budget = chunk_rows * vocab;  // logits elements
   if (valid_rows <= chunk_rows) return {std::max<int64_t>(valid_rows, 1), vocab};
-  const int64_t cols = budget / valid_rows;
+  // Whole multiples of kVocabQuantum columns keep every tile row 16-byte aligned for
+  // the CUDA row kernels' vector loads.
+  const int64_t cols = budget / valid_rows / kVocabQuantum * kVocabQuantum;
   if (cols >= std::min(vocab, kMinTileVocab)) return {valid_rows, std::min(vocab, cols)};
   const int64_t narrow = std::min(vocab, kMinTileVocab);
   return {std::max<int64_t>(1, budget / narrow), narrow};
