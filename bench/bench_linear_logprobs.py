@@ -114,26 +114,6 @@ def matmul_token_logprobs(backend: str) -> Callable:
     return compute
 
 
-def eager(hidden, weight, target):
-    return peers.eager_logprobs(hidden @ weight.T, target)
-
-
-def liger(hidden, weight, target):
-    from liger_kernel.ops.fused_linear_cross_entropy import (
-        LigerFusedLinearCrossEntropyFunction,
-    )
-
-    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, target, None, None, -100,
-                                                      0.0, 0.0, "none")  # fmt: skip
-    return -(loss[0] if isinstance(loss, tuple) else loss)
-
-
-def cut_cross_entropy(hidden, weight, target):
-    from cut_cross_entropy import linear_cross_entropy
-
-    return -linear_cross_entropy(hidden, weight, target, reduction="none")
-
-
 def as_impl(name: str, compute: Callable, mode: str, dtype: torch.dtype, **kwargs) -> Impl:
     """An Impl of `compute`: logprobs, plus in fwd+bwd the gradients' first rows."""
     low = dtype in (torch.bfloat16, torch.float16)
@@ -179,10 +159,10 @@ def implementations(device, mode, dtype, args, runner) -> list[Impl]:
         as_impl(f"matmul + rlhf_ext.token_logprobs[{b}]", matmul_token_logprobs(b), mode, dtype)
         for b in ours_here
     ]
-    impls.append(as_impl(BASELINE, eager, mode, dtype, optional=True))
+    impls.append(as_impl(BASELINE, peers.eager_linear_logprobs, mode, dtype, optional=True))
     for name, module, fn in (
-        ("liger fused_linear_cross_entropy", "liger_kernel", liger),
-        ("cut-cross-entropy", "cut_cross_entropy", cut_cross_entropy),
+        ("liger fused_linear_cross_entropy", "liger_kernel", peers.liger_linear_logprobs),
+        ("cut-cross-entropy", "cut_cross_entropy", peers.cce_linear_logprobs),
     ):
         if device.type != "cuda":
             runner.note(f"{name} skipped: GPU only")
