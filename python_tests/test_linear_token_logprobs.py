@@ -11,7 +11,10 @@ from conftest import (
     HAS_CUDA,
     assert_close_ref,
     assert_within_eager_error,
+    given,
     requires_compiled,
+    settings,
+    st,
 )
 
 import rlhf_ext
@@ -244,6 +247,31 @@ def test_linear_token_logprobs_validate(inputs, backend):
         run(hidden, weight, target, backend)
     lp = run(hidden, weight, target, backend, validate=False)
     assert torch.isnan(lp[1, 2]) and torch.isfinite(lp.flatten()[:5]).all()
+
+
+@requires_compiled
+@settings(max_examples=15)
+@given(
+    rows=st.integers(0, 40),
+    size=st.integers(1, 12),
+    vocab=st.integers(1, 1200),
+    chunk=st.integers(1, 40),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**31),
+)
+def test_linear_token_logprobs_properties(rows, size, vocab, chunk, ignore_frac, seed):
+    """Any shape, chunk and ignore pattern: values and grad_hidden / grad_weight as the
+    float64 reference (every path of the tile geometry, one tile to split rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, size, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    target[torch.rand(rows, generator=gen) < ignore_frac] = IGNORE
+    g_lp, g_ent = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+    got = grads_of(hidden, weight, None, target, g_lp, g_ent, op_fn("cpu", chunk_size=chunk))
+    want = reference64(hidden, weight, None, target, g_lp, g_ent)
+    for out, ref in zip(got[:4], want[:4], strict=True):
+        assert_close_ref(out, ref, torch.float64)
 
 
 # -- memory: the logits are never held whole -----------------------------------------------
