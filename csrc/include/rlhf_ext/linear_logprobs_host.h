@@ -242,11 +242,10 @@ inline at::Tensor valid_per_row(const LinearProblem& p, const char* name,
   return t->reshape({p.rows}).index_select(0, p.valid).to(p.acc_dtype).contiguous();
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+inline LinearGradInputs prepare_linear_grad_inputs(
     const LinearProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
     const std::optional<at::Tensor>& grad_logprobs,
-    const std::optional<at::Tensor>& grad_entropy, bool need_grad_hidden,
-    bool need_grad_weight, const RowKernels& kernels) {
+    const std::optional<at::Tensor>& grad_entropy) {
   LinearGradInputs in;
   in.target = p.target.index_select(0, p.valid);
   in.lse = valid_per_row(p, "lse", lse);
@@ -257,67 +256,112 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
     TORCH_CHECK_VALUE(in.entropy.defined(), kLinearLogprobsOp,
                       ": `entropy` is needed with `grad_entropy`");
   }
-  const int64_t valid_rows = p.valid.size(0);
-  const bool all_valid = valid_rows == p.rows;
-  const at::Tensor hidden = all_valid ? p.hidden : p.hidden.index_select(0, p.valid);
+  return in;
+}
+
+// The backward's outputs and the float32 accumulators behind them.
+struct LinearGrads {
+  at::Tensor grad_hidden;      // [N, H] in hidden's dtype, or empty when not asked for
+  at::Tensor grad_weight;      // [V, H] in weight's dtype, or empty
+  at::Tensor grad_hidden_acc;  // [N_valid, H] acc_dtype; grad_hidden itself when that is
+                               // float32 and every row is valid; undefined when not asked for
+  at::Tensor grad_bias_acc;    // [V] acc_dtype, or undefined without a bias
+  bool direct_hidden = false;
+};
+
+inline LinearGrads linear_grads(const LinearProblem& p, bool need_grad_hidden,
+                                bool need_grad_weight) {
   const auto acc_options = p.hidden.options().dtype(p.acc_dtype);
-  at::Tensor grad_hidden = need_grad_hidden ? at::zeros({p.rows, p.hidden_size}, p.hidden.options())
-                                            : at::empty({0}, p.hidden.options());
-  at::Tensor grad_weight = need_grad_weight ? at::empty_like(p.weight) : at::empty({0}, p.weight.options());
-  const bool has_bias = p.bias.defined();
-  at::Tensor grad_bias_acc = has_bias ? at::zeros({p.vocab}, acc_options) : at::Tensor();
-  // Accumulates straight into the output when it is already float32 and dense.
-  const bool direct_hidden = all_valid && p.hidden.scalar_type() == p.acc_dtype;
-  at::Tensor grad_hidden_acc;
+  const int64_t valid_rows = p.valid.size(0);
+  LinearGrads g;
+  g.direct_hidden = valid_rows == p.rows && p.hidden.scalar_type() == p.acc_dtype;
+  g.grad_hidden = need_grad_hidden ? at::zeros({p.rows, p.hidden_size}, p.hidden.options())
+                                   : at::empty({0}, p.hidden.options());
   if (need_grad_hidden) {
-    grad_hidden_acc = direct_hidden ? grad_hidden : at::zeros({valid_rows, p.hidden_size}, acc_options);
+    g.grad_hidden_acc = g.direct_hidden ? g.grad_hidden
+                                        : at::zeros({valid_rows, p.hidden_size}, acc_options);
   }
+  // Every column is written by the tile loop, unless no row is valid.
+  g.grad_weight = !need_grad_weight ? at::empty({0}, p.weight.options())
+                  : valid_rows == 0 ? at::zeros_like(p.weight)
+                                    : at::empty_like(p.weight);
+  if (p.bias.defined()) g.grad_bias_acc = at::zeros({p.vocab}, acc_options);
+  return g;
+}
+
+// One backward tile: valid rows [row, row + rows) x vocabulary columns
+// [col, col + cols). grad_weight_acc: the float32 accumulator of
+// grad_weight[cols] when rows are split, else undefined (written directly).
+struct BackwardTile {
+  int64_t row, rows, col, cols;
+};
+
+inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
+                          const LinearGradInputs& in, const BackwardTile& t,
+                          const RowKernels& kernels, LinearGrads& g,
+                          const at::Tensor& grad_weight_acc) {
+  const at::Tensor hidden_rows = hidden.slice(0, t.row, t.row + t.rows);
+  const at::Tensor weight_cols = p.weight.slice(0, t.col, t.col + t.cols);
+  const at::Tensor bias_cols = p.bias.defined() ? p.bias.slice(0, t.col, t.col + t.cols)
+                                                : at::Tensor();
+  // The logits recomputed, then overwritten by their gradient.
+  const at::Tensor dlogits = logits_tile(hidden_rows, weight_cols, bias_cols);
+  auto rows_of = [&](const at::Tensor& x) {
+    return x.defined() ? x.slice(0, t.row, t.row + t.rows) : at::Tensor();
+  };
+  const LogprobsProblem tp =
+      tile_problem(dlogits, rows_of(in.target), p.inv_temp, p.ignore_index);
+  const LogprobsGradInputs tile_in{rows_of(in.lse), rows_of(in.entropy),
+                                   rows_of(in.grad_logprobs), rows_of(in.grad_entropy)};
+  kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{t.col, p.vocab});
+  if (g.grad_hidden_acc.defined()) {
+    accumulate_mm(g.grad_hidden_acc.slice(0, t.row, t.row + t.rows), dlogits, weight_cols);
+  }
+  if (grad_weight_acc.defined()) {
+    accumulate_mm(grad_weight_acc, dlogits.t(), hidden_rows);
+  } else if (g.grad_weight.numel() > 0) {
+    at::Tensor out = g.grad_weight.slice(0, t.col, t.col + t.cols);
+    at::mm_out(out, dlogits.t(), hidden_rows);
+  }
+  if (g.grad_bias_acc.defined()) {
+    g.grad_bias_acc.slice(0, t.col, t.col + t.cols).add_(dlogits.sum(0, false, p.acc_dtype));
+  }
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const LinearProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy, bool need_grad_hidden,
+    bool need_grad_weight, const RowKernels& kernels) {
+  const LinearGradInputs in =
+      prepare_linear_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
+  const int64_t valid_rows = p.valid.size(0);
+  const at::Tensor hidden =
+      valid_rows == p.rows ? p.hidden : p.hidden.index_select(0, p.valid);
+  LinearGrads g = linear_grads(p, need_grad_hidden, need_grad_weight);
   const TileGeometry tile = tile_geometry(valid_rows, p.vocab, p.chunk_rows);
   const bool split_rows = tile.rows < valid_rows;
   for (int64_t col = 0; col < p.vocab && valid_rows > 0; col += tile.vocab) {
     const int64_t cols = std::min(tile.vocab, p.vocab - col);
-    const at::Tensor weight_cols = p.weight.slice(0, col, col + cols);
-    const at::Tensor bias_cols = has_bias ? p.bias.slice(0, col, col + cols) : at::Tensor();
     at::Tensor grad_weight_acc;
-    if (need_grad_weight && split_rows) grad_weight_acc = at::zeros({cols, p.hidden_size}, acc_options);
-    for (int64_t row = 0; row < valid_rows; row += tile.rows) {
-      const int64_t rows = std::min(tile.rows, valid_rows - row);
-      const at::Tensor hidden_rows = hidden.slice(0, row, row + rows);
-      const at::Tensor dlogits = logits_tile(hidden_rows, weight_cols, bias_cols);
-      const LogprobsProblem tp = tile_problem(dlogits, in.target.slice(0, row, row + rows),
-                                              p.inv_temp, p.ignore_index);
-      LogprobsGradInputs tile_in;
-      auto rows_of = [&](const at::Tensor& t) {
-        return t.defined() ? t.slice(0, row, row + rows) : at::Tensor();
-      };
-      tile_in.lse = rows_of(in.lse);
-      tile_in.entropy = rows_of(in.entropy);
-      tile_in.grad_logprobs = rows_of(in.grad_logprobs);
-      tile_in.grad_entropy = rows_of(in.grad_entropy);
-      kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{col, p.vocab});
-      if (need_grad_hidden) {
-        accumulate_mm(grad_hidden_acc.slice(0, row, row + rows), dlogits, weight_cols);
-      }
-      if (grad_weight_acc.defined()) {
-        accumulate_mm(grad_weight_acc, dlogits.t(), hidden_rows);
-      } else if (need_grad_weight) {
-        at::Tensor out = grad_weight.slice(0, col, col + cols);
-        at::mm_out(out, dlogits.t(), hidden_rows);
-      }
-      if (has_bias) grad_bias_acc.slice(0, col, col + cols).add_(dlogits.sum(0, false, p.acc_dtype));
+    if (need_grad_weight && split_rows) {
+      grad_weight_acc = at::zeros({cols, p.hidden_size}, p.hidden.options().dtype(p.acc_dtype));
     }
-    if (grad_weight_acc.defined()) grad_weight.slice(0, col, col + cols).copy_(grad_weight_acc);
+    for (int64_t row = 0; row < valid_rows; row += tile.rows) {
+      const BackwardTile t{row, std::min(tile.rows, valid_rows - row), col, cols};
+      backward_tile(p, hidden, in, t, kernels, g, grad_weight_acc);
+    }
+    if (grad_weight_acc.defined()) g.grad_weight.slice(0, col, col + cols).copy_(grad_weight_acc);
   }
-  if (need_grad_weight && valid_rows == 0) grad_weight.zero_();
-  if (need_grad_hidden && !direct_hidden) {
-    grad_hidden.index_copy_(0, p.valid, grad_hidden_acc.to(p.hidden.scalar_type()));
+  if (need_grad_hidden && !g.direct_hidden) {
+    g.grad_hidden.index_copy_(0, p.valid, g.grad_hidden_acc.to(p.hidden.scalar_type()));
   }
   std::vector<int64_t> shape = p.lead_shape;
   shape.push_back(p.hidden_size);
-  const at::Tensor grad_bias =
-      has_bias ? grad_bias_acc.to(p.bias.scalar_type()) : at::empty({0}, p.weight.options());
-  return {need_grad_hidden ? grad_hidden.view(shape) : at::empty({0}, p.hidden.options()),
-          grad_weight, grad_bias};
+  const at::Tensor grad_bias = p.bias.defined() ? g.grad_bias_acc.to(p.bias.scalar_type())
+                                                : at::empty({0}, p.weight.options());
+  return {need_grad_hidden ? g.grad_hidden.view(shape) : g.grad_hidden, g.grad_weight,
+          grad_bias};
 }
 
 }  // namespace rlhf_ext
