@@ -76,6 +76,19 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def(
       "loss_backward(Tensor grad_loss, Tensor grad, Tensor row_weight, ScalarType dtype) "
       "-> Tensor");
+  // token_logprobs of hidden @ weight.T + bias without holding the logits:
+  // chunks of chunk_size valid rows (logprobs, entropy, per-row log-sum-exp).
+  m.def(
+      "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+      "float temperature, int ignore_index, bool return_entropy, int chunk_size) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Its gradients (grad_hidden, grad_weight, grad_bias), logits recomputed tile
+  // by tile; a gradient not asked for (or no bias) is an empty tensor.
+  m.def(
+      "linear_token_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor lse, Tensor? entropy, Tensor? grad_logprobs, Tensor? grad_entropy, "
+      "float temperature, int ignore_index, int chunk_size, bool need_grad_hidden, "
+      "bool need_grad_weight) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

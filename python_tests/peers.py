@@ -248,3 +248,26 @@ def verl_kl_loss(
     return verl_agg_loss(
         verl_kl_penalty(logprob, ref_logprob, kl_penalty), response_mask, loss_agg_mode
     )
+
+
+def eager_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor):
+    """Log-probs from the LM head as eager training code computes them: the logits
+    ``hidden @ weight.T`` materialised, then ``eager_logprobs`` (upcast, log_softmax, gather)."""
+    return eager_logprobs(hidden @ weight.T, target)
+
+
+def liger_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor):
+    """Per-token log-probs through Liger-Kernel's fused linear cross entropy
+    (``reduction="none"``, negated); needs liger_kernel and a GPU."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    loss = liger_fused_linear_cross_entropy(hidden, weight, target, reduction="none")
+    return -(loss[0] if isinstance(loss, tuple) else loss)
+
+
+def cce_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor):
+    """Per-token log-probs through Apple's cut-cross-entropy ``linear_cross_entropy``
+    (``reduction="none"``, negated); needs cut_cross_entropy and a GPU."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return -linear_cross_entropy(hidden, weight, target, reduction="none")

@@ -8,6 +8,7 @@ from rlhf_ext._backend import BackendUnavailableError, available_backends, build
 from rlhf_ext._version import __version__
 from rlhf_ext.ops.gae import gae
 from rlhf_ext.ops.kl_shaped_rewards import kl_shaped_rewards
+from rlhf_ext.ops.linear_token_logprobs import linear_token_logprobs
 from rlhf_ext.ops.masked_stats import masked_mean, masked_whiten
 from rlhf_ext.ops.ppo_losses import kl_loss, kl_penalty, ppo_policy_loss, value_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs
@@ -21,6 +22,7 @@ __all__ = [
     "kl_loss",
     "kl_penalty",
     "kl_shaped_rewards",
+    "linear_token_logprobs",
     "masked_mean",
     "masked_whiten",
     "ppo_policy_loss",

@@ -18,6 +18,7 @@ __all__ = [
     "kl_penalty",
     "kl_shaped_rewards",
     "token_logprobs",
+    "linear_token_logprobs",
     "agg_loss",
     "ppo_policy_loss",
     "value_loss",
@@ -186,6 +187,23 @@ def token_logprobs(logits, target, *, temperature=1.0, ignore_index=-100, return
     finite_logp = torch.where(p > 0, logp, 0.0)
     entropy = torch.where(ignored, 0.0, -(p * finite_logp).sum(-1))
     return logprobs, entropy
+
+
+def linear_token_logprobs(
+    hidden, weight, target, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False
+):
+    """token_logprobs of the logits hidden @ weight.T + bias, materialised whole
+    (in the inputs' dtype, as an eager LM head computes them)."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return token_logprobs(
+        logits,
+        target,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        return_entropy=return_entropy,
+    )
 
 
 # -- losses (DESIGN 3.3) -------------------------------------------------------

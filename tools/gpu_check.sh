@@ -19,7 +19,7 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
   timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 $PY tools/sanitize_ops.py > "$OUT/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool: rc=$? $(tail -1 "$OUT/sanitizer_$tool.log")"
 done
-for op in ${BENCH_OPS:-gae logprobs losses}; do
+for op in ${BENCH_OPS:-gae logprobs losses linear_logprobs}; do
   $PY -m bench $op --device cuda --csv "$OUT/bench.csv" ${BENCH_ARGS:-} > "$OUT/bench_$op.log" 2>&1 || status=1
   tail -25 "$OUT/bench_$op.log"
 done

@@ -68,5 +68,17 @@ for rows, vocab in [(4, 1), (5, 33), (3, 4097), (2, 151936)]:
             y = logits.clone().requires_grad_()
             out = rlhf_ext.token_logprobs(y * 1.0, target, inplace_backward=True, backend="cuda")
             out.sum().backward()
+# linear_token_logprobs: one chunk, uneven chunks, a backward split over the vocabulary and
+# over rows, ignored rows, a bias, entropy, every dtype.
+for rows, size, vocab, chunk in [(5, 8, 33, None), (37, 16, 2048, 16), (40, 8, 1100, 16)]:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        h = torch.randn(rows, size, device=dev).to(dtype).requires_grad_()
+        w = torch.randn(vocab, size, device=dev).to(dtype).requires_grad_()
+        b = torch.randn(vocab, device=dev).to(dtype).requires_grad_()
+        target = torch.randint(0, vocab, (rows,), device=dev)
+        target[::3] = -100
+        lp, ent = rlhf_ext.linear_token_logprobs(h, w, target, bias=b, return_entropy=True,
+                                                 chunk_size=chunk, backend="cuda")
+        (lp.sum() + ent.sum()).backward()
 torch.cuda.synchronize()
 print("sanitize_ops: all kernels ran")

@@ -125,6 +125,7 @@ struct BackwardArgs {
   scalar_t* grad;  // may alias logits (inplace_backward), with grad_layout == layout
   RowLayout grad_layout;
   int64_t vocab;
+  VocabSlice slice;  // where these columns sit in the vocabulary
   const int64_t* target;
   int64_t ignore_index;
   acc_t inv_temp;
@@ -150,15 +151,18 @@ RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t be
     const acc_t g_ent = a.grad_entropy ? a.grad_entropy[row] : acc_t(0);
     const acc_t entropy = a.entropy ? a.entropy[row] : acc_t(0);
     // A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
-    const bool in_vocab = tgt >= 0 && tgt < a.vocab;
+    const bool in_vocab = tgt >= 0 && tgt < a.slice.full_vocab;
     const acc_t lse = in_vocab ? a.lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
+    const int64_t local_target = tgt - a.slice.offset;  // outside [0, vocab): not in this tile
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
       for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(x[start + i]);
       for (int64_t i = 0; i < n; ++i) {
         buf[i] = logits_grad(buf[i], a.inv_temp, lse, entropy, g_lp, g_ent);
       }
-      if (tgt >= start && tgt < start + n) buf[tgt - start] += target_grad(g_lp, a.inv_temp);
+      if (local_target >= start && local_target < start + n) {
+        buf[local_target - start] += target_grad(g_lp, a.inv_temp);
+      }
       for (int64_t i = 0; i < n; ++i) g[start + i] = static_cast<scalar_t>(buf[i]);
     }
   }
@@ -186,16 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     int64_t ignore_index, bool return_entropy) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
   auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
-  if (p.rows == 0) return {logprobs, entropy, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
-                                  "rlhf_ext.token_logprobs", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const ForwardArgs<scalar_t, acc_t> args{
-        p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
-        p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
-        return_entropy ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>()};
-    parallel_rows(args, p.rows, p.vocab);
-  });
+  logprobs_forward_rows_cpu(p, logprobs, return_entropy ? entropy : at::Tensor(), lse);
   return {logprobs, entropy, lse};
 }
 
@@ -207,23 +202,7 @@ void backward_into(const LogprobsProblem& p, const GradTarget& out, const at::Te
   if (p.rows == 0) return;
   const LogprobsGradInputs in =
       prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
-                                  "rlhf_ext.token_logprobs_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const BackwardArgs<scalar_t, acc_t> args{p.logits.data_ptr<scalar_t>(),
-                                             p.layout,
-                                             out.grad.data_ptr<scalar_t>(),
-                                             out.layout,
-                                             p.vocab,
-                                             p.target.data_ptr<int64_t>(),
-                                             p.ignore_index,
-                                             static_cast<acc_t>(p.inv_temp),
-                                             in.lse.data_ptr<acc_t>(),
-                                             data_or_null<acc_t>(in.entropy),
-                                             data_or_null<acc_t>(in.grad_logprobs),
-                                             data_or_null<acc_t>(in.grad_entropy)};
-    parallel_rows(args, p.rows, p.vocab);
-  });
+  logprobs_backward_rows_cpu(p, out, in, whole_vocab(p));
 }
 
 at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& target,
@@ -249,6 +228,43 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
 }
 
 }  // namespace
+
+void logprobs_forward_rows_cpu(const LogprobsProblem& p, const at::Tensor& logprobs,
+                               const at::Tensor& entropy, const at::Tensor& lse) {
+  if (p.rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardArgs<scalar_t, acc_t> args{
+        p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
+        p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
+        entropy.defined() ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>()};
+    parallel_rows(args, p.rows, p.vocab);
+  });
+}
+
+void logprobs_backward_rows_cpu(const LogprobsProblem& p, const GradTarget& out,
+                                const LogprobsGradInputs& in, VocabSlice slice) {
+  if (p.rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardArgs<scalar_t, acc_t> args{p.logits.data_ptr<scalar_t>(),
+                                             p.layout,
+                                             out.grad.data_ptr<scalar_t>(),
+                                             out.layout,
+                                             p.vocab,
+                                             slice,
+                                             p.target.data_ptr<int64_t>(),
+                                             p.ignore_index,
+                                             static_cast<acc_t>(p.inv_temp),
+                                             in.lse.data_ptr<acc_t>(),
+                                             data_or_null<acc_t>(in.entropy),
+                                             data_or_null<acc_t>(in.grad_logprobs),
+                                             data_or_null<acc_t>(in.grad_entropy)};
+    parallel_rows(args, p.rows, p.vocab);
+  });
+}
 
 TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);

@@ -174,7 +174,7 @@ struct BackwardRow {
   const scalar_t* x;
   scalar_t* g;
   int64_t vocab;
-  int64_t target;  // in [0, V), or outside it for a NaN row
+  int64_t target;  // column in this tile; outside [0, vocab) when the tile lacks it
   acc_t inv_temp, lse, entropy, g_lp, g_ent;
 };
 
@@ -223,7 +223,7 @@ __device__ __forceinline__ void zero_row(scalar_t* g, int64_t vocab) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     token_logprobs_bwd_kernel(const scalar_t* logits, RowLayout layout, scalar_t* grad,
-                              RowLayout grad_layout, int64_t vocab,
+                              RowLayout grad_layout, int64_t vocab, VocabSlice slice,
                               const int64_t* __restrict__ target, int64_t ignore_index,
                               acc_t inv_temp, const acc_t* __restrict__ lse,
                               const acc_t* __restrict__ entropy,
@@ -237,12 +237,12 @@ __global__ void __launch_bounds__(kMaxThreads)
     g_aligned ? zero_row<scalar_t, true>(g, vocab) : zero_row<scalar_t, false>(g, vocab);
     return;
   }
-  const bool in_vocab = tgt >= 0 && tgt < vocab;
+  const bool in_vocab = tgt >= 0 && tgt < slice.full_vocab;
   BackwardRow<scalar_t, acc_t> r;
   r.x = logits + layout.offset(row);
   r.g = g;
   r.vocab = vocab;
-  r.target = tgt;
+  r.target = tgt - slice.offset;  // outside [0, vocab): the target is not in this tile
   r.inv_temp = inv_temp;
   // A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
   r.lse = in_vocab ? lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
@@ -264,26 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
   auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
-  if (p.rows == 0) return {logprobs, entropy, lse};
-  check_rows(p);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
-                                  "rlhf_ext.token_logprobs", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
-    auto launch = [&](auto kernel, acc_t* entropy_ptr) {
-      kernel<<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
-          p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
-          p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
-          entropy_ptr, lse.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (return_entropy) {
-      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, true>, entropy.data_ptr<acc_t>());
-    } else {
-      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, false>, nullptr);
-    }
-  });
+  logprobs_forward_rows_cuda(p, logprobs, return_entropy ? entropy : at::Tensor(), lse);
   return {logprobs, entropy, lse};
 }
 
@@ -292,23 +273,9 @@ void backward_into(const LogprobsProblem& p, const GradTarget& out, const at::Te
                    const std::optional<at::Tensor>& grad_logprobs,
                    const std::optional<at::Tensor>& grad_entropy) {
   if (p.rows == 0) return;
-  check_rows(p);
   const LogprobsGradInputs in =
       prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
-                                  "rlhf_ext.token_logprobs_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
-    token_logprobs_bwd_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
-            p.logits.data_ptr<scalar_t>(), p.layout, out.grad.data_ptr<scalar_t>(), out.layout,
-            p.vocab, p.target.data_ptr<int64_t>(), p.ignore_index,
-            static_cast<acc_t>(p.inv_temp), in.lse.data_ptr<acc_t>(),
-            data_or_null<acc_t>(in.entropy), data_or_null<acc_t>(in.grad_logprobs),
-            data_or_null<acc_t>(in.grad_entropy));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  logprobs_backward_rows_cuda(p, out, in, whole_vocab(p));
 }
 
 at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
@@ -337,6 +304,50 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
 }
 
 }  // namespace
+
+void logprobs_forward_rows_cuda(const LogprobsProblem& p, const at::Tensor& logprobs,
+                                const at::Tensor& entropy, const at::Tensor& lse) {
+  if (p.rows == 0) return;
+  check_rows(p);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
+    auto launch = [&](auto kernel, acc_t* entropy_ptr) {
+      kernel<<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
+          p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
+          p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
+          entropy_ptr, lse.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (entropy.defined()) {
+      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, true>, entropy.data_ptr<acc_t>());
+    } else {
+      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, false>, nullptr);
+    }
+  });
+}
+
+void logprobs_backward_rows_cuda(const LogprobsProblem& p, const GradTarget& out,
+                                 const LogprobsGradInputs& in, VocabSlice slice) {
+  if (p.rows == 0) return;
+  check_rows(p);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "rlhf_ext.token_logprobs_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
+    token_logprobs_bwd_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
+            p.logits.data_ptr<scalar_t>(), p.layout, out.grad.data_ptr<scalar_t>(), out.layout,
+            p.vocab, slice, p.target.data_ptr<int64_t>(), p.ignore_index,
+            static_cast<acc_t>(p.inv_temp), in.lse.data_ptr<acc_t>(),
+            data_or_null<acc_t>(in.entropy), data_or_null<acc_t>(in.grad_logprobs),
+            data_or_null<acc_t>(in.grad_entropy));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) {
   m.impl("token_logprobs_fwd", &token_logprobs_fwd_cuda);

@@ -129,6 +129,8 @@ def _token_logprobs_bwd_kernel(
     grad_outer_stride,
     grad_inner_stride,
     ignore_index,
+    vocab_offset,
+    full_vocab,
     HAS_GRAD_LOGPROBS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     ACC: tl.constexpr,
@@ -139,7 +141,10 @@ def _token_logprobs_bwd_kernel(
     g_row = grad_ptr + _row_start(row, grad_inner, grad_outer_stride, grad_inner_stride)
     tgt = tl.load(target_ptr + row)
     active = tgt != ignore_index
-    in_vocab = (tgt >= 0) & (tgt < vocab)
+    # The row holds columns [vocab_offset, vocab_offset + vocab) of a full_vocab row
+    # (a tile of linear_token_logprobs; the whole row for token_logprobs).
+    in_vocab = (tgt >= 0) & (tgt < full_vocab)
+    local_target = tgt - vocab_offset
     inv_temp = tl.load(inv_temp_ptr).to(ACC)
     # A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
     lse = tl.where(in_vocab, tl.load(lse_ptr + row).to(ACC), float("nan"))
@@ -161,7 +166,7 @@ def _token_logprobs_bwd_kernel(
         weighted = g_lp + g_ent * (logp + entropy)
         # p == 0 (a -inf logit) contributes nothing, even where logp is -inf.
         g = tl.where(p > 0, -p * weighted * inv_temp, tl.where(p != p, p, 0.0))
-        g = tl.where(cols == tgt, g + g_lp * inv_temp, g)
+        g = tl.where(cols == local_target, g + g_lp * inv_temp, g)
         g = tl.where(active, g, 0.0)
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=inside)
 
@@ -208,9 +213,12 @@ def token_logprobs_fwd_triton(
 
 def _launch_backward(
     logits, grad, grad_layout, target, lse, entropy, grad_logprobs, grad_entropy, temperature,
-    ignore_index,
+    ignore_index, vocab_slice=None,
 ):  # fmt: skip
+    """The backward kernel over logits' rows; `vocab_slice` = (offset, full_vocab)
+    when the rows are a vocabulary tile (default: whole rows)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
+    vocab_offset, full_vocab = vocab_slice if vocab_slice is not None else (0, vocab)
     rows = lse.numel()
     if rows == 0:
         return
@@ -233,6 +241,8 @@ def _launch_backward(
         *row_layout(logits),
         *grad_layout,
         ignore_index,
+        vocab_offset,
+        full_vocab,
         HAS_GRAD_LOGPROBS=grad_logprobs is not None,
         HAS_GRAD_ENTROPY=has_grad_entropy,
         ACC=acc_tl_dtype(logits),

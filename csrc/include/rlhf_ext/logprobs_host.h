@@ -148,4 +148,48 @@ inline GradTarget logits_as_grad(const LogprobsProblem& p) {
   return {p.logits, p.layout};
 }
 
+// A problem over logits that an op built itself: a contiguous [rows, V]
+// tile and its int64 [rows] targets, already checked by that op.
+inline LogprobsProblem tile_problem(const at::Tensor& logits, const at::Tensor& target,
+                                    double inv_temp, int64_t ignore_index) {
+  LogprobsProblem p;
+  p.logits = logits;
+  p.target = target;
+  p.rows = logits.size(0);
+  p.vocab = logits.size(1);
+  p.inv_temp = inv_temp;
+  p.ignore_index = ignore_index;
+  p.acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.lead_shape = {p.rows};
+  p.layout.inner = p.rows > 0 ? p.rows : 1;
+  p.layout.inner_stride = p.vocab;
+  return p;
+}
+
+// Where a tile's columns sit in the vocabulary: the backward of a tile that
+// holds columns [offset, offset + V) of a `full_vocab` row. A target is valid
+// when it is in [0, full_vocab); it gets its extra term only in the tile that
+// holds it.
+struct VocabSlice {
+  int64_t offset = 0;
+  int64_t full_vocab = 0;
+};
+
+inline VocabSlice whole_vocab(const LogprobsProblem& p) {
+  return {0, p.vocab};
+}
+
+// The row loops of token_logprobs on a prepared problem, callable from other
+// ops' C++ without the dispatcher (linear_token_logprobs runs them on chunks
+// of logits it computes). `entropy` undefined: not computed. Defined in
+// csrc/cpu/token_logprobs.cpp and csrc/cuda/token_logprobs.cu.
+void logprobs_forward_rows_cpu(const LogprobsProblem& p, const at::Tensor& logprobs,
+                               const at::Tensor& entropy, const at::Tensor& lse);
+void logprobs_backward_rows_cpu(const LogprobsProblem& p, const GradTarget& out,
+                                const LogprobsGradInputs& in, VocabSlice slice);
+void logprobs_forward_rows_cuda(const LogprobsProblem& p, const at::Tensor& logprobs,
+                                const at::Tensor& entropy, const at::Tensor& lse);
+void logprobs_backward_rows_cuda(const LogprobsProblem& p, const GradTarget& out,
+                                 const LogprobsGradInputs& in, VocabSlice slice);
+
 }  // namespace rlhf_ext

@@ -1,0 +1,252 @@
+"""``python -m bench linear_logprobs``: rlhf_ext.linear_token_logprobs against the GEMM floor
+and the peers, in one run.
+
+Two modes per shape (N tokens x H hidden x V vocabulary) and dtype, each its own section:
+
+- ``fwd``: log-probs of the target tokens from the hidden states and the LM head;
+- ``fwd+bwd``: the same plus the gradients w.r.t. hidden and weight of ``sum(logprobs)``
+  (the cross-entropy loss's gradient, which Liger's and Apple's fused kernels compute).
+
+Implementations:
+
+- ``GEMM floor``: bare ``hidden @ weight.T`` (cuBLAS on CUDA), and in ``fwd+bwd`` the three
+  GEMMs of a linear layer's forward and backward; what no fused op can beat. Verified on
+  its own (first rows against a float32 GEMM), in a section of its own;
+- ``rlhf_ext[cpu]`` / ``[cuda]`` / ``[triton]`` (Triton on CUDA only), chunk_size=None;
+- ``matmul + rlhf_ext.token_logprobs``: the logits materialised, then the fused row op;
+- ``eager matmul+log_softmax+gather`` (the baseline of the speedups);
+- ``liger fused_linear_cross_entropy`` and ``cut-cross-entropy`` (Apple) when installed.
+
+Each row's note gives the model TFLOP/s (2NHV per GEMM: 1 GEMM forward, 3 forward+backward;
+the op's recomputation of the logits in the backward is not counted) and the ratio of its
+time to the GEMM floor's. Outputs are checked against a reference with a float32 GEMM of
+the (rounded) inputs and a float64 softmax: logprobs of every row, and the gradients' first
+rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable, Sequence
+
+import torch
+
+from bench import harness
+from bench.harness import Impl
+from python_tests import peers
+
+OP = "linear_logprobs"
+MODES = ("fwd", "fwd+bwd")
+BASELINE = "eager matmul+log_softmax+gather"
+FLOOR = "GEMM floor"
+SHAPES = {
+    "cuda": [(n, 4096, v) for n in (4096, 16384) for v in (32000, 151936)],
+    "cpu": [(2048, 1024, 32000)],
+}
+QUICK_SHAPES = {"cuda": [(4096, 4096, 32000)], "cpu": [(256, 256, 32000)]}
+DTYPES = {"cuda": ("bfloat16",), "cpu": ("float32", "bfloat16")}
+GRAD_ROWS = 16  # rows of grad_hidden and grad_weight that are verified
+REF_CHUNK = 256  # rows per reference chunk
+
+
+def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int):
+    """Hidden states of unit scale and an LM head giving logits of std ~3."""
+    rows, size, vocab = shape
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(rows, size, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(vocab, size, generator=gen, device=device) * (3 / size**0.5)).to(dtype)
+    target = torch.randint(0, vocab, (rows,), generator=gen, device=device)
+    return {"hidden": hidden, "weight": weight, "target": target}
+
+
+def expected_outputs(inputs: dict, mode: str):
+    """logprobs of every row; in fwd+bwd also grad_hidden and grad_weight's first rows."""
+    hidden, weight, target = inputs["hidden"], inputs["weight"], inputs["target"]
+    weight32 = weight.float()
+    logprobs, grad_weight = [], 0
+    grad_hidden = None
+    for start in range(0, hidden.shape[0], REF_CHUNK):
+        rows = slice(start, start + REF_CHUNK)
+        logp = torch.log_softmax((hidden[rows].float() @ weight32.T).double(), -1)
+        logprobs.append(logp.gather(-1, target[rows, None]).squeeze(-1))
+        if "bwd" in mode:  # d sum(logprobs) / d logits = onehot - p
+            dlogits = -logp.exp()
+            dlogits.scatter_add_(-1, target[rows, None], torch.ones_like(dlogits[:, :1]))
+            grad_weight = grad_weight + dlogits[:, :GRAD_ROWS].T @ hidden[rows].double()
+            if start == 0:
+                grad_hidden = dlogits[:GRAD_ROWS] @ weight.double()
+    outputs = (torch.cat(logprobs),)
+    if "bwd" in mode:
+        outputs += (grad_hidden, grad_weight)
+    return outputs
+
+
+def floor_expected(inputs: dict, mode: str):
+    """The floor's first rows by a float32 GEMM; its second GEMM reads the logits rounded
+    to the inputs' dtype, as the floor's does."""
+    hidden, weight = inputs["hidden"], inputs["weight"]
+    logits = hidden[:GRAD_ROWS].float() @ weight.float().T
+    if "bwd" not in mode:
+        return (logits,)
+    return logits, logits.to(hidden.dtype).float() @ weight.float()
+
+
+# -- the implementations, as functions (hidden, weight, target) -> logprobs ----------------
+
+
+def ours(backend: str) -> Callable:
+    import rlhf_ext
+
+    def compute(hidden, weight, target):
+        return rlhf_ext.linear_token_logprobs(hidden, weight, target, validate=False,
+                                              backend=backend)  # fmt: skip
+
+    return compute
+
+
+def matmul_token_logprobs(backend: str) -> Callable:
+    import rlhf_ext
+
+    def compute(hidden, weight, target):
+        return rlhf_ext.token_logprobs(hidden @ weight.T, target, validate=False, backend=backend)
+
+    return compute
+
+
+def as_impl(name: str, compute: Callable, mode: str, dtype: torch.dtype, **kwargs) -> Impl:
+    """An Impl of `compute`: logprobs, plus in fwd+bwd the gradients' first rows."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    tol = dict(rtol=3e-2, atol=3e-2) if low else dict(rtol=1e-3, atol=1e-3)
+
+    def forward(x):
+        return (compute(x["hidden"], x["weight"], x["target"]),)
+
+    def forward_backward(x):
+        hidden, weight = x["hidden"].requires_grad_(), x["weight"].requires_grad_()
+        (lp,) = forward(x)
+        grad_hidden, grad_weight = torch.autograd.grad(lp.sum(), (hidden, weight))
+        hidden.requires_grad_(False)
+        weight.requires_grad_(False)
+        return lp.detach(), grad_hidden[:GRAD_ROWS], grad_weight[:GRAD_ROWS]
+
+    fn = forward_backward if "bwd" in mode else forward
+    return Impl(name, fn, **{**tol, **kwargs})
+
+
+def gemm_floor(mode: str, dtype: torch.dtype) -> Impl:
+    """The GEMMs alone: logits = h W^T; in fwd+bwd also g W and g^T h (g = the logits)."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    tol = dict(rtol=2e-2, atol=5e-2) if low else dict(rtol=1e-3, atol=1e-3)
+
+    def fn(x):
+        hidden, weight = x["hidden"], x["weight"]
+        logits = hidden @ weight.T
+        if "bwd" not in mode:
+            return (logits[:GRAD_ROWS],)
+        grad_hidden = logits @ weight
+        grad_weight = logits.T @ hidden
+        del grad_weight  # timed, not checked (its float64 check would cost minutes on CPU)
+        return logits[:GRAD_ROWS], grad_hidden[:GRAD_ROWS]
+
+    return Impl(FLOOR, fn, **tol)
+
+
+def implementations(device, mode, dtype, args, runner) -> list[Impl]:
+    ours_here = harness.rlhf_ext_backends(device, runner)
+    impls = [as_impl(f"rlhf_ext[{b}]", ours(b), mode, dtype) for b in ours_here]
+    impls += [
+        as_impl(f"matmul + rlhf_ext.token_logprobs[{b}]", matmul_token_logprobs(b), mode, dtype)
+        for b in ours_here
+    ]
+    impls.append(as_impl(BASELINE, peers.eager_linear_logprobs, mode, dtype, optional=True))
+    for name, module, fn in (
+        ("liger fused_linear_cross_entropy", "liger_kernel", peers.liger_linear_logprobs),
+        ("cut-cross-entropy", "cut_cross_entropy", peers.cce_linear_logprobs),
+    ):
+        if device.type != "cuda":
+            runner.note(f"{name} skipped: GPU only")
+        elif importlib.util.find_spec(module) is None:
+            runner.note(f"{name} skipped: {module} is not installed")
+        else:
+            impls.append(as_impl(name, fn, mode, dtype, optional=True))
+    return harness.select(impls, args.only, keep=BASELINE)
+
+
+def model_flops(shape: Sequence[int], mode: str) -> int:
+    rows, size, vocab = shape
+    return (3 if "bwd" in mode else 1) * 2 * rows * size * vocab
+
+
+def bytes_moved(shape: Sequence[int], dtype: torch.dtype, mode: str, impl: Impl) -> int:
+    """Inputs read once, per-token outputs written once (and the gradients in fwd+bwd)."""
+    rows, size, vocab = shape
+    weights = (rows + vocab) * size * dtype.itemsize
+    return weights * (3 if "bwd" in mode else 1) + rows * 12
+
+
+def annotate(rows, floor_ms: float | None, flops: int) -> None:
+    """TFLOP/s and the ratio to the GEMM floor, in each row's note."""
+    for row in rows:
+        parts = [row.note, f"{flops / (row.median_ms / 1e3) / 1e12:.2f} TFLOP/s"]
+        if floor_ms:
+            parts.append(f"{row.median_ms / floor_ms:.2f}x GEMM floor")
+        row.note = "; ".join(p for p in parts if p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the linear log-probs benchmark; see ``python -m bench linear_logprobs --help``."""
+    args = harness.parse_args(OP, argv, __doc__.splitlines()[0], extra=_extra_args)
+    device = harness.resolve_device(args.device)
+    runner = harness.Runner(OP, device, quick=args.quick)
+    print(f"bench {OP} on {runner.device_name}: copy bandwidth {runner.copy_gbps:.1f} GB/s")
+    shapes = harness.parse_shapes(args.shapes) if args.shapes else None
+    shapes = shapes or (QUICK_SHAPES if args.quick else SHAPES)[device.type]
+    dtypes = [
+        getattr(torch, d) for d in (args.dtypes.split(",") if args.dtypes else DTYPES[device.type])
+    ]
+    modes = args.modes.split(",") if args.modes else MODES
+    for shape in shapes:
+        for dtype in dtypes:
+            for mode in modes:
+                inputs = [make_inputs(shape, dtype, device, seed=0)]
+                print(f"-- {mode} {shape} {dtype}", flush=True)
+                common = dict(
+                    shape=shape,
+                    dtype=dtype,
+                    bytes_moved=functools.partial(bytes_moved, shape, dtype, mode),
+                )
+                floor = runner.run_case(
+                    [_label(gemm_floor(mode, dtype), mode)],
+                    inputs,
+                    floor_expected(inputs[0], mode),
+                    baseline=f"{FLOOR} {mode}",
+                    **common,
+                )
+                floor_ms = floor[0].median_ms if floor else None
+                rows = runner.run_case(
+                    [_label(i, mode) for i in implementations(device, mode, dtype, args, runner)],
+                    inputs,
+                    expected_outputs(inputs[0], mode),
+                    baseline=f"{BASELINE} {mode}",
+                    **common,
+                )
+                annotate(floor + rows, floor_ms, model_flops(shape, mode))
+                del inputs
+    return runner.finish(save=not args.no_save, csv_path=args.csv)
+
+
+def _label(impl: Impl, mode: str) -> Impl:
+    impl.name = f"{impl.name} {mode}"
+    return impl
+
+
+def _extra_args(parser) -> None:
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {MODES}")
+    parser.add_argument(
+        "--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32 (default per device)"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

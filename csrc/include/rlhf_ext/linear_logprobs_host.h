@@ -1,0 +1,367 @@
+// linear_token_logprobs: token_logprobs(hidden @ weight.T + bias, target)
+// without ever holding the whole [N, V] logits. A composite of GEMMs (at::mm:
+// torch's CPU GEMM, cuBLAS on CUDA) and the row loops of token_logprobs, run
+// chunk by chunk; shared by the CPU and CUDA entry points, which pass their
+// row loops in (RowKernels).
+//
+// Only rows whose target is not ignore_index are computed: their indices are
+// gathered once (one host sync on CUDA, for the count) and the chunks hold
+// valid rows only.
+//
+// Forward: chunks of `chunk_rows` valid rows; per chunk one GEMM into a
+// [chunk_rows, V] tile, then the forward row loop, which keeps only per-row
+// float32 statistics (logprob, entropy, log-sum-exp). Each chunk's row count
+// is padded up to a multiple of kRowQuantum (repeating a row), so every GEMM
+// a row goes through has at least that many rows: small-M GEMMs take other
+// code paths (GEMV) whose sums round differently, and batch invariance needs
+// the same path for a row alone or in a batch.
+//
+// Backward: tiles of [tile_rows, tile_vocab] over (vocabulary chunk, token
+// chunk), vocabulary outermost. Each tile's logits are recomputed, turned
+// into d loss / d logits in place by the backward row loop (from the saved
+// log-sum-exp and entropy), and then
+//   grad_hidden[rows]  += dlogits @ weight[cols]       (float32 accumulator)
+//   grad_weight[cols]  += dlogits^T @ hidden[rows]
+//   grad_bias[cols]    += sum over rows of dlogits     (float32)
+// When a vocabulary chunk spans all valid rows in one tile (the usual case),
+// grad_weight[cols] is one GEMM written straight into the output (the GEMM's
+// own float32 accumulation); otherwise a float32 [tile_vocab, H] accumulator
+// collects it over the token chunks. See tile_geometry for the memory bound.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "rlhf_ext/checks.h"
+#include "rlhf_ext/logprobs_host.h"
+
+namespace rlhf_ext {
+
+constexpr const char* kLinearLogprobsOp = "rlhf_ext.linear_token_logprobs";
+constexpr int64_t kRowQuantum = 16;
+// The narrowest vocabulary chunk of the backward: below it a GEMM is too thin
+// to run near its peak, so the token chunk shrinks instead.
+constexpr int64_t kMinTileVocab = 1024;
+constexpr int64_t kVocabQuantum = 64;
+
+// The device's row loops of token_logprobs (logprobs_host.h).
+struct RowKernels {
+  void (*forward)(const LogprobsProblem&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&);
+  void (*backward)(const LogprobsProblem&, const GradTarget&, const LogprobsGradInputs&,
+                   VocabSlice);
+};
+
+struct LinearProblem {
+  at::Tensor hidden;  // [N, H], rows with stride 1
+  at::Tensor weight;  // [V, H], contiguous
+  at::Tensor bias;    // [V] or undefined
+  at::Tensor target;  // int64 [N]
+  at::Tensor valid;   // int64 [Nv]: indices of the rows whose target is not ignore_index
+  int64_t rows = 0, hidden_size = 0, vocab = 0;
+  double inv_temp = 1.0;
+  int64_t ignore_index = -100;
+  int64_t chunk_rows = 1;
+  at::ScalarType acc_dtype = at::kFloat;
+  std::vector<int64_t> lead_shape;  // hidden.shape[:-1]
+};
+
+inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& target) {
+  const char* op = kLinearLogprobsOp;
+  check_floating(op, "hidden", hidden);
+  check_floating(op, "weight", weight);
+  TORCH_CHECK_VALUE(hidden.dim() >= 1, op, ": `hidden` must have shape [..., H], got ",
+                    shape_str(hidden));
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1, op,
+                    ": `weight` must have shape [V, H] with V >= 1, got ", shape_str(weight));
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(-1), op, ": `weight` must have shape [V, ",
+                    hidden.size(-1), "] (H of `hidden`), got ", shape_str(weight));
+  check_same_device(op, "weight", weight, hidden);
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), op,
+                   ": `weight` must have the dtype of `hidden` (", hidden.scalar_type(),
+                   "), got ", weight.scalar_type());
+  if (bias.has_value() && bias->defined()) {
+    check_same_device(op, "bias", *bias, hidden);
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), op,
+                     ": `bias` must have the dtype of `hidden` (", hidden.scalar_type(),
+                     "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                      ": `bias` must have shape [", weight.size(0), "] (V of `weight`), got ",
+                      shape_str(*bias));
+  }
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                   ": `target` must be int64 or int32, got ", target.scalar_type());
+  check_same_device(op, "target", target, hidden);
+  const auto lead = hidden.sizes().slice(0, hidden.dim() - 1);
+  TORCH_CHECK_VALUE(target.sizes() == lead, op, ": `target` must have shape ", lead,
+                    " (the shape of `hidden` without its last dimension), got ",
+                    shape_str(target));
+}
+
+inline LinearProblem prepare_linear(const at::Tensor& hidden, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& target, double temperature,
+                                    int64_t ignore_index, int64_t chunk_size) {
+  const char* op = kLinearLogprobsOp;
+  check_linear_inputs(hidden, weight, bias, target);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": `temperature` must be a finite float > 0, got ", temperature);
+  TORCH_CHECK_VALUE(chunk_size >= 1, op, ": `chunk_size` must be an int >= 1, got ", chunk_size);
+  LinearProblem p;
+  p.hidden_size = hidden.size(-1);
+  p.vocab = weight.size(0);
+  p.rows = target.numel();
+  p.inv_temp = 1.0 / temperature;
+  p.ignore_index = ignore_index;
+  p.chunk_rows = chunk_size;
+  p.acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.lead_shape = hidden.sizes().slice(0, hidden.dim() - 1).vec();
+  p.hidden = hidden.reshape({p.rows, p.hidden_size});
+  if (p.hidden_size > 1 && p.hidden.stride(1) != 1) p.hidden = p.hidden.contiguous();
+  p.weight = weight.contiguous();
+  if (bias.has_value() && bias->defined()) p.bias = bias->contiguous();
+  p.target = target.to(at::kLong).contiguous().reshape({p.rows});
+  p.valid = at::nonzero(p.target.ne(ignore_index)).reshape({-1});
+  return p;
+}
+
+// logits = hidden_rows @ weight_rows^T (+ bias_cols): one GEMM into a fresh
+// contiguous [rows, cols] tile.
+inline at::Tensor logits_tile(const at::Tensor& hidden_rows, const at::Tensor& weight_rows,
+                              const at::Tensor& bias_cols) {
+  if (bias_cols.defined()) return at::addmm(bias_cols, hidden_rows, weight_rows.t());
+  return at::mm(hidden_rows, weight_rows.t());
+}
+
+inline int64_t round_up_rows(int64_t n) {
+  return (n + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
+}
+
+// Rows [begin, end) of the valid rows, padded up to a multiple of kRowQuantum
+// rows (see the file comment; the padding rows are computed and dropped):
+// the indices into `hidden` and the rows themselves. With no ignored row the
+// chunk is a slice of `hidden` (no copy), padded with the rows that follow it
+// where there are such rows.
+struct ChunkRows {
+  at::Tensor indices;
+  at::Tensor hidden;
+};
+
+inline ChunkRows gather_chunk(const LinearProblem& p, int64_t begin, int64_t end) {
+  const int64_t padded = round_up_rows(end - begin);
+  const bool all_valid = p.valid.size(0) == p.rows;
+  if (all_valid && begin + padded <= p.rows) {
+    return {p.valid.slice(0, begin, begin + padded), p.hidden.slice(0, begin, begin + padded)};
+  }
+  at::Tensor idx = p.valid.slice(0, begin, end);
+  if (padded > end - begin) {
+    idx = at::cat({idx, idx.slice(0, -1).expand({padded - (end - begin)})});
+  }
+  return {idx, p.hidden.index_select(0, idx)};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
+    const LinearProblem& p, bool return_entropy, const RowKernels& kernels) {
+  const auto options = p.hidden.options().dtype(p.acc_dtype);
+  at::Tensor logprobs = at::zeros({p.rows}, options);
+  at::Tensor entropy = return_entropy ? at::zeros({p.rows}, options) : at::empty({0}, options);
+  at::Tensor lse = at::zeros({p.rows}, options);
+  const int64_t valid_rows = p.valid.size(0);
+  for (int64_t begin = 0; begin < valid_rows; begin += p.chunk_rows) {
+    const int64_t end = std::min(valid_rows, begin + p.chunk_rows);
+    const ChunkRows chunk = gather_chunk(p, begin, end);
+    const at::Tensor tile = logits_tile(chunk.hidden, p.weight, p.bias);
+    at::Tensor tile_target = p.target.index_select(0, chunk.indices);
+    // The padding rows are ignored: the row loop skips them.
+    tile_target.slice(0, end - begin).fill_(p.ignore_index);
+    const int64_t n = chunk.indices.size(0);
+    at::Tensor lp = at::empty({n}, options), ls = at::empty({n}, options);
+    at::Tensor ent = return_entropy ? at::empty({n}, options) : at::Tensor();
+    kernels.forward(tile_problem(tile, tile_target, p.inv_temp, p.ignore_index), lp, ent, ls);
+    const at::Tensor rows = p.valid.slice(0, begin, end);
+    logprobs.index_copy_(0, rows, lp.slice(0, 0, end - begin));
+    lse.index_copy_(0, rows, ls.slice(0, 0, end - begin));
+    if (return_entropy) entropy.index_copy_(0, rows, ent.slice(0, 0, end - begin));
+  }
+  std::vector<int64_t> shape = p.lead_shape;
+  return {logprobs.view(shape), return_entropy ? entropy.view(shape) : entropy, lse.view(shape)};
+}
+
+// The backward's tile: [tile_rows, tile_vocab] logits at a time, at most
+// chunk_rows * V elements (the forward's tile). The vocabulary is split so that
+// all valid rows fit in one tile per vocabulary chunk; when that would make
+// the chunk narrower than kMinTileVocab, the rows are split instead.
+// Extra memory of the backward, besides the outputs: the tile, the float32
+// grad_hidden accumulator of the valid rows (absent for float32 hidden with no
+// ignored rows), the gathered valid hidden rows (only with ignored rows), a
+// float32 [tile_vocab, H] grad_weight accumulator (only when rows are split),
+// and O(N) per-row statistics.
+struct TileGeometry {
+  int64_t rows;
+  int64_t vocab;
+};
+
+inline TileGeometry tile_geometry(int64_t valid_rows, int64_t vocab, int64_t chunk_rows) {
+  const int64_t budget = chunk_rows * vocab;  // logits elements
+  if (valid_rows <= chunk_rows) return {std::max<int64_t>(valid_rows, 1), vocab};
+  // Whole multiples of kVocabQuantum columns keep every tile row 16-byte aligned for
+  // the CUDA row kernels' vector loads.
+  const int64_t cols = budget / valid_rows / kVocabQuantum * kVocabQuantum;
+  if (cols >= std::min(vocab, kMinTileVocab)) return {valid_rows, std::min(vocab, cols)};
+  const int64_t narrow = std::min(vocab, kMinTileVocab);
+  return {std::max<int64_t>(1, budget / narrow), narrow};
+}
+
+// acc += a @ b, with acc in float32 (or float64) and a, b in the inputs' dtype.
+inline void accumulate_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a, b);
+  } else if (acc.is_cuda()) {
+    acc.add_(at::mm(a, b, acc.scalar_type()));  // cuBLAS: float32 output, no rounding to bf16
+  } else {
+    acc.add_(at::mm(a, b));  // torch's CPU GEMM has no float32 output for bf16/fp16 inputs
+  }
+}
+
+struct LinearGradInputs {
+  at::Tensor target, lse, entropy, grad_logprobs, grad_entropy;  // [Nv] each, or undefined
+};
+
+inline at::Tensor valid_per_row(const LinearProblem& p, const char* name,
+                                const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_same_device(kLinearLogprobsOp, name, *t, p.hidden);
+  check_floating(kLinearLogprobsOp, name, *t);
+  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(p.lead_shape), kLinearLogprobsOp, ": `", name,
+                    "` must have shape ", at::IntArrayRef(p.lead_shape), ", got ", shape_str(*t));
+  return t->reshape({p.rows}).index_select(0, p.valid).to(p.acc_dtype).contiguous();
+}
+
+inline LinearGradInputs prepare_linear_grad_inputs(
+    const LinearProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy) {
+  LinearGradInputs in;
+  in.target = p.target.index_select(0, p.valid);
+  in.lse = valid_per_row(p, "lse", lse);
+  in.grad_logprobs = valid_per_row(p, "grad_logprobs", grad_logprobs);
+  in.grad_entropy = valid_per_row(p, "grad_entropy", grad_entropy);
+  if (in.grad_entropy.defined()) {
+    in.entropy = valid_per_row(p, "entropy", entropy);
+    TORCH_CHECK_VALUE(in.entropy.defined(), kLinearLogprobsOp,
+                      ": `entropy` is needed with `grad_entropy`");
+  }
+  return in;
+}
+
+// The backward's outputs and the float32 accumulators behind them.
+struct LinearGrads {
+  at::Tensor grad_hidden;      // [N, H] in hidden's dtype, or empty when not asked for
+  at::Tensor grad_weight;      // [V, H] in weight's dtype, or empty
+  at::Tensor grad_hidden_acc;  // [N_valid, H] acc_dtype; grad_hidden itself when that is
+                               // float32 and every row is valid; undefined when not asked for
+  at::Tensor grad_bias_acc;    // [V] acc_dtype, or undefined without a bias
+  bool direct_hidden = false;
+};
+
+inline LinearGrads linear_grads(const LinearProblem& p, bool need_grad_hidden,
+                                bool need_grad_weight) {
+  const auto acc_options = p.hidden.options().dtype(p.acc_dtype);
+  const int64_t valid_rows = p.valid.size(0);
+  LinearGrads g;
+  g.direct_hidden = valid_rows == p.rows && p.hidden.scalar_type() == p.acc_dtype;
+  g.grad_hidden = need_grad_hidden ? at::zeros({p.rows, p.hidden_size}, p.hidden.options())
+                                   : at::empty({0}, p.hidden.options());
+  if (need_grad_hidden) {
+    g.grad_hidden_acc = g.direct_hidden ? g.grad_hidden
+                                        : at::zeros({valid_rows, p.hidden_size}, acc_options);
+  }
+  // Every column is written by the tile loop, unless no row is valid.
+  g.grad_weight = !need_grad_weight ? at::empty({0}, p.weight.options())
+                  : valid_rows == 0 ? at::zeros_like(p.weight)
+                                    : at::empty_like(p.weight);
+  if (p.bias.defined()) g.grad_bias_acc = at::zeros({p.vocab}, acc_options);
+  return g;
+}
+
+// One backward tile: valid rows [row, row + rows) x vocabulary columns
+// [col, col + cols). grad_weight_acc: the float32 accumulator of
+// grad_weight[cols] when rows are split, else undefined (written directly).
+struct BackwardTile {
+  int64_t row, rows, col, cols;
+};
+
+inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
+                          const LinearGradInputs& in, const BackwardTile& t,
+                          const RowKernels& kernels, LinearGrads& g,
+                          const at::Tensor& grad_weight_acc) {
+  const at::Tensor hidden_rows = hidden.slice(0, t.row, t.row + t.rows);
+  const at::Tensor weight_cols = p.weight.slice(0, t.col, t.col + t.cols);
+  const at::Tensor bias_cols = p.bias.defined() ? p.bias.slice(0, t.col, t.col + t.cols)
+                                                : at::Tensor();
+  // The logits recomputed, then overwritten by their gradient.
+  const at::Tensor dlogits = logits_tile(hidden_rows, weight_cols, bias_cols);
+  auto rows_of = [&](const at::Tensor& x) {
+    return x.defined() ? x.slice(0, t.row, t.row + t.rows) : at::Tensor();
+  };
+  const LogprobsProblem tp =
+      tile_problem(dlogits, rows_of(in.target), p.inv_temp, p.ignore_index);
+  const LogprobsGradInputs tile_in{rows_of(in.lse), rows_of(in.entropy),
+                                   rows_of(in.grad_logprobs), rows_of(in.grad_entropy)};
+  kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{t.col, p.vocab});
+  if (g.grad_hidden_acc.defined()) {
+    accumulate_mm(g.grad_hidden_acc.slice(0, t.row, t.row + t.rows), dlogits, weight_cols);
+  }
+  if (grad_weight_acc.defined()) {
+    accumulate_mm(grad_weight_acc, dlogits.t(), hidden_rows);
+  } else if (g.grad_weight.numel() > 0) {
+    at::Tensor out = g.grad_weight.slice(0, t.col, t.col + t.cols);
+    at::mm_out(out, dlogits.t(), hidden_rows);
+  }
+  if (g.grad_bias_acc.defined()) {
+    g.grad_bias_acc.slice(0, t.col, t.col + t.cols).add_(dlogits.sum(0, false, p.acc_dtype));
+  }
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const LinearProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy, bool need_grad_hidden,
+    bool need_grad_weight, const RowKernels& kernels) {
+  const LinearGradInputs in =
+      prepare_linear_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
+  const int64_t valid_rows = p.valid.size(0);
+  const at::Tensor hidden =
+      valid_rows == p.rows ? p.hidden : p.hidden.index_select(0, p.valid);
+  LinearGrads g = linear_grads(p, need_grad_hidden, need_grad_weight);
+  const TileGeometry tile = tile_geometry(valid_rows, p.vocab, p.chunk_rows);
+  const bool split_rows = tile.rows < valid_rows;
+  for (int64_t col = 0; col < p.vocab && valid_rows > 0; col += tile.vocab) {
+    const int64_t cols = std::min(tile.vocab, p.vocab - col);
+    at::Tensor grad_weight_acc;
+    if (need_grad_weight && split_rows) {
+      grad_weight_acc = at::zeros({cols, p.hidden_size}, p.hidden.options().dtype(p.acc_dtype));
+    }
+    for (int64_t row = 0; row < valid_rows; row += tile.rows) {
+      const BackwardTile t{row, std::min(tile.rows, valid_rows - row), col, cols};
+      backward_tile(p, hidden, in, t, kernels, g, grad_weight_acc);
+    }
+    if (grad_weight_acc.defined()) g.grad_weight.slice(0, col, col + cols).copy_(grad_weight_acc);
+  }
+  if (need_grad_hidden && !g.direct_hidden) {
+    g.grad_hidden.index_copy_(0, p.valid, g.grad_hidden_acc.to(p.hidden.scalar_type()));
+  }
+  std::vector<int64_t> shape = p.lead_shape;
+  shape.push_back(p.hidden_size);
+  const at::Tensor grad_bias = p.bias.defined() ? g.grad_bias_acc.to(p.bias.scalar_type())
+                                                : at::empty({0}, p.weight.options());
+  return {need_grad_hidden ? g.grad_hidden.view(shape) : g.grad_hidden, g.grad_weight,
+          grad_bias};
+}
+
+}  // namespace rlhf_ext

@@ -1,0 +1,281 @@
+"""rlhf_ext.linear_token_logprobs: token_logprobs of hidden @ weight.T + bias,
+chunk by chunk, never holding the whole logits."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ext import reference
+from rlhf_ext._backend import compiled_available, resolve_backend
+from rlhf_ext.ops._checks import acc_dtype, check_tensor, eager
+from rlhf_ext.ops.token_logprobs import TARGET_DTYPES, _check_temperature
+
+OP = "rlhf_ext.linear_token_logprobs"
+
+# Logits held at once when chunk_size=None: a fixed budget on the CPU; on CUDA
+# an eighth of the free memory, clamped to [CUDA_MIN_BUDGET, CUDA_MAX_BUDGET]
+# (the cap keeps the op's extra memory under 1 GiB at the 152k-vocabulary shapes).
+CPU_BUDGET_BYTES = 256 << 20
+CUDA_MIN_BUDGET_BYTES = 64 << 20
+CUDA_MAX_BUDGET_BYTES = 512 << 20
+ROW_QUANTUM = 16  # chunks are whole multiples of this many rows (see the C++ header)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    validate: bool = True,
+    backend: str = "auto",
+):
+    """Log-probability of each target token from the LM head's input, without the logits.
+
+    ``hidden [..., H]``, ``weight [V, H]`` (the LM head), optional ``bias [V]``
+    (all one floating dtype: float32, bfloat16, float16; float64 for gradcheck)
+    and ``target [...]`` (int64 or int32). Returns what
+    ``token_logprobs(hidden @ weight.T + bias, target, ...)`` returns:
+    ``logprobs [...]`` and with ``return_entropy=True`` the pair
+    ``(logprobs, entropy)``, float32 (float64 for float64 inputs), exactly 0
+    with zero gradient where ``target == ignore_index``. Differentiable w.r.t.
+    ``hidden``, ``weight`` and ``bias`` through both outputs.
+
+    Only rows whose target is not ``ignore_index`` are computed. They are taken
+    ``chunk_size`` rows at a time: one GEMM into a ``[chunk_size, V]`` tile of
+    logits, then the fused online-softmax rows of ``token_logprobs``, which
+    keep only per-row float32 statistics. The backward recomputes the logits
+    in tiles of at most ``chunk_size * V`` elements (split over the vocabulary
+    so that one GEMM per vocabulary chunk covers all rows), turns each tile into
+    the logit gradient in place, and accumulates ``grad_hidden`` in float32 and
+    ``grad_weight`` with the GEMM's float32 accumulation.
+
+    Extra memory beyond inputs, outputs and gradients: forward, one logits tile
+    (``chunk_size * V`` elements of the input dtype) plus O(N) per-row
+    statistics; backward, the same tile, plus a float32 ``[N_valid, H]``
+    grad_hidden accumulator (none for float32 inputs with no ignored token) and
+    a copy of the valid hidden rows when some tokens are ignored. The logits
+    part does not grow with N.
+
+    ``chunk_size=None`` picks the rows per chunk from a memory budget and V
+    (CPU: 256 MiB of logits; CUDA: an eighth of the free memory, between 64 and
+    512 MiB), never from N; an explicit ``chunk_size`` is honoured (a GEMM
+    has at least 16 rows: a smaller last chunk is padded). A row's forward
+    result is bitwise the same in any batch for a given chunk size (every GEMM
+    has at least 16 rows, so a row alone takes the GEMM path it takes in a
+    batch); gradients are deterministic run to run.
+
+    ``validate=True`` checks that every target is in [0, V) or ignore_index
+    (one device sync). On CUDA the op syncs once per call to count the valid
+    rows. ``backend``: "auto", "cpu", "cuda", "triton" (Triton row kernels
+    between torch GEMMs) or "torch" (the reference, which materialises the
+    logits).
+    """
+    _check_inputs(hidden, weight, bias, target)
+    temperature = _check_temperature_here(temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
+    chunk_rows = resolve_chunk_size(chunk_size, weight.shape[0], hidden)
+    if validate and eager():
+        _raise_on_bad_target(target, weight.shape[0], ignore_index)
+    chosen = resolve_backend(OP, backend, hidden.device)
+    if chosen == "torch":
+        return reference.linear_token_logprobs(
+            hidden,
+            weight,
+            target,
+            bias=bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+        )
+    logprobs, entropy = LinearTokenLogprobsFunction.apply(
+        hidden,
+        weight,
+        bias,
+        target,
+        temperature,
+        ignore_index,
+        bool(return_entropy),
+        chunk_rows,
+        chosen,
+    )
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def _check_temperature_here(temperature) -> float:
+    try:
+        return _check_temperature(temperature)
+    except (TypeError, ValueError) as error:  # same checks, this op's name
+        raise type(error)(str(error).replace("rlhf_ext.token_logprobs", OP)) from None
+
+
+def _check_inputs(hidden, weight, bias, target) -> None:
+    check_tensor(OP, "hidden", hidden)
+    check_tensor(OP, "weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{OP}: `hidden` must have shape [..., H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(
+            f"{OP}: `weight` must have shape [V, H] with V >= 1, got {tuple(weight.shape)}"
+        )
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{OP}: `weight` must have shape [V, {hidden.shape[-1]}] (H of `hidden`), "
+            f"got {tuple(weight.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(OP, name, t)
+        if t.device != hidden.device:
+            raise ValueError(
+                f"{OP}: `{name}` must be on {hidden.device} like `hidden`, got {t.device}"
+            )
+        if t.dtype != hidden.dtype:
+            raise TypeError(
+                f"{OP}: `{name}` must have the dtype of `hidden` ({hidden.dtype}), got {t.dtype}"
+            )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{OP}: `bias` must have shape ({weight.shape[0]},) (V of `weight`), "
+            f"got {tuple(bias.shape)}"
+        )
+    check_tensor(OP, "target", target, floating=False)
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"{OP}: `target` must be int64 or int32, got {target.dtype}")
+    if target.device != hidden.device:
+        raise ValueError(
+            f"{OP}: `target` must be on {hidden.device} like `hidden`, got {target.device}"
+        )
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"{OP}: `target` must have shape {tuple(hidden.shape[:-1])} (the shape of `hidden` "
+            f"without its last dimension), got {tuple(target.shape)}"
+        )
+
+
+def _raise_on_bad_target(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{OP}: `target` at position {position} is {int(target[position])}, outside "
+            f"[0, {vocab}) and not ignore_index ({ignore_index}); pass validate=False to get "
+            "NaN for such rows instead"
+        )
+
+
+def logits_budget_bytes(device: torch.device) -> int:
+    """Bytes of logits that chunk_size=None lets one chunk hold on `device`."""
+    if device.type != "cuda":
+        return CPU_BUDGET_BYTES
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(CUDA_MIN_BUDGET_BYTES, min(CUDA_MAX_BUDGET_BYTES, free // 8))
+
+
+def resolve_chunk_size(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
+    """Rows per chunk: `chunk_size` itself, or, for None, as many whole multiples of
+    16 rows as the logits budget holds at this V (never fewer than 16)."""
+    if chunk_size is None:
+        if torch.compiler.is_compiling():  # no device query while tracing
+            budget = CPU_BUDGET_BYTES
+        else:
+            budget = logits_budget_bytes(hidden.device)
+        rows = budget // (vocab * hidden.element_size())
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"{OP}: `chunk_size` must be an int or None, got {type(chunk_size).__name__}"
+        )
+    elif chunk_size < 1:
+        raise ValueError(f"{OP}: `chunk_size` must be an int >= 1, got {chunk_size}")
+    else:
+        return chunk_size
+    return max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
+
+
+def _kernels(backend: str):
+    """(forward, backward) ops of a compiled or Triton backend."""
+    if backend == "triton":
+        from rlhf_ext.triton import linear_token_logprobs as kernels
+
+        return kernels.linear_token_logprobs_fwd_triton, kernels.linear_token_logprobs_bwd_triton
+    ops = torch.ops.rlhf_ext
+    return ops.linear_token_logprobs_fwd, ops.linear_token_logprobs_bwd
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """Forward saves the inputs and the per-row log-sum-exp (and entropy); the
+    backward recomputes the logits tile by tile."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, temperature, ignore_index, return_entropy,
+                chunk_rows, backend):  # fmt: skip
+        forward_op = _kernels(backend)[0]
+        logprobs, entropy, lse = forward_op(
+            hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk_rows
+        )
+        ctx.save_for_backward(
+            hidden, weight, bias, target, lse, entropy if return_entropy else None
+        )
+        ctx.settings = (temperature, ignore_index, return_entropy, chunk_rows, backend)
+        if not return_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, return_entropy, chunk_rows, backend = ctx.settings
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden, grad_weight, grad_bias = _kernels(backend)[1](
+            hidden,
+            weight,
+            bias,
+            target,
+            lse,
+            entropy,
+            grad_logprobs,
+            grad_entropy if return_entropy else None,
+            temperature,
+            ignore_index,
+            chunk_rows,
+            need_hidden,
+            need_weight,
+        )
+        return (
+            grad_hidden if need_hidden else None,
+            grad_weight if need_weight else None,
+            grad_bias if need_bias else None,
+            None, None, None, None, None, None,
+        )  # fmt: skip
+
+
+# -- fake kernels ---------------------------------------------------------------
+
+
+def forward_fake(hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk):
+    lead, dtype = hidden.shape[:-1], acc_dtype(hidden)
+    entropy = hidden.new_empty(lead if return_entropy else (0,), dtype=dtype)
+    return hidden.new_empty(lead, dtype=dtype), entropy, hidden.new_empty(lead, dtype=dtype)
+
+
+def backward_fake(hidden, weight, bias, target, lse, entropy, grad_lp, grad_ent, temperature,
+                  ignore_index, chunk, need_grad_hidden, need_grad_weight):  # fmt: skip
+    def fresh(shape, like):
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    return (
+        fresh(hidden.shape if need_grad_hidden else (0,), hidden),
+        fresh(weight.shape if need_grad_weight else (0,), weight),
+        fresh(bias.shape, bias) if bias is not None else fresh((0,), weight),
+    )
+
+
+if compiled_available():
+    torch.library.register_fake("rlhf_ext::linear_token_logprobs_fwd")(forward_fake)
+    torch.library.register_fake("rlhf_ext::linear_token_logprobs_bwd")(backward_fake)
