@@ -4,6 +4,7 @@ the CLI, the offline demo at a tiny scale, and the Hugging Face path."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -211,6 +212,47 @@ def test_reward_model_with_its_own_tokenizer(tmp_path):
     batch = trainer.generate([[1, 4, 5], [1, 9]])
     scores = trainer.score(batch)
     prompts, completions = trainer.reward.texts(batch)
-    expected = ByteTokenizer().encode(prompts[1] + completions[1])
+    text = th.DemoTokenizer().decode(trainer.reward.sequences(batch)[1])  # the row, decoded once
+    assert text == prompts[1] + " " + completions[1]  # a word tokenizer: not prompt + completion
+    expected = ByteTokenizer().encode(text)
     assert seen[0][1, : len(expected)].tolist() == expected  # re-encoded as bytes
+    assert not seen[0][1, len(expected) :].any()  # then right padding
     assert scores.shape == (2,) and scores.dtype == torch.float32
+
+
+def test_hugging_face_reward_model_scores_like_a_direct_call(tmp_path):
+    """A transformers sequence classifier as the reward model: called by keyword on
+    right-padded rows, in eval mode, it gives the score a direct call on each row's text
+    gives (with and without its own tokenizer), and drives a training step."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
+    )
+    from rlhf_ext.trainer import ByteTokenizer
+
+    torch.manual_seed(7)
+    config = transformers.GPT2Config(
+        vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    reward_model = transformers.AutoModelForSequenceClassification.from_config(config).train()
+    tokenizer = ByteTokenizer()
+    for reward_tokenizer in (None, ByteTokenizer()):
+        trainer = PPOTrainer(
+            th.tiny_config(tmp_path / str(reward_tokenizer is None), total_iterations=1),
+            th.tiny_gpt(vocab_size=tokenizer.vocab_size),
+            None,
+            reward_model,
+            tokenizer,
+            reward_tokenizer=reward_tokenizer,
+        )
+        assert not reward_model.training  # put in eval mode by the trainer
+        batch = trainer.generate([tokenizer.encode(p) for p in ("abc", "hello there", "a")])
+        scores = trainer.score(batch)
+        for row, ids in enumerate(trainer.reward.sequences(batch)):
+            if reward_tokenizer is not None:  # the row's text, re-encoded
+                ids = reward_tokenizer.encode(tokenizer.decode(ids))
+            with torch.no_grad():
+                direct = reward_model(input_ids=torch.tensor([ids])).logits[0, 0]
+            torch.testing.assert_close(scores[row], direct, atol=1e-5, rtol=1e-5)
+        history = trainer.train(["abc", "hello"])
+        assert len(history) == 1 and math.isfinite(history[0]["objective/scores"])

@@ -47,7 +47,8 @@ class PPOTrainer:
         policy: a :class:`TinyGPT` or a transformers causal LM (trained).
         ref_policy: the frozen reference (None: a frozen copy of ``policy``).
         reward_fn_or_model: ``fn(prompts, completions) -> scores`` on decoded
-            text, or a reward model ``rm(input_ids, attention_mask) -> [B]``.
+            text, or a reward model ``rm(input_ids=, attention_mask=) -> [B]``
+            (eval mode; right-padded query + response rows, see RewardSource).
         tokenizer: ``pad_token_id``, ``eos_token_id``, ``encode``, ``decode``
             (a transformers tokenizer or :class:`ByteTokenizer`). pad may equal
             eos: masks come from lengths and the first EOS, never from pad ids.
