@@ -256,3 +256,11 @@ def test_hugging_face_reward_model_scores_like_a_direct_call(tmp_path):
             torch.testing.assert_close(scores[row], direct, atol=1e-5, rtol=1e-5)
         history = trainer.train(["abc", "hello"])
         assert len(history) == 1 and math.isfinite(history[0]["objective/scores"])
+
+
+def test_resume_without_a_checkpoint_warns(tmp_path, capsys):
+    config = _train_config(tmp_path, iterations=1)
+    assert main(["train", "--config", config, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: python -m rlhf_ext train --resume: no checkpoint at" in out
+    assert "starting a fresh run" in out

@@ -78,7 +78,7 @@ class PPOConfig:
     sample_interval: int = 10
     checkpoint_interval: int = 50
     output_dir: str = "runs/ppo"
-    max_nonfinite_updates: int = 3
+    max_nonfinite_updates: int = 3  # iterations in a row with a skipped (non-finite) update
     progress_bar: bool = True
     extra: dict = field(default_factory=dict)  # free-form, carried into checkpoints
 
