@@ -144,7 +144,7 @@ def test_left_pad_and_filters():
     # probs ~ [0.087, 0.644, 0.237, 0.032]: top_p 0.7 keeps the two largest
     kept = ~torch.isinf(filter_logits(logits, None, 0.7))
     assert kept.tolist() == [[False, True, True, False]]
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="^rlhf_ext.trainer.left_pad: every sequence of `queries`"):
         left_pad([[1], []], 0, "cpu")
 
 
@@ -468,6 +468,10 @@ def test_step_advances_the_iteration_and_writes_metrics(tmp_path):
 
 def test_load_checkpoint_checks_seed_and_batch_sizes(tmp_path):
     trainer = th.tiny_trainer(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match="checkpoint.load_checkpoint: `path`: no checkpoint"
+    ):
+        trainer.load_checkpoint()
     trainer.save_checkpoint()
     with pytest.raises(ValueError, match=r"load_checkpoint: .*different `seed` \(checkpoint 0"):
         th.tiny_trainer(tmp_path, seed=1).load_checkpoint()

@@ -16,6 +16,7 @@ import torch
 import trainer_helpers as th
 from trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
+import rlhf_ext
 from rlhf_ext.__main__ import main
 from rlhf_ext.trainer import PPOTrainer
 from rlhf_ext.trainer.checkpoint import load_checkpoint
@@ -264,3 +265,55 @@ def test_resume_without_a_checkpoint_warns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warning: python -m rlhf_ext train --resume: no checkpoint at" in out
     assert "starting a fresh run" in out
+
+
+def test_untied_critic_head_is_frozen_and_every_trainable_parameter_gets_a_gradient(tmp_path):
+    """A separate transformers critic with an untied LM head: the head is unused
+    (values come from the backbone), so it is frozen and left out of the optimizer;
+    DDP would otherwise wait for its gradient ("Expected to have finished reduction")."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
+    )
+    from rlhf_ext.trainer import ByteTokenizer
+    from rlhf_ext.trainer.rollout import response_logits
+
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(
+        vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2, tie_word_embeddings=False
+    )
+    critic_lm = transformers.AutoModelForCausalLM.from_config(config)
+    head = critic_lm.get_output_embeddings()
+    assert head.weight is not critic_lm.get_input_embeddings().weight
+    trainer = PPOTrainer(
+        th.tiny_config(tmp_path),
+        th.tiny_gpt(vocab_size=259),
+        None,
+        th.byte_reward,
+        ByteTokenizer(),
+        critic_lm,
+    )
+    assert not head.weight.requires_grad
+    optimised = {id(p) for p in trainer.all_parameters()}
+    assert id(head.weight) not in optimised
+    batch = trainer.generate([ByteTokenizer().encode(p) for p in ("abc", "hello")])
+    _, values = response_logits(trainer.critic, batch, value_model=True)
+    returns = torch.randn_like(values)
+    loss, _ = rlhf_ext.value_loss(values, values.detach(), returns, batch.response_mask)
+    loss.backward()
+    trainable = [(n, p) for n, p in trainer.critic.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable), [
+        n for n, p in trainable if p.grad is None
+    ]
+    assert {id(p) for _, p in trainable} <= optimised
+
+
+def test_model_argument_errors_name_function_and_argument(tmp_path):
+    config = th.tiny_config(tmp_path)
+    with pytest.raises(TypeError, match="^rlhf_ext.trainer.PPOTrainer: `value_model` must be"):
+        PPOTrainer(
+            config, th.tiny_gpt(), None, th.a_fraction, th.DemoTokenizer(), torch.nn.Linear(2, 2)
+        )
+    with pytest.raises(TypeError, match="^rlhf_ext.trainer.PPOTrainer: `ref_policy` must be"):
+        PPOTrainer(config, th.tiny_gpt(), torch.nn.Linear(2, 2), th.a_fraction, th.DemoTokenizer())
+    with pytest.raises(TypeError, match="^rlhf_ext.trainer.PPOTrainer: `policy` must be"):
+        PPOTrainer(config, torch.nn.Linear(2, 2), None, th.a_fraction, th.DemoTokenizer())

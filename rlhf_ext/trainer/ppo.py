@@ -108,14 +108,18 @@ class PPOTrainer:
     def _build_models(self, policy, ref_policy, value_model) -> None:
         self.device = next(policy.parameters()).device
         if value_model is None:
-            self.model = ValueHeadModel(policy).to(self.device)
+            self.model = ValueHeadModel(policy, name="policy", owner=NAME).to(self.device)
             self.policy_lm, self.critic = self.model.lm, None
         else:
-            self.model = as_causal_lm(policy)
+            self.model = as_causal_lm(policy, "policy", NAME)
             self.policy_lm = self.model
-            self.critic = ValueHeadModel(value_model, with_logits=False).to(self.device)
+            self.critic = ValueHeadModel(
+                value_model, with_logits=False, name="value_model", owner=NAME
+            ).to(self.device)
         ref = ref_policy if ref_policy is not None else copy.deepcopy(self.policy_lm)
-        self.ref_lm = as_causal_lm(ref).to(self.device).eval().requires_grad_(False)
+        self.ref_lm = (
+            as_causal_lm(ref, "ref_policy", NAME).to(self.device).eval().requires_grad_(False)
+        )
         for module in (self.model, self.critic):
             if module is not None:
                 module.eval()  # dropout off during RL, also while training
@@ -123,8 +127,8 @@ class PPOTrainer:
         self.train_critic = _maybe_ddp(self.critic) if self.critic is not None else None
 
     def _value_parameters(self) -> list[nn.Parameter]:
-        if self.critic is not None:
-            return list(self.critic.parameters())
+        if self.critic is not None:  # without a frozen (untied, unused) LM head
+            return [p for p in self.critic.parameters() if p.requires_grad]
         return list(self.model.value_head.parameters())
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -448,7 +452,7 @@ class PPOTrainer:
                     self.save_checkpoint()
                     bar.close()
                     self.log(
-                        f"rlhf_ext.trainer: stopped by signal at iteration "
+                        f"{NAME}.train: stopped by signal at iteration "
                         f"{self.iteration}; checkpoint in {self.checkpoint_path}"
                     )
                     return history
@@ -606,7 +610,7 @@ class PPOTrainer:
         path = os.path.join(self.config.output_dir, "metrics.png")
         problem = plot_metrics(self.writer.read(), path)
         if problem:
-            self.log(f"rlhf_ext.trainer: {problem}")
+            self.log(f"{NAME}.plot: {problem}")
             return None
         return path
 
