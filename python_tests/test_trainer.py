@@ -221,7 +221,8 @@ def test_minibatch_bookkeeping(tmp_path):
         ("kl_kind", "k9", "`kl_kind` must be one of"),
         ("kl_placement", "both", "`kl_placement` must be one of"),
         ("gamma", 1.5, "`gamma` must be a float in \\[0, 1\\]"),
-        ("top_p", 0.0, "`top_p` must be None or a float > 0"),
+        ("top_p", 0.0, "`top_p` must be None or a float in \\(0, 1\\]"),
+        ("top_p", 1.5, "`top_p` must be None or a float in \\(0, 1\\]"),
         ("max_new_tokens", 0, "`max_new_tokens` must be an int >= 1"),
         ("temperature", float("nan"), "`temperature` must be finite"),
         ("kl_coef", -1.0, "`kl_coef` must be a float >= 0"),
@@ -478,3 +479,15 @@ def test_load_checkpoint_checks_seed_and_batch_sizes(tmp_path):
     with pytest.raises(ValueError, match="`rollout_batch_size` \\(checkpoint 8, this run 16\\)"):
         th.tiny_trainer(tmp_path, rollout_batch_size=16).load_checkpoint()
     th.tiny_trainer(tmp_path, total_iterations=9).load_checkpoint()  # other fields may change
+
+
+def test_demo_routes_the_trainer_log_through_its_log_function(tmp_path):
+    from rlhf_ext.trainer.demo import _LogStream
+
+    lines = []
+    trainer = rlhf_ext.trainer.PPOTrainer(
+        th.tiny_config(tmp_path), th.tiny_gpt(), None, th.a_fraction, th.DemoTokenizer(),
+        log=_LogStream(lines.append),
+    )  # fmt: skip
+    trainer.log("hello\nworld")
+    assert lines == ["hello\nworld"]
