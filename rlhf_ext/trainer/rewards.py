@@ -8,7 +8,7 @@ import inspect
 import torch
 from torch import nn
 
-from rlhf_ext.trainer.rollout import Batch
+from rlhf_ext.trainer.rollout import Batch, right_pad
 
 
 class RunningMoments:
@@ -124,23 +124,14 @@ class RewardSource:
             if pad is None:
                 pad = getattr(self.reward_tokenizer, "eos_token_id", None)
         pad = 0 if pad is None else pad
-        input_ids, mask = _right_padded(sequences, pad, batch.queries.device)
+        # eos -1: the mask is each row's length (an EOS inside a row stays visible)
+        input_ids, mask, _ = right_pad(sequences, pad, -1, batch.queries.device)
+        mask = mask.long()  # 0/1, what every transformers model accepts
         if self._keywords:
             out = self.reward(input_ids=input_ids, attention_mask=mask)
         else:
             out = self.reward(input_ids, mask)
         return out.logits[:, 0] if hasattr(out, "logits") else out
-
-
-def _right_padded(rows: list, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, T]`` ids right-padded with ``pad`` and their long 0/1 attention mask."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _accepts_keywords(module: nn.Module) -> bool:
