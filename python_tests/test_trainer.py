@@ -144,7 +144,7 @@ def test_left_pad_and_filters():
     # probs ~ [0.087, 0.644, 0.237, 0.032]: top_p 0.7 keeps the two largest
     kept = ~torch.isinf(filter_logits(logits, None, 0.7))
     assert kept.tolist() == [[False, True, True, False]]
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="^rlhf_ext.trainer.left_pad: every sequence of `queries`"):
         left_pad([[1], []], 0, "cpu")
 
 
@@ -221,7 +221,8 @@ def test_minibatch_bookkeeping(tmp_path):
         ("kl_kind", "k9", "`kl_kind` must be one of"),
         ("kl_placement", "both", "`kl_placement` must be one of"),
         ("gamma", 1.5, "`gamma` must be a float in \\[0, 1\\]"),
-        ("top_p", 0.0, "`top_p` must be None or a float > 0"),
+        ("top_p", 0.0, "`top_p` must be None or a float in \\(0, 1\\]"),
+        ("top_p", 1.5, "`top_p` must be None or a float in \\(0, 1\\]"),
         ("max_new_tokens", 0, "`max_new_tokens` must be an int >= 1"),
         ("temperature", float("nan"), "`temperature` must be finite"),
         ("kl_coef", -1.0, "`kl_coef` must be a float >= 0"),
@@ -344,11 +345,31 @@ def test_nonfinite_loss_skips_then_stops(tmp_path):
 
     trainer = th.tiny_trainer(tmp_path, reward=nan_reward, max_nonfinite_updates=3)
     before = [p.detach().clone() for p in trainer.all_parameters()]
-    with pytest.raises(NonFiniteLossError, match="3 non-finite updates in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 iterations in a row with non-finite"):
         trainer.train(th.prompts(), iterations=5)
     for a, b in zip(before, trainer.all_parameters(), strict=True):
         assert torch.equal(a, b)  # no skipped update touched the weights
-    assert sum("update skipped" in line for line in trainer._log_stream.lines) == 3
+    skipped = sum("update skipped" in line for line in trainer._log_stream.lines)
+    assert skipped == 3 * trainer.config.updates_per_iteration  # the guard counts iterations
+    assert trainer.iteration == 2  # raised in the third
+
+
+def test_one_nan_score_does_not_stop_a_run_with_defaults(tmp_path):
+    calls = []
+
+    def one_nan(prompts, completions):
+        calls.append(1)
+        scores = th.a_fraction(prompts, completions)
+        if len(calls) == 1:
+            scores[0] = float("nan")
+        return scores
+
+    trainer = th.tiny_trainer(tmp_path, reward=one_nan)
+    assert trainer.config.max_nonfinite_updates < trainer.config.updates_per_iteration
+    history = trainer.train(th.prompts(), iterations=3)
+    assert history[0]["train/skipped_updates"] == trainer.config.updates_per_iteration
+    assert [m["train/skipped_updates"] for m in history[1:]] == [0, 0]
+    assert trainer.nonfinite_in_row == 0 and trainer.iteration == 3
 
 
 def test_nonfinite_once_is_skipped_and_logged(tmp_path):
@@ -414,3 +435,59 @@ def test_rollout_pipeline_matches_plain_torch(tmp_path):
     torch.testing.assert_close(data["rewards"], rewards)
     torch.testing.assert_close(data["returns"], returns)
     torch.testing.assert_close(data["advantages"], reference.masked_whiten(advantages, mask))
+
+
+# ------------------------------------------------------- signals, step, resume
+def test_a_second_train_after_a_signal_runs_to_the_end(tmp_path):
+    import os
+    import signal
+
+    calls = []
+
+    def signalling(prompts, completions):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught: stop after this iteration
+        return th.a_fraction(prompts, completions)
+
+    trainer = th.tiny_trainer(tmp_path, reward=signalling)
+    assert len(trainer.train(th.prompts(), iterations=3)) == 1
+    assert trainer.iteration == 1
+    assert len(trainer.train(th.prompts(), iterations=3)) == 2  # not stopped by the old signal
+    assert trainer.iteration == 3
+
+
+def test_step_advances_the_iteration_and_writes_metrics(tmp_path):
+    trainer = th.tiny_trainer(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 7}\n')  # an older run's log
+    for expected in (1, 2):
+        metrics = trainer.step([[1, 4, 5], [1, 6]] * 2, [[7, 8, 2], [9]] * 2, [0.5, 1.0] * 2)
+        assert trainer.iteration == expected == metrics["step"]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["episode"]) for r in records] == [(1, 4), (2, 8)]
+
+
+def test_load_checkpoint_checks_seed_and_batch_sizes(tmp_path):
+    trainer = th.tiny_trainer(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match="checkpoint.load_checkpoint: `path`: no checkpoint"
+    ):
+        trainer.load_checkpoint()
+    trainer.save_checkpoint()
+    with pytest.raises(ValueError, match=r"load_checkpoint: .*different `seed` \(checkpoint 0"):
+        th.tiny_trainer(tmp_path, seed=1).load_checkpoint()
+    with pytest.raises(ValueError, match="`rollout_batch_size` \\(checkpoint 8, this run 16\\)"):
+        th.tiny_trainer(tmp_path, rollout_batch_size=16).load_checkpoint()
+    th.tiny_trainer(tmp_path, total_iterations=9).load_checkpoint()  # other fields may change
+
+
+def test_demo_routes_the_trainer_log_through_its_log_function(tmp_path):
+    from rlhf_ext.trainer.demo import _LogStream
+
+    lines = []
+    trainer = rlhf_ext.trainer.PPOTrainer(
+        th.tiny_config(tmp_path), th.tiny_gpt(), None, th.a_fraction, th.DemoTokenizer(),
+        log=_LogStream(lines.append),
+    )  # fmt: skip
+    trainer.log("hello\nworld")
+    assert lines == ["hello\nworld"]

@@ -4,6 +4,7 @@ the CLI, the offline demo at a tiny scale, and the Hugging Face path."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 import trainer_helpers as th
 from trainer_helpers import one_thread  # noqa: F401  (autouse fixture)
 
+import rlhf_ext
 from rlhf_ext.__main__ import main
 from rlhf_ext.trainer import PPOTrainer
 from rlhf_ext.trainer.checkpoint import load_checkpoint
@@ -211,6 +213,107 @@ def test_reward_model_with_its_own_tokenizer(tmp_path):
     batch = trainer.generate([[1, 4, 5], [1, 9]])
     scores = trainer.score(batch)
     prompts, completions = trainer.reward.texts(batch)
-    expected = ByteTokenizer().encode(prompts[1] + completions[1])
+    text = th.DemoTokenizer().decode(trainer.reward.sequences(batch)[1])  # the row, decoded once
+    assert text == prompts[1] + " " + completions[1]  # a word tokenizer: not prompt + completion
+    expected = ByteTokenizer().encode(text)
     assert seen[0][1, : len(expected)].tolist() == expected  # re-encoded as bytes
+    assert not seen[0][1, len(expected) :].any()  # then right padding
     assert scores.shape == (2,) and scores.dtype == torch.float32
+
+
+def test_hugging_face_reward_model_scores_like_a_direct_call(tmp_path):
+    """A transformers sequence classifier as the reward model: called by keyword on
+    right-padded rows, in eval mode, it gives the score a direct call on each row's text
+    gives (with and without its own tokenizer), and drives a training step."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
+    )
+    from rlhf_ext.trainer import ByteTokenizer
+
+    torch.manual_seed(7)
+    config = transformers.GPT2Config(
+        vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    reward_model = transformers.AutoModelForSequenceClassification.from_config(config).train()
+    tokenizer = ByteTokenizer()
+    for reward_tokenizer in (None, ByteTokenizer()):
+        trainer = PPOTrainer(
+            th.tiny_config(tmp_path / str(reward_tokenizer is None), total_iterations=1),
+            th.tiny_gpt(vocab_size=tokenizer.vocab_size),
+            None,
+            reward_model,
+            tokenizer,
+            reward_tokenizer=reward_tokenizer,
+        )
+        assert not reward_model.training  # put in eval mode by the trainer
+        batch = trainer.generate([tokenizer.encode(p) for p in ("abc", "hello there", "a")])
+        scores = trainer.score(batch)
+        for row, ids in enumerate(trainer.reward.sequences(batch)):
+            if reward_tokenizer is not None:  # the row's text, re-encoded
+                ids = reward_tokenizer.encode(tokenizer.decode(ids))
+            with torch.no_grad():
+                direct = reward_model(input_ids=torch.tensor([ids])).logits[0, 0]
+            torch.testing.assert_close(scores[row], direct, atol=1e-5, rtol=1e-5)
+        history = trainer.train(["abc", "hello"])
+        assert len(history) == 1 and math.isfinite(history[0]["objective/scores"])
+
+
+def test_resume_without_a_checkpoint_warns(tmp_path, capsys):
+    config = _train_config(tmp_path, iterations=1)
+    assert main(["train", "--config", config, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: python -m rlhf_ext train --resume: no checkpoint at" in out
+    assert "starting a fresh run" in out
+
+
+def test_untied_critic_head_is_frozen_and_every_trainable_parameter_gets_a_gradient(tmp_path):
+    """A separate transformers critic with an untied LM head: the head is unused
+    (values come from the backbone), so it is frozen and left out of the optimizer;
+    DDP would otherwise wait for its gradient ("Expected to have finished reduction")."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
+    )
+    from rlhf_ext.trainer import ByteTokenizer
+    from rlhf_ext.trainer.rollout import response_logits
+
+    torch.manual_seed(3)
+    config = transformers.GPT2Config(
+        vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2, tie_word_embeddings=False
+    )
+    critic_lm = transformers.AutoModelForCausalLM.from_config(config)
+    head = critic_lm.get_output_embeddings()
+    assert head.weight is not critic_lm.get_input_embeddings().weight
+    trainer = PPOTrainer(
+        th.tiny_config(tmp_path),
+        th.tiny_gpt(vocab_size=259),
+        None,
+        th.byte_reward,
+        ByteTokenizer(),
+        critic_lm,
+    )
+    assert not head.weight.requires_grad
+    optimised = {id(p) for p in trainer.all_parameters()}
+    assert id(head.weight) not in optimised
+    batch = trainer.generate([ByteTokenizer().encode(p) for p in ("abc", "hello")])
+    _, values = response_logits(trainer.critic, batch, value_model=True)
+    returns = torch.randn_like(values)
+    loss, _ = rlhf_ext.value_loss(values, values.detach(), returns, batch.response_mask)
+    loss.backward()
+    trainable = [(n, p) for n, p in trainer.critic.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for _, p in trainable), [
+        n for n, p in trainable if p.grad is None
+    ]
+    assert {id(p) for _, p in trainable} <= optimised
+
+
+def test_model_argument_errors_name_function_and_argument(tmp_path):
+    config = th.tiny_config(tmp_path)
+    with pytest.raises(TypeError, match="^rlhf_ext.trainer.PPOTrainer: `value_model` must be"):
+        PPOTrainer(
+            config, th.tiny_gpt(), None, th.a_fraction, th.DemoTokenizer(), torch.nn.Linear(2, 2)
+        )
+    with pytest.raises(TypeError, match="^rlhf_ext.trainer.PPOTrainer: `ref_policy` must be"):
+        PPOTrainer(config, th.tiny_gpt(), torch.nn.Linear(2, 2), th.a_fraction, th.DemoTokenizer())
+    with pytest.raises(TypeError, match="^rlhf_ext.trainer.PPOTrainer: `policy` must be"):
+        PPOTrainer(config, torch.nn.Linear(2, 2), None, th.a_fraction, th.DemoTokenizer())

@@ -1,10 +1,12 @@
 """Tensor glue shared by the adapters: log-probs of several indices per position, entropy
-alone, and the "next valid position" fill that verl's GAE needs."""
+alone, whitening, the local-to-global loss scale, and the "next valid position" fill that
+verl's GAE needs."""
 
 from __future__ import annotations
 
 import torch
 
+from rlhf_ext.ops.masked_stats import masked_whiten as _rlhf_masked_whiten
 from rlhf_ext.ops.token_logprobs import token_logprobs
 
 
@@ -35,6 +37,35 @@ def entropy_only(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     target = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     _, entropy = token_logprobs(logits, target, temperature=temperature, return_entropy=True)
     return entropy
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """TRL's and verl's ``entropy_from_logits``: the entropy (nats) of ``softmax(logits)``
+    over the last dimension, shape ``logits.shape[:-1]``, dtype of ``logits``. One fused pass
+    over the logits (no [..., V] temporary); differentiable w.r.t. ``logits``."""
+    return entropy_only(logits).to(logits.dtype)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True):
+    """TRL PPO's and verl's ``masked_whiten``: ``(values - mean) * rsqrt(var + 1e-8)`` at
+    every position (masked ones too), mean and unbiased variance over the mask, the mean
+    added back when ``shift_mean=False``. One fused kernel; dtype of ``values``; not
+    differentiable."""
+    whitened = _rlhf_masked_whiten(values, mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
+    return whitened.to(values.dtype)
+
+
+def global_scale(valid, token_level: bool, dp_size, batch_num_tokens, global_batch_size):
+    """The factor that turns an aggregate over the local batch into verl's / OpenRLHF's
+    globally normalised loss: local count / global count * ``dp_size`` (DDP's gradient
+    averaging then gives the global mean). Tokens (``valid.sum()`` over
+    ``batch_num_tokens``) when ``token_level``, else non-empty rows (over
+    ``global_batch_size``). None when that global count is not given."""
+    if token_level:
+        return None if batch_num_tokens is None else valid.sum() / batch_num_tokens * dp_size
+    if global_batch_size is None:
+        return None
+    return valid.any(-1).sum() / global_batch_size * dp_size
 
 
 def fill_from_next_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

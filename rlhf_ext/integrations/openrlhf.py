@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf_ext.integrations._common import global_scale
 from rlhf_ext.integrations._patch import Patcher, Target
 from rlhf_ext.ops.gae import gae as _rlhf_gae
 from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
@@ -88,15 +89,11 @@ def masked_mean(tensor: torch.Tensor, mask: torch.Tensor | None, dim: int = None
 
 def _global_scale(mask, like, token_level_loss, dp_size, batch_num_tokens, global_batch_size):
     """OpenRLHF's ``aggregate_loss`` divides by global counts when given (and multiplies by
-    ``dp_size``); rlhf_ext's aggregate is over the local batch: this is the ratio."""
+    ``dp_size``); rlhf_ext's aggregate is over the local batch: this is the ratio (1 when
+    the global count is not given)."""
     valid = torch.ones_like(like, dtype=torch.bool) if mask is None else mask != 0
-    if token_level_loss:
-        if batch_num_tokens is None:
-            return 1.0
-        return valid.sum() / batch_num_tokens * dp_size
-    if global_batch_size is None:
-        return 1.0
-    return valid.any(-1).sum() / global_batch_size * dp_size
+    scale = global_scale(valid, token_level_loss, dp_size, batch_num_tokens, global_batch_size)
+    return 1.0 if scale is None else scale
 
 
 def policy_loss_forward(
@@ -204,6 +201,12 @@ class PolicyLoss(nn.Module):
         is_correction_gating: str = "ratio",
         is_correction_threshold: list = (0.5, 5.0),
     ) -> None:
+        """OpenRLHF's arguments: clip range ``[1 - clip_eps_low, 1 + clip_eps_high]``,
+        ``dual_clip`` (None or > 1), per-token (``token_level_loss``) or per-sequence
+        aggregation, ``policy_loss_type`` ("ppo"; "gspo" aggregates per sequence and runs
+        OpenRLHF's own forward when patched) and the rollout importance-sampling
+        correction settings (anything but ``is_correction_level="off"`` runs OpenRLHF's
+        own forward when patched, and raises ValueError on this standalone class)."""
         super().__init__()
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"{PREFIX}.PolicyLoss: `dual_clip` must be > 1.0, got {dual_clip}")
@@ -225,6 +228,8 @@ class ValueLoss(nn.Module):
     ``value_loss_forward`` (the fused value loss kernel)."""
 
     def __init__(self, clip_eps: float = None, token_level_loss: bool = True) -> None:
+        """OpenRLHF's arguments: ``clip_eps`` (None: unclipped; else the value clip around
+        the old values) and per-token (``token_level_loss``) or per-sequence aggregation."""
         super().__init__()
         self.clip_eps = clip_eps
         self.token_level_loss = token_level_loss

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_ext.integrations._common import entropy_only, gather_logprobs
+from rlhf_ext.integrations._common import entropy_from_logits as _entropy_in_dtype
+from rlhf_ext.integrations._common import gather_logprobs, masked_whiten
 from rlhf_ext.integrations._patch import Patcher, Target
 from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
-from rlhf_ext.ops.masked_stats import masked_whiten as _rlhf_masked_whiten
 
 PPO_MODULE = "trl.experimental.ppo.ppo_trainer"
 
@@ -62,7 +62,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
             "rlhf_ext.integrations.trl.entropy_from_logits: `chunk_size` must be a positive "
             f"int, got {chunk_size!r}"
         )
-    return entropy_only(logits).to(logits.dtype)
+    return _entropy_in_dtype(logits)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
@@ -88,16 +88,6 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     if unbiased:
         variance = variance * (count / (count - 1))
     return variance.to(values.dtype)
-
-
-def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
-) -> torch.Tensor:
-    """TRL PPO's ``masked_whiten``: ``(values - mean) * rsqrt(var + 1e-8)`` at every position
-    (masked ones too), mean and unbiased variance over the mask, the mean added back when
-    ``shift_mean=False``. One fused kernel; dtype of ``values``; not differentiable."""
-    whitened = _rlhf_masked_whiten(values, mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
-    return whitened.to(values.dtype)
 
 
 _PATCHER = Patcher(

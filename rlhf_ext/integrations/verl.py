@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-from rlhf_ext.integrations._common import entropy_only, fill_from_next_valid
+from rlhf_ext.integrations._common import (
+    entropy_from_logits,
+    fill_from_next_valid,
+    global_scale,
+    masked_whiten,
+)
 from rlhf_ext.integrations._patch import Patcher, Target
 from rlhf_ext.ops.gae import gae as _rlhf_gae
 from rlhf_ext.ops.masked_stats import masked_whiten as _rlhf_masked_whiten
@@ -60,22 +65,15 @@ def _global_scale(
     ``loss_scale_factor`` (default: the mask's last dimension).
     """
     valid = loss_mask != 0
-    if loss_agg_mode in ("token-mean", "token-sum"):
-        local = valid.sum()
-        if loss_agg_mode == "token-sum":
-            return local * dp_size
-        if batch_num_tokens is None:
-            if dp_size > 1:
-                raise ValueError(
-                    f"{PREFIX}.{function}: (global) `batch_num_tokens` is required when dp_size > 1"
-                )
-            return 1.0
-        return local / batch_num_tokens * dp_size
-    scale = 1.0
-    if global_batch_size is not None:
-        scale = valid.any(-1).sum() / global_batch_size * dp_size
-    elif dp_size > 1:
-        raise ValueError(f"{PREFIX}.{function}: `global_batch_size` is required when dp_size > 1")
+    if loss_agg_mode == "token-sum":
+        return valid.sum() * dp_size
+    token_level = loss_agg_mode == "token-mean"
+    scale = global_scale(valid, token_level, dp_size, batch_num_tokens, global_batch_size)
+    if scale is None:
+        if dp_size > 1:
+            needed = "(global) `batch_num_tokens`" if token_level else "`global_batch_size`"
+            raise ValueError(f"{PREFIX}.{function}: {needed} is required when dp_size > 1")
+        scale = 1.0
     if loss_agg_mode == "seq-mean-token-sum-norm":
         scale = scale / (loss_mask.shape[-1] if factor is None else factor)
     return scale
@@ -263,14 +261,6 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty) -> 
     return value.to(torch.promote_types(logprob.dtype, ref_logprob.dtype))
 
 
-def masked_whiten(values, mask, shift_mean=True):
-    """verl's ``verl.utils.torch_functional.masked_whiten``: ``(values - mean) *
-    rsqrt(var + 1e-8)`` over the mask (unbiased variance), the mean added back when
-    ``shift_mean=False``. One fused kernel; dtype of ``values``."""
-    whitened = _rlhf_masked_whiten(values, mask, shift_mean=shift_mean, unbiased=True, eps=1e-8)
-    return whitened.to(values.dtype)
-
-
 def logprobs_from_logits(logits, labels, inplace_backward=True):
     """verl's ``logprobs_from_logits``: ``log_softmax(logits)[labels]`` per token, shape
     ``labels.shape``, dtype of ``logits``. ``inplace_backward=True`` (verl's default, as with
@@ -278,13 +268,6 @@ def logprobs_from_logits(logits, labels, inplace_backward=True):
     logits are destroyed then; pass False when something else reads them afterwards."""
     logprobs = _rlhf_token_logprobs(logits, labels, inplace_backward=bool(inplace_backward))
     return logprobs.to(logits.dtype)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """verl's ``entropy_from_logits``: the entropy of ``softmax(logits)`` per row, shape
-    ``logits.shape[:-1]``, dtype of ``logits``. One fused pass over the logits (verl: a
-    softmax and a logsumexp, two passes and a [..., V] temporary)."""
-    return entropy_only(logits).to(logits.dtype)
 
 
 CORE = "verl.trainer.ppo.core_algos"

@@ -55,5 +55,7 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
 def load_checkpoint(path: str) -> dict:
     """Read a checkpoint written by the trainer (CPU tensors)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"rlhf_ext.trainer: no checkpoint at {path}")
+        raise FileNotFoundError(
+            f"rlhf_ext.trainer.checkpoint.load_checkpoint: `path`: no checkpoint at {path}"
+        )
     return torch.load(path, map_location="cpu", weights_only=False)

@@ -73,11 +73,19 @@ def run_train_command(args) -> int:
     policy, tokenizer = load_policy(spec["policy"], device)
     ref = load_policy(spec["ref_policy"], device)[0] if spec.get("ref_policy") else None
     critic = load_policy(spec["value_model"], device)[0] if spec.get("value_model") else None
-    reward = load_reward(spec.get("reward"), device)
-    trainer = PPOTrainer(config, policy, ref, reward, tokenizer, critic)
-    if args.resume and os.path.exists(trainer.checkpoint_path):
-        trainer.load_checkpoint()
-        trainer.log(f"resumed from {trainer.checkpoint_path} at iteration {trainer.iteration}")
+    reward, reward_tokenizer = load_reward(spec.get("reward"), device)
+    trainer = PPOTrainer(
+        config, policy, ref, reward, tokenizer, critic, reward_tokenizer=reward_tokenizer
+    )
+    if args.resume:
+        if os.path.exists(trainer.checkpoint_path):
+            trainer.load_checkpoint()
+            trainer.log(f"resumed from {trainer.checkpoint_path} at iteration {trainer.iteration}")
+        else:
+            trainer.log(
+                f"warning: {NAME} --resume: no checkpoint at {trainer.checkpoint_path}; "
+                "starting a fresh run"
+            )
     trainer.train(load_prompts(spec.get("prompts")))
     return 0
 
@@ -115,14 +123,21 @@ def load_policy(spec, device):
 
 
 def load_reward(spec, device):
-    """``"module:function"`` or ``{"model": name_or_path}`` (a sequence classifier)."""
+    """``(reward, reward_tokenizer)``: a ``"module:function"`` (no tokenizer of its
+    own) or ``{"model": name_or_path}`` (a sequence classifier in eval mode, with
+    the tokenizer of the same name; a missing pad token becomes EOS)."""
     if isinstance(spec, str) and ":" in spec:
         module_name, _, attr = spec.partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr), None
     if isinstance(spec, dict) and "model" in spec:
         transformers = _transformers()
         model = transformers.AutoModelForSequenceClassification.from_pretrained(spec["model"])
-        return model.to(device).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec["model"])
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # finds each row's last token
+        return model.to(device).eval(), tokenizer
     raise ValueError(
         f"{NAME}: `reward` must be 'module:function' or {{'model': name_or_path}}, got {spec!r}"
     )

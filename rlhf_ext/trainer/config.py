@@ -8,9 +8,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from rlhf_ext.ops.kl_shaped_rewards import KL_KINDS
+from rlhf_ext.reference import AGG_MODES
+
 NAME = "rlhf_ext.trainer.PPOConfig"
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 KL_PLACEMENTS = ("reward", "loss")
 
 
@@ -78,7 +79,7 @@ class PPOConfig:
     sample_interval: int = 10
     checkpoint_interval: int = 50
     output_dir: str = "runs/ppo"
-    max_nonfinite_updates: int = 3
+    max_nonfinite_updates: int = 3  # iterations in a row with a skipped (non-finite) update
     progress_bar: bool = True
     extra: dict = field(default_factory=dict)  # free-form, carried into checkpoints
 
@@ -99,9 +100,9 @@ class PPOConfig:
             self._fail("lam", "a float in [0, 1]", self.lam)
         if self.kl_coef < 0:
             self._fail("kl_coef", "a float >= 0", self.kl_coef)
-        if self.dual_clip is not None and self.dual_clip <= 1:
+        if self.dual_clip is not None and self._number("dual_clip", self.dual_clip) <= 1:
             self._fail("dual_clip", "None or a float > 1", self.dual_clip)
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self._number("top_p", self.top_p) <= 1.0:
             self._fail("top_p", "None or a float in (0, 1]", self.top_p)
 
     def _fail(self, name: str, expected: str, got) -> None:
@@ -130,8 +131,6 @@ class PPOConfig:
             "clip_eps_high",
             "value_clip",
             "reward_clip",
-            "dual_clip",
-            "top_p",
         ):
             value = getattr(self, name)
             if value is not None and self._number(name, value) <= 0:

@@ -27,7 +27,13 @@ import rlhf_ext
 from rlhf_ext.trainer.config import PPOConfig
 from rlhf_ext.trainer.model import GPTConfig, PooledRewardModel, TinyGPT
 from rlhf_ext.trainer.ppo import PPOTrainer
-from rlhf_ext.trainer.rollout import generate, left_pad, response_logits, response_logprobs
+from rlhf_ext.trainer.rollout import (
+    generate,
+    left_pad,
+    response_logits,
+    response_logprobs,
+    right_pad,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 N_A, N_B = 6, 18  # "a"-class tokens (the hidden rule rewards them) and the others
@@ -85,6 +91,21 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
+class _LogStream:
+    """A text stream (what PPOTrainer's ``log`` takes) that hands each printed
+    message to a ``log(message)`` function."""
+
+    def __init__(self, log) -> None:
+        self.log = log
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.log(text.rstrip("\n"))
+
+    def flush(self) -> None:
+        pass
+
+
 def hidden_rule(completions: list[str]) -> list[float]:
     """The preference the reward model must discover: the fraction of a-class
     tokens in each completion (0 for an empty one)."""
@@ -134,7 +155,7 @@ def pretrain(corpus: SyntheticCorpus, scale: DemoScale, seed: int) -> TinyGPT:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(scale.pretrain_steps):
         docs = corpus.documents(scale.pretrain_batch, gen)
-        ids, mask = _right_padded(docs)
+        ids, mask, _ = right_pad(docs, PAD, EOS, "cpu")  # EOS ends each document
         logits, _, _ = model(ids, mask)
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
         logprobs = rlhf_ext.token_logprobs(logits[:, :-1], targets)
@@ -143,16 +164,6 @@ def pretrain(corpus: SyntheticCorpus, scale: DemoScale, seed: int) -> TinyGPT:
         loss.backward()
         optimizer.step()
     return model.eval()
-
-
-def _right_padded(docs: list) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(d) for d in docs)
-    ids = torch.full((len(docs), width), PAD, dtype=torch.long)
-    for i, d in enumerate(docs):
-        ids[i, : len(d)] = torch.tensor(d)
-    positions = torch.arange(width)[None, :]
-    mask = positions < torch.tensor([len(d) for d in docs])[:, None]
-    return ids, mask
 
 
 def sample_completions(model, prompts: list, max_new_tokens: int, gen, temperature=1.0):
@@ -273,7 +284,7 @@ def run_seed(seed: int, output_dir: str, scale: DemoScale, log=_print) -> dict:
         reward_model,
         DemoTokenizer(),
         metrics_fn=lambda p, c: {"demo/hidden_rule": _mean(hidden_rule(c))},
-        log=None,
+        log=_LogStream(log),
     )
     clock = time.perf_counter()
     history = trainer.train(train_prompts)

@@ -179,14 +179,17 @@ class HFCausalLM(nn.Module):
         return out.logits, out.hidden_states[-1], new_cache
 
 
-def as_causal_lm(model: nn.Module) -> nn.Module:
-    """The model itself when it speaks the trainer's interface, else a HF adapter."""
+def as_causal_lm(
+    model: nn.Module, name: str = "model", owner: str = "rlhf_ext.trainer.as_causal_lm"
+) -> nn.Module:
+    """The model itself when it speaks the trainer's interface, else a HF adapter.
+    A TypeError names ``owner`` (the function) and ``name`` (its argument)."""
     if isinstance(model, TinyGPT | HFCausalLM):
         return model
     if hasattr(model, "config") and hasattr(model.config, "hidden_size"):
         return HFCausalLM(model)
     raise TypeError(
-        "rlhf_ext.trainer: `policy` must be a TinyGPT or a transformers causal LM, "
+        f"{owner}: `{name}` must be a TinyGPT or a transformers causal LM, "
         f"got {type(model).__name__}"
     )
 
@@ -195,14 +198,25 @@ class ValueHeadModel(nn.Module):
     """A causal LM plus a scalar value head (initialised to zero) on its hidden states.
 
     With the policy's own backbone this is the shared actor-critic; around a
-    separate model it is a critic (``with_logits=False`` skips the LM head).
+    separate model it is a critic (``with_logits=False`` skips the LM head, and
+    an untied LM head is frozen: it gets no gradient, which DDP would reject).
     """
 
-    def __init__(self, lm: nn.Module, with_logits: bool = True) -> None:
-        """Put a zero-initialised ``Linear(hidden, 1)`` on ``lm``."""
+    def __init__(
+        self,
+        lm: nn.Module,
+        with_logits: bool = True,
+        *,
+        name: str = "lm",
+        owner: str = "rlhf_ext.trainer.ValueHeadModel",
+    ) -> None:
+        """Put a zero-initialised ``Linear(hidden, 1)`` on ``lm`` (errors name
+        ``owner`` and ``name``)."""
         super().__init__()
-        self.lm = as_causal_lm(lm)
+        self.lm = as_causal_lm(lm, name, owner)
         self.with_logits = with_logits
+        if not with_logits:
+            _freeze_untied_lm_head(self.lm)
         self.hidden_size = self.lm.hidden_size
         self.value_head = nn.Linear(self.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -217,6 +231,18 @@ class ValueHeadModel(nn.Module):
         return logits, values
 
 
+def _freeze_untied_lm_head(lm: nn.Module) -> None:
+    """``requires_grad_(False)`` on a transformers model's output embeddings when they
+    are not the input embeddings (a tied head is the embedding, which is used)."""
+    if not isinstance(lm, HFCausalLM):
+        return  # TinyGPT's head is its token embedding
+    head = lm.model.get_output_embeddings()
+    embeddings = lm.model.get_input_embeddings()
+    if head is None or head.weight is getattr(embeddings, "weight", None):
+        return
+    head.requires_grad_(False)
+
+
 class PooledRewardModel(nn.Module):
     """A reward model: a causal LM's hidden states, mean-pooled over real tokens,
     then ``Linear(hidden, 1)``. Called as ``rm(input_ids, attention_mask) -> [B]``."""
@@ -224,7 +250,7 @@ class PooledRewardModel(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         """Put a scalar head on ``lm``'s pooled hidden states."""
         super().__init__()
-        self.lm = as_causal_lm(lm)
+        self.lm = as_causal_lm(lm, "lm", "rlhf_ext.trainer.PooledRewardModel")
         self.score_head = nn.Linear(self.lm.hidden_size, 1)
 
     def forward(self, input_ids, attention_mask):
@@ -252,8 +278,3 @@ class ByteTokenizer:
         """The text of ``ids`` (special tokens dropped)."""
         data = bytes(int(i) - 3 for i in ids if int(i) >= 3)
         return data.decode("utf-8", errors="replace")
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

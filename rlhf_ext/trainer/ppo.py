@@ -33,10 +33,13 @@ from rlhf_ext.trainer.rollout import (
 
 NAME = "rlhf_ext.trainer.PPOTrainer"
 CHECKPOINT = "checkpoint.pt"
+# a resumed run must agree with its checkpoint on these (the sampling and batching)
+RESUME_FIELDS = ("seed", "rollout_batch_size", "mini_batch_size", "micro_batch_size")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after ``max_nonfinite_updates`` skipped (non-finite) updates in a row."""
+    """Raised after ``max_nonfinite_updates`` iterations in a row that each had a
+    skipped (non-finite) update."""
 
 
 class PPOTrainer:
@@ -47,7 +50,8 @@ class PPOTrainer:
         policy: a :class:`TinyGPT` or a transformers causal LM (trained).
         ref_policy: the frozen reference (None: a frozen copy of ``policy``).
         reward_fn_or_model: ``fn(prompts, completions) -> scores`` on decoded
-            text, or a reward model ``rm(input_ids, attention_mask) -> [B]``.
+            text, or a reward model ``rm(input_ids=, attention_mask=) -> [B]``
+            (eval mode; right-padded query + response rows, see RewardSource).
         tokenizer: ``pad_token_id``, ``eos_token_id``, ``encode``, ``decode``
             (a transformers tokenizer or :class:`ByteTokenizer`). pad may equal
             eos: masks come from lengths and the first EOS, never from pad ids.
@@ -92,7 +96,10 @@ class PPOTrainer:
         self.kl_controller = build_kl_controller(config)
         self.reward_moments = RunningMoments() if config.normalize_reward else None
         self.iteration = 0
-        self.nonfinite_in_row = 0
+        self.episodes = 0  # sequences trained on, over all ranks
+        self.nonfinite_in_row = 0  # iterations in a row with a skipped update
+        self._skipped_this_iteration = 0
+        self._log_synced = False  # metrics.jsonl cut back to self.iteration yet?
         self.writer = MetricsWriter(config.output_dir) if self.rank == 0 else None
         self._log_stream = log if log is not None else sys.stdout
         self._stop_signal = None
@@ -101,14 +108,18 @@ class PPOTrainer:
     def _build_models(self, policy, ref_policy, value_model) -> None:
         self.device = next(policy.parameters()).device
         if value_model is None:
-            self.model = ValueHeadModel(policy).to(self.device)
+            self.model = ValueHeadModel(policy, name="policy", owner=NAME).to(self.device)
             self.policy_lm, self.critic = self.model.lm, None
         else:
-            self.model = as_causal_lm(policy)
+            self.model = as_causal_lm(policy, "policy", NAME)
             self.policy_lm = self.model
-            self.critic = ValueHeadModel(value_model, with_logits=False).to(self.device)
+            self.critic = ValueHeadModel(
+                value_model, with_logits=False, name="value_model", owner=NAME
+            ).to(self.device)
         ref = ref_policy if ref_policy is not None else copy.deepcopy(self.policy_lm)
-        self.ref_lm = as_causal_lm(ref).to(self.device).eval().requires_grad_(False)
+        self.ref_lm = (
+            as_causal_lm(ref, "ref_policy", NAME).to(self.device).eval().requires_grad_(False)
+        )
         for module in (self.model, self.critic):
             if module is not None:
                 module.eval()  # dropout off during RL, also while training
@@ -116,8 +127,8 @@ class PPOTrainer:
         self.train_critic = _maybe_ddp(self.critic) if self.critic is not None else None
 
     def _value_parameters(self) -> list[nn.Parameter]:
-        if self.critic is not None:
-            return list(self.critic.parameters())
+        if self.critic is not None:  # without a frozen (untied, unused) LM head
+            return [p for p in self.critic.parameters() if p.requires_grad]
         return list(self.model.value_head.parameters())
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -160,8 +171,9 @@ class PPOTrainer:
     # --------------------------------------------------------------- step
     def step(self, queries, responses, scores) -> dict:
         """One PPO iteration on given ``queries``, ``responses`` (token-id
-        sequences; a response ends at its first EOS) and ``scores [B]``.
-        Returns the iteration's metrics."""
+        sequences; a response ends at its first EOS) and ``scores [B]``. Like an
+        iteration of :meth:`train` it advances :attr:`iteration` and appends to
+        ``metrics.jsonl``. Returns the iteration's metrics."""
         ids, qmask = left_pad(queries, self.pad_token_id, self.device)
         rids, rmask, has_eos = right_pad(
             responses, self.pad_token_id, self.eos_token_id, self.device
@@ -173,7 +185,10 @@ class PPOTrainer:
                 f"{NAME}.step: `scores` must hold one score per query ({ids.shape[0]}), "
                 f"got {scores.numel()}"
             )
-        return self._ppo_iteration(batch, scores, timings={})
+        self._sync_metrics_log()
+        start = time.perf_counter()
+        metrics = self._ppo_iteration(batch, scores, timings={})
+        return self._finish_iteration(batch, scores, metrics, start)
 
     def _ppo_iteration(self, batch: Batch, raw_scores: torch.Tensor, timings: dict) -> dict:
         cfg = self.config
@@ -248,6 +263,7 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         updates = skipped = 0
         rows = batch.queries.shape[0]
+        self._skipped_this_iteration = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(rows, generator=self.generator)
             for start in range(0, rows, cfg.mini_batch_size):
@@ -262,7 +278,22 @@ class PPOTrainer:
                     sums[key] = sums.get(key, 0.0) + value
         averages = {key: value / max(updates, 1) for key, value in sums.items()}
         averages["train/skipped_updates"] = float(skipped)
+        self._count_nonfinite_iteration(skipped)
         return averages
+
+    def _count_nonfinite_iteration(self, skipped: int) -> None:
+        """The guard counts iterations, not optimizer steps: one NaN score makes every
+        step of its iteration non-finite (whitening spreads it), and that alone must
+        not end a run. ``max_nonfinite_updates`` such iterations in a row do."""
+        if not skipped:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_in_row += 1
+        if self.nonfinite_in_row >= self.config.max_nonfinite_updates:
+            raise NonFiniteLossError(
+                f"{NAME}: {self.nonfinite_in_row} iterations in a row with non-finite updates "
+                f"(max_nonfinite_updates={self.config.max_nonfinite_updates}); stopping"
+            )
 
     def _update_minibatch(self, batch: Batch, data: dict, rows: torch.Tensor) -> dict | None:
         """Forward, backward (accumulated over micro-batches), clip and step; None
@@ -283,7 +314,6 @@ class PPOTrainer:
         if dist.any_rank(not bool(torch.isfinite(grad_norm))):
             return self._skip("gradient norm", float(grad_norm))
         self.optimizer.step()
-        self.nonfinite_in_row = 0
         totals["policy/grad_norm"] = float(grad_norm)
         return totals
 
@@ -294,16 +324,12 @@ class PPOTrainer:
 
     def _skip(self, what: str, value: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_in_row += 1
+        self._skipped_this_iteration += 1
         self.log(
-            f"rlhf_ext.trainer: non-finite {what} ({value}) at iteration {self.iteration}: "
-            f"update skipped ({self.nonfinite_in_row} in a row)"
+            f"{NAME}: non-finite {what} ({value}) at iteration {self.iteration}: "
+            f"update skipped ({self._skipped_this_iteration} this iteration; "
+            f"{self.nonfinite_in_row} earlier iteration(s) in a row had one)"
         )
-        if self.nonfinite_in_row >= self.config.max_nonfinite_updates:
-            raise NonFiniteLossError(
-                f"{NAME}: {self.nonfinite_in_row} non-finite updates in a row "
-                f"(max_nonfinite_updates={self.config.max_nonfinite_updates}); stopping"
-            )
         return None
 
     def _loss(self, mb: Batch, data: dict) -> tuple[torch.Tensor, dict]:
@@ -362,14 +388,15 @@ class PPOTrainer:
     def _metrics(self, batch, data, raw_scores, scores, kl_coef, update_stats) -> dict:
         mask = batch.response_mask
         per_token_kl = rlhf_ext.kl_penalty(data["old_logprobs"], data["ref_logprobs"], kind="k1")
-        kl_per_seq = (per_token_kl * mask).sum(1)
-        rlhf_reward = data["rewards"].sum(1)
         lengths = mask.sum(1).float()
+        kl_per_seq = rlhf_ext.masked_mean(per_token_kl, mask, dim=1) * lengths
+        entropy_per_seq = rlhf_ext.masked_mean(data["entropy"], mask, dim=1) * lengths
+        rlhf_reward = rlhf_ext.masked_mean(data["rewards"], mask, dim=1) * lengths
         returns, values = data["returns"], data["old_values"]
         residual_var = _masked_var(returns - values, mask)
         local = {
             "objective/kl": float(kl_per_seq.mean()),
-            "objective/entropy": float((data["entropy"] * mask).sum(1).mean()),
+            "objective/entropy": float(entropy_per_seq.mean()),
             "objective/scores": float(raw_scores.mean()),
             "objective/shaped_scores": float(scores.mean()),
             "objective/rlhf_reward": float(rlhf_reward.mean()),
@@ -408,11 +435,11 @@ class PPOTrainer:
         """
         cfg = self.config
         total = iterations if iterations is not None else cfg.total_iterations
+        self._stop_signal = None  # a signal that stopped an earlier call is spent
         encoded = self.encode_prompts(prompts)
         if not encoded:
             raise ValueError(f"{NAME}.train: `prompts` is empty")
-        if self.writer is not None:  # a fresh run starts a fresh log; a resumed one cuts it back
-            self.writer.truncate_after(self.iteration)
+        self._sync_metrics_log()
         self.log(cfg.batch_arithmetic(self.world_size))
         bar = ProgressBar(total, enabled=cfg.progress_bar and self.rank == 0)
         history = []
@@ -425,15 +452,13 @@ class PPOTrainer:
                     self.save_checkpoint()
                     bar.close()
                     self.log(
-                        f"rlhf_ext.trainer: stopped by signal at iteration "
+                        f"{NAME}.train: stopped by signal at iteration "
                         f"{self.iteration}; checkpoint in {self.checkpoint_path}"
                     )
-                    self.interrupted = True
                     return history
                 if self.iteration % cfg.checkpoint_interval == 0:
                     self.save_checkpoint()
         bar.close()
-        self.interrupted = False
         self.save_checkpoint()
         self.plot()
         return history
@@ -448,13 +473,26 @@ class PPOTrainer:
         raw_scores = self.score(batch)
         timings["time/reward"] = time.perf_counter() - clock
         metrics = self._ppo_iteration(batch, raw_scores, timings)
+        return self._finish_iteration(batch, raw_scores, metrics, start)
+
+    def _sync_metrics_log(self) -> None:
+        """A fresh run starts a fresh ``metrics.jsonl``; a resumed one cuts it back."""
+        if self.writer is not None and not self._log_synced:
+            self.writer.truncate_after(self.iteration)
+        self._log_synced = True
+
+    def _finish_iteration(self, batch: Batch, raw_scores, metrics: dict, start: float) -> dict:
+        """Bookkeeping shared by :meth:`train` and :meth:`step`: advance the iteration,
+        add the step / throughput metrics, write ``metrics.jsonl`` and the samples."""
+        cfg = self.config
         self.iteration += 1
+        self.episodes += batch.queries.shape[0] * self.world_size
         elapsed = time.perf_counter() - start
         tokens = float(batch.response_mask.sum()) * self.world_size
         metrics.update(
             {
                 "step": self.iteration,
-                "episode": self.iteration * cfg.rollout_batch_size * self.world_size,
+                "episode": self.episodes,
                 "time/iteration": elapsed,
                 "tokens/s": tokens / elapsed,
             }
@@ -501,6 +539,7 @@ class PPOTrainer:
         """Everything a resumed run needs (this rank's RNG states included)."""
         return {
             "iteration": self.iteration,
+            "episodes": self.episodes,
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "critic": self.critic.state_dict() if self.critic is not None else None,
@@ -525,13 +564,26 @@ class PPOTrainer:
 
     def load_checkpoint(self, path: str | None = None) -> None:
         """Continue from a checkpoint: the run then gives the same results as one
-        that was never interrupted (same seed, same world size)."""
+        that was never interrupted (same seed, batch sizes and world size; a
+        mismatch is a ValueError naming the fields)."""
         path = path or self.checkpoint_path
         state = load_checkpoint(path)
         if len(state["rng"]) != self.world_size:
             raise ValueError(
                 f"{NAME}.load_checkpoint: {path} was written by {len(state['rng'])} rank(s), "
                 f"this run has {self.world_size}"
+            )
+        stored = state.get("config", {})
+        mismatched = [
+            f"`{name}` (checkpoint {stored[name]!r}, this run {getattr(self.config, name)!r})"
+            for name in RESUME_FIELDS
+            if name in stored and stored[name] != getattr(self.config, name)
+        ]
+        if mismatched:
+            raise ValueError(
+                f"{NAME}.load_checkpoint: {path} was written with a different "
+                + ", ".join(mismatched)
+                + "; resume with the checkpoint's values or start a fresh output_dir"
             )
         self.model.load_state_dict(state["model"])
         if self.critic is not None:
@@ -541,10 +593,14 @@ class PPOTrainer:
         if self.reward_moments is not None and state["reward_moments"] is not None:
             self.reward_moments.load_state_dict(state["reward_moments"])
         self.iteration = state["iteration"]
+        self.episodes = state.get(
+            "episodes", self.iteration * self.config.rollout_batch_size * self.world_size
+        )
         self.nonfinite_in_row = state["nonfinite_in_row"]
         restore_rng(state["rng"][self.rank], self.generator)
         if self.writer is not None:
             self.writer.truncate_after(self.iteration)
+        self._log_synced = True
 
     # ------------------------------------------------------------ outputs
     def plot(self) -> str | None:
@@ -554,7 +610,7 @@ class PPOTrainer:
         path = os.path.join(self.config.output_dir, "metrics.png")
         problem = plot_metrics(self.writer.read(), path)
         if problem:
-            self.log(f"rlhf_ext.trainer: {problem}")
+            self.log(f"{NAME}.plot: {problem}")
             return None
         return path
 

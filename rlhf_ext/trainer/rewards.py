@@ -3,6 +3,8 @@ running reward normalisation and clipping."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -52,10 +54,15 @@ class RewardSource:
 
     * A function is called as ``fn(prompts, completions)`` with decoded text
       (the tokenizer's ``decode``) and returns one number per row.
-    * A module (reward model) is called as ``rm(input_ids, attention_mask)`` on
-      query + response; its output may be ``[B]``, ``[B, 1]`` or an object with
-      ``.logits`` (a transformers sequence classifier). With ``reward_tokenizer``
-      (a reward model with its own vocabulary) the text is re-encoded first.
+    * A module (reward model) is put in eval mode and called with keywords as
+      ``rm(input_ids=..., attention_mask=...)`` (positionally when its forward
+      does not name them) on each row's query + response tokens, packed
+      contiguously and **right-padded** (so a transformers model's default
+      positions 0..n-1 are right and its last non-pad token is the sequence's
+      last). Its output may be ``[B]``, ``[B, 1]`` or an object with ``.logits``
+      (a transformers sequence classifier). With ``reward_tokenizer`` (a reward
+      model with its own vocabulary) each row's ids are decoded once as one text
+      and that text is encoded with ``reward_tokenizer``.
     """
 
     def __init__(self, reward, tokenizer, reward_tokenizer=None) -> None:
@@ -65,6 +72,9 @@ class RewardSource:
                 "rlhf_ext.trainer.PPOTrainer: `reward_fn_or_model` must be a callable or an "
                 f"nn.Module, got {type(reward).__name__}"
             )
+        if isinstance(reward, nn.Module):
+            reward.eval()  # dropout off: a score must not depend on a dropout draw
+            self._keywords = _accepts_keywords(reward)
         self.reward = reward
         self.tokenizer = tokenizer
         self.reward_tokenizer = reward_tokenizer
@@ -91,24 +101,48 @@ class RewardSource:
         scores = torch.as_tensor(scores, dtype=torch.float32, device=device).reshape(-1)
         if scores.numel() != batch.queries.shape[0]:
             raise ValueError(
-                f"rlhf_ext.trainer: the reward gave {scores.numel()} scores for "
-                f"{batch.queries.shape[0]} sequences"
+                f"rlhf_ext.trainer.PPOTrainer: `reward_fn_or_model` gave {scores.numel()} "
+                f"scores for {batch.queries.shape[0]} sequences"
             )
         return scores
 
+    def sequences(self, batch: Batch) -> list[list[int]]:
+        """Each row's real tokens: its query then its response (padding dropped)."""
+        rows = zip(
+            batch.queries, batch.query_mask, batch.responses, batch.response_mask, strict=True
+        )
+        return [torch.cat([q[qm], r[rm]]).tolist() for q, qm, r, rm in rows]
+
     def _model_scores(self, batch: Batch):
+        sequences = self.sequences(batch)
         if self.reward_tokenizer is None:
-            out = self.reward(batch.input_ids, batch.attention_mask)
+            pad = self.tokenizer.pad_token_id
         else:
-            prompts, completions = self.texts(batch)
-            ids = [
-                self.reward_tokenizer.encode(p + c)
-                for p, c in zip(prompts, completions, strict=True)
-            ]
-            pad = self.reward_tokenizer.pad_token_id or 0
-            input_ids, mask, _ = right_pad(ids, pad, -1, batch.queries.device)
+            texts = [self._decode(torch.tensor(ids)) for ids in sequences]
+            sequences = [self.reward_tokenizer.encode(text) for text in texts]
+            pad = self.reward_tokenizer.pad_token_id
+            if pad is None:
+                pad = getattr(self.reward_tokenizer, "eos_token_id", None)
+        pad = 0 if pad is None else pad
+        # eos -1: the mask is each row's length (an EOS inside a row stays visible)
+        input_ids, mask, _ = right_pad(sequences, pad, -1, batch.queries.device)
+        mask = mask.long()  # 0/1, what every transformers model accepts
+        if self._keywords:
+            out = self.reward(input_ids=input_ids, attention_mask=mask)
+        else:
             out = self.reward(input_ids, mask)
         return out.logits[:, 0] if hasattr(out, "logits") else out
+
+
+def _accepts_keywords(module: nn.Module) -> bool:
+    """Whether ``module.forward`` takes ``input_ids`` and ``attention_mask`` by name."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return "input_ids" in parameters or "attention_mask" in parameters
+    return "input_ids" in parameters and "attention_mask" in parameters
 
 
 def shape_scores(scores, has_eos, moments: RunningMoments | None, config) -> torch.Tensor:

@@ -44,7 +44,9 @@ def left_pad(queries: list, pad_token_id: int, device) -> tuple[torch.Tensor, to
     """Token-id sequences as a left-padded ``[B, Q]`` tensor and its bool mask."""
     rows = [torch.as_tensor(q, dtype=torch.long).flatten() for q in queries]
     if any(r.numel() == 0 for r in rows):
-        raise ValueError("rlhf_ext.trainer: every query needs at least one token")
+        raise ValueError(
+            "rlhf_ext.trainer.left_pad: every sequence of `queries` needs at least one token"
+        )
     width = max(r.numel() for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
