@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bytes_moved=functools.partial(bytes_moved, shape, dtype, mode),
                 )
                 floor = runner.run_case(
-                    [_label(gemm_floor(mode, dtype), mode)],
+                    [harness.with_mode(gemm_floor(mode, dtype), mode)],
                     inputs,
                     floor_expected(inputs[0], mode),
                     baseline=f"{FLOOR} {mode}",
@@ -225,7 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 floor_ms = floor[0].median_ms if floor else None
                 rows = runner.run_case(
-                    [_label(i, mode) for i in implementations(device, mode, dtype, args, runner)],
+                    [
+                        harness.with_mode(i, mode)
+                        for i in implementations(device, mode, dtype, args, runner)
+                    ],
                     inputs,
                     expected_outputs(inputs[0], mode),
                     baseline=f"{BASELINE} {mode}",
@@ -236,16 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return runner.finish(save=not args.no_save, csv_path=args.csv)
 
 
-def _label(impl: Impl, mode: str) -> Impl:
-    impl.name = f"{impl.name} {mode}"
-    return impl
-
-
 def _extra_args(parser) -> None:
-    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {MODES}")
-    parser.add_argument(
-        "--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32 (default per device)"
-    )
+    harness.add_mode_dtype_args(parser, MODES)
 
 
 if __name__ == "__main__":

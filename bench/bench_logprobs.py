@@ -214,7 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sets = [first] + [make_inputs(shape, dtype, device, s) for s in range(1, count)]
                 print(f"-- {mode} {shape} {dtype}", flush=True)
                 runner.run_case(
-                    [_label(i, mode) for i in implementations(device, mode, dtype, args, runner)],
+                    [
+                        harness.with_mode(i, mode)
+                        for i in implementations(device, mode, dtype, args, runner)
+                    ],
                     sets,
                     expected_outputs(first, mode),
                     shape=shape,
@@ -226,16 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return runner.finish(save=not args.no_save, csv_path=args.csv)
 
 
-def _label(impl: Impl, mode: str) -> Impl:
-    impl.name = f"{impl.name} {mode}"
-    return impl
-
-
 def _extra_args(parser) -> None:
-    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {MODES}")
-    parser.add_argument(
-        "--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32 (default per device)"
-    )
+    harness.add_mode_dtype_args(parser, MODES)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,20 @@ def parse_args(
     return parser.parse_args(list(argv) if argv is not None else None)
 
 
+def add_mode_dtype_args(parser: argparse.ArgumentParser, modes: Sequence[str]) -> None:
+    """--modes and --dtypes, for benchmarks that time several modes and dtypes."""
+    parser.add_argument("--modes", default=None, help=f"comma-separated subset of {modes}")
+    parser.add_argument(
+        "--dtypes", default=None, help="comma-separated, e.g. bfloat16,float32 (default per device)"
+    )
+
+
+def with_mode(impl: Impl, mode: str) -> Impl:
+    """The implementation, renamed "<name> <mode>" for a table that holds several modes."""
+    impl.name = f"{impl.name} {mode}"
+    return impl
+
+
 def select(impls: Sequence[Impl], only: str | None, keep: str) -> list[Impl]:
     """The implementations whose name contains one of the comma-separated substrings in
     `only` (all when None), plus the one named `keep` (the baseline)."""

@@ -16,6 +16,26 @@ def check_tensor(op: str, name: str, t, *, floating: bool = True) -> torch.Tenso
     return t
 
 
+TARGET_DTYPES = (torch.int64, torch.int32)
+
+
+def check_target(op: str, target, rows: torch.Tensor, rows_name: str) -> None:
+    """Class indices for the rows of `rows` ``[..., X]``: int64 or int32, on its device,
+    of shape ``rows.shape[:-1]``."""
+    check_tensor(op, "target", target, floating=False)
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"{op}: `target` must be int64 or int32, got {target.dtype}")
+    if target.device != rows.device:
+        raise ValueError(
+            f"{op}: `target` must be on {rows.device} like `{rows_name}`, got {target.device}"
+        )
+    if target.shape != rows.shape[:-1]:
+        raise ValueError(
+            f"{op}: `target` must have shape {tuple(rows.shape[:-1])} (the shape of "
+            f"`{rows_name}` without its last dimension), got {tuple(target.shape)}"
+        )
+
+
 def check_dim(op: str, name: str, t: torch.Tensor, dim: int, what: str = "") -> None:
     if t.dim() != dim:
         raise ValueError(f"{op}: `{name}` must be {dim}-D{what}, got shape {tuple(t.shape)}")

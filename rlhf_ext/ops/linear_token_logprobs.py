@@ -7,8 +7,8 @@ import torch
 
 from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
-from rlhf_ext.ops._checks import acc_dtype, check_tensor, eager
-from rlhf_ext.ops.token_logprobs import TARGET_DTYPES, _check_temperature
+from rlhf_ext.ops._checks import acc_dtype, check_target, check_tensor, eager
+from rlhf_ext.ops.token_logprobs import _check_temperature
 
 OP = "rlhf_ext.linear_token_logprobs"
 
@@ -145,18 +145,7 @@ def _check_inputs(hidden, weight, bias, target) -> None:
             f"{OP}: `bias` must have shape ({weight.shape[0]},) (V of `weight`), "
             f"got {tuple(bias.shape)}"
         )
-    check_tensor(OP, "target", target, floating=False)
-    if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"{OP}: `target` must be int64 or int32, got {target.dtype}")
-    if target.device != hidden.device:
-        raise ValueError(
-            f"{OP}: `target` must be on {hidden.device} like `hidden`, got {target.device}"
-        )
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"{OP}: `target` must have shape {tuple(hidden.shape[:-1])} (the shape of `hidden` "
-            f"without its last dimension), got {tuple(target.shape)}"
-        )
+    check_target(OP, target, hidden, "hidden")
 
 
 def _raise_on_bad_target(target: torch.Tensor, vocab: int, ignore_index: int) -> None:

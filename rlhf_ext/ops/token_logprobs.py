@@ -8,10 +8,9 @@ import torch
 
 from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
-from rlhf_ext.ops._checks import acc_dtype, check_tensor, eager
+from rlhf_ext.ops._checks import acc_dtype, check_target, check_tensor, eager
 
 OP = "rlhf_ext.token_logprobs"
-TARGET_DTYPES = (torch.int64, torch.int32)
 
 
 def token_logprobs(
@@ -65,7 +64,7 @@ def token_logprobs(
         raise ValueError(
             f"{OP}: `logits` must have shape [..., V] with V >= 1, got {tuple(logits.shape)}"
         )
-    _check_target(target, logits)
+    check_target(OP, target, logits, "logits")
     temperature = _check_temperature(temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
@@ -90,21 +89,6 @@ def token_logprobs(
         chosen,
     )
     return (logprobs, entropy) if return_entropy else logprobs
-
-
-def _check_target(target, logits: torch.Tensor) -> None:
-    check_tensor(OP, "target", target, floating=False)
-    if target.dtype not in TARGET_DTYPES:
-        raise TypeError(f"{OP}: `target` must be int64 or int32, got {target.dtype}")
-    if target.device != logits.device:
-        raise ValueError(
-            f"{OP}: `target` must be on {logits.device} like `logits`, got {target.device}"
-        )
-    if target.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"{OP}: `target` must have shape {tuple(logits.shape[:-1])} (the shape of `logits` "
-            f"without its last dimension), got {tuple(target.shape)}"
-        )
 
 
 def _check_temperature(temperature) -> float:
