@@ -544,3 +544,38 @@ def test_linear_token_logprobs_triton_opcheck_under_interpreter(inputs):
             else kernels.linear_token_logprobs_bwd_triton
         )
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_linear_token_logprobs_double_backward_raises(inputs, backend):
+    """The backward kernels have no derivative: a second-order gradient must fail loudly,
+    never come out silently wrong."""
+    hidden, weight, bias, target = make_inputs(inputs, (3,), 4, 5, dtype=torch.float64)
+    h = hidden.clone().requires_grad_()
+    lp = run(h, weight, target, backend, bias=bias)
+    (grad_hidden,) = torch.autograd.grad(lp.sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grad_hidden.pow(2).sum(), h)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
+def test_linear_token_logprobs_triton_backward_checks_and_layout(inputs):
+    """Like the C++ op: grad_entropy without entropy is an error, and grad_weight is
+    contiguous whatever the layout of weight (the fake kernel says so)."""
+    from rlhf_ext.triton import linear_token_logprobs as kernels
+
+    hidden, _, _, target = make_inputs(inputs, (6,), 8, 5)
+    weight = inputs.randn(8, 5, scale=0.5).t()  # [V, H] with strides (1, V)
+    lp, ent, lse = kernels.linear_token_logprobs_fwd_triton(
+        hidden, weight, None, target, 1.0, IGNORE, True, 4
+    )
+    with pytest.raises(ValueError, match=r"^rlhf_ext.linear_token_logprobs: `entropy` is needed"):
+        kernels.linear_token_logprobs_bwd_triton(
+            hidden, weight, None, target, lse, None, lp, lp, 1.0, IGNORE, 4, True, True
+        )
+    _, grad_weight, _ = kernels.linear_token_logprobs_bwd_triton(
+        hidden, weight, None, target, lse, ent, lp, None, 1.0, IGNORE, 4, True, True
+    )
+    assert grad_weight.is_contiguous()
+    want = reference64(hidden, weight, None, target, lp.double(), torch.zeros_like(lp.double()))
+    torch.testing.assert_close(grad_weight.double(), want[3], rtol=1e-5, atol=1e-6)

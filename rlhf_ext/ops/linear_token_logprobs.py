@@ -217,6 +217,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward op has no derivative
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, return_entropy, chunk_rows, backend = ctx.settings

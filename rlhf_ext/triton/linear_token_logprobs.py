@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
-from rlhf_ext.ops.linear_token_logprobs import backward_fake, forward_fake
+from rlhf_ext.ops.linear_token_logprobs import OP, backward_fake, forward_fake
 from rlhf_ext.triton import token_logprobs as rows_kernels
 
 ROW_QUANTUM = 16
@@ -115,6 +115,8 @@ def linear_token_logprobs_bwd_triton(
     need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_bwd."""
+    if grad_entropy is not None and entropy is None:
+        raise ValueError(f"{OP}: `entropy` is needed with `grad_entropy`")
     size, vocab = hidden.shape[-1], weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = target.numel()
@@ -130,7 +132,8 @@ def linear_token_logprobs_bwd_triton(
     ent = per_valid_row(entropy) if grad_entropy is not None else None
     dense = flat_hidden if valid_rows == rows else flat_hidden.index_select(0, valid)
     grad_hidden_acc = hidden.new_zeros((valid_rows, size), dtype=acc) if need_grad_hidden else None
-    grad_weight = torch.empty_like(weight) if need_grad_weight else weight.new_empty(0)
+    # Contiguous like the C++ op and the fake kernel, whatever the layout of weight.
+    grad_weight = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
     grad_bias_acc = weight.new_zeros(vocab, dtype=acc) if bias is not None else None
     tile_rows, tile_vocab = _tile_geometry(valid_rows, vocab, chunk_size)
     split_rows = tile_rows < valid_rows
