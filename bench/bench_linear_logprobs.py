@@ -202,10 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bench {OP} on {runner.device_name}: copy bandwidth {runner.copy_gbps:.1f} GB/s")
     shapes = harness.parse_shapes(args.shapes) if args.shapes else None
     shapes = shapes or (QUICK_SHAPES if args.quick else SHAPES)[device.type]
-    dtypes = [
-        getattr(torch, d) for d in (args.dtypes.split(",") if args.dtypes else DTYPES[device.type])
-    ]
-    modes = args.modes.split(",") if args.modes else MODES
+    modes, dtypes = harness.chosen_modes_and_dtypes(args, MODES, DTYPES[device.type])
     for shape in shapes:
         for dtype in dtypes:
             for mode in modes:

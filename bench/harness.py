@@ -174,6 +174,15 @@ def add_mode_dtype_args(parser: argparse.ArgumentParser, modes: Sequence[str]) -
     )
 
 
+def chosen_modes_and_dtypes(
+    args: argparse.Namespace, modes: Sequence[str], default_dtypes: Sequence[str]
+) -> tuple[list[str], list[torch.dtype]]:
+    """The --modes and --dtypes given (see add_mode_dtype_args), else the defaults."""
+    chosen_modes = args.modes.split(",") if args.modes else list(modes)
+    names = args.dtypes.split(",") if args.dtypes else default_dtypes
+    return chosen_modes, [getattr(torch, name) for name in names]
+
+
 def with_mode(impl: Impl, mode: str) -> Impl:
     """The implementation, renamed "<name> <mode>" for a table that holds several modes."""
     impl.name = f"{impl.name} {mode}"

@@ -36,6 +36,19 @@ def check_target(op: str, target, rows: torch.Tensor, rows_name: str) -> None:
         )
 
 
+def raise_on_bad_target(op: str, target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError naming the first position whose target is outside [0, vocab) and not
+    ignore_index (a host sync: the `validate=True` path only)."""
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{op}: `target` at position {position} is {int(target[position])}, outside "
+            f"[0, {vocab}) and not ignore_index ({ignore_index}); pass validate=False to get "
+            "NaN for such rows instead"
+        )
+
+
 def check_dim(op: str, name: str, t: torch.Tensor, dim: int, what: str = "") -> None:
     if t.dim() != dim:
         raise ValueError(f"{op}: `{name}` must be {dim}-D{what}, got shape {tuple(t.shape)}")

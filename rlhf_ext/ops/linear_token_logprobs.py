@@ -7,7 +7,13 @@ import torch
 
 from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
-from rlhf_ext.ops._checks import acc_dtype, check_target, check_tensor, eager
+from rlhf_ext.ops._checks import (
+    acc_dtype,
+    check_target,
+    check_tensor,
+    eager,
+    raise_on_bad_target,
+)
 from rlhf_ext.ops.token_logprobs import _check_temperature
 
 OP = "rlhf_ext.linear_token_logprobs"
@@ -81,7 +87,7 @@ def linear_token_logprobs(
         raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
     chunk_rows = resolve_chunk_size(chunk_size, weight.shape[0], hidden)
     if validate and eager():
-        _raise_on_bad_target(target, weight.shape[0], ignore_index)
+        raise_on_bad_target(OP, target, weight.shape[0], ignore_index)
     chosen = resolve_backend(OP, backend, hidden.device)
     if chosen == "torch":
         return reference.linear_token_logprobs(
@@ -146,17 +152,6 @@ def _check_inputs(hidden, weight, bias, target) -> None:
             f"got {tuple(bias.shape)}"
         )
     check_target(OP, target, hidden, "hidden")
-
-
-def _raise_on_bad_target(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{OP}: `target` at position {position} is {int(target[position])}, outside "
-            f"[0, {vocab}) and not ignore_index ({ignore_index}); pass validate=False to get "
-            "NaN for such rows instead"
-        )
 
 
 def logits_budget_bytes(device: torch.device) -> int:

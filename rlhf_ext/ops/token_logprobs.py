@@ -8,7 +8,13 @@ import torch
 
 from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
-from rlhf_ext.ops._checks import acc_dtype, check_target, check_tensor, eager
+from rlhf_ext.ops._checks import (
+    acc_dtype,
+    check_target,
+    check_tensor,
+    eager,
+    raise_on_bad_target,
+)
 
 OP = "rlhf_ext.token_logprobs"
 
@@ -69,7 +75,7 @@ def token_logprobs(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
     if validate and eager():
-        _raise_on_bad_target(target, logits.shape[-1], ignore_index)
+        raise_on_bad_target(OP, target, logits.shape[-1], ignore_index)
     chosen = resolve_backend(OP, backend, logits.device)
     if chosen == "torch":
         return reference.token_logprobs(
@@ -97,17 +103,6 @@ def _check_temperature(temperature) -> float:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{OP}: `temperature` must be a finite float > 0, got {temperature!r}")
     return float(temperature)
-
-
-def _raise_on_bad_target(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{OP}: `target` at position {position} is {int(target[position])}, outside "
-            f"[0, {vocab}) and not ignore_index ({ignore_index}); pass validate=False to get "
-            "NaN for such rows instead"
-        )
 
 
 def _kernels(backend: str):
