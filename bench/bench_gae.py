@@ -153,13 +153,6 @@ def peer_impls(
     return impls
 
 
-def shapes_for(args, device: torch.device) -> list[tuple[int, ...]]:
-    """--shapes, else the quick shapes, else the device's defaults."""
-    if args.shapes:
-        return harness.parse_shapes(args.shapes)
-    return QUICK_SHAPES if args.quick else SHAPES[device.type]
-
-
 def bytes_moved(shape: Sequence[int], impl: Impl) -> int:
     """Minimum traffic: rewards + values read, advantages + returns written (float32),
     plus the mask when the implementation reads one."""
@@ -175,15 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = harness.resolve_device(args.device)
     if args.compile_max_t is None:
         args.compile_max_t = QUICK_COMPILE_MAX_T if args.quick else COMPILE_MAX_T[device.type]
-    runner = harness.Runner(OP, device, quick=args.quick)
-    print(
-        f"bench {OP} on {runner.device_name}: copy bandwidth {runner.copy_gbps:.1f} GB/s",
-        flush=True,
-    )
+    runner = harness.start_runner(OP, device, args.quick)
     ours = rlhf_ext_impls(device, runner)
     if not peers.torchrl_available():
         runner.note("torchrl vec_gae skipped: torchrl is not installed (pip install torchrl)")
-    for shape in shapes_for(args, device):
+    for shape in harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device):
         impls = ours + peer_impls(device, shape, args, runner)
         impls = harness.select(impls, args.only, keep=BASELINE)
         sets = [make_inputs(shape, device, seed=0)]

@@ -197,10 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the token log-probs benchmark; see ``python -m bench logprobs --help``."""
     args = harness.parse_args(OP, argv, __doc__.splitlines()[0], extra=_extra_args)
     device = harness.resolve_device(args.device)
-    runner = harness.Runner(OP, device, quick=args.quick)
-    print(f"bench {OP} on {runner.device_name}: copy bandwidth {runner.copy_gbps:.1f} GB/s")
-    shapes = harness.parse_shapes(args.shapes) if args.shapes else None
-    shapes = shapes or (QUICK_SHAPES if args.quick else SHAPES)[device.type]
+    runner = harness.start_runner(OP, device, args.quick)
+    shapes = harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device)
     modes, dtypes = harness.chosen_modes_and_dtypes(args, MODES, DTYPES[device.type])
     for shape in shapes:
         for dtype in dtypes:

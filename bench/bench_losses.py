@@ -219,18 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = harness.parse_args("losses", argv, __doc__.splitlines()[0], extra=_extra_args)
     device = harness.resolve_device(args.device)
     wanted = [s.strip() for s in args.ops.split(",")] if args.ops else [s.name for s in OPS]
-    shapes = (
-        harness.parse_shapes(args.shapes)
-        if args.shapes
-        else (QUICK_SHAPES if args.quick else SHAPES)
-    )
+    shapes = harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device)
     status = 0
     for spec in OPS:
         if spec.name not in wanted:
             continue
-        runner = harness.Runner(spec.name, device, quick=args.quick)
-        bandwidth = f"copy bandwidth {runner.copy_gbps:.1f} GB/s"
-        print(f"bench {spec.name} on {runner.device_name}: {bandwidth}", flush=True)
+        runner = harness.start_runner(spec.name, device, args.quick)
         for shape in shapes:
             impls = harness.select(impls_for(spec, device, runner, shape), args.only, BASELINE)
             sets = [make_inputs(shape, device, seed=0)]

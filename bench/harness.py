@@ -174,6 +174,23 @@ def add_mode_dtype_args(parser: argparse.ArgumentParser, modes: Sequence[str]) -
     )
 
 
+def chosen_shapes(args: argparse.Namespace, shapes, quick_shapes, device: torch.device) -> list:
+    """--shapes, else the quick or default shapes; each default is a list, or a dict of
+    lists keyed by device type."""
+    if args.shapes:
+        return parse_shapes(args.shapes)
+    chosen = quick_shapes if args.quick else shapes
+    return chosen[device.type] if isinstance(chosen, dict) else list(chosen)
+
+
+def start_runner(op: str, device: torch.device, quick: bool) -> Runner:
+    """A Runner for `op` (it measures the copy bandwidth), announced on stdout."""
+    runner = Runner(op, device, quick=quick)
+    print(f"bench {op} on {runner.device_name}: copy bandwidth {runner.copy_gbps:.1f} GB/s",
+          flush=True)  # fmt: skip
+    return runner
+
+
 def chosen_modes_and_dtypes(
     args: argparse.Namespace, modes: Sequence[str], default_dtypes: Sequence[str]
 ) -> tuple[list[str], list[torch.dtype]]:
