@@ -44,8 +44,8 @@ pytest: $(VENV)/.installed
 	$(PY) -m pytest python_tests -q
 
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check rlhf_ext bench python_tests setup.py
-	$(VENV)/bin/ruff format --check rlhf_ext bench python_tests setup.py
+	$(VENV)/bin/ruff check rlhf_ext bench python_tests tools setup.py
+	$(VENV)/bin/ruff format --check rlhf_ext bench python_tests tools setup.py
 
 test: lint cpp-test info pytest
 

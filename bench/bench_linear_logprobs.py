@@ -12,7 +12,8 @@ Implementations:
 - ``GEMM floor``: bare ``hidden @ weight.T`` (cuBLAS on CUDA), and in ``fwd+bwd`` the three
   GEMMs of a linear layer's forward and backward; what no fused op can beat. Verified on
   its own (first rows against a float32 GEMM), in a section of its own;
-- ``rlhf_ext[cpu]`` / ``[cuda]`` / ``[triton]`` (Triton on CUDA only), chunk_size=None;
+- ``rlhf_ext[cpu]`` / ``[cuda]`` / ``[triton]`` (Triton on CUDA only; its forward is the fused
+  kernel), chunk_size=None;
 - ``matmul + rlhf_ext.token_logprobs``: the logits materialised, then the fused row op;
 - ``eager matmul+log_softmax+gather`` (the baseline of the speedups);
 - ``liger fused_linear_cross_entropy`` and ``cut-cross-entropy`` (Apple) when installed.

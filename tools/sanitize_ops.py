@@ -1,84 +1,132 @@
-"""Run every CUDA kernel of rlhf_ext once on shapes that cover their code paths
-(short and long rows, chunk boundaries, packed rows, masks), for
-compute-sanitizer: `compute-sanitizer --tool racecheck python tools/sanitize_ops.py`."""
+"""Run every kernel of rlhf_ext once on shapes that cover their code paths
+(short and long rows, chunk boundaries, packed rows, masks).
+
+For compute-sanitizer: `compute-sanitizer --tool racecheck python tools/sanitize_ops.py`
+(the CUDA kernels; `--backend triton` for the Triton ones). tools/triton_compile_check.py
+runs it with `backend="triton"` on CPU tensors to compile every Triton kernel for a GPU
+architecture without one."""
+
+import argparse
 
 import torch
 
 import rlhf_ext
 
-dev = "cuda"
-torch.manual_seed(0)
-for rows, steps in [(3, 1), (5, 37), (4, 600), (3, 4500)]:
-    r, v = torch.randn(rows, steps, device=dev), torch.randn(rows, steps, device=dev)
-    m = torch.rand(rows, steps, device=dev) > 0.3
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        rlhf_ext.gae(r.to(dtype), v.to(dtype), m, gamma=torch.rand(rows, device=dev),
-                     lam=0.95, last_value=torch.randn(rows, device=dev), backend="cuda")
-    rlhf_ext.masked_mean(r, m, backend="cuda")
-    rlhf_ext.masked_mean(r, m, 0, backend="cuda")
-    rlhf_ext.masked_mean(r, m, 1, backend="cuda")
-    rlhf_ext.masked_whiten(r, m, backend="cuda")
-    rlhf_ext.kl_shaped_rewards(torch.randn(rows, device=dev), r, v, m, kl_coef=0.1, kl="k3",
-                               backend="cuda")
-lens = [3, 0, 4000, 7, 1]
-cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=dev)
-n = sum(lens)
-rlhf_ext.gae(torch.randn(n, device=dev), torch.randn(n, device=dev),
-             torch.rand(n, device=dev) > 0.2, cu_seqlens=cu, backend="cuda")
-# Loss ops (forward: per-row kernel + one-block finish; backward: loss_backward) on
-# short, long and empty rows, every agg mode, an all-masked and an empty batch.
-for rows, steps in [(3, 1), (5, 37), (4, 600), (3, 4500), (300, 9)]:
-    lp = -torch.rand(rows, steps, device=dev) * 3
-    old, adv = lp + 0.3 * torch.randn_like(lp), torch.randn_like(lp)
-    m = torch.rand(rows, steps, device=dev) > 0.3
-    m[0] = False
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        x = lp.to(dtype).requires_grad_()
-        for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                    "seq-mean-token-sum-norm"):
-            loss, _ = rlhf_ext.ppo_policy_loss(x, old.to(dtype), adv.to(dtype), m,
-                                               clip_eps_high=0.28, dual_clip=3.0, agg=agg,
-                                               backend="cuda")
-            vloss, _ = rlhf_ext.value_loss(x, old.to(dtype), adv.to(dtype), m, clip_eps=0.2,
-                                           agg=agg, backend="cuda")
-            kl = rlhf_ext.kl_loss(x, old.to(dtype), m, kind="k3+", agg=agg, backend="cuda")
-            (loss + vloss + kl).backward()
-        pen = rlhf_ext.kl_penalty(x, old.to(dtype), kind="k3", backend="cuda")
-        pen.sum().backward()
-    rlhf_ext.ppo_policy_loss(lp, old, adv, torch.zeros_like(m), backend="cuda")
-for shape in [(0, 5), (4, 0)]:
-    e = torch.randn(shape, device=dev, requires_grad=True)
-    loss, _ = rlhf_ext.ppo_policy_loss(e, e.detach(), e.detach(), backend="cuda")
-    loss.backward()
-big = torch.randn(2, 3 * 4096 + 5, device=dev)
-rlhf_ext.masked_whiten(big, big > 0, backend="cuda")
-# token_logprobs: aligned and unaligned rows, ignored rows, -inf entries, odd and large V,
-# every dtype, forward with and without entropy, both backwards.
-for rows, vocab in [(4, 1), (5, 33), (3, 4097), (2, 151936)]:
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        full = torch.randn(rows, vocab + 1, device=dev).to(dtype)
-        for logits in (full[:, :vocab], full[:, 1:]):
+
+def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
+    torch.manual_seed(0)
+    for rows, steps in [(3, 1), (5, 37), (4, 600), (3, 4500)]:
+        r, v = torch.randn(rows, steps, device=dev), torch.randn(rows, steps, device=dev)
+        m = torch.rand(rows, steps, device=dev) > 0.3
+        m[0, 0] = m[-1, -1] = True  # whole-tensor mean and whitening need 1 and 2, whatever the RNG
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            rlhf_ext.gae(
+                r.to(dtype),
+                v.to(dtype),
+                m,
+                gamma=torch.rand(rows, device=dev),
+                lam=0.95,
+                last_value=torch.randn(rows, device=dev),
+                backend=backend,
+            )
+        rlhf_ext.masked_mean(r, m, backend=backend)
+        rlhf_ext.masked_mean(r, m, 0, backend=backend)
+        rlhf_ext.masked_mean(r, m, 1, backend=backend)
+        rlhf_ext.masked_whiten(r, m, backend=backend)
+        rlhf_ext.kl_shaped_rewards(
+            torch.randn(rows, device=dev), r, v, m, kl_coef=0.1, kl="k3", backend=backend
+        )
+    lens = [3, 0, 4000, 7, 1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=dev)
+    n = sum(lens)
+    rlhf_ext.gae(
+        torch.randn(n, device=dev),
+        torch.randn(n, device=dev),
+        torch.rand(n, device=dev) > 0.2,
+        cu_seqlens=cu,
+        backend=backend,
+    )
+    # Loss ops (forward: per-row kernel + one-block finish; backward: loss_backward) on
+    # short, long and empty rows, every agg mode, an all-masked and an empty batch.
+    for rows, steps in [(3, 1), (5, 37), (4, 600), (3, 4500), (300, 9)]:
+        lp = -torch.rand(rows, steps, device=dev) * 3
+        old, adv = lp + 0.3 * torch.randn_like(lp), torch.randn_like(lp)
+        m = torch.rand(rows, steps, device=dev) > 0.3
+        m[0] = False
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            x = lp.to(dtype).requires_grad_()
+            for agg in (
+                "token-mean",
+                "seq-mean-token-sum",
+                "seq-mean-token-mean",
+                "seq-mean-token-sum-norm",
+            ):
+                loss, _ = rlhf_ext.ppo_policy_loss(
+                    x,
+                    old.to(dtype),
+                    adv.to(dtype),
+                    m,
+                    clip_eps_high=0.28,
+                    dual_clip=3.0,
+                    agg=agg,
+                    backend=backend,
+                )
+                vloss, _ = rlhf_ext.value_loss(
+                    x, old.to(dtype), adv.to(dtype), m, clip_eps=0.2, agg=agg, backend=backend
+                )
+                kl = rlhf_ext.kl_loss(x, old.to(dtype), m, kind="k3+", agg=agg, backend=backend)
+                (loss + vloss + kl).backward()
+            pen = rlhf_ext.kl_penalty(x, old.to(dtype), kind="k3", backend=backend)
+            pen.sum().backward()
+        rlhf_ext.ppo_policy_loss(lp, old, adv, torch.zeros_like(m), backend=backend)
+    for shape in [(0, 5), (4, 0)]:
+        e = torch.randn(shape, device=dev, requires_grad=True)
+        loss, _ = rlhf_ext.ppo_policy_loss(e, e.detach(), e.detach(), backend=backend)
+        loss.backward()
+    big = torch.randn(2, 3 * 4096 + 5, device=dev)
+    rlhf_ext.masked_whiten(big, big > 0, backend=backend)
+    # token_logprobs: aligned and unaligned rows, ignored rows, -inf entries, odd and large V,
+    # every dtype, forward with and without entropy, both backwards.
+    for rows, vocab in [(4, 1), (5, 33), (3, 4097), (2, 151936)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            full = torch.randn(rows, vocab + 1, device=dev).to(dtype)
+            for logits in (full[:, :vocab], full[:, 1:]):
+                target = torch.randint(0, vocab, (rows,), device=dev)
+                target[0] = -100
+                x = logits.clone()
+                x[:, ::7] = float("-inf")
+                x.requires_grad_()
+                lp, ent = rlhf_ext.token_logprobs(x, target, return_entropy=True, backend=backend)
+                (lp.sum() + ent.sum()).backward()
+                y = logits.clone().requires_grad_()
+                out = rlhf_ext.token_logprobs(
+                    y * 1.0, target, inplace_backward=True, backend=backend
+                )
+                out.sum().backward()
+    # linear_token_logprobs: one chunk, uneven chunks, a backward split over the vocabulary and
+    # over rows, ignored rows, a bias, entropy, every dtype; H of 128 (the Triton forward's
+    # whole 64-wide k-steps) over two 4096-column spans.
+    cases = [(5, 8, 33, None), (37, 16, 2048, 16), (40, 8, 1100, 16), (20, 128, 4500, None)]
+    for rows, size, vocab, chunk in cases:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            h = torch.randn(rows, size, device=dev).to(dtype).requires_grad_()
+            w = torch.randn(vocab, size, device=dev).to(dtype).requires_grad_()
+            b = torch.randn(vocab, device=dev).to(dtype).requires_grad_()
             target = torch.randint(0, vocab, (rows,), device=dev)
-            target[0] = -100
-            x = logits.clone()
-            x[:, ::7] = float("-inf")
-            x.requires_grad_()
-            lp, ent = rlhf_ext.token_logprobs(x, target, return_entropy=True, backend="cuda")
+            target[::3] = -100
+            lp, ent = rlhf_ext.linear_token_logprobs(
+                h, w, target, bias=b, return_entropy=True, chunk_size=chunk, backend=backend
+            )
             (lp.sum() + ent.sum()).backward()
-            y = logits.clone().requires_grad_()
-            out = rlhf_ext.token_logprobs(y * 1.0, target, inplace_backward=True, backend="cuda")
-            out.sum().backward()
-# linear_token_logprobs: one chunk, uneven chunks, a backward split over the vocabulary and
-# over rows, ignored rows, a bias, entropy, every dtype.
-for rows, size, vocab, chunk in [(5, 8, 33, None), (37, 16, 2048, 16), (40, 8, 1100, 16)]:
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        h = torch.randn(rows, size, device=dev).to(dtype).requires_grad_()
-        w = torch.randn(vocab, size, device=dev).to(dtype).requires_grad_()
-        b = torch.randn(vocab, device=dev).to(dtype).requires_grad_()
-        target = torch.randint(0, vocab, (rows,), device=dev)
-        target[::3] = -100
-        lp, ent = rlhf_ext.linear_token_logprobs(h, w, target, bias=b, return_entropy=True,
-                                                 chunk_size=chunk, backend="cuda")
-        (lp.sum() + ent.sum()).backward()
-torch.cuda.synchronize()
-print("sanitize_ops: all kernels ran")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cuda", choices=["cuda", "triton"])
+    run_all("cuda", parser.parse_args().backend)
+    torch.cuda.synchronize()
+    print("sanitize_ops: all kernels ran")
+
+
+if __name__ == "__main__":
+    main()

@@ -70,16 +70,25 @@ def linear_token_logprobs(
     ``chunk_size=None`` picks the rows per chunk from a memory budget and V
     (CPU: 256 MiB of logits; CUDA: an eighth of the free memory, between 64 and
     512 MiB), never from N; an explicit ``chunk_size`` is honoured (a GEMM
-    has at least 16 rows: a smaller last chunk is padded). A row's forward
-    result is bitwise the same in any batch for a given chunk size (every GEMM
-    has at least 16 rows, so a row alone takes the GEMM path it takes in a
-    batch); gradients are deterministic run to run.
+    has at least 16 rows: a smaller last chunk is padded). On the CPU a row's
+    forward result is bitwise the same in any batch for a given chunk size
+    (every GEMM has at least 16 rows, so a row alone takes the GEMM path it
+    takes in a batch); gradients are deterministic run to run.
 
     ``validate=True`` checks that every target is in [0, V) or ignore_index
-    (one device sync). On CUDA the op syncs once per call to count the valid
-    rows. ``backend``: "auto", "cpu", "cuda", "triton" (Triton row kernels
-    between torch GEMMs) or "torch" (the reference, which materialises the
-    logits).
+    (one device sync). On CUDA the op syncs once in the forward and once in
+    the backward to count the valid rows.
+
+    ``backend``: "auto" (CUDA tensors: "cuda"; CPU tensors: "cpu"), "cpu",
+    "cuda" (cuBLAS GEMMs into logits tiles, then the CUDA row kernels of
+    token_logprobs), "triton" (forward: one fused kernel, a GEMM whose
+    epilogue is the online softmax, so no logits are ever held and
+    ``chunk_size`` does not matter; backward: torch GEMMs and the Triton row
+    kernels, tile by tile as above; float64 takes the tile loop both ways) or
+    "torch" (the reference, which materialises the logits). Batch invariance:
+    the CPU path and the Triton forward by construction; the "cuda" forward
+    relies on cuBLAS picking the same kernel for a 16-row chunk as for a
+    large one, which is not guaranteed.
     """
     _check_inputs(hidden, weight, bias, target)
     temperature = _check_temperature_here(temperature)
@@ -166,9 +175,9 @@ def resolve_chunk_size(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
     """Rows per chunk: `chunk_size` itself, or, for None, as many whole multiples of
     16 rows as the logits budget holds at this V (never fewer than 16)."""
     if chunk_size is None:
-        if torch.compiler.is_compiling():  # no device query while tracing
-            budget = CPU_BUDGET_BYTES
-        else:
+        if torch.compiler.is_compiling():  # no free-memory query while tracing: the cap,
+            budget = CUDA_MAX_BUDGET_BYTES if hidden.device.type == "cuda" else CPU_BUDGET_BYTES
+        else:  # which eager mode also picks whenever 4 GiB or more are free
             budget = logits_budget_bytes(hidden.device)
         rows = budget // (vocab * hidden.element_size())
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -48,3 +50,9 @@ def affine_combine_reversed(a_right, b_right, a_left, b_left):
     composite applies the right part first: left(right(x)).
     """
     return a_left * a_right, a_left * b_right + b_left
+
+
+def on_device_of(t: torch.Tensor):
+    """A context making t's GPU the current one: Triton launches on the current
+    device (and its current stream), whatever device the tensors are on."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -1,19 +1,288 @@
-"""linear_token_logprobs on the Triton backend: the chunk loops of
-csrc/include/rlhf_ext/linear_logprobs_host.h (see there for the algorithm and
-the memory bound), with torch GEMMs (cuBLAS on CUDA) between the Triton row
-kernels of token_logprobs. The same tiles, in the same order, as the C++ path."""
+"""linear_token_logprobs on the Triton backend.
+
+Forward (float32, bfloat16, float16): one fused kernel, a GEMM whose epilogue
+is the online softmax, so no logits ever reach memory. A program owns
+BLOCK_M valid rows and one vocabulary span; it computes [BLOCK_M, BLOCK_N]
+logit tiles with tl.dot over H and folds each into per-row running
+statistics (max, sum of exponentials, their logit-weighted sum for the
+entropy, the target's logit). A second kernel merges the spans of each row
+in a fixed order. Rows are gathered through the valid-row indices, so
+ignored rows are never computed. Every launch parameter depends on the
+device and dtype only, never on N: a row's result is the same bits alone or
+in any batch.
+
+Backward, and the float64 forward: the chunk loops of
+csrc/include/rlhf_ext/linear_logprobs_host.h (see there for the algorithm
+and the memory bound), with torch GEMMs (cuBLAS on CUDA) between the Triton
+row kernels of token_logprobs; the same tiles, in the same order, as the C++
+path.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import triton
+import triton.language as tl
 from torch.library import custom_op
 
+from rlhf_ext._backend import triton_interpreting
 from rlhf_ext.ops.linear_token_logprobs import OP, backward_fake, forward_fake
 from rlhf_ext.triton import token_logprobs as rows_kernels
+from rlhf_ext.triton._common import on_device_of
 
 ROW_QUANTUM = 16
 MIN_TILE_VOCAB = 1024
 VOCAB_QUANTUM = 64
+LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Tile shape of the fused forward. `span` (vocabulary columns per program,
+    a multiple of block_n) sets how many programs share a row block; group_m row
+    blocks run side by side so that their weight tiles are shared in L2."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    span: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# H100-sized tiles on a GPU: 128x128x64 with 8 warps for bfloat16/float16
+# (wgmma on sm_90, at most 204 registers, no spills on sm_80 or sm_90:
+# tools/triton_compile_check.py); float32, whose exact products go through
+# FMA, needs smaller tiles not to spill.
+# Small tiles under the interpreter, so that the tests cross tile, span and
+# group boundaries.
+GPU_CONFIG = FusedConfig(128, 128, 64, 4096, 8, 8, 3)
+GPU_CONFIG_FLOAT32 = FusedConfig(64, 128, 32, 4096, 8, 8, 2)
+INTERPRETER_CONFIG = FusedConfig(16, 32, 16, 64, 2, 4, 1)
+
+
+def fused_config(dtype: torch.dtype) -> FusedConfig:
+    if triton_interpreting():
+        return INTERPRETER_CONFIG
+    return GPU_CONFIG_FLOAT32 if dtype == torch.float32 else GPU_CONFIG
+
+
+def k_step(cfg: FusedConfig, size: int) -> int:
+    """Columns of H per tl.dot step: the config's, or a smaller one that divides H.
+    Masked k-steps (H not a multiple of 16) stay at 16: at 64 they spill on sm_80."""
+    for step in (cfg.block_k, cfg.block_k // 2, 16):
+        if step >= 16 and size % step == 0:
+            return step
+    return 16
+
+
+@triton.jit
+def _fused_program(pid, row_blocks, splits, GROUP_M: tl.constexpr):
+    """(row block, vocabulary span) of program `pid`: row blocks fastest within
+    groups of GROUP_M, so that programs running together read the same columns."""
+    per_group = GROUP_M * splits
+    group = pid // per_group
+    first = group * GROUP_M
+    group_size = tl.minimum(row_blocks - first, GROUP_M)
+    local = pid % per_group
+    return first + local % group_size, local // group_size
+
+
+@triton.jit
+def _dot_step(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b^T for one k-step; exact float32 products for float32 inputs."""
+    if UPCAST:  # the interpreter's dot multiplies bfloat16's raw bits
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE or UPCAST:
+        return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(b), acc)
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    valid_ptr,
+    target_ptr,
+    inv_temp_ptr,
+    parts_ptr,
+    n_valid,
+    vocab,
+    size,
+    stride_hidden,
+    stride_weight,
+    span,
+    HAS_BIAS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    row_blocks = tl.cdiv(n_valid, BLOCK_M)
+    splits = tl.cdiv(vocab, span)
+    block, split = _fused_program(tl.program_id(0), row_blocks, splits, GROUP_M)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_valid
+    # Rows past n_valid read row valid[0] (in bounds) and are never stored.
+    src = tl.load(valid_ptr + rows, mask=row_ok, other=0)
+    tgt = tl.load(target_ptr + src)
+    hidden_rows = hidden_ptr + src[:, None] * stride_hidden
+    inv_temp = tl.load(inv_temp_ptr)
+    scale = inv_temp * LOG2E
+    col_begin = split * span
+    col_end = tl.minimum(vocab, col_begin + span)
+    running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    sum_exp = tl.zeros((BLOCK_M,), tl.float32)
+    sum_shift = tl.zeros((BLOCK_M,), tl.float32)
+    x_target = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(col_begin, col_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_end
+        # Columns past the span re-read its last column (in bounds) and are masked below.
+        weight_cols = (
+            weight_ptr + tl.minimum(cols, col_end - 1).to(tl.int64)[:, None] * stride_weight
+        )
+        logits = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, size, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                a = tl.load(hidden_rows + ks[None, :])
+                b = tl.load(weight_cols + ks[None, :])
+            else:
+                a = tl.load(hidden_rows + ks[None, :], mask=ks[None, :] < size, other=0.0)
+                b = tl.load(weight_cols + ks[None, :], mask=ks[None, :] < size, other=0.0)
+            logits = _dot_step(a, b, logits, IEEE, UPCAST)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            logits += bias[None, :]
+        x = tl.where(col_ok[None, :], logits, float("-inf"))
+        x_target += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
+        # The online softmax of token_logprobs' row kernel, one row per lane of axis 0.
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+        seen = sum_exp > 0
+        delta = tl.where(seen, running_max - base, 0.0)
+        factor = tl.where(seen, tl.exp2(delta * scale), 0.0)
+        shifted = x - base[:, None]
+        e = tl.exp2(shifted * scale)
+        if ENTROPY:
+            sum_shift = factor * (sum_shift + delta * sum_exp)
+            sum_shift += tl.sum(tl.where(e > 0, e * shifted, 0.0), axis=1)
+        sum_exp = factor * sum_exp + tl.sum(e, axis=1)
+        running_max = new_max
+    # parts: float32 [4, splits, n_valid]; int64 offsets (splits * n_valid can pass 2**31).
+    out = parts_ptr + tl.cast(split, tl.int64) * n_valid + rows
+    plane = tl.cast(splits, tl.int64) * n_valid
+    tl.store(out, running_max, mask=row_ok)
+    tl.store(out + plane, sum_exp, mask=row_ok)
+    tl.store(out + 2 * plane, sum_shift, mask=row_ok)
+    tl.store(out + 3 * plane, x_target, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_merge_kernel(
+    parts_ptr,
+    valid_ptr,
+    target_ptr,
+    inv_temp_ptr,
+    logprobs_ptr,
+    entropy_ptr,
+    lse_ptr,
+    n_valid,
+    vocab,
+    splits,
+    ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_valid
+    plane = tl.cast(splits, tl.int64) * n_valid
+    inv_temp = tl.load(inv_temp_ptr)
+    scale = inv_temp * LOG2E
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(0, splits):
+        at = parts_ptr + tl.cast(s, tl.int64) * n_valid + rows
+        seen = tl.load(at + plane, mask=row_ok, other=0.0) > 0
+        top = tl.where(seen, tl.maximum(top, tl.load(at, mask=row_ok, other=0.0)), top)
+    base = tl.where(top == float("-inf"), 0.0, top)
+    sum_exp = tl.zeros((BLOCK,), tl.float32)
+    sum_shift = tl.zeros((BLOCK,), tl.float32)
+    x_target = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, splits):  # a fixed order: deterministic, batch-invariant
+        at = parts_ptr + tl.cast(s, tl.int64) * n_valid + rows
+        part_exp = tl.load(at + plane, mask=row_ok, other=0.0)
+        seen = part_exp > 0
+        delta = tl.where(seen, tl.load(at, mask=row_ok, other=0.0) - base, 0.0)
+        factor = tl.where(seen, tl.exp2(delta * scale), 0.0)
+        sum_exp += factor * part_exp
+        if ENTROPY:
+            part_shift = tl.load(at + 2 * plane, mask=row_ok, other=0.0)
+            sum_shift += factor * (part_shift + delta * part_exp)
+        x_target += tl.load(at + 3 * plane, mask=row_ok, other=0.0)
+    log_sum = tl.log(sum_exp)
+    lse = top * inv_temp + log_sum
+    src = tl.load(valid_ptr + rows, mask=row_ok, other=0)
+    tgt = tl.load(target_ptr + src, mask=row_ok, other=0)
+    in_vocab = (tgt >= 0) & (tgt < vocab)
+    tl.store(logprobs_ptr + src, tl.where(in_vocab, x_target * inv_temp - lse, float("nan")),
+             mask=row_ok)  # fmt: skip
+    tl.store(lse_ptr + src, lse, mask=row_ok)
+    if ENTROPY:
+        tl.store(entropy_ptr + src, log_sum - inv_temp * sum_shift / sum_exp, mask=row_ok)
+
+
+def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, return_entropy):
+    """(logprobs, entropy, lse) over flat rows from the fused kernels (not float64)."""
+    size, vocab = hidden.shape[-1], weight.shape[0]
+    rows = target.numel()
+    flat_hidden = hidden.reshape(rows, size)
+    if size > 1 and flat_hidden.stride(1) != 1:
+        flat_hidden = flat_hidden.contiguous()
+    weight = weight if size == 1 or weight.stride(1) == 1 else weight.contiguous()
+    flat_target = target.reshape(rows).long().contiguous()
+    logprobs = hidden.new_zeros(rows, dtype=torch.float32)
+    lse = hidden.new_zeros(rows, dtype=torch.float32)
+    entropy = hidden.new_zeros(rows if return_entropy else 0, dtype=torch.float32)
+    valid = _valid_rows(flat_target, ignore_index)
+    n_valid = valid.numel()
+    if n_valid == 0:
+        return logprobs, entropy, lse
+    cfg = fused_config(hidden.dtype)
+    block_k = k_step(cfg, size)
+    splits = triton.cdiv(vocab, cfg.span)
+    parts = hidden.new_empty((4, splits, n_valid), dtype=torch.float32)
+    inv_temp = torch.full((1,), 1.0 / temperature, dtype=torch.float32, device=hidden.device)
+    programs = triton.cdiv(n_valid, cfg.block_m) * splits
+    _linear_logprobs_fwd_kernel[(programs,)](
+        flat_hidden, weight, bias if bias is not None else weight, valid, flat_target, inv_temp,
+        parts, n_valid, vocab, size, flat_hidden.stride(0), weight.stride(0), cfg.span,
+        HAS_BIAS=bias is not None,
+        ENTROPY=return_entropy,
+        EVEN_K=size % block_k == 0,
+        IEEE=hidden.dtype == torch.float32,
+        UPCAST=hidden.dtype == torch.bfloat16 and triton_interpreting(),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    merge_block = 128
+    _linear_logprobs_merge_kernel[(triton.cdiv(n_valid, merge_block),)](
+        parts, valid, flat_target, inv_temp, logprobs, entropy if return_entropy else lse, lse,
+        n_valid, vocab, splits, ENTROPY=return_entropy, BLOCK=merge_block,
+    )  # fmt: skip
+    return logprobs, entropy, lse
 
 
 def _logits_tile(hidden_rows, weight_rows, bias_cols):
@@ -50,9 +319,26 @@ def linear_token_logprobs_fwd_triton(
     return_entropy: bool,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton forward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_fwd."""
+    """Triton forward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_fwd:
+    the fused kernels, or for float64 the chunk loop (chunk_size rows at a time)."""
+    with on_device_of(hidden):
+        return _forward(
+            hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk_size
+        )
+
+
+def _forward(hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk_size):
     lead, size = hidden.shape[:-1], hidden.shape[-1]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    if hidden.dtype != torch.float64:
+        logprobs, entropy, lse = _fused_forward(
+            hidden, weight, bias, target, temperature, ignore_index, return_entropy
+        )
+        return (
+            logprobs.view(lead),
+            entropy.view(lead) if return_entropy else entropy,
+            lse.view(lead),
+        )
+    acc = torch.float64  # only float64 takes the chunk loop
     rows = target.numel()
     flat_hidden, flat_target = hidden.reshape(rows, size), target.reshape(rows).long()
     logprobs = hidden.new_zeros(rows, dtype=acc)
@@ -88,14 +374,21 @@ def _tile_geometry(valid_rows: int, vocab: int, chunk_rows: int) -> tuple[int, i
     return max(1, budget // narrow), narrow
 
 
+ACCUMULATE_ROWS = 1024  # as kAccumulateRows in the C++ header
+
+
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc in float32 (float64) and a, b in the inputs' dtype."""
+    """acc += a @ b with acc in float32 (float64) and a, b in the inputs' dtype,
+    ACCUMULATE_ROWS rows of the product at a time (a bounded temporary)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:
-        acc.add_(a @ b)
+        return
+    for row in range(0, a.shape[0], ACCUMULATE_ROWS):
+        rows = slice(row, row + ACCUMULATE_ROWS)
+        if acc.is_cuda:
+            acc[rows] += torch.mm(a[rows], b, out_dtype=acc.dtype)
+        else:
+            acc[rows] += a[rows] @ b
 
 
 @custom_op("rlhf_ext::linear_token_logprobs_bwd_triton", mutates_args=())
@@ -115,6 +408,17 @@ def linear_token_logprobs_bwd_triton(
     need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_bwd."""
+    with on_device_of(hidden):
+        return _backward(
+            hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy,
+            temperature, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
+        )  # fmt: skip
+
+
+def _backward(
+    hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy, temperature,
+    ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
+):  # fmt: skip
     if grad_entropy is not None and entropy is None:
         raise ValueError(f"{OP}: `entropy` is needed with `grad_entropy`")
     size, vocab = hidden.shape[-1], weight.shape[0]

@@ -14,7 +14,7 @@ from torch.library import triton_op, wrap_triton
 from rlhf_ext.triton._common import acc_tl_dtype, acc_torch_dtype, next_power_of_2
 
 MAX_BLOCK = 4096
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
 
 
 def row_layout(t: torch.Tensor) -> tuple[int, int, int] | None:

@@ -217,14 +217,25 @@ inline TileGeometry tile_geometry(int64_t valid_rows, int64_t vocab, int64_t chu
   return {std::max<int64_t>(1, budget / narrow), narrow};
 }
 
+// Rows of `a` per product in accumulate_mm: its float32 (CUDA) or input-dtype
+// (CPU) temporary holds at most this many rows of the result, 16 MiB at
+// H = 4096, instead of a whole tile's rows (256 MiB at 16k rows).
+constexpr int64_t kAccumulateRows = 1024;
+
 // acc += a @ b, with acc in float32 (or float64) and a, b in the inputs' dtype.
+// The product is formed kAccumulateRows rows at a time: torch has no float32
+// accumulate into a float32 output from bf16/fp16 operands (cuBLAS gives a
+// float32 product, torch's CPU GEMM a product in the inputs' dtype).
 inline void accumulate_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
   if (acc.scalar_type() == a.scalar_type()) {
     acc.addmm_(a, b);
-  } else if (acc.is_cuda()) {
-    acc.add_(at::mm(a, b, acc.scalar_type()));  // cuBLAS: float32 output, no rounding to bf16
-  } else {
-    acc.add_(at::mm(a, b));  // torch's CPU GEMM has no float32 output for bf16/fp16 inputs
+    return;
+  }
+  for (int64_t row = 0; row < a.size(0); row += kAccumulateRows) {
+    const int64_t end = std::min(a.size(0), row + kAccumulateRows);
+    const at::Tensor a_rows = a.slice(0, row, end);
+    acc.slice(0, row, end)
+        .add_(acc.is_cuda() ? at::mm(a_rows, b, acc.scalar_type()) : at::mm(a_rows, b));
   }
 }
 
