@@ -624,6 +624,94 @@ def test_linear_token_logprobs_triton_fused_forward_masked_vocabulary(inputs):
         assert_close_ref(out, ref, torch.float32)
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
+def test_linear_token_logprobs_triton_strided_bias_and_weight(inputs):
+    """Inputs of any strides: a bias of stride 2, a weight transposed in memory."""
+    hidden, weight, bias, target = make_inputs(inputs, (20,), 24, 300)
+    strided_bias = torch.stack([bias, -bias], 1)[:, 0]
+    weight_t = weight.T.contiguous().T  # column-major [V, H]
+    got = run(hidden, weight_t, target, "triton", bias=strided_bias, return_entropy=True)
+    want = reference.linear_token_logprobs(
+        hidden.double(), weight.double(), target, bias=bias.double(), ignore_index=IGNORE,
+        return_entropy=True,
+    )  # fmt: skip
+    for out, ref in zip(got, want, strict=True):
+        assert_close_ref(out, ref, torch.float32)
+
+
+def _confident_rows_within_eager_error(inputs, backend, dtype, device="cpu"):
+    """Rows whose target has p ~ 1 (logit ~30 over ~22: a bf16 step there is 0.125): the
+    gradient 1 - p is tiny next to p times the logits' rounding, so the backward must
+    see the logits its forward saw: float32 logits on both sides (the Triton backend
+    everywhere, the CUDA backend). The CPU backend's bf16 tiles are left out: its
+    forward and backward GEMMs differ in shape and may round a logit differently
+    (seen: up to 6x eager's error on grad_weight; docs/performance.md)."""
+    rows, size, vocab = 8, 16, 64
+    hidden = torch.cat([torch.ones(rows, 1), inputs.randn(rows, size - 1, scale=0.05)], 1)
+    weight = inputs.randn(vocab, size, scale=0.05)
+    weight[:, 0] = 22.0
+    weight[0, 0] = 30.3
+    target = torch.zeros(rows, dtype=torch.long)
+    cpu = hidden.to(dtype), weight.to(dtype), target
+    hidden, weight, target = (t.to(device) for t in cpu)
+    g_lp, g_ent = inputs.randn(rows).to(device), torch.zeros(rows, device=device)
+    got = grads_of(hidden, weight, None, target, g_lp, g_ent, op_fn(backend))
+    want = reference64(*cpu[:2], None, target.cpu(), g_lp.cpu(), g_ent.cpu())
+
+    def eager(h, w, b, t):
+        logp = torch.log_softmax(h @ w.T, -1)
+        return logp.gather(-1, t[:, None]).squeeze(-1).float(), torch.zeros_like(g_ent)
+
+    eager_out = grads_of(hidden, weight, None, target, g_lp, g_ent, eager)
+    # The interpreter truncates float32 -> bfloat16 (the backward's dlogits tile): twice the
+    # rounding error of a GPU. With bf16 logits in the backward the Triton error was ~50x.
+    truncating = device == "cpu" and dtype == torch.bfloat16 and TRITON_INTERPRETING
+    for k in (0, 2, 3):  # logprobs, grad_hidden, grad_weight
+        assert_within_eager_error(got[k], want[k], eager_out[k], factor=4.0 if truncating else 2.0)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_token_logprobs_confident_rows_low_precision(inputs, dtype):
+    _confident_rows_within_eager_error(inputs, "triton", dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_token_logprobs_cuda_confident_rows_low_precision(inputs, backend, dtype):
+    if backend not in rlhf_ext.available_backends("cuda"):
+        pytest.skip(f"backend {backend} unavailable on CUDA")
+    _confident_rows_within_eager_error(inputs, backend, dtype, device="cuda")
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("size", [128, 96], ids=["H128", "H96"])
+def test_linear_token_logprobs_triton_gpu_tiles_under_interpreter(inputs, monkeypatch, dtype,
+                                                                  size):  # fmt: skip
+    """The GPU's launch parameters (128x128 tiles, 4096-column spans, k-steps of 64 or 32),
+    run by the interpreter: the tests above use its small tiles. (bf16 needs the GPU: the
+    interpreter's dot reads bf16's raw bits, which the small-tile path converts.)"""
+    from rlhf_ext.triton import linear_token_logprobs as kernels
+
+    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    hidden, weight, bias, target = make_inputs(inputs, (48,), size, 4500, dtype)
+    lp, ent, _ = kernels.linear_token_logprobs_fwd_triton(
+        hidden, weight, bias, target, 0.9, IGNORE, True, 16
+    )
+    want = reference.linear_token_logprobs(
+        hidden.double(), weight.double(), target, bias=bias.double(), temperature=0.9,
+        ignore_index=IGNORE, return_entropy=True,
+    )  # fmt: skip
+    assert_close_ref(lp, want[0], torch.float32)
+    assert_close_ref(ent, want[1], torch.float32)
+    alone = kernels.linear_token_logprobs_fwd_triton(
+        hidden[5:6], weight, bias, target[5:6], 0.9, IGNORE, True, 16
+    )
+    assert torch.equal(alone[0][0], lp[5]) and torch.equal(alone[1][0], ent[5])
+
+
 @pytest.mark.cuda
 @pytest.mark.triton_gpu
 def test_linear_token_logprobs_triton_forward_holds_no_logits(inputs):

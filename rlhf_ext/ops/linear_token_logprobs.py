@@ -60,8 +60,13 @@ def linear_token_logprobs(
     the logit gradient in place, and accumulates ``grad_hidden`` in float32 and
     ``grad_weight`` with the GEMM's float32 accumulation.
 
+    Logits tiles are float32 for bf16/fp16 inputs on CUDA (the forward and the
+    backward's recomputation must see the same logits: a confident token's
+    gradient 1 - p is smaller than p times one bf16 rounding step of its
+    logit); on the CPU they keep the inputs' dtype.
+
     Extra memory beyond inputs, outputs and gradients: forward, one logits tile
-    (``chunk_size * V`` elements of the input dtype) plus O(N) per-row
+    (``chunk_size * V`` elements, float32 or of the input dtype) plus O(N) per-row
     statistics; backward, the same tile, plus a float32 ``[N_valid, H]``
     grad_hidden accumulator (none for float32 inputs with no ignored token) and
     a copy of the valid hidden rows when some tokens are ignored. The logits
@@ -171,6 +176,14 @@ def logits_budget_bytes(device: torch.device) -> int:
     return max(CUDA_MIN_BUDGET_BYTES, min(CUDA_MAX_BUDGET_BYTES, free // 8))
 
 
+def logits_element_size(hidden: torch.Tensor) -> int:
+    """Bytes per logit of a tile: float32 for bf16/fp16 on CUDA (the C++ header's
+    float32_logits), else the inputs' dtype."""
+    if hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16):
+        return 4
+    return hidden.element_size()
+
+
 def resolve_chunk_size(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
     """Rows per chunk: `chunk_size` itself, or, for None, as many whole multiples of
     16 rows as the logits budget holds at this V (never fewer than 16)."""
@@ -179,7 +192,7 @@ def resolve_chunk_size(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
             budget = CUDA_MAX_BUDGET_BYTES if hidden.device.type == "cuda" else CPU_BUDGET_BYTES
         else:  # which eager mode also picks whenever 4 GiB or more are free
             budget = logits_budget_bytes(hidden.device)
-        rows = budget // (vocab * hidden.element_size())
+        rows = budget // (vocab * logits_element_size(hidden))
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(
             f"{OP}: `chunk_size` must be an int or None, got {type(chunk_size).__name__}"

@@ -14,8 +14,10 @@ in any batch.
 Backward, and the float64 forward: the chunk loops of
 csrc/include/rlhf_ext/linear_logprobs_host.h (see there for the algorithm
 and the memory bound), with torch GEMMs (cuBLAS on CUDA) between the Triton
-row kernels of token_logprobs; the same tiles, in the same order, as the C++
-path.
+row kernels of token_logprobs. One difference from the C++ path: for
+bf16/fp16 the backward recomputes float32 logits (cuBLAS with a float32
+output), as the fused forward formed them, and writes their gradient into a
+separate tile of the inputs' dtype; its tiles hold a third of the elements.
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ def _linear_logprobs_fwd_kernel(
     vocab,
     size,
     stride_hidden,
+    stride_hidden_k,
     stride_weight,
+    stride_weight_k,
     span,
     HAS_BIAS: tl.constexpr,
     ENTROPY: tl.constexpr,
@@ -132,7 +136,7 @@ def _linear_logprobs_fwd_kernel(
     block, split = _fused_program(tl.program_id(0), row_blocks, splits, GROUP_M)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_valid
-    # Rows past n_valid read row valid[0] (in bounds) and are never stored.
+    # Rows past n_valid read hidden row 0 and target[0] (in bounds) and are never stored.
     src = tl.load(valid_ptr + rows, mask=row_ok, other=0)
     tgt = tl.load(target_ptr + src)
     hidden_rows = hidden_ptr + src[:, None] * stride_hidden
@@ -155,11 +159,12 @@ def _linear_logprobs_fwd_kernel(
         for k in range(0, size, BLOCK_K):
             ks = k + tl.arange(0, BLOCK_K)
             if EVEN_K:
-                a = tl.load(hidden_rows + ks[None, :])
-                b = tl.load(weight_cols + ks[None, :])
+                a = tl.load(hidden_rows + ks[None, :] * stride_hidden_k)
+                b = tl.load(weight_cols + ks[None, :] * stride_weight_k)
             else:
-                a = tl.load(hidden_rows + ks[None, :], mask=ks[None, :] < size, other=0.0)
-                b = tl.load(weight_cols + ks[None, :], mask=ks[None, :] < size, other=0.0)
+                k_ok = ks[None, :] < size
+                a = tl.load(hidden_rows + ks[None, :] * stride_hidden_k, mask=k_ok, other=0.0)
+                b = tl.load(weight_cols + ks[None, :] * stride_weight_k, mask=k_ok, other=0.0)
             logits = _dot_step(a, b, logits, IEEE, UPCAST)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -244,10 +249,8 @@ def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, retu
     """(logprobs, entropy, lse) over flat rows from the fused kernels (not float64)."""
     size, vocab = hidden.shape[-1], weight.shape[0]
     rows = target.numel()
-    flat_hidden = hidden.reshape(rows, size)
-    if size > 1 and flat_hidden.stride(1) != 1:
-        flat_hidden = flat_hidden.contiguous()
-    weight = weight if size == 1 or weight.stride(1) == 1 else weight.contiguous()
+    flat_hidden = hidden.reshape(rows, size)  # any strides: the kernel takes both
+    bias = bias.contiguous() if bias is not None else None  # read as bias[col]
     flat_target = target.reshape(rows).long().contiguous()
     logprobs = hidden.new_zeros(rows, dtype=torch.float32)
     lse = hidden.new_zeros(rows, dtype=torch.float32)
@@ -264,7 +267,7 @@ def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, retu
     programs = triton.cdiv(n_valid, cfg.block_m) * splits
     _linear_logprobs_fwd_kernel[(programs,)](
         flat_hidden, weight, bias if bias is not None else weight, valid, flat_target, inv_temp,
-        parts, n_valid, vocab, size, flat_hidden.stride(0), weight.stride(0), cfg.span,
+        parts, n_valid, vocab, size, *flat_hidden.stride(), *weight.stride(), cfg.span,
         HAS_BIAS=bias is not None,
         ENTROPY=return_entropy,
         EVEN_K=size % block_k == 0,
@@ -289,6 +292,18 @@ def _logits_tile(hidden_rows, weight_rows, bias_cols):
     if bias_cols is None:
         return hidden_rows @ weight_rows.T
     return torch.addmm(bias_cols, hidden_rows, weight_rows.T)
+
+
+def _float32_logits_tile(hidden_rows, weight_rows, bias_cols):
+    """The logits of bf16/fp16 inputs as the fused forward forms them: float32
+    sums of the exact products, never rounded to the inputs' dtype."""
+    if hidden_rows.is_cuda:
+        tile = torch.mm(hidden_rows, weight_rows.T, out_dtype=torch.float32)
+    else:  # torch's CPU GEMM has no float32 output for bf16/fp16 (the interpreter's tests)
+        tile = hidden_rows.float() @ weight_rows.float().T
+    if bias_cols is not None:
+        tile += bias_cols.float()
+    return tile
 
 
 def _chunk_rows(flat_hidden, valid, begin: int, end: int):
@@ -439,7 +454,14 @@ def _backward(
     # Contiguous like the C++ op and the fake kernel, whatever the layout of weight.
     grad_weight = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
     grad_bias_acc = weight.new_zeros(vocab, dtype=acc) if bias is not None else None
-    tile_rows, tile_vocab = _tile_geometry(valid_rows, vocab, chunk_size)
+    # The forward's lse and entropy come from float32 logits, so must the backward's
+    # probabilities: with logits rounded to bf16 they would not sum to 1 (a confident
+    # token's gradient, 1 - p, drowns in p times the rounding). Low-precision inputs
+    # take a float32 logits tile plus a tile of their dtype for its gradient: 6 bytes
+    # per logit against the 4 that chunk_size=None budgets, so two thirds of the rows.
+    exact = hidden.dtype in (torch.bfloat16, torch.float16)
+    budget_rows = max(1, chunk_size * 2 // 3) if exact else chunk_size
+    tile_rows, tile_vocab = _tile_geometry(valid_rows, vocab, budget_rows)
     split_rows = tile_rows < valid_rows
     for col in range(0, vocab if valid_rows else 0, tile_vocab):
         cols = slice(col, min(vocab, col + tile_vocab))
@@ -450,13 +472,18 @@ def _backward(
         for row in range(0, valid_rows, tile_rows):
             here = slice(row, min(valid_rows, row + tile_rows))
             hidden_rows = dense[here]
-            dlogits = _logits_tile(hidden_rows, weight_cols, bias_cols)
+            if exact:
+                logits = _float32_logits_tile(hidden_rows, weight_cols, bias_cols)
+                dlogits = torch.empty(logits.shape, dtype=hidden.dtype, device=hidden.device)
+            else:  # gradient in place of the logits
+                logits = dlogits = _logits_tile(hidden_rows, weight_cols, bias_cols)
             rows_kernels._launch_backward(
-                dlogits, dlogits, rows_kernels.row_layout(dlogits), tgt[here], lse_v[here],
+                logits, dlogits, rows_kernels.row_layout(dlogits), tgt[here], lse_v[here],
                 None if ent is None else ent[here], None if glp is None else glp[here],
                 None if gent is None else gent[here], temperature, ignore_index,
                 vocab_slice=(col, vocab),
             )  # fmt: skip
+            del logits  # freed before the GEMMs' temporaries
             if need_grad_hidden:
                 _accumulate_mm(grad_hidden_acc[here], dlogits, weight_cols)
             if grad_weight_acc is not None:

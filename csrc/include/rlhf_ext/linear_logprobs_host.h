@@ -8,6 +8,9 @@
 // gathered once (one host sync on CUDA, for the count) and the chunks hold
 // valid rows only.
 //
+// Logits tiles are float32 for bf16/fp16 inputs on CUDA (see
+// LinearProblem::float32_logits), else in the inputs' dtype.
+//
 // Forward: chunks of `chunk_rows` valid rows; per chunk one GEMM into a
 // [chunk_rows, V] tile, then the forward row loop, which keeps only per-row
 // float32 statistics (logprob, entropy, log-sum-exp). Each chunk's row count
@@ -19,7 +22,8 @@
 // Backward: tiles of [tile_rows, tile_vocab] over (vocabulary chunk, token
 // chunk), vocabulary outermost. Each tile's logits are recomputed, turned
 // into d loss / d logits in place by the backward row loop (from the saved
-// log-sum-exp and entropy), and then
+// log-sum-exp and entropy; a float32 tile's gradient is then converted to the
+// inputs' dtype for the GEMMs), and then
 //   grad_hidden[rows]  += dlogits @ weight[cols]       (float32 accumulator)
 //   grad_weight[cols]  += dlogits^T @ hidden[rows]
 //   grad_bias[cols]    += sum over rows of dlogits     (float32)
@@ -67,6 +71,14 @@ struct LinearProblem {
   int64_t ignore_index = -100;
   int64_t chunk_rows = 1;
   at::ScalarType acc_dtype = at::kFloat;
+  // bf16/fp16 on CUDA: logits tiles in float32 (cuBLAS's float32 sums, never
+  // rounded), in the forward and in the backward's recomputation alike. With
+  // tiles rounded to bf16 the two GEMMs (of different shapes, so possibly
+  // different cuBLAS kernels) can round a logit differently; for a confident
+  // token the gradient 1 - p is then swamped by p times one rounding step.
+  // torch's CPU GEMM has no float32 output for these dtypes: CPU tiles keep
+  // the inputs' dtype.
+  bool float32_logits = false;
   std::vector<int64_t> lead_shape;  // hidden.shape[:-1]
 };
 
@@ -120,6 +132,8 @@ inline LinearProblem prepare_linear(const at::Tensor& hidden, const at::Tensor& 
   p.ignore_index = ignore_index;
   p.chunk_rows = chunk_size;
   p.acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.float32_logits = hidden.is_cuda() && (hidden.scalar_type() == at::kBFloat16 ||
+                                          hidden.scalar_type() == at::kHalf);
   p.lead_shape = hidden.sizes().slice(0, hidden.dim() - 1).vec();
   p.hidden = hidden.reshape({p.rows, p.hidden_size});
   if (p.hidden_size > 1 && p.hidden.stride(1) != 1) p.hidden = p.hidden.contiguous();
@@ -131,9 +145,14 @@ inline LinearProblem prepare_linear(const at::Tensor& hidden, const at::Tensor& 
 }
 
 // logits = hidden_rows @ weight_rows^T (+ bias_cols): one GEMM into a fresh
-// contiguous [rows, cols] tile.
+// contiguous [rows, cols] tile, float32 when float32_logits (see LinearProblem).
 inline at::Tensor logits_tile(const at::Tensor& hidden_rows, const at::Tensor& weight_rows,
-                              const at::Tensor& bias_cols) {
+                              const at::Tensor& bias_cols, bool float32_logits) {
+  if (float32_logits) {
+    at::Tensor tile = at::mm(hidden_rows, weight_rows.t(), at::kFloat);
+    if (bias_cols.defined()) tile.add_(bias_cols);
+    return tile;
+  }
   if (bias_cols.defined()) return at::addmm(bias_cols, hidden_rows, weight_rows.t());
   return at::mm(hidden_rows, weight_rows.t());
 }
@@ -175,7 +194,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
   for (int64_t begin = 0; begin < valid_rows; begin += p.chunk_rows) {
     const int64_t end = std::min(valid_rows, begin + p.chunk_rows);
     const ChunkRows chunk = gather_chunk(p, begin, end);
-    const at::Tensor tile = logits_tile(chunk.hidden, p.weight, p.bias);
+    const at::Tensor tile = logits_tile(chunk.hidden, p.weight, p.bias, p.float32_logits);
     at::Tensor tile_target = p.target.index_select(0, chunk.indices);
     // The padding rows are ignored: the row loop skips them.
     tile_target.slice(0, end - begin).fill_(p.ignore_index);
@@ -316,15 +335,21 @@ inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
   const at::Tensor bias_cols = p.bias.defined() ? p.bias.slice(0, t.col, t.col + t.cols)
                                                 : at::Tensor();
   // The logits recomputed, then overwritten by their gradient.
-  const at::Tensor dlogits = logits_tile(hidden_rows, weight_cols, bias_cols);
+  at::Tensor grad_tile = logits_tile(hidden_rows, weight_cols, bias_cols, p.float32_logits);
   auto rows_of = [&](const at::Tensor& x) {
     return x.defined() ? x.slice(0, t.row, t.row + t.rows) : at::Tensor();
   };
   const LogprobsProblem tp =
-      tile_problem(dlogits, rows_of(in.target), p.inv_temp, p.ignore_index);
+      tile_problem(grad_tile, rows_of(in.target), p.inv_temp, p.ignore_index);
   const LogprobsGradInputs tile_in{rows_of(in.lse), rows_of(in.entropy),
                                    rows_of(in.grad_logprobs), rows_of(in.grad_entropy)};
   kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{t.col, p.vocab});
+  if (g.grad_bias_acc.defined()) {
+    g.grad_bias_acc.slice(0, t.col, t.col + t.cols).add_(grad_tile.sum(0, false, p.acc_dtype));
+  }
+  // The GEMMs take the gradient in the inputs' dtype; a float32 tile is freed first.
+  const at::Tensor dlogits = grad_tile.to(p.hidden.scalar_type());
+  grad_tile.reset();
   if (g.grad_hidden_acc.defined()) {
     accumulate_mm(g.grad_hidden_acc.slice(0, t.row, t.row + t.rows), dlogits, weight_cols);
   }
@@ -333,9 +358,6 @@ inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
   } else if (g.grad_weight.numel() > 0) {
     at::Tensor out = g.grad_weight.slice(0, t.col, t.col + t.cols);
     at::mm_out(out, dlogits.t(), hidden_rows);
-  }
-  if (g.grad_bias_acc.defined()) {
-    g.grad_bias_acc.slice(0, t.col, t.col + t.cols).add_(dlogits.sum(0, false, p.acc_dtype));
   }
 }
 
@@ -350,7 +372,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
   const at::Tensor hidden =
       valid_rows == p.rows ? p.hidden : p.hidden.index_select(0, p.valid);
   LinearGrads g = linear_grads(p, need_grad_hidden, need_grad_weight);
-  const TileGeometry tile = tile_geometry(valid_rows, p.vocab, p.chunk_rows);
+  // A float32 tile and its gradient in the inputs' dtype are 6 bytes per logit against
+  // the forward's 4: two thirds of its elements keep the backward within its bytes.
+  const int64_t budget_rows =
+      p.float32_logits ? std::max<int64_t>(1, p.chunk_rows * 2 / 3) : p.chunk_rows;
+  const TileGeometry tile = tile_geometry(valid_rows, p.vocab, budget_rows);
   const bool split_rows = tile.rows < valid_rows;
   for (int64_t col = 0; col < p.vocab && valid_rows > 0; col += tile.vocab) {
     const int64_t cols = std::min(tile.vocab, p.vocab - col);
