@@ -56,3 +56,29 @@ def on_device_of(t: torch.Tensor):
     """A context making t's GPU the current one: Triton launches on the current
     device (and its current stream), whatever device the tensors are on."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def online_softmax_step(x, running_max, sum_exp, sum_shift, scale, AXIS: tl.constexpr,
+                        ENTROPY: tl.constexpr):  # fmt: skip
+    """Fold a block of logits `x` into running softmax statistics along AXIS
+    (0: one row's block; 1: a [rows, cols] tile, statistics per row).
+
+    running_max: the largest logit so far; sum_exp = sum exp2((x - m) * scale);
+    sum_shift = sum exp2((x - m) * scale) * (x - m), for the entropy; m = the
+    running max, or 0 while no finite logit has been seen (the sums are then
+    empty: nothing to rebase, and -inf - -inf must not make them NaN). `scale`
+    is log2(e) / temperature. Returns the new (running_max, sum_exp, sum_shift).
+    """
+    new_max = tl.maximum(running_max, tl.max(x, axis=AXIS))
+    base = tl.where(new_max == float("-inf"), 0.0, new_max)
+    seen = sum_exp > 0
+    delta = tl.where(seen, running_max - base, 0.0)
+    factor = tl.where(seen, tl.exp2(delta * scale), 0.0)
+    shifted = x - tl.expand_dims(base, AXIS)
+    e = tl.exp2(shifted * scale)
+    if ENTROPY:
+        sum_shift = factor * (sum_shift + delta * sum_exp)
+        sum_shift += tl.sum(tl.where(e > 0, e * shifted, 0.0), axis=AXIS)
+    sum_exp = factor * sum_exp + tl.sum(e, axis=AXIS)
+    return new_max, sum_exp, sum_shift

@@ -14,10 +14,9 @@ in any batch.
 Backward, and the float64 forward: the chunk loops of
 csrc/include/rlhf_ext/linear_logprobs_host.h (see there for the algorithm
 and the memory bound), with torch GEMMs (cuBLAS on CUDA) between the Triton
-row kernels of token_logprobs. One difference from the C++ path: for
-bf16/fp16 the backward recomputes float32 logits (cuBLAS with a float32
-output), as the fused forward formed them, and writes their gradient into a
-separate tile of the inputs' dtype; its tiles hold a third of the elements.
+row kernels of token_logprobs. For bf16/fp16 the tiles are float32 logits
+(cuBLAS with a float32 output), as the fused forward formed them and as the
+C++ path does on CUDA; here also on CPU tensors, under the interpreter.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from torch.library import custom_op
 from rlhf_ext._backend import triton_interpreting
 from rlhf_ext.ops.linear_token_logprobs import OP, backward_fake, forward_fake
 from rlhf_ext.triton import token_logprobs as rows_kernels
-from rlhf_ext.triton._common import on_device_of
+from rlhf_ext.triton._common import on_device_of, online_softmax_step
 
 ROW_QUANTUM = 16
 MIN_TILE_VOCAB = 1024
@@ -124,6 +123,7 @@ def _linear_logprobs_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     ENTROPY: tl.constexpr,
     EVEN_K: tl.constexpr,
+    UNIT_K: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -158,6 +158,8 @@ def _linear_logprobs_fwd_kernel(
         logits = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k in range(0, size, BLOCK_K):
             ks = k + tl.arange(0, BLOCK_K)
+            if not UNIT_K:  # column-major operands: ks * stride can pass 2**31
+                ks = ks.to(tl.int64)
             if EVEN_K:
                 a = tl.load(hidden_rows + ks[None, :] * stride_hidden_k)
                 b = tl.load(weight_cols + ks[None, :] * stride_weight_k)
@@ -171,19 +173,10 @@ def _linear_logprobs_fwd_kernel(
             logits += bias[None, :]
         x = tl.where(col_ok[None, :], logits, float("-inf"))
         x_target += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
-        # The online softmax of token_logprobs' row kernel, one row per lane of axis 0.
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        seen = sum_exp > 0
-        delta = tl.where(seen, running_max - base, 0.0)
-        factor = tl.where(seen, tl.exp2(delta * scale), 0.0)
-        shifted = x - base[:, None]
-        e = tl.exp2(shifted * scale)
-        if ENTROPY:
-            sum_shift = factor * (sum_shift + delta * sum_exp)
-            sum_shift += tl.sum(tl.where(e > 0, e * shifted, 0.0), axis=1)
-        sum_exp = factor * sum_exp + tl.sum(e, axis=1)
-        running_max = new_max
+        # token_logprobs' online softmax, per row of the tile.
+        running_max, sum_exp, sum_shift = online_softmax_step(
+            x, running_max, sum_exp, sum_shift, scale, 1, ENTROPY
+        )
     # parts: float32 [4, splits, n_valid]; int64 offsets (splits * n_valid can pass 2**31).
     out = parts_ptr + tl.cast(split, tl.int64) * n_valid + rows
     plane = tl.cast(splits, tl.int64) * n_valid
@@ -271,6 +264,7 @@ def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, retu
         HAS_BIAS=bias is not None,
         ENTROPY=return_entropy,
         EVEN_K=size % block_k == 0,
+        UNIT_K=flat_hidden.stride(1) == 1 and weight.stride(1) == 1,
         IEEE=hidden.dtype == torch.float32,
         UPCAST=hidden.dtype == torch.bfloat16 and triton_interpreting(),
         BLOCK_M=cfg.block_m,
@@ -473,25 +467,25 @@ def _backward(
             here = slice(row, min(valid_rows, row + tile_rows))
             hidden_rows = dense[here]
             if exact:
-                logits = _float32_logits_tile(hidden_rows, weight_cols, bias_cols)
-                dlogits = torch.empty(logits.shape, dtype=hidden.dtype, device=hidden.device)
-            else:  # gradient in place of the logits
-                logits = dlogits = _logits_tile(hidden_rows, weight_cols, bias_cols)
-            rows_kernels._launch_backward(
-                logits, dlogits, rows_kernels.row_layout(dlogits), tgt[here], lse_v[here],
-                None if ent is None else ent[here], None if glp is None else glp[here],
-                None if gent is None else gent[here], temperature, ignore_index,
-                vocab_slice=(col, vocab),
+                grad_tile = _float32_logits_tile(hidden_rows, weight_cols, bias_cols)
+            else:
+                grad_tile = _logits_tile(hidden_rows, weight_cols, bias_cols)
+            rows_kernels._launch_backward(  # the gradient in place of the logits
+                grad_tile, grad_tile, rows_kernels.row_layout(grad_tile), tgt[here],
+                lse_v[here], None if ent is None else ent[here],
+                None if glp is None else glp[here], None if gent is None else gent[here],
+                temperature, ignore_index, vocab_slice=(col, vocab),
             )  # fmt: skip
-            del logits  # freed before the GEMMs' temporaries
+            if grad_bias_acc is not None:
+                grad_bias_acc[cols] += grad_tile.sum(0, dtype=acc)
+            dlogits = grad_tile.to(hidden.dtype)  # the GEMMs' operand
+            del grad_tile  # a float32 tile is freed before the GEMMs' temporaries
             if need_grad_hidden:
                 _accumulate_mm(grad_hidden_acc[here], dlogits, weight_cols)
             if grad_weight_acc is not None:
                 _accumulate_mm(grad_weight_acc, dlogits.T, hidden_rows)
             elif need_grad_weight:
                 torch.mm(dlogits.T, hidden_rows, out=grad_weight[cols])
-            if grad_bias_acc is not None:
-                grad_bias_acc[cols] += dlogits.sum(0, dtype=acc)
         if grad_weight_acc is not None:
             grad_weight[cols] = grad_weight_acc
     if need_grad_weight and valid_rows == 0:

@@ -11,7 +11,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from rlhf_ext.triton._common import acc_tl_dtype, acc_torch_dtype, next_power_of_2
+from rlhf_ext.triton._common import (
+    acc_tl_dtype,
+    acc_torch_dtype,
+    next_power_of_2,
+    online_softmax_step,
+)
 
 MAX_BLOCK = 4096
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
@@ -85,20 +90,9 @@ def _token_logprobs_fwd_kernel(
     for start in range(0, vocab, BLOCK):
         cols = start + lanes
         x = tl.load(x_row + cols, mask=(cols < vocab) & active, other=float("-inf")).to(ACC)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        # Until a finite logit is seen the sums are empty: nothing to rebase,
-        # and -inf - -inf must not turn them into NaN.
-        base = tl.where(new_max == float("-inf"), 0.0, new_max)
-        seen = sum_exp > 0
-        delta = tl.where(seen, running_max - base, 0.0)
-        factor = tl.where(seen, tl.exp2(delta * scale), 0.0)
-        shifted = x - base
-        e = tl.exp2(shifted * scale)
-        if ENTROPY:
-            sum_shift = factor * (sum_shift + delta * sum_exp)
-            sum_shift += tl.sum(tl.where(e > 0, e * shifted, 0.0), axis=0)
-        sum_exp = factor * sum_exp + tl.sum(e, axis=0)
-        running_max = new_max
+        running_max, sum_exp, sum_shift = online_softmax_step(
+            x, running_max, sum_exp, sum_shift, scale, 0, ENTROPY
+        )
     log_sum = tl.log(sum_exp)
     lse = running_max * inv_temp + log_sum
     in_vocab = (tgt >= 0) & (tgt < vocab)

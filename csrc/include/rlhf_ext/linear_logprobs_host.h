@@ -334,22 +334,25 @@ inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
   const at::Tensor weight_cols = p.weight.slice(0, t.col, t.col + t.cols);
   const at::Tensor bias_cols = p.bias.defined() ? p.bias.slice(0, t.col, t.col + t.cols)
                                                 : at::Tensor();
-  // The logits recomputed, then overwritten by their gradient.
-  at::Tensor grad_tile = logits_tile(hidden_rows, weight_cols, bias_cols, p.float32_logits);
-  auto rows_of = [&](const at::Tensor& x) {
-    return x.defined() ? x.slice(0, t.row, t.row + t.rows) : at::Tensor();
-  };
-  const LogprobsProblem tp =
-      tile_problem(grad_tile, rows_of(in.target), p.inv_temp, p.ignore_index);
-  const LogprobsGradInputs tile_in{rows_of(in.lse), rows_of(in.entropy),
-                                   rows_of(in.grad_logprobs), rows_of(in.grad_entropy)};
-  kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{t.col, p.vocab});
-  if (g.grad_bias_acc.defined()) {
-    g.grad_bias_acc.slice(0, t.col, t.col + t.cols).add_(grad_tile.sum(0, false, p.acc_dtype));
+  // The logits recomputed, then overwritten by their gradient; the GEMMs take it in
+  // the inputs' dtype. The block ends the life of a float32 tile (held by the
+  // LogprobsProblem too) before the GEMMs' temporaries are allocated.
+  at::Tensor dlogits;
+  {
+    at::Tensor grad_tile = logits_tile(hidden_rows, weight_cols, bias_cols, p.float32_logits);
+    auto rows_of = [&](const at::Tensor& x) {
+      return x.defined() ? x.slice(0, t.row, t.row + t.rows) : at::Tensor();
+    };
+    const LogprobsProblem tp =
+        tile_problem(grad_tile, rows_of(in.target), p.inv_temp, p.ignore_index);
+    const LogprobsGradInputs tile_in{rows_of(in.lse), rows_of(in.entropy),
+                                     rows_of(in.grad_logprobs), rows_of(in.grad_entropy)};
+    kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{t.col, p.vocab});
+    if (g.grad_bias_acc.defined()) {
+      g.grad_bias_acc.slice(0, t.col, t.col + t.cols).add_(grad_tile.sum(0, false, p.acc_dtype));
+    }
+    dlogits = grad_tile.to(p.hidden.scalar_type());
   }
-  // The GEMMs take the gradient in the inputs' dtype; a float32 tile is freed first.
-  const at::Tensor dlogits = grad_tile.to(p.hidden.scalar_type());
-  grad_tile.reset();
   if (g.grad_hidden_acc.defined()) {
     accumulate_mm(g.grad_hidden_acc.slice(0, t.row, t.row + t.rows), dlogits, weight_cols);
   }
