@@ -19,16 +19,21 @@ def check_tensor(op: str, name: str, t, *, floating: bool = True) -> torch.Tenso
 TARGET_DTYPES = (torch.int64, torch.int32)
 
 
+def check_same_device(op: str, name: str, t: torch.Tensor, like: torch.Tensor,
+                      like_name: str) -> None:  # fmt: skip
+    if t.device != like.device:
+        raise ValueError(
+            f"{op}: `{name}` must be on {like.device} like `{like_name}`, got {t.device}"
+        )
+
+
 def check_target(op: str, target, rows: torch.Tensor, rows_name: str) -> None:
     """Class indices for the rows of `rows` ``[..., X]``: int64 or int32, on its device,
     of shape ``rows.shape[:-1]``."""
     check_tensor(op, "target", target, floating=False)
     if target.dtype not in TARGET_DTYPES:
         raise TypeError(f"{op}: `target` must be int64 or int32, got {target.dtype}")
-    if target.device != rows.device:
-        raise ValueError(
-            f"{op}: `target` must be on {rows.device} like `{rows_name}`, got {target.device}"
-        )
+    check_same_device(op, "target", target, rows, rows_name)
     if target.shape != rows.shape[:-1]:
         raise ValueError(
             f"{op}: `target` must have shape {tuple(rows.shape[:-1])} (the shape of "
@@ -56,10 +61,7 @@ def check_dim(op: str, name: str, t: torch.Tensor, dim: int, what: str = "") -> 
 
 def check_like(op: str, name: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
     """Same shape and device as `like`."""
-    if t.device != like.device:
-        raise ValueError(
-            f"{op}: `{name}` must be on {like.device} like `{like_name}`, got {t.device}"
-        )
+    check_same_device(op, name, t, like, like_name)
     if t.shape != like.shape:
         raise ValueError(
             f"{op}: `{name}` must have the shape of `{like_name}` {tuple(like.shape)}, "

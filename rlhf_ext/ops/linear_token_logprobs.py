@@ -9,6 +9,7 @@ from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import (
     acc_dtype,
+    check_same_device,
     check_target,
     check_tensor,
     eager,
@@ -152,10 +153,7 @@ def _check_inputs(hidden, weight, bias, target) -> None:
         if t is None:
             continue
         check_tensor(OP, name, t)
-        if t.device != hidden.device:
-            raise ValueError(
-                f"{OP}: `{name}` must be on {hidden.device} like `hidden`, got {t.device}"
-            )
+        check_same_device(OP, name, t, hidden, "hidden")
         if t.dtype != hidden.dtype:
             raise TypeError(
                 f"{OP}: `{name}` must have the dtype of `hidden` ({hidden.dtype}), got {t.dtype}"

@@ -282,22 +282,21 @@ def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, retu
     return logprobs, entropy, lse
 
 
-def _logits_tile(hidden_rows, weight_rows, bias_cols):
+def _logits_tile(hidden_rows, weight_rows, bias_cols, float32_logits: bool = False):
+    """hidden_rows @ weight_rows.T + bias_cols, as logits_tile in the C++ header;
+    float32_logits: float32 sums of the bf16/fp16 products, never rounded, as the
+    fused forward forms them."""
+    if float32_logits:
+        if hidden_rows.is_cuda:
+            tile = torch.mm(hidden_rows, weight_rows.T, out_dtype=torch.float32)
+        else:  # torch's CPU GEMM has no float32 output for bf16/fp16 (the interpreter's tests)
+            tile = hidden_rows.float() @ weight_rows.float().T
+        if bias_cols is not None:
+            tile += bias_cols
+        return tile
     if bias_cols is None:
         return hidden_rows @ weight_rows.T
     return torch.addmm(bias_cols, hidden_rows, weight_rows.T)
-
-
-def _float32_logits_tile(hidden_rows, weight_rows, bias_cols):
-    """The logits of bf16/fp16 inputs as the fused forward forms them: float32
-    sums of the exact products, never rounded to the inputs' dtype."""
-    if hidden_rows.is_cuda:
-        tile = torch.mm(hidden_rows, weight_rows.T, out_dtype=torch.float32)
-    else:  # torch's CPU GEMM has no float32 output for bf16/fp16 (the interpreter's tests)
-        tile = hidden_rows.float() @ weight_rows.float().T
-    if bias_cols is not None:
-        tile += bias_cols.float()
-    return tile
 
 
 def _chunk_rows(flat_hidden, valid, begin: int, end: int):
@@ -453,8 +452,8 @@ def _backward(
     # token's gradient, 1 - p, drowns in p times the rounding). Low-precision inputs
     # take a float32 logits tile plus a tile of their dtype for its gradient: 6 bytes
     # per logit against the 4 that chunk_size=None budgets, so two thirds of the rows.
-    exact = hidden.dtype in (torch.bfloat16, torch.float16)
-    budget_rows = max(1, chunk_size * 2 // 3) if exact else chunk_size
+    float32_logits = hidden.dtype in (torch.bfloat16, torch.float16)
+    budget_rows = max(1, chunk_size * 2 // 3) if float32_logits else chunk_size
     tile_rows, tile_vocab = _tile_geometry(valid_rows, vocab, budget_rows)
     split_rows = tile_rows < valid_rows
     for col in range(0, vocab if valid_rows else 0, tile_vocab):
@@ -466,10 +465,7 @@ def _backward(
         for row in range(0, valid_rows, tile_rows):
             here = slice(row, min(valid_rows, row + tile_rows))
             hidden_rows = dense[here]
-            if exact:
-                grad_tile = _float32_logits_tile(hidden_rows, weight_cols, bias_cols)
-            else:
-                grad_tile = _logits_tile(hidden_rows, weight_cols, bias_cols)
+            grad_tile = _logits_tile(hidden_rows, weight_cols, bias_cols, float32_logits)
             rows_kernels._launch_backward(  # the gradient in place of the logits
                 grad_tile, grad_tile, rows_kernels.row_layout(grad_tile), tgt[here],
                 lse_v[here], None if ent is None else ent[here],
