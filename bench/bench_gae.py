@@ -43,9 +43,10 @@ COMPILE_MAX_T = {"cuda": 1024, "cpu": 256}
 QUICK_COMPILE_MAX_T = 256
 
 
-def make_inputs(shape: Sequence[int], device: torch.device, seed: int) -> dict:
+def make_inputs(point: harness.Point, seed: int, device: torch.device) -> dict:
     """One input set: random rewards and values (never zeros), an all-valid mask as
     bool (rlhf_ext) and as float (verl multiplies by it)."""
+    shape = point.shape
     generator = torch.Generator().manual_seed(seed)
     rewards = torch.randn(*shape, generator=generator, dtype=DTYPE).to(device)
     values = torch.randn(*shape, generator=generator, dtype=DTYPE).to(device)
@@ -53,7 +54,7 @@ def make_inputs(shape: Sequence[int], device: torch.device, seed: int) -> dict:
     return {"rewards": rewards, "values": values, "mask": mask, "mask_float": mask.to(DTYPE)}
 
 
-def expected_outputs(inputs: dict):
+def expected_outputs(point: harness.Point, inputs: dict):
     """(advantages, returns) in float64 from rlhf_ext's reference (TRL's loop without it)."""
     r64, v64 = inputs["rewards"].double(), inputs["values"].double()
     try:
@@ -101,7 +102,9 @@ def rlhf_ext_impls(device: torch.device, runner: harness.Runner) -> list[Impl]:
 def peer_impls(
     device: torch.device, shape: Sequence[int], args, runner: harness.Runner
 ) -> list[Impl]:
-    """TRL's loop (baseline), verl's masked loop, the loop under torch.compile, TorchRL."""
+    """TRL's loop (baseline), verl's masked loop, the loop under torch.compile, TorchRL.
+    Built per shape: whether the loop is compiled depends on T, and each shape gets its
+    own compiled function."""
     impls = [
         Impl(
             BASELINE,
@@ -153,11 +156,11 @@ def peer_impls(
     return impls
 
 
-def bytes_moved(shape: Sequence[int], impl: Impl) -> int:
+def bytes_moved(point: harness.Point, impl: Impl) -> int:
     """Minimum traffic: rewards + values read, advantages + returns written (float32),
     plus the mask when the implementation reads one."""
     elements = 1
-    for d in shape:
+    for d in point.shape:
         elements *= d
     return elements * (4 + 4 + impl.meta.get("mask_bytes", 0) + 4 + 4)
 
@@ -172,22 +175,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = rlhf_ext_impls(device, runner)
     if not peers.torchrl_available():
         runner.note("torchrl vec_gae skipped: torchrl is not installed (pip install torchrl)")
-    for shape in harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device):
-        impls = ours + peer_impls(device, shape, args, runner)
-        impls = harness.select(impls, args.only, keep=BASELINE)
-        sets = [make_inputs(shape, device, seed=0)]
-        count = harness.input_set_count(harness.nbytes(sets[0]), device)
-        sets += [make_inputs(shape, device, seed) for seed in range(1, count)]
-        runner.run_case(
-            impls,
-            sets,
-            expected_outputs(sets[0]),
-            shape=shape,
-            dtype=DTYPE,
-            bytes_moved=functools.partial(bytes_moved, shape),
-            baseline=BASELINE,
-        )
-    return runner.finish(save=not args.no_save, csv_path=args.csv)
+    return harness.sweep(
+        runner,
+        shapes=harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device),
+        dtypes=[DTYPE],
+        make_inputs=functools.partial(make_inputs, device=device),
+        implementations=lambda point: ours + peer_impls(device, point.shape, args, runner),
+        expected=expected_outputs,
+        baseline=BASELINE,
+        bytes_moved=bytes_moved,
+        only=args.only,
+        save=not args.no_save,
+        csv_path=args.csv,
+    )
 
 
 def _extra_args(parser) -> None:

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from bench import harness
+from bench.harness import Impl
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 # (rows, tokens, vocab): a small policy's micro-batch on a CPU
 SHAPE = (8, 256, 8192)
 QUICK_SHAPE = (4, 64, 2048)
+PEER, ADAPTER = "peer", "rlhf_ext"  # the two implementations timed per peer function
 
 
 @dataclass
@@ -126,37 +128,75 @@ def timed_call(fn: Callable, args: tuple, backward: bool) -> Callable[[dict], ob
     return call
 
 
+def forward_output(fn: Callable, args: tuple) -> Callable[[dict], object]:
+    """The first output of fn(*args): what the adapter must match the peer on."""
+    return lambda _: _first_tensor(fn(*args))
+
+
+def installed_peers(all_cases: list[Case]) -> dict[str, tuple[Case, Callable]]:
+    """The cases whose peer function imports here, with that function, by its name."""
+    found = {case.qualname: (case, _peer_function(case.qualname)) for case in all_cases}
+    return {name: pair for name, pair in found.items() if pair[1] is not None}
+
+
+def case_impls(case: Case, peer: Callable, x: dict) -> list[Impl]:
+    """The peer's function (the baseline) and its adapter, each timed as forward (and
+    backward) on the shared inputs `x` and verified on its forward output."""
+    call_args = case.make_args(x)
+    return [
+        Impl(name, timed_call(fn, call_args, case.backward), check=forward_output(fn, call_args))
+        for name, fn in ((PEER, peer), (ADAPTER, case.adapter))
+    ]
+
+
+def peer_output(case: Case, peer: Callable, x: dict):
+    """The peer's first forward output on `x`: the expected output of both."""
+    return _first_tensor(peer(*case.make_args(x)))
+
+
+def print_table(all_cases: list[Case], installed: dict, shape, runner: harness.Runner) -> int:
+    """One line per peer function: the peer's and the adapter's median ms and the speedup
+    (peer / adapter); then the notes. Returns 1 when an adapter did not match its peer."""
+    medians = {row.impl: row.median_ms for row in runner.rows}
+    print(f"\nintegrations on {runner.device_name}, (B, T, V) = {shape}, float32")
+    print(f"{'function':58s} {'peer ms':>9s} {'rlhf_ext ms':>12s} {'speedup':>8s}")
+    for case in all_cases:
+        peer_ms = medians.get(harness.mode_name(PEER, case.qualname))
+        ours_ms = medians.get(harness.mode_name(ADAPTER, case.qualname))
+        if case.qualname not in installed:
+            print(f"{case.qualname:58s} {'(peer not installed)':>31s}")
+        elif peer_ms is None or ours_ms is None:
+            print(f"{case.qualname:58s} {'(not timed: see below)':>31s}")
+        else:
+            print(f"{case.qualname:58s} {peer_ms:9.3f} {ours_ms:12.3f} {peer_ms / ours_ms:7.2f}x")
+    return runner.print_notes()
+
+
 def main(argv=None) -> int:
     """Time every installed peer's function against its adapter; print the table."""
     args = harness.parse_args("integrations", argv, __doc__.splitlines()[0])
     device = torch.device("cpu")  # the peers' reference code paths here are the CPU ones
     shape = QUICK_SHAPE if args.quick else SHAPE
-    budget = 0.3 if args.quick else 1.5
-    x = make_inputs(shape)
-    print(f"integrations on {harness.device_name(device)}, (B, T, V) = {shape}, float32")
-    print(f"{'function':58s} {'peer ms':>9s} {'rlhf_ext ms':>12s} {'speedup':>8s}")
-    for case in cases():
-        peer = _peer_function(case.qualname)
-        if peer is None:
-            print(f"{case.qualname:58s} {'(peer not installed)':>31s}")
-            continue
-        call_args = case.make_args(x)
-        expected = _first_tensor(peer(*call_args))
-        got = _first_tensor(case.adapter(*call_args))
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-        times = []
-        for fn in (peer, case.adapter):
-            timing = harness.time_fn(
-                timed_call(fn, call_args, case.backward),
-                [None],
-                device,
-                min_time_s=budget,
-                min_repeats=5,
-                max_repeats=200,
-            )
-            times.append(timing.median_ms)
-        print(f"{case.qualname:58s} {times[0]:9.3f} {times[1]:12.3f} {times[0] / times[1]:7.2f}x")
-    return 0
+    runner = harness.start_runner("integrations", device, args.quick)
+    # This table's own budget, kept from before it ran through the harness's sweep.
+    runner.budget = dict(min_time_s=0.3 if args.quick else 1.5, min_repeats=5, max_repeats=200)
+    x = make_inputs(shape)  # one input set, shared by every case
+    all_cases = cases()
+    installed = installed_peers(all_cases)
+    # Each installed peer function is one mode of the sweep; the report is this script's
+    # own table (peer vs adapter per function), and nothing is saved.
+    return harness.sweep(
+        runner,
+        shapes=[shape],
+        dtypes=[torch.float32],
+        modes=list(installed),
+        make_inputs=lambda point, seed: x,
+        implementations=lambda point: case_impls(*installed[point.mode], x),
+        expected=lambda point, inputs: peer_output(*installed[point.mode], inputs),
+        baseline=PEER,
+        set_count=lambda set_bytes: 1,
+        report=lambda runner: print_table(all_cases, installed, shape, runner),
+    )
 
 
 if __name__ == "__main__":

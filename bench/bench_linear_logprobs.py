@@ -51,9 +51,9 @@ GRAD_ROWS = 16  # rows of grad_hidden and grad_weight that are verified
 REF_CHUNK = 256  # rows per reference chunk
 
 
-def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int):
+def make_inputs(point: harness.Point, seed: int, device: torch.device) -> dict:
     """Hidden states of unit scale and an LM head giving logits of std ~3."""
-    rows, size, vocab = shape
+    (rows, size, vocab), dtype = point.shape, point.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(rows, size, generator=gen, device=device).to(dtype)
     weight = (torch.randn(vocab, size, generator=gen, device=device) * (3 / size**0.5)).to(dtype)
@@ -61,8 +61,15 @@ def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: torch.device, 
     return {"hidden": hidden, "weight": weight, "target": target}
 
 
-def expected_outputs(inputs: dict, mode: str):
+def one_input_set(set_bytes: int) -> int:
+    """One input set per point, not several to rotate among: each set holds a whole LM
+    head (128 MiB to over 1 GiB at the default shapes), larger than any cache."""
+    return 1
+
+
+def expected_outputs(point: harness.Point, inputs: dict):
     """logprobs of every row; in fwd+bwd also grad_hidden and grad_weight's first rows."""
+    mode = point.mode
     hidden, weight, target = inputs["hidden"], inputs["weight"], inputs["target"]
     weight32 = weight.float()
     logprobs, grad_weight = [], 0
@@ -83,12 +90,12 @@ def expected_outputs(inputs: dict, mode: str):
     return outputs
 
 
-def floor_expected(inputs: dict, mode: str):
+def floor_expected(point: harness.Point, inputs: dict):
     """The floor's first rows by a float32 GEMM; its second GEMM reads the logits rounded
     to the inputs' dtype, as the floor's does."""
     hidden, weight = inputs["hidden"], inputs["weight"]
     logits = hidden[:GRAD_ROWS].float() @ weight.float().T
-    if "bwd" not in mode:
+    if "bwd" not in point.mode:
         return (logits,)
     return logits, logits.to(hidden.dtype).float() @ weight.float()
 
@@ -135,9 +142,10 @@ def as_impl(name: str, compute: Callable, mode: str, dtype: torch.dtype, **kwarg
     return Impl(name, fn, **{**tol, **kwargs})
 
 
-def gemm_floor(mode: str, dtype: torch.dtype) -> Impl:
+def gemm_floor(point: harness.Point) -> Impl:
     """The GEMMs alone: logits = h W^T; in fwd+bwd also g W and g^T h (g = the logits)."""
-    low = dtype in (torch.bfloat16, torch.float16)
+    mode = point.mode
+    low = point.dtype in (torch.bfloat16, torch.float16)
     tol = dict(rtol=2e-2, atol=5e-2) if low else dict(rtol=1e-3, atol=1e-3)
 
     def fn(x):
@@ -153,7 +161,9 @@ def gemm_floor(mode: str, dtype: torch.dtype) -> Impl:
     return Impl(FLOOR, fn, **tol)
 
 
-def implementations(device, mode, dtype, args, runner) -> list[Impl]:
+def implementations(point: harness.Point, device, runner) -> list[Impl]:
+    """Ours (fused, then materialised logits + the row op), the baseline, the GPU peers."""
+    mode, dtype = point.mode, point.dtype
     ours_here = harness.rlhf_ext_backends(device, runner)
     impls = [as_impl(f"rlhf_ext[{b}]", ours(b), mode, dtype) for b in ours_here]
     impls += [
@@ -171,28 +181,21 @@ def implementations(device, mode, dtype, args, runner) -> list[Impl]:
             runner.note(f"{name} skipped: {module} is not installed")
         else:
             impls.append(as_impl(name, fn, mode, dtype, optional=True))
-    return harness.select(impls, args.only, keep=BASELINE)
+    return impls
 
 
-def model_flops(shape: Sequence[int], mode: str) -> int:
-    rows, size, vocab = shape
-    return (3 if "bwd" in mode else 1) * 2 * rows * size * vocab
+def model_flops(point: harness.Point) -> int:
+    """2NHV per GEMM: 1 GEMM forward, 3 forward+backward (the op's recomputation of the
+    logits in the backward is not counted)."""
+    rows, size, vocab = point.shape
+    return (3 if "bwd" in point.mode else 1) * 2 * rows * size * vocab
 
 
-def bytes_moved(shape: Sequence[int], dtype: torch.dtype, mode: str, impl: Impl) -> int:
+def bytes_moved(point: harness.Point, impl: Impl) -> int:
     """Inputs read once, per-token outputs written once (and the gradients in fwd+bwd)."""
-    rows, size, vocab = shape
-    weights = (rows + vocab) * size * dtype.itemsize
-    return weights * (3 if "bwd" in mode else 1) + rows * 12
-
-
-def annotate(rows, floor_ms: float | None, flops: int) -> None:
-    """TFLOP/s and the ratio to the GEMM floor, in each row's note."""
-    for row in rows:
-        parts = [row.note, f"{flops / (row.median_ms / 1e3) / 1e12:.2f} TFLOP/s"]
-        if floor_ms:
-            parts.append(f"{row.median_ms / floor_ms:.2f}x GEMM floor")
-        row.note = "; ".join(p for p in parts if p)
+    rows, size, vocab = point.shape
+    weights = (rows + vocab) * size * point.dtype.itemsize
+    return weights * (3 if "bwd" in point.mode else 1) + rows * 12
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,39 +203,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = harness.parse_args(OP, argv, __doc__.splitlines()[0], extra=_extra_args)
     device = harness.resolve_device(args.device)
     runner = harness.start_runner(OP, device, args.quick)
-    shapes = harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device)
     modes, dtypes = harness.chosen_modes_and_dtypes(args, MODES, DTYPES[device.type])
-    for shape in shapes:
-        for dtype in dtypes:
-            for mode in modes:
-                inputs = [make_inputs(shape, dtype, device, seed=0)]
-                print(f"-- {mode} {shape} {dtype}", flush=True)
-                common = dict(
-                    shape=shape,
-                    dtype=dtype,
-                    bytes_moved=functools.partial(bytes_moved, shape, dtype, mode),
-                )
-                floor = runner.run_case(
-                    [harness.with_mode(gemm_floor(mode, dtype), mode)],
-                    inputs,
-                    floor_expected(inputs[0], mode),
-                    baseline=f"{FLOOR} {mode}",
-                    **common,
-                )
-                floor_ms = floor[0].median_ms if floor else None
-                rows = runner.run_case(
-                    [
-                        harness.with_mode(i, mode)
-                        for i in implementations(device, mode, dtype, args, runner)
-                    ],
-                    inputs,
-                    expected_outputs(inputs[0], mode),
-                    baseline=f"{BASELINE} {mode}",
-                    **common,
-                )
-                annotate(floor + rows, floor_ms, model_flops(shape, mode))
-                del inputs
-    return runner.finish(save=not args.no_save, csv_path=args.csv)
+    return harness.sweep(
+        runner,
+        shapes=harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device),
+        dtypes=dtypes,
+        modes=modes,
+        make_inputs=functools.partial(make_inputs, device=device),
+        implementations=functools.partial(implementations, device=device, runner=runner),
+        expected=expected_outputs,
+        baseline=BASELINE,
+        bytes_moved=bytes_moved,
+        flops=model_flops,
+        floor=harness.Floor(gemm_floor, floor_expected),
+        only=args.only,
+        set_count=one_input_set,
+        save=not args.no_save,
+        csv_path=args.csv,
+    )
 
 
 def _extra_args(parser) -> None:

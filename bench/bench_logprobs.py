@@ -49,9 +49,11 @@ GRAD_ROWS = 32  # rows of the gradient that are verified (each row's gradient is
 REF_CHUNK = 256  # rows per float64 reference chunk (a [chunk, V] float64 temporary)
 
 
-def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int):
-    """Logits of a trained-model scale (std 3), targets, per-token upstream gradients."""
-    rows, vocab = shape
+def make_inputs(point: harness.Point, seed: int, device: torch.device) -> dict:
+    """Logits of a trained-model scale (std 3), targets, per-token upstream gradients.
+    Built afresh per mode: the in-place variant overwrites its logits."""
+    rows, vocab = point.shape
+    dtype = point.dtype
     gen = torch.Generator(device=device).manual_seed(seed)
     logits = torch.randn(rows, vocab, generator=gen, device=device, dtype=torch.float32)
     logits = logits.mul_(3.0).to(dtype)
@@ -61,10 +63,17 @@ def make_inputs(shape: Sequence[int], dtype: torch.dtype, device: torch.device, 
     return {"logits": logits, "target": target, "g_lp": g_lp, "g_ent": g_ent}
 
 
-def expected_outputs(inputs: dict, mode: str):
+def input_set_count(set_bytes: int) -> int:
+    """Two input sets to rotate among; one when a set is over 1 GiB, which bounds the
+    memory the largest shapes take (their logits alone are several GiB)."""
+    return 1 if set_bytes > (1 << 30) else 2
+
+
+def expected_outputs(point: harness.Point, inputs: dict):
     """float64 reference: logprobs (and entropy) for every row; the gradient's first rows."""
     from rlhf_ext import reference
 
+    mode = point.mode
     logits, target = inputs["logits"], inputs["target"]
     entropy = "ent" in mode
     lps, ents = [], []
@@ -157,8 +166,9 @@ def as_impl(name: str, compute: Callable, mode: str, dtype: torch.dtype, **kwarg
     return Impl(name, fn, **{**tol, **kwargs})
 
 
-def implementations(device, mode, dtype, args, runner) -> list[Impl]:
+def implementations(point: harness.Point, device, args, runner) -> list[Impl]:
     """Ours first, the peers after; the in-place variant last (it overwrites its inputs)."""
+    mode, dtype = point.mode, point.dtype
     ours_here = harness.rlhf_ext_backends(device, runner)
     impls = [as_impl(f"rlhf_ext[{b}]", ours(b), mode, dtype) for b in ours_here]
     impls.append(as_impl(BASELINE, eager, mode, dtype, optional=True))
@@ -181,11 +191,13 @@ def implementations(device, mode, dtype, args, runner) -> list[Impl]:
     if "bwd" in mode and device.type in ours_here:
         inplace = ours(device.type, inplace=True)
         impls.append(as_impl(f"rlhf_ext[{device.type}]+inplace", inplace, mode, dtype))
-    return harness.select(impls, args.only, keep=BASELINE)
+    return impls
 
 
-def bytes_moved(shape: Sequence[int], dtype: torch.dtype, mode: str, impl: Impl) -> int:
-    rows, vocab = shape
+def bytes_moved(point: harness.Point, impl: Impl) -> int:
+    """The logits read once per pass (3 passes with the backward), plus the per-token
+    tensors."""
+    (rows, vocab), dtype, mode = point.shape, point.dtype, point.mode
     passes = 3 if "bwd" in mode else 1
     per_token = 8 + 4 + (4 if "ent" in mode else 0)  # target, logprob, entropy
     if "bwd" in mode:
@@ -198,30 +210,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = harness.parse_args(OP, argv, __doc__.splitlines()[0], extra=_extra_args)
     device = harness.resolve_device(args.device)
     runner = harness.start_runner(OP, device, args.quick)
-    shapes = harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device)
     modes, dtypes = harness.chosen_modes_and_dtypes(args, MODES, DTYPES[device.type])
-    for shape in shapes:
-        for dtype in dtypes:
-            for mode in modes:
-                # Fresh inputs per mode: the in-place variant overwrites its logits.
-                first = make_inputs(shape, dtype, device, seed=0)
-                count = 1 if harness.nbytes(first) > (1 << 30) else 2
-                sets = [first] + [make_inputs(shape, dtype, device, s) for s in range(1, count)]
-                print(f"-- {mode} {shape} {dtype}", flush=True)
-                runner.run_case(
-                    [
-                        harness.with_mode(i, mode)
-                        for i in implementations(device, mode, dtype, args, runner)
-                    ],
-                    sets,
-                    expected_outputs(first, mode),
-                    shape=shape,
-                    dtype=dtype,
-                    bytes_moved=functools.partial(bytes_moved, shape, dtype, mode),
-                    baseline=f"{BASELINE} {mode}",
-                )
-                del first, sets
-    return runner.finish(save=not args.no_save, csv_path=args.csv)
+    return harness.sweep(
+        runner,
+        shapes=harness.chosen_shapes(args, SHAPES, QUICK_SHAPES, device),
+        dtypes=dtypes,
+        modes=modes,
+        make_inputs=functools.partial(make_inputs, device=device),
+        implementations=functools.partial(implementations, device=device, args=args, runner=runner),
+        expected=expected_outputs,
+        baseline=BASELINE,
+        bytes_moved=bytes_moved,
+        only=args.only,
+        set_count=input_set_count,
+        save=not args.no_save,
+        csv_path=args.csv,
+    )
 
 
 def _extra_args(parser) -> None:

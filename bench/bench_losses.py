@@ -140,12 +140,12 @@ OPS = [
 ]
 
 
-def make_inputs(shape: Sequence[int], device: torch.device, seed: int) -> dict:
+def make_inputs(point: harness.Point, seed: int, device: torch.device) -> dict:
     """One input set for all three ops: log-probs near each other (ratios around 1 with
     some outside the clip range), advantages of both signs, values and returns, and a
     right-padded mask (every row keeps at least one token) as bool and as float."""
     generator = torch.Generator().manual_seed(seed)
-    rows, cols = shape
+    rows, cols = point.shape
 
     def randn(scale=1.0):
         return torch.randn(rows, cols, generator=generator, dtype=DTYPE) * scale
@@ -175,13 +175,16 @@ def with_backward(call: Callable, spec: OpSpec, x: dict):
     return (*(t.detach() for t in out), grad)
 
 
-def expected_outputs(spec: OpSpec, x: dict):
+def expected_outputs(spec: OpSpec, point: harness.Point, x: dict):
+    """The reference's (loss, *stats, gradient), the differentiable input in float64."""
     x64 = dict(x)
     x64[spec.inputs[0]] = x[spec.inputs[0]].double()
     return with_backward(spec.reference, spec, x64)
 
 
-def impls_for(spec: OpSpec, device: torch.device, runner: harness.Runner, shape) -> list[Impl]:
+def impls_for(
+    spec: OpSpec, point: harness.Point, device: torch.device, runner: harness.Runner
+) -> list[Impl]:
     """rlhf_ext's backends for the device, verl eager (baseline), verl compiled."""
     impls = []
     for backend in harness.rlhf_ext_backends(device, runner):
@@ -208,9 +211,9 @@ def impls_for(spec: OpSpec, device: torch.device, runner: harness.Runner, shape)
     return impls
 
 
-def bytes_moved(spec: OpSpec, shape: Sequence[int], impl: Impl) -> int:
+def bytes_moved(spec: OpSpec, point: harness.Point, impl: Impl) -> int:
     """Minimum traffic: the inputs read once, the float32 gradient written once."""
-    elements = shape[0] * shape[1]
+    elements = point.shape[0] * point.shape[1]
     return elements * (4 * len(spec.inputs) + impl.meta.get("mask_bytes", 0) + 4)
 
 
@@ -225,21 +228,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if spec.name not in wanted:
             continue
         runner = harness.start_runner(spec.name, device, args.quick)
-        for shape in shapes:
-            impls = harness.select(impls_for(spec, device, runner, shape), args.only, BASELINE)
-            sets = [make_inputs(shape, device, seed=0)]
-            count = harness.input_set_count(harness.nbytes(sets[0]), device, limit=8)
-            sets += [make_inputs(shape, device, seed) for seed in range(1, count)]
-            runner.run_case(
-                impls,
-                sets,
-                expected_outputs(spec, sets[0]),
-                shape=shape,
-                dtype=DTYPE,
-                bytes_moved=functools.partial(bytes_moved, spec, shape),
-                baseline=BASELINE,
-            )
-        status = max(status, runner.finish(save=not args.no_save, csv_path=args.csv))
+        spec_status = harness.sweep(
+            runner,
+            shapes=shapes,
+            dtypes=[DTYPE],
+            make_inputs=functools.partial(make_inputs, device=device),
+            implementations=functools.partial(impls_for, spec, device=device, runner=runner),
+            expected=functools.partial(expected_outputs, spec),
+            baseline=BASELINE,
+            bytes_moved=functools.partial(bytes_moved, spec),
+            only=args.only,
+            set_count=functools.partial(harness.input_set_count, device=device, limit=8),
+            save=not args.no_save,
+            csv_path=args.csv,
+        )
+        status = max(status, spec_status)
     return status
 
 

@@ -7,13 +7,17 @@ implementations (:class:`Impl`), several input sets and the expected outputs;
 repeats after warm-up, rotating among the input sets), measures its peak extra memory,
 and computes GB/s, the fraction of the copy bandwidth measured in the same run, and the
 speedup over a named baseline. :meth:`Runner.finish` prints the table and appends the
-rows to ``bench/results/<device-slug>.csv``.
+rows to ``bench/results/<device-slug>.csv``. :func:`sweep` is the loop every script runs:
+over shapes x dtypes x modes, it builds each point's inputs and implementations from the
+script's factories and hands them to the runner, then prints (and saves) the results.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import itertools
 import math
 import os
 import platform
@@ -22,7 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,8 @@ class Impl:
     ``optional``: a peer that may fail to run here (torch.compile, an optional library);
     if it raises, it is skipped with a note instead of failing the run (a wrong result
     still fails). ``meta``: whatever the bench script needs (e.g. for bytes_moved).
+    ``check``: what verification calls instead of ``fn``, where the timed call computes
+    more than the outputs compared (e.g. a backward after the checked forward).
     """
 
     name: str
@@ -78,6 +84,7 @@ class Impl:
     atol: float = 1e-4
     optional: bool = False
     meta: dict = field(default_factory=dict)
+    check: Callable[[dict], Any] | None = None
 
 
 @dataclass
@@ -201,9 +208,16 @@ def chosen_modes_and_dtypes(
 
 
 def with_mode(impl: Impl, mode: str) -> Impl:
-    """The implementation, renamed "<name> <mode>" for a table that holds several modes."""
-    impl.name = f"{impl.name} {mode}"
-    return impl
+    """A copy of the implementation renamed "<name> <mode>", for a table that holds several
+    modes; the name is kept for mode "" (an op timed in one mode). A copy, so that an Impl
+    a script reuses across points is not renamed twice."""
+    return replace(impl, name=mode_name(impl.name, mode))
+
+
+def mode_name(name: str, mode: str) -> str:
+    """``"<name> <mode>"``, or `name` for mode "" (the name an implementation has in a
+    table of several modes)."""
+    return f"{name} {mode}" if mode else name
 
 
 def select(impls: Sequence[Impl], only: str | None, keep: str) -> list[Impl]:
@@ -520,10 +534,12 @@ def _as_tuple(x: Any) -> tuple:
 
 
 def verify(impl: Impl, inputs: Any, expected: Any) -> str | None:
-    """None when ``impl.fn(inputs)`` matches `expected` (each output, within the impl's
-    tolerances, compared in float64), else a one-line description of what differs."""
+    """None when ``impl.fn(inputs)`` (``impl.check`` where set) matches `expected` (each
+    output, within the impl's tolerances, compared in float64), else a one-line
+    description of what differs."""
+    checked = impl.check or impl.fn
     try:
-        got = _as_tuple(impl.fn(inputs))
+        got = _as_tuple(checked(inputs))
     except Exception as error:
         return f"raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     want = _as_tuple(expected)
@@ -751,10 +767,150 @@ class Runner:
         print(self.header())
         print()
         print(self.table())
+        status = self.print_notes()
+        if save and self.rows:
+            print(f"appended {len(self.rows)} rows to {self.save(csv_path)}")
+        return status
+
+    def print_notes(self) -> int:
+        """Print the notes and the verification failures; 1 when any failed, else 0."""
         for message in self.notes:
             print(f"note: {message}")
         for message in self.failures:
             print(f"FAILED verification (not timed): {message}")
-        if save and self.rows:
-            print(f"appended {len(self.rows)} rows to {self.save(csv_path)}")
         return 1 if self.failures else 0
+
+
+# ------------------------------------------------------------------------ sweep
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: what a script's factories are called with. ``mode`` is ""
+    for an op timed in one mode only."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    mode: str = ""
+
+
+@dataclass
+class Floor:
+    """An implementation timed at every point before the others, in a section of its own
+    with its own expected outputs: what no implementation can beat (e.g. the bare GEMMs
+    of a fused linear op). Every row's note gives its time as a multiple of the floor's.
+    ``impl(point)`` builds it; ``expected(point, inputs)`` is its correct output."""
+
+    impl: Callable[[Point], Impl]
+    expected: Callable[[Point, Any], Any]
+
+
+def sweep(
+    runner: Runner,
+    *,
+    shapes: Sequence[Sequence[int]],
+    dtypes: Sequence[torch.dtype],
+    modes: Sequence[str] = ("",),
+    make_inputs: Callable[[Point, int], Any],
+    implementations: Callable[[Point], Sequence[Impl]],
+    expected: Callable[[Point, Any], Any],
+    baseline: str,
+    bytes_moved: Callable[[Point, Impl], int] | None = None,
+    flops: Callable[[Point], int] | None = None,
+    floor: Floor | None = None,
+    only: str | None = None,
+    set_count: Callable[[int], int] | None = None,
+    save: bool = True,
+    csv_path: Path | None = None,
+    report: Callable[[Runner], int] | None = None,
+) -> int:
+    """Verify and time `implementations` at every point of shapes x dtypes x modes, then
+    report; returns the exit status (1 when an implementation failed verification).
+
+    Per point (a :class:`Point`): `make_inputs(point, seed)` builds one input set, and
+    `set_count(bytes of one set)` says how many to rotate among (default
+    :func:`input_set_count`); `implementations(point)` gives the Impls, filtered by
+    `only` (see :func:`select`); `expected(point, inputs)` is the correct output on the
+    first set. `baseline` names the implementation speedups are relative to (a peer's).
+    `bytes_moved(point, impl)` is its minimum traffic (0 when None); `flops(point)`, where
+    given, adds the model TFLOP/s to each row's note; `floor` is timed first (see
+    :class:`Floor`). With several modes, each point starts a table section and every
+    implementation is named "<name> <mode>". `report(runner)` prints the results and
+    returns the status; by default :meth:`Runner.finish` prints the table and appends
+    the rows to `csv_path` (the device's CSV when None) unless `save` is False.
+    """
+    count_sets = set_count or functools.partial(input_set_count, device=runner.device)
+    for shape, dtype, mode in itertools.product(shapes, dtypes, modes):
+        point = Point(tuple(shape), dtype, mode)
+        if mode:
+            print(f"-- {mode} {point.shape} {dtype}", flush=True)
+        sets = _input_sets(make_inputs, point, count_sets)
+        count_bytes = _bytes_counter(bytes_moved, point)
+        floor_rows, floor_label = _time_floor(runner, floor, point, sets, count_bytes)
+        impls = select(implementations(point), only, keep=baseline)
+        rows = runner.run_case(
+            [with_mode(impl, mode) for impl in impls],
+            sets,
+            expected(point, sets[0]),
+            shape=point.shape,
+            dtype=dtype,
+            bytes_moved=count_bytes,
+            baseline=mode_name(baseline, mode),
+        )
+        model_flops = flops(point) if flops is not None else None
+        _annotate(floor_rows + rows, model_flops, floor_rows, floor_label)
+        # Freed before the next point's inputs are built: the largest sets hold GiBs.
+        del sets
+    if report is not None:
+        return report(runner)
+    return runner.finish(save=save, csv_path=csv_path)
+
+
+def _input_sets(make_inputs: Callable[[Point, int], Any], point: Point, count_sets) -> list:
+    """The point's input sets, seeds 0, 1, ...; the first one's size decides how many."""
+    first = make_inputs(point, 0)
+    count = count_sets(nbytes(first))
+    return [first] + [make_inputs(point, seed) for seed in range(1, count)]
+
+
+def _bytes_counter(bytes_moved, point: Point) -> Callable[[Impl], int]:
+    """bytes_moved at this point, as Runner.run_case takes it (0 when not counted)."""
+    if bytes_moved is None:
+        return lambda impl: 0
+    return functools.partial(bytes_moved, point)
+
+
+def _time_floor(
+    runner: Runner, floor: Floor | None, point: Point, sets: list, count_bytes
+) -> tuple[list[Row], str]:
+    """The floor's row at this point (none when there is no floor or it failed), and the
+    floor's name without the mode, for the other rows' notes."""
+    if floor is None:
+        return [], ""
+    impl = floor.impl(point)
+    label = impl.name
+    rows = runner.run_case(
+        [with_mode(impl, point.mode)],
+        sets,
+        floor.expected(point, sets[0]),
+        shape=point.shape,
+        dtype=point.dtype,
+        bytes_moved=count_bytes,
+        baseline=mode_name(label, point.mode),
+    )
+    return rows, label
+
+
+def _annotate(
+    rows: Sequence[Row], model_flops: int | None, floor_rows: Sequence[Row], floor_label: str
+) -> None:
+    """Append the model TFLOP/s (where the op counts FLOPs) and the time as a multiple
+    of the floor's (where one was timed) to each row's note."""
+    floor_ms = floor_rows[0].median_ms if floor_rows else None
+    for row in rows:
+        parts = [row.note]
+        if model_flops is not None:
+            parts.append(f"{model_flops / (row.median_ms / 1e3) / 1e12:.2f} TFLOP/s")
+        if floor_ms:
+            parts.append(f"{row.median_ms / floor_ms:.2f}x {floor_label}")
+        row.note = "; ".join(p for p in parts if p)

@@ -6,6 +6,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "rlhf_ext/kl_parse.h"
+#include "rlhf_ext/linear_logprobs_host.h"
+#include "rlhf_ext/loss_host.h"
+
 #ifndef RLHF_EXT_VERSION
 #define RLHF_EXT_VERSION "unknown"
 #endif
@@ -39,9 +43,11 @@ TORCH_LIBRARY(rlhf_ext, m) {
   // log_softmax(logits / temperature) at `target` over the last dim, the
   // entropy (an empty tensor unless return_entropy) and the per-row
   // log-sum-exp that the backward reuses instead of a second reduction.
+  // inplace_backward is not read by the kernels: it tells the registered
+  // backward (rlhf_ext/ops/token_logprobs.py) to write into the logits buffer.
   m.def(
       "token_logprobs_fwd(Tensor logits, Tensor target, float temperature, int ignore_index, "
-      "bool return_entropy) -> (Tensor, Tensor, Tensor)");
+      "bool return_entropy, bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   // Gradient w.r.t. logits of sum(grad_logprobs * logprobs + grad_entropy * entropy),
   // into a fresh tensor, or (the trailing underscore) into the logits buffer.
   m.def(
@@ -105,6 +111,20 @@ pybind11::dict build_info() {
   info["cuda_version"] = RLHF_EXT_CUDA_VERSION;
   info["cuda_archs"] = RLHF_EXT_CUDA_ARCHS;
   info["parallel"] = at::get_parallel_info();
+  // The C++ vocabularies and constants that Python mirrors (rlhf_ext/ops/_vocab.py,
+  // the Triton chunk loop); python_tests/test_op_contract.py checks they agree.
+  pybind11::dict kl_kinds;
+  for (const auto& entry : rlhf_ext::kKLKindNames) kl_kinds[entry.name] = static_cast<int>(entry.kind);
+  info["kl_kinds"] = kl_kinds;
+  pybind11::dict loss_aggs;
+  for (const auto& entry : rlhf_ext::kLossAggNames) loss_aggs[entry.name] = static_cast<int>(entry.agg);
+  info["loss_aggs"] = loss_aggs;
+  pybind11::dict linear;
+  linear["row_quantum"] = rlhf_ext::kRowQuantum;
+  linear["min_tile_vocab"] = rlhf_ext::kMinTileVocab;
+  linear["vocab_quantum"] = rlhf_ext::kVocabQuantum;
+  linear["accumulate_rows"] = rlhf_ext::kAccumulateRows;
+  info["linear_token_logprobs"] = linear;
 #if defined(__clang__)
   info["compiler"] = "clang " __clang_version__;
 #elif defined(__GNUC__)
@@ -119,4 +139,12 @@ PYBIND11_MODULE(_C, module) {
   module.doc() = "rlhf_ext compiled kernels: importing this module registers the ops.";
   module.def("build_info", &build_info,
              "Versions and options this extension was compiled with (dict).");
+  module.def(
+      "linear_tile_geometry",
+      [](int64_t valid_rows, int64_t vocab, int64_t chunk_rows) {
+        const rlhf_ext::TileGeometry tile = rlhf_ext::tile_geometry(valid_rows, vocab, chunk_rows);
+        return pybind11::make_tuple(tile.rows, tile.vocab);
+      },
+      "linear_token_logprobs' backward tile (rows, vocab) for valid_rows rows, V = vocab "
+      "and chunk_rows rows per chunk: the C++ tile_geometry, for the Triton parity test.");
 }

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers for the rlhf_ext test suite (DESIGN 5).
+"""Shared fixtures and helpers for the rlhf_ext test suite (docs/design.md §5).
 
 * Without a CUDA GPU the Triton kernels run under the Triton interpreter: the
   environment variable is set here, before anything imports triton (triton
@@ -67,17 +67,12 @@ from rlhf_ext import _backend  # noqa: E402
 # -- what this machine can run ------------------------------------------------
 
 COMPILED = _backend.compiled_available()
-COMPILED_CUDA = HAS_CUDA and _backend.compiled_cuda_available()
 TRITON_CPU = _backend.triton_available("cpu")  # interpreter on CPU tensors
 TRITON_CUDA = HAS_CUDA and _backend.triton_available("cuda")
-
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 # Backends that run on CPU tensors here (the compiled op, pure torch, Triton
 # under the interpreter).
 CPU_BACKENDS = [b for b in ("cpu", "torch", "triton") if b in rlhf_ext.available_backends("cpu")]
-
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 requires_compiled = pytest.mark.skipif(not COMPILED, reason="rlhf_ext._C is not built")
 requires_triton_cpu = pytest.mark.skipif(
@@ -87,7 +82,7 @@ requires_triton_cpu = pytest.mark.skipif(
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
-    skip_triton = pytest.mark.skip(reason="compiled Triton needs a CUDA GPU (DESIGN 5)")
+    skip_triton = pytest.mark.skip(reason="compiled Triton needs a CUDA GPU (docs/design.md §5)")
     for item in items:
         if item.get_closest_marker("cuda") is not None and not HAS_CUDA:
             item.add_marker(skip_cuda)
@@ -101,16 +96,6 @@ def pytest_report_header(config):
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')} "
         f"cpu backends={CPU_BACKENDS}"
     )
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
-
-
-@pytest.fixture
-def devices():
-    return [torch.device(d) for d in DEVICES]
 
 
 # -- fresh, reproducible random inputs ----------------------------------------
@@ -212,7 +197,7 @@ def assert_close_ref(
 
 
 def assert_within_eager_error(out, ref64, eager, factor=2.0, slack=1e-6):
-    """DESIGN 5 criterion for low-precision inputs: the op's error against the
+    """docs/design.md §5 criterion for low-precision inputs: the op's error against the
     float64 reference is at most `factor` times PyTorch's own eager error."""
     err = (out.double().cpu() - ref64.double().cpu()).abs().max().item() if out.numel() else 0.0
     eager_err = (
@@ -222,7 +207,31 @@ def assert_within_eager_error(out, ref64, eager, factor=2.0, slack=1e-6):
     assert err <= factor * eager_err + slack * max(1.0, scale), (err, eager_err)
 
 
-@pytest.fixture
-def poison():
-    """`poison(out, zero_where=None)`: see assert_written."""
-    return assert_written
+# -- bad-input case tables ----------------------------------------------------
+
+
+def bad_input(id, error, pattern, build, *, prefix=""):
+    """One bad-input case: pytest.param(error, prefix + pattern, build, id=id).
+
+    `build` makes the bad call (or the raw op's bad arguments) from inputs the
+    consuming test prepares; the test checks it raises `error` matching the regex.
+    """
+    return pytest.param(error, prefix + pattern, build, id=id)
+
+
+def bad_inputs(prefix, *rows):
+    """A table of bad_input cases whose patterns all start with `prefix`, the op's name
+    (e.g. r"rlhf_ext\\.gae: "; "" for none).
+
+    A case is one row (id, error, pattern, build), or, where that does not fit on a line,
+    a row (id, error, pattern) followed by its build as the next argument.
+    """
+    cases, rows = [], iter(rows)
+    for row in rows:
+        assert isinstance(row, tuple), f"expected a bad-input row, got {row!r}"
+        if len(row) == 3:
+            build = next(rows, None)
+            assert callable(build), f"bad-input case {row[0]!r} has no build"
+            row = (*row, build)
+        cases.append(bad_input(*row, prefix=prefix))
+    return cases

@@ -216,7 +216,7 @@ def test_logprobs_and_entropy_match_verl(name):
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_logprobs_and_entropy_bf16_dtype_and_accuracy(name):
     """bf16 logits: verl computes in bf16, the adapter in float32 and casts; the adapter's
-    error against float64 is at most twice verl's (DESIGN 5)."""
+    error against float64 is at most twice verl's (docs/design.md §5)."""
     mine, _ = _logits_pair(torch.bfloat16)
     labels = torch.randint(0, 41, (3, 5))
     with torch.no_grad():

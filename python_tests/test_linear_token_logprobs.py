@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import types
 
+import conftest
 import pytest
 import torch
 from conftest import (
@@ -331,100 +334,92 @@ def test_linear_token_logprobs_peak_memory_bounded_by_chunk(inputs):
     assert reference_peak > full_logits_mib, reference_peak
 
 
-# -- dispatcher: opcheck and torch.compile -----------------------------------------------
+# -- the backward ops: opcheck ----------------------------------------------------------
 
-
-def op_samples(inputs):
-    hidden, weight, bias, target = make_inputs(inputs, (3, 4), 6, 21)
-    yield "fwd", (hidden, weight, bias, target, 0.9, IGNORE, True, 5)
-    yield "fwd", (hidden[:, :-1], weight, None, target[:, :-1], 1.0, IGNORE, False, 16)
-    ops = torch.ops.rlhf_ext
-    lp, ent, lse = ops.linear_token_logprobs_fwd(hidden, weight, bias, target, 1.0, IGNORE, True, 5)
-    g = inputs.randn(3, 4)
-    yield "bwd", (hidden, weight, bias, target, lse, ent, g, g * 0.5, 1.0, IGNORE, 5, True, True)
-    yield "bwd", (hidden, weight, None, target, lse, None, g, None, 1.0, IGNORE, 2, False, True)
-
-
-@requires_compiled
-def test_linear_token_logprobs_opcheck(inputs):
-    ops = torch.ops.rlhf_ext
-    for kind, args in op_samples(inputs):
-        op = ops.linear_token_logprobs_fwd if kind == "fwd" else ops.linear_token_logprobs_bwd
-        torch.library.opcheck(op.default, args)
-
-
-@requires_compiled
-def test_linear_token_logprobs_compile_parity(inputs):
-    hidden, weight, bias, target = make_inputs(inputs, (2, 5), 8, 37)
-
-    def loss(h, w, b, t):
-        lp, ent = rlhf_ext.linear_token_logprobs(
-            h, w, t, bias=b, temperature=0.7, return_entropy=True, chunk_size=4
-        )
-        return (lp * 2).sum() + ent.sum(), lp, ent
-
-    first = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    eager = loss(*first, target)
-    eager[0].backward()
-    second = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(*second, target)
-    compiled[0].backward()
-    for a, b in zip(eager, compiled, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(first, second, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-
-
+# (device, backend): the compiled ops on CPU and CUDA tensors, the Triton custom_ops under
+# the interpreter and on a GPU.
 # -- bad input ---------------------------------------------------------------------------
 
 
+# bad_inputs rows (id, error, pattern, fn): fn(h, w, b, t, op) with hidden h [3, 4], weight
+# w [5, 4], bias b [5], target t [3] and op = rlhf_ext.linear_token_logprobs on the test's
+# backend (a `backend=` overrides it).
+LINEAR_TOKEN_LOGPROBS_BAD_INPUT = conftest.bad_inputs(
+    "",
+    (
+        "weight-H",
+        ValueError,
+        r"linear_token_logprobs: `weight` must have shape \[V, 4\] \(H of `hidden`\)",
+    ),
+    lambda h, w, b, t, op: op(h, w[:, :3], t),
+    ("weight-device", ValueError, r"`weight` must be on cpu like `hidden`, got meta"),
+    lambda h, w, b, t, op: op(h, w.to("meta"), t),
+    ("weight-dtype", TypeError, r"`weight` must have the dtype of `hidden` \(torch.float32\)"),
+    lambda h, w, b, t, op: op(h, w.double(), t),
+    ("hidden-int64", TypeError, r"`hidden` must be float32"),
+    lambda h, w, b, t, op: op(h.long(), w, t),
+    ("weight-1d", ValueError, r"`weight` must have shape \[V, H\] with V >= 1"),
+    lambda h, w, b, t, op: op(h, w[0], t),
+    ("bias-shape", ValueError, r"`bias` must have shape \(5,\)"),
+    lambda h, w, b, t, op: op(h, w, t, bias=b[:4]),
+    ("target-shape", ValueError, r"`target` must have shape \(3,\)"),
+    lambda h, w, b, t, op: op(h, w, t[:2]),
+    ("target-float32", TypeError, r"`target` must be int64 or int32"),
+    lambda h, w, b, t, op: op(h, w, t.float()),
+    (
+        "temperature-0",
+        ValueError,
+        r"linear_token_logprobs: `temperature` must be a finite float > 0",
+    ),
+    lambda h, w, b, t, op: op(h, w, t, temperature=0.0),
+    ("chunk_size-0", ValueError, r"`chunk_size` must be an int >= 1, got 0"),
+    lambda h, w, b, t, op: op(h, w, t, chunk_size=0),
+    ("chunk_size-float", TypeError, r"`chunk_size` must be an int or None, got float"),
+    lambda h, w, b, t, op: op(h, w, t, chunk_size=2.0),
+    ("backend-unknown", ValueError, r"`backend` must be one of"),
+    lambda h, w, b, t, op: op(h, w, t, backend="gpu"),
+)
+
+
 @pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
-def test_linear_token_logprobs_bad_input(inputs, backend):
+@pytest.mark.parametrize("error, pattern, fn", LINEAR_TOKEN_LOGPROBS_BAD_INPUT)
+def test_linear_token_logprobs_bad_input(inputs, backend, error, pattern, fn):
     hidden, weight, bias, target = make_inputs(inputs, (3,), 4, 5, ignore_frac=0.0)
-    h, w, t = hidden, weight, target
-    cases = [
-        (ValueError, r"linear_token_logprobs: `weight` must have shape \[V, 4\] \(H of `hidden`\)",
-         (h, w[:, :3], t), {}),
-        (ValueError, r"`weight` must be on cpu like `hidden`, got meta",
-         (h, w.to("meta"), t), {}),
-        (TypeError, r"`weight` must have the dtype of `hidden` \(torch.float32\)",
-         (h, w.double(), t), {}),
-        (TypeError, r"`hidden` must be float32", (h.long(), w, t), {}),
-        (ValueError, r"`weight` must have shape \[V, H\] with V >= 1", (h, w[0], t), {}),
-        (ValueError, r"`bias` must have shape \(5,\)", (h, w, t), {"bias": bias[:4]}),
-        (ValueError, r"`target` must have shape \(3,\)", (h, w, t[:2]), {}),
-        (TypeError, r"`target` must be int64 or int32", (h, w, t.float()), {}),
-        (ValueError, r"linear_token_logprobs: `temperature` must be a finite float > 0",
-         (h, w, t), {"temperature": 0.0}),
-        (ValueError, r"`chunk_size` must be an int >= 1, got 0", (h, w, t), {"chunk_size": 0}),
-        (TypeError, r"`chunk_size` must be an int or None, got float", (h, w, t),
-         {"chunk_size": 2.0}),
-        (ValueError, r"`backend` must be one of", (h, w, t), {"backend": "gpu"}),
-    ]  # fmt: skip
-    for error, message, args, kwargs in cases:
-        kwargs = {"backend": backend, **kwargs}
-        with pytest.raises(error, match=message):
-            rlhf_ext.linear_token_logprobs(*args, **kwargs)
+    op = functools.partial(rlhf_ext.linear_token_logprobs, backend=backend)
+    with pytest.raises(error, match=pattern):
+        fn(hidden, weight, bias, target, op)
+
+
+# bad_inputs rows (id, error, pattern, fn): fn(h, w, b, t, out, raw) calls a raw op, raw.fwd /
+# raw.bwd = torch.ops.rlhf_ext.linear_token_logprobs_fwd / _bwd, with h, w, b, t as above and
+# out = (logprobs, entropy, lse) of a valid raw.fwd(h, w, None, t) with entropy.
+LINEAR_TOKEN_LOGPROBS_RAW_OP_BAD_INPUT = conftest.bad_inputs(
+    "",
+    ("fwd-weight-H", ValueError, r"linear_token_logprobs: `weight` must have shape \[V, 4\]"),
+    lambda h, w, b, t, out, raw: raw.fwd(h, w[:, :2], None, t, 1.0, IGNORE, False, 4),
+    ("fwd-chunk_size-0", ValueError, r"`chunk_size` must be an int >= 1, got 0"),
+    lambda h, w, b, t, out, raw: raw.fwd(h, w, None, t, 1.0, IGNORE, False, 0),
+    ("fwd-bias-shape", ValueError, r"`bias` must have shape \[5\]"),
+    lambda h, w, b, t, out, raw: raw.fwd(h, w, b[:3], t, 1.0, IGNORE, False, 4),
+    ("bwd-grad_entropy-without-entropy", ValueError, r"`entropy` is needed with `grad_entropy`"),
+    lambda h, w, b, t, out, raw: raw.bwd(
+        h, w, None, t, out[2], None, out[0], out[0], 1.0, IGNORE, 4, True, True
+    ),
+)
 
 
 @requires_compiled
-def test_linear_token_logprobs_raw_op_checks(inputs):
+@pytest.mark.parametrize("error, pattern, fn", LINEAR_TOKEN_LOGPROBS_RAW_OP_BAD_INPUT)
+def test_linear_token_logprobs_raw_op_checks(inputs, error, pattern, fn):
     """The compiled ops check their arguments too (they are public via torch.ops)."""
     ops = torch.ops.rlhf_ext
+    raw = types.SimpleNamespace(
+        fwd=ops.linear_token_logprobs_fwd, bwd=ops.linear_token_logprobs_bwd
+    )
     hidden, weight, bias, target = make_inputs(inputs, (3,), 4, 5)
-    with pytest.raises(
-        ValueError, match=r"linear_token_logprobs: `weight` must have shape \[V, 4\]"
-    ):
-        ops.linear_token_logprobs_fwd(hidden, weight[:, :2], None, target, 1.0, IGNORE, False, 4)
-    with pytest.raises(ValueError, match=r"`chunk_size` must be an int >= 1, got 0"):
-        ops.linear_token_logprobs_fwd(hidden, weight, None, target, 1.0, IGNORE, False, 0)
-    with pytest.raises(ValueError, match=r"`bias` must have shape \[5\]"):
-        ops.linear_token_logprobs_fwd(hidden, weight, bias[:3], target, 1.0, IGNORE, False, 4)
-    lp, ent, lse = ops.linear_token_logprobs_fwd(hidden, weight, None, target, 1.0, IGNORE, True, 4)
-    with pytest.raises(ValueError, match=r"`entropy` is needed with `grad_entropy`"):
-        ops.linear_token_logprobs_bwd(
-            hidden, weight, None, target, lse, None, lp, lp, 1.0, IGNORE, 4, True, True
-        )
+    out = raw.fwd(hidden, weight, None, target, 1.0, IGNORE, True, 4)
+    with pytest.raises(error, match=pattern):
+        fn(hidden, weight, bias, target, out, raw)
 
 
 def test_linear_token_logprobs_auto_chunk_size_ignores_n():
@@ -477,31 +472,6 @@ def test_linear_token_logprobs_cuda(inputs, backend, dtype, case):
 
 
 @pytest.mark.cuda
-@requires_compiled
-def test_linear_token_logprobs_cuda_opcheck(inputs):
-    _need("cuda")
-    ops = torch.ops.rlhf_ext
-    for kind, args in op_samples(inputs):
-        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-        op = ops.linear_token_logprobs_fwd if kind == "fwd" else ops.linear_token_logprobs_bwd
-        torch.library.opcheck(op.default, args)
-
-
-@pytest.mark.triton_gpu
-def test_linear_token_logprobs_triton_opcheck(inputs):
-    from rlhf_ext.triton import linear_token_logprobs as kernels
-
-    for kind, args in op_samples(inputs):
-        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-        op = (
-            kernels.linear_token_logprobs_fwd_triton
-            if kind == "fwd"
-            else kernels.linear_token_logprobs_bwd_triton
-        )
-        torch.library.opcheck(op, args)
-
-
-@pytest.mark.cuda
 def test_linear_token_logprobs_cuda_peak_memory(inputs):
     _need("cuda")
     rows, size, vocab, chunk = 8192, 1024, 32000, 256
@@ -526,20 +496,6 @@ def test_linear_token_logprobs_cuda_peak_memory(inputs):
     assert extra < full_logits, extra
 
 
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs triton under the interpreter")
-def test_linear_token_logprobs_triton_opcheck_under_interpreter(inputs):
-    """Custom ops with fake kernels (not triton_ops): opcheck runs here too."""
-    from rlhf_ext.triton import linear_token_logprobs as kernels
-
-    for kind, args in op_samples(inputs):
-        op = (
-            kernels.linear_token_logprobs_fwd_triton
-            if kind == "fwd"
-            else kernels.linear_token_logprobs_bwd_triton
-        )
-        torch.library.opcheck(op, args)
-
-
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 def test_linear_token_logprobs_double_backward_raises(inputs, backend):
     """The backward kernels have no derivative: a second-order gradient must fail loudly,
@@ -556,7 +512,7 @@ def test_linear_token_logprobs_double_backward_raises(inputs, backend):
 def test_linear_token_logprobs_triton_backward_checks_and_layout(inputs):
     """Like the C++ op: grad_entropy without entropy is an error, and grad_weight is
     contiguous whatever the layout of weight (the fake kernel says so)."""
-    from rlhf_ext.triton import linear_token_logprobs as kernels
+    kernels = linear_op.triton_kernels()  # the Triton ops, with their registrations
 
     hidden, _, _, target = make_inputs(inputs, (6,), 8, 5)
     weight = inputs.randn(8, 5, scale=0.5).t()  # [V, H] with strides (1, V)
@@ -683,7 +639,7 @@ def test_linear_token_logprobs_triton_gpu_tiles_under_interpreter(inputs, monkey
     """The GPU's launch parameters (128x128 tiles, 4096-column spans, k-steps of 64 or 32),
     run by the interpreter: the tests above use its small tiles. (bf16 needs the GPU: the
     interpreter's dot reads bf16's raw bits, which the small-tile path converts.)"""
-    from rlhf_ext.triton import linear_token_logprobs as kernels
+    kernels = linear_op.triton_kernels()  # the Triton ops, with their registrations
 
     monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
     hidden, weight, bias, target = make_inputs(inputs, (48,), size, 4500, dtype)

@@ -3,6 +3,7 @@ reward rises, resume equals an uninterrupted run, the non-finite guard."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,7 +21,13 @@ from rlhf_ext.trainer import (
     RunningMoments,
 )
 from rlhf_ext.trainer.rewards import shape_scores
-from rlhf_ext.trainer.rollout import filter_logits, left_pad, response_mask_from_eos
+from rlhf_ext.trainer.rollout import (
+    Batch,
+    Experience,
+    filter_logits,
+    left_pad,
+    response_mask_from_eos,
+)
 
 TRL_METRICS = (
     "objective/kl",
@@ -99,17 +106,19 @@ def test_kl_as_a_loss_term_leaves_rewards_unshaped(tmp_path):
 
 
 def test_score_penalty_normalisation_and_clip():
-    config = PPOConfig(missing_eos_penalty=1.5, reward_clip=2.0)
+    shaping = dict(missing_eos_penalty=1.5, reward_clip=2.0)
     scores = torch.tensor([1.0, 3.0, -4.0])
     has_eos = torch.tensor([True, False, True])
     torch.testing.assert_close(
-        shape_scores(scores, has_eos, None, config), torch.tensor([1.0, 1.5, -2.0])
+        shape_scores(scores, has_eos=has_eos, **shaping), torch.tensor([1.0, 1.5, -2.0])
     )
     moments = RunningMoments()
     moments.update(torch.tensor([1.0, 3.0]))
     moments.update(torch.tensor([5.0]))  # running: mean 3, population var 8/3
     assert moments.mean == pytest.approx(3.0) and moments.var == pytest.approx(8 / 3)
-    normed = shape_scores(torch.tensor([5.0]), torch.tensor([True]), moments, config)
+    normed = shape_scores(
+        torch.tensor([5.0]), has_eos=torch.tensor([True]), moments=moments, **shaping
+    )
     torch.testing.assert_close(normed, torch.tensor([2.0 / math.sqrt(8 / 3)]))
 
 
@@ -166,6 +175,31 @@ def test_kv_cache_matches_full_forward():
     )
 
 
+def test_experience_select_takes_the_same_rows_of_every_field():
+    rows, query_width, response_width = 5, 3, 4
+    batch = Batch(
+        torch.arange(rows * query_width).view(rows, query_width),
+        torch.rand(rows, query_width) > 0.3,
+        torch.arange(rows * response_width).view(rows, response_width),
+        torch.rand(rows, response_width) > 0.3,
+        torch.rand(rows) > 0.5,
+    )
+    per_token = {
+        f.name: torch.randn(rows, response_width)
+        for f in dataclasses.fields(Experience)
+        if f.name != "batch"
+    }
+    experience = Experience(batch=batch, **per_token)
+    assert len(experience) == rows
+    for index in (torch.tensor([3, 0, 3]), slice(1, 3)):
+        picked = experience.select(index)
+        assert len(picked) == len(torch.arange(rows)[index])
+        for f in dataclasses.fields(Batch):
+            assert torch.equal(getattr(picked.batch, f.name), getattr(batch, f.name)[index])
+        for name, value in per_token.items():
+            assert torch.equal(getattr(picked, name), value[index]), name
+
+
 def test_generation_is_seeded_and_stops_at_eos(tmp_path):
     first = th.tiny_trainer(tmp_path / "a").generate(th.prompts(6))
     second = th.tiny_trainer(tmp_path / "b").generate(th.prompts(6))
@@ -186,13 +220,13 @@ def test_minibatch_bookkeeping(tmp_path):
     update = trainer._update_minibatch
     loss = trainer._loss
 
-    def spy_update(batch, data, rows):
+    def spy_update(experience, rows):
         seen.append(sorted(rows.tolist()))
-        return update(batch, data, rows)
+        return update(experience, rows)
 
-    def spy_loss(mb, data):
-        micro.append(mb.queries.shape[0])
-        return loss(mb, data)
+    def spy_loss(micro_batch):
+        micro.append(micro_batch.batch.queries.shape[0])
+        return loss(micro_batch)
 
     trainer._update_minibatch, trainer._loss = spy_update, spy_loss
     optimizer_step = trainer.optimizer.step
@@ -409,8 +443,8 @@ def test_rollout_pipeline_matches_plain_torch(tmp_path):
     trainer = th.tiny_trainer(tmp_path, temperature=0.7, kl_coef=0.3, gamma=0.9, lam=0.8)
     captured = {}
 
-    def capture(batch, data):
-        captured.update(batch=batch, data=data)
+    def capture(experience):
+        captured["experience"] = experience
         return {}
 
     trainer._ppo_epochs = capture
@@ -419,22 +453,23 @@ def test_rollout_pipeline_matches_plain_torch(tmp_path):
     batch = trainer.generate(th.prompts(6))
     scores = torch.randn(6)
     trainer._ppo_iteration(batch, scores, timings={})
-    data, mask = captured["data"], batch.response_mask
+    experience, mask = captured["experience"], batch.response_mask
+    assert experience.batch is batch
 
     logits, _, _ = trainer.policy_lm(batch.input_ids, batch.attention_mask)
     q = batch.queries.shape[1]
     by_hand = torch.log_softmax(logits[:, q - 1 : -1].double() / 0.7, -1)
     by_hand = by_hand.gather(-1, batch.responses[..., None]).squeeze(-1) * mask
-    torch.testing.assert_close(data["old_logprobs"].double(), by_hand, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(data["ref_logprobs"], data["old_logprobs"])  # ref = copy
+    torch.testing.assert_close(experience.old_logprobs.double(), by_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experience.ref_logprobs, experience.old_logprobs)  # ref = copy
 
     rewards = reference.kl_shaped_rewards(
-        scores, data["old_logprobs"], data["ref_logprobs"], mask, kl_coef=0.3, kl="k1"
+        scores, experience.old_logprobs, experience.ref_logprobs, mask, kl_coef=0.3, kl="k1"
     )
-    advantages, returns = reference.gae(rewards, data["old_values"], mask, gamma=0.9, lam=0.8)
-    torch.testing.assert_close(data["rewards"], rewards)
-    torch.testing.assert_close(data["returns"], returns)
-    torch.testing.assert_close(data["advantages"], reference.masked_whiten(advantages, mask))
+    advantages, returns = reference.gae(rewards, experience.old_values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(experience.rewards, rewards)
+    torch.testing.assert_close(experience.returns, returns)
+    torch.testing.assert_close(experience.advantages, reference.masked_whiten(advantages, mask))
 
 
 # ------------------------------------------------------- signals, step, resume

@@ -1,6 +1,6 @@
 """rlhf_ext: fused C++ / CUDA / Triton kernels for RLHF and PPO training.
 
-The public API (DESIGN section 3). Every op takes ``backend="auto"``; see
+The public API (docs/design.md §3). Every op takes ``backend="auto"``; see
 ``available_backends()`` for what this install can run.
 """
 

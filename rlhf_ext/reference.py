@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ext.ops._vocab import AGG_MODES as AGG_MODES  # re-exported: the oracle's modes
+from rlhf_ext.ops._vocab import kl_base_kind, kl_straight_through
+
 __all__ = [
     "gae",
     "masked_mean",
@@ -66,7 +69,7 @@ def _row_of(x, row: int):
 
 
 def gae(rewards, values, mask=None, *, gamma=1.0, lam=0.95, last_value=None, cu_seqlens=None):
-    """Generalised advantage estimation, DESIGN 3.2 semantics (see rlhf_ext.gae)."""
+    """Generalised advantage estimation, docs/design.md §3.2 semantics (see rlhf_ext.gae)."""
     rewards, values = _acc(rewards.detach()), _acc(values.detach()).to(_acc(rewards).dtype)
     mask = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.detach() != 0
     if cu_seqlens is None:
@@ -122,9 +125,6 @@ def masked_whiten(x, mask=None, shift_mean=True, unbiased=True, eps=1e-8):
     return whitened if shift_mean else whitened + mean
 
 
-_KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
-
-
 def _kl_value(diff, base):
     if base == "k1":
         return diff
@@ -144,10 +144,10 @@ def kl_penalty(logprobs, ref_logprobs, kind="k3"):
     A "+" suffix keeps the value of the kind and takes the gradient of k2
     (straight-through, as verl): k2 - k2.detach() + value.detach().
     """
-    base = _KL_ALIASES.get(kind.rstrip("+"), kind.rstrip("+"))
+    base = kl_base_kind(kind)
     diff = _acc(logprobs) - _acc(ref_logprobs).detach()
     value = _kl_value(diff, base)
-    if kind.endswith("+"):
+    if kl_straight_through(kind):
         k2 = 0.5 * diff.square()
         return k2 - k2.detach() + value.detach()
     return value
@@ -206,9 +206,7 @@ def linear_token_logprobs(
     )
 
 
-# -- losses (DESIGN 3.3) -------------------------------------------------------
-
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# -- losses (docs/design.md §3.3; AGG_MODES: rlhf_ext/ops/_vocab.py) ------------
 
 
 def _valid(mask, like):
@@ -258,7 +256,7 @@ def ppo_policy_loss(
     agg="token-mean",
     loss_scale_factor=None,
 ):
-    """Clipped PPO surrogate (DESIGN 3.3): (loss, stats), gradient w.r.t. logprobs only."""
+    """Clipped PPO surrogate (docs/design.md §3.3): (loss, stats), gradient w.r.t. logprobs only."""
     lp = _acc(logprobs)
     old = _acc(old_logprobs).detach().to(lp.dtype)
     adv = _acc(advantages).detach().to(lp.dtype)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's validation (DESIGN 5, issue 8): build against the machine's
+# One GPU session's validation (docs/design.md §5, issue 8): build against the machine's
 # torch, run the whole test suite with the CUDA tests, compute-sanitizer over the
 # op kernels, then the benchmarks. Logs go to $OUT (default ./gpu_out).
 set -uo pipefail

@@ -187,7 +187,7 @@ void parallel_rows(const Args& args, int64_t rows, int64_t vocab) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, double temperature,
-    int64_t ignore_index, bool return_entropy) {
+    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
   auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
   logprobs_forward_rows_cpu(p, logprobs, return_entropy ? entropy : at::Tensor(), lse);

@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_loss_cuda(
     const std::optional<at::Tensor>& mask, c10::string_view kind, c10::string_view agg) {
   constexpr const char* op = "rlhf_ext.kl_loss";
   const c10::cuda::CUDAGuard device_guard(logprobs.device());
-  const KLSpec spec = parse_kind_or_throw(op, std::string(kind));
+  const KLSpec spec = parse_kl_or_throw(op, "kind", std::string(kind));
   const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
   const LossProblem p = prepare_loss(op, logprobs, "logprobs", ref_logprobs, "ref_logprobs",
                                      nullptr, "", mask);
@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cuda(const at::Tensor& logprobs,
                                                    c10::string_view kind) {
   constexpr const char* op = "rlhf_ext.kl_penalty";
   const c10::cuda::CUDAGuard device_guard(logprobs.device());
-  const KLSpec spec = parse_kind_or_throw(op, std::string(kind));
+  const KLSpec spec = parse_kl_or_throw(op, "kind", std::string(kind));
   check_floating(op, "logprobs", logprobs);
   check_floating(op, "ref_logprobs", ref_logprobs);
   check_same_device(op, "ref_logprobs", ref_logprobs, logprobs);

@@ -260,7 +260,7 @@ void check_rows(const LogprobsProblem& p) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, double temperature,
-    int64_t ignore_index, bool return_entropy) {
+    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
   auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);

@@ -22,7 +22,7 @@ namespace {
 
 constexpr KLKind kAllKinds[] = {KLKind::kK1, KLKind::kAbs, KLKind::kK2, KLKind::kK3};
 
-// The formulas of DESIGN 3.3 in double, written independently of kl.h.
+// The formulas of docs/design.md §3.3 in double, written independently of kl.h.
 double closed_form(KLKind kind, double logprob, double ref_logprob) {
   const double diff = logprob - ref_logprob;
   switch (kind) {
@@ -64,7 +64,7 @@ void k3_known_values() {
 // k3 is a non-negative estimator (exp(d) >= 1 + d) and agrees with k2 to
 // second order near zero: both are d^2 / 2 + O(d^3). Non-negative only up to
 // rounding: for |d| below ~1e-2, exp(d) - d - 1 in float can come out as -6e-8
-// (the header does not clamp at 0, and DESIGN 3.3 does not promise it), so the
+// (the header does not clamp at 0, and docs/design.md §3.3 does not promise it), so the
 // bound allows two ulps of 1.
 template <typename T>
 void k3_is_nonnegative_and_close_to_k2_near_zero() {

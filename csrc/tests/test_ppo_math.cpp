@@ -22,7 +22,7 @@ using rlhf_test::Rng;
 
 namespace {
 
-// DESIGN 3.3's policy loss, written independently of ppo_math.h.
+// docs/design.md §3.3's policy loss, written independently of ppo_math.h.
 double policy_closed_form(double lp, double old, double adv, double eps_lo, double eps_hi,
                           double dual) {
   const double ratio = std::exp(std::min(20.0, std::max(-20.0, lp - old)));

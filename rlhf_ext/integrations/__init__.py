@@ -1,4 +1,4 @@
-"""Drop-in adapters for TRL, verl and OpenRLHF (DESIGN section 7).
+"""Drop-in adapters for TRL, verl and OpenRLHF (docs/design.md §7).
 
 ``rlhf_ext.integrations.trl``, ``.verl`` and ``.openrlhf`` each hold functions with the peer's
 own names, signatures and semantics, backed by rlhf_ext's kernels, and ``patch()`` /

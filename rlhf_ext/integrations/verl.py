@@ -24,6 +24,7 @@ from rlhf_ext.integrations._common import (
     masked_whiten,
 )
 from rlhf_ext.integrations._patch import Patcher, Target
+from rlhf_ext.ops import _vocab
 from rlhf_ext.ops.gae import gae as _rlhf_gae
 from rlhf_ext.ops.masked_stats import masked_whiten as _rlhf_masked_whiten
 from rlhf_ext.ops.ppo_losses import kl_loss as _rlhf_kl_loss
@@ -41,7 +42,8 @@ AGG_MODES = {
     "seq-mean-token-sum-norm": "seq-mean-token-sum",
     "seq-mean-token-mean": "seq-mean-token-mean",
 }
-KL_KINDS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+# verl's kl_penalty kinds are rlhf_ext's own names (rlhf_ext/ops/_vocab.py), "full" aside.
+KL_KINDS = _vocab.KL_KINDS
 
 
 def _our_agg(function: str, loss_agg_mode: str) -> str:
@@ -251,8 +253,7 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty) -> 
     "abs", "mse"/"k2", "low_var_kl"/"k3"); a "+" suffix keeps the value and takes the
     gradient of k2 (straight-through). "full" and unknown kinds raise NotImplementedError,
     as in verl. One fused kernel; differentiable w.r.t. ``logprob``."""
-    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
-    if base not in KL_KINDS:
+    if not _vocab.is_kl_kind(kl_penalty):
         raise NotImplementedError(
             f"{PREFIX}.kl_penalty: `kl_penalty` kind {kl_penalty!r} is not implemented "
             f"(verl implements {', '.join(KL_KINDS)} and their '+' variants)"

@@ -3,7 +3,11 @@ op's public name and names the argument, what was expected and what came."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from rlhf_ext.ops._vocab import AGG_MODES, KL_KINDS, STRAIGHT_THROUGH_SUFFIX, is_kl_kind
 
 
 def check_tensor(op: str, name: str, t, *, floating: bool = True) -> torch.Tensor:
@@ -54,6 +58,15 @@ def raise_on_bad_target(op: str, target: torch.Tensor, vocab: int, ignore_index:
         )
 
 
+def check_temperature(op: str, temperature) -> float:
+    """A finite float > 0 (the logits' divisor), as a float."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: `temperature` must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: `temperature` must be a finite float > 0, got {temperature!r}")
+    return float(temperature)
+
+
 def check_dim(op: str, name: str, t: torch.Tensor, dim: int, what: str = "") -> None:
     if t.dim() != dim:
         raise ValueError(f"{op}: `{name}` must be {dim}-D{what}, got shape {tuple(t.shape)}")
@@ -102,3 +115,20 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 def eager() -> bool:
     """False while torch.compile traces (data-dependent checks are skipped there)."""
     return not torch.compiler.is_compiling()
+
+
+def check_kl_kind(op: str, name: str, kind) -> str:
+    """A KL estimator name of ops/_vocab.py, optionally with the straight-through suffix."""
+    if not is_kl_kind(kind):
+        raise ValueError(
+            f"{op}: `{name}` must be one of {KL_KINDS} (optionally with a "
+            f"'{STRAIGHT_THROUGH_SUFFIX}' suffix), got {kind!r}"
+        )
+    return kind
+
+
+def check_agg(op: str, agg) -> str:
+    """A loss aggregation mode of ops/_vocab.py."""
+    if agg not in AGG_MODES:
+        raise ValueError(f"{op}: `agg` must be one of {AGG_MODES}, got {agg!r}")
+    return agg

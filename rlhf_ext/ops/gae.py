@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from rlhf_ext import reference
-from rlhf_ext._backend import compiled_available, resolve_backend
+from rlhf_ext._backend import resolve_backend
 from rlhf_ext.ops._checks import acc_dtype, check_like, check_mask, check_rows, check_tensor, eager
+from rlhf_ext.ops._registry import register_fakes, triton_loader
 
 OP = "rlhf_ext.gae"
 
@@ -146,9 +147,7 @@ def gae(
     if chosen in ("cpu", "cuda"):
         return tuple(torch.ops.rlhf_ext.gae(*args))
     if chosen == "triton":
-        from rlhf_ext.triton.gae import gae_triton
-
-        return tuple(gae_triton(*args))
+        return tuple(triton_kernels().gae_triton(*args))
     return reference.gae(
         rewards,
         values,
@@ -160,14 +159,14 @@ def gae(
     )
 
 
-def _register_fake() -> None:
-    @torch.library.register_fake("rlhf_ext::gae")
-    def _(rewards, values, mask, cu_seqlens, last_value, gamma_rows, lam_rows, gamma, lam):
-        dtype = acc_dtype(rewards)
-        return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(
-            rewards.shape, dtype=dtype
-        )
+def _fake(rewards, values, mask, cu_seqlens, last_value, gamma_rows, lam_rows, gamma, lam):
+    dtype = acc_dtype(rewards)
+    return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(
+        rewards.shape, dtype=dtype
+    )
 
 
-if compiled_available():
-    _register_fake()
+# No gradient (the inputs are detached): a fake kernel for the compiled op only.
+register_fakes({"gae": _fake})
+# rlhf_ext.triton.gae, imported on first use (a triton_op: traced through, no fake kernel).
+triton_kernels = triton_loader("gae", lambda kernels: None)

@@ -5,21 +5,18 @@ from __future__ import annotations
 import torch
 
 from rlhf_ext import reference
-from rlhf_ext._backend import compiled_available, resolve_backend
-from rlhf_ext.ops._checks import acc_dtype, check_dim, check_like, check_mask, check_tensor
+from rlhf_ext._backend import resolve_backend
+from rlhf_ext.ops._checks import (
+    acc_dtype,
+    check_dim,
+    check_kl_kind,
+    check_like,
+    check_mask,
+    check_tensor,
+)
+from rlhf_ext.ops._registry import register_fakes, triton_loader
 
 OP = "rlhf_ext.kl_shaped_rewards"
-# Names (and aliases) of the KL estimators -> the codes of csrc/include/rlhf_ext/kl.h.
-KL_KIND_CODES = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
-KL_KINDS = tuple(KL_KIND_CODES)
-
-
-def check_kl_kind(op: str, name: str, kind) -> str:
-    if not isinstance(kind, str) or kind.rstrip("+") not in KL_KINDS or kind.count("+") > 1:
-        raise ValueError(
-            f"{op}: `{name}` must be one of {KL_KINDS} (optionally with a '+' suffix), got {kind!r}"
-        )
-    return kind
 
 
 def kl_shaped_rewards(
@@ -72,9 +69,9 @@ def kl_shaped_rewards(
             scores, logprobs, ref_logprobs, mask, float(kl_coef), kl
         )
     if chosen == "triton":
-        from rlhf_ext.triton.kl_shaped_rewards import kl_shaped_rewards_triton
-
-        return kl_shaped_rewards_triton(scores, logprobs, ref_logprobs, mask, float(kl_coef), kl)
+        return triton_kernels().kl_shaped_rewards_triton(
+            scores, logprobs, ref_logprobs, mask, float(kl_coef), kl
+        )
     return reference.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, kl=kl)
 
 
@@ -82,5 +79,7 @@ def _fake(scores, logprobs, ref_logprobs, mask, kl_coef, kl):
     return logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs))
 
 
-if compiled_available():
-    torch.library.register_fake("rlhf_ext::kl_shaped_rewards")(_fake)
+register_fakes({"kl_shaped_rewards": _fake})
+# rlhf_ext.triton.kl_shaped_rewards, imported on first use (a triton_op: traced
+# through, no fake kernel; no gradient).
+triton_kernels = triton_loader("kl_shaped_rewards", lambda kernels: None)

@@ -11,11 +11,19 @@ from rlhf_ext.ops._checks import (
     acc_dtype,
     check_same_device,
     check_target,
+    check_temperature,
     check_tensor,
     eager,
     raise_on_bad_target,
 )
-from rlhf_ext.ops.token_logprobs import _check_temperature
+from rlhf_ext.ops._registry import (
+    first_order_only,
+    input_count,
+    register_backward,
+    register_fakes,
+    triton_loader,
+)
+from rlhf_ext.ops._vocab import LINEAR_ROW_QUANTUM
 
 OP = "rlhf_ext.linear_token_logprobs"
 
@@ -25,7 +33,6 @@ OP = "rlhf_ext.linear_token_logprobs"
 CPU_BUDGET_BYTES = 256 << 20
 CUDA_MIN_BUDGET_BYTES = 64 << 20
 CUDA_MAX_BUDGET_BYTES = 512 << 20
-ROW_QUANTUM = 16  # chunks are whole multiples of this many rows (see the C++ header)
 
 
 def linear_token_logprobs(
@@ -97,7 +104,7 @@ def linear_token_logprobs(
     large one, which is not guaranteed.
     """
     _check_inputs(hidden, weight, bias, target)
-    temperature = _check_temperature_here(temperature)
+    temperature = check_temperature(OP, temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
     chunk_rows = resolve_chunk_size(chunk_size, weight.shape[0], hidden)
@@ -114,7 +121,7 @@ def linear_token_logprobs(
             ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
-    logprobs, entropy = LinearTokenLogprobsFunction.apply(
+    logprobs, entropy, _lse = _forward_op(chosen)(
         hidden,
         weight,
         bias,
@@ -123,16 +130,8 @@ def linear_token_logprobs(
         ignore_index,
         bool(return_entropy),
         chunk_rows,
-        chosen,
     )
     return (logprobs, entropy) if return_entropy else logprobs
-
-
-def _check_temperature_here(temperature) -> float:
-    try:
-        return _check_temperature(temperature)
-    except (TypeError, ValueError) as error:  # same checks, this op's name
-        raise type(error)(str(error).replace("rlhf_ext.token_logprobs", OP)) from None
 
 
 def _check_inputs(hidden, weight, bias, target) -> None:
@@ -199,68 +198,53 @@ def resolve_chunk_size(chunk_size, vocab: int, hidden: torch.Tensor) -> int:
         raise ValueError(f"{OP}: `chunk_size` must be an int >= 1, got {chunk_size}")
     else:
         return chunk_size
-    return max(ROW_QUANTUM, rows // ROW_QUANTUM * ROW_QUANTUM)
+    return max(LINEAR_ROW_QUANTUM, rows // LINEAR_ROW_QUANTUM * LINEAR_ROW_QUANTUM)
 
 
-def _kernels(backend: str):
-    """(forward, backward) ops of a compiled or Triton backend."""
+def _forward_op(backend: str):
+    """The forward op of a compiled or Triton backend (its backward is registered below)."""
     if backend == "triton":
-        from rlhf_ext.triton import linear_token_logprobs as kernels
-
-        return kernels.linear_token_logprobs_fwd_triton, kernels.linear_token_logprobs_bwd_triton
-    ops = torch.ops.rlhf_ext
-    return ops.linear_token_logprobs_fwd, ops.linear_token_logprobs_bwd
+        return triton_kernels().linear_token_logprobs_fwd_triton
+    return torch.ops.rlhf_ext.linear_token_logprobs_fwd
 
 
-class LinearTokenLogprobsFunction(torch.autograd.Function):
-    """Forward saves the inputs and the per-row log-sum-exp (and entropy); the
-    backward recomputes the logits tile by tile."""
+# -- autograd and fake kernels (compiled and Triton ops alike) -------------------
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, temperature, ignore_index, return_entropy,
-                chunk_rows, backend):  # fmt: skip
-        forward_op = _kernels(backend)[0]
-        logprobs, entropy, lse = forward_op(
-            hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk_rows
-        )
+
+def register_linear_autograd(forward_op, backward_op) -> None:
+    """The forward saves the inputs and the per-row log-sum-exp (and entropy); the
+    backward recomputes the logits tile by tile. Its kernels have no derivative, so a
+    second-order gradient raises (first_order_only)."""
+    others = (None,) * (input_count(forward_op) - 3)
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk = inputs
+        _, entropy, lse = output
         ctx.save_for_backward(
             hidden, weight, bias, target, lse, entropy if return_entropy else None
         )
-        ctx.settings = (temperature, ignore_index, return_entropy, chunk_rows, backend)
+        ctx.settings = (temperature, ignore_index, return_entropy, chunk)
+        ctx.mark_non_differentiable(lse)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the backward op has no derivative
-    def backward(ctx, grad_logprobs, grad_entropy):
+    @first_order_only
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, return_entropy, chunk_rows, backend = ctx.settings
+        temperature, ignore_index, return_entropy, chunk_rows = ctx.settings
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden, grad_weight, grad_bias = _kernels(backend)[1](
-            hidden,
-            weight,
-            bias,
-            target,
-            lse,
-            entropy,
-            grad_logprobs,
-            grad_entropy if return_entropy else None,
-            temperature,
-            ignore_index,
-            chunk_rows,
-            need_hidden,
-            need_weight,
-        )
+        inputs = (hidden, weight, bias, target)
+        statistics = (lse, entropy, grad_logprobs, grad_entropy if return_entropy else None)
+        settings = (temperature, ignore_index, chunk_rows, need_hidden, need_weight)
+        grad_hidden, grad_weight, grad_bias = backward_op(*inputs, *statistics, *settings)
         return (
             grad_hidden if need_hidden else None,
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
-            None, None, None, None, None, None,
-        )  # fmt: skip
+            *others,
+        )
 
-
-# -- fake kernels ---------------------------------------------------------------
+    register_backward(forward_op, backward, setup_context)
 
 
 def forward_fake(hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk):
@@ -281,6 +265,24 @@ def backward_fake(hidden, weight, bias, target, lse, entropy, grad_lp, grad_ent,
     )
 
 
+def _register_triton(kernels) -> None:
+    """The Triton pair are custom_ops (their bodies mix torch GEMMs, data-dependent row
+    selection and raw kernel launches), so they take the same fake kernels."""
+    kernels.linear_token_logprobs_fwd_triton.register_fake(forward_fake)
+    kernels.linear_token_logprobs_bwd_triton.register_fake(backward_fake)
+    register_linear_autograd(
+        kernels.linear_token_logprobs_fwd_triton, kernels.linear_token_logprobs_bwd_triton
+    )
+
+
+register_fakes(
+    {"linear_token_logprobs_fwd": forward_fake, "linear_token_logprobs_bwd": backward_fake}
+)
 if compiled_available():
-    torch.library.register_fake("rlhf_ext::linear_token_logprobs_fwd")(forward_fake)
-    torch.library.register_fake("rlhf_ext::linear_token_logprobs_bwd")(backward_fake)
+    register_linear_autograd(
+        torch.ops.rlhf_ext.linear_token_logprobs_fwd, torch.ops.rlhf_ext.linear_token_logprobs_bwd
+    )
+
+# rlhf_ext.triton.linear_token_logprobs with its fakes and autograd registered,
+# imported on first use.
+triton_kernels = triton_loader("linear_token_logprobs", _register_triton)

@@ -7,6 +7,7 @@ import torch
 from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import acc_dtype, check_mask, check_tensor, eager
+from rlhf_ext.ops._registry import register_backward, register_fakes, triton_loader
 
 MEAN_OP = "rlhf_ext.masked_mean"
 WHITEN_OP = "rlhf_ext.masked_whiten"
@@ -61,9 +62,7 @@ def masked_mean(
     if chosen in ("cpu", "cuda"):
         mean, count = torch.ops.rlhf_ext.masked_mean(x, mask, dim)
     elif chosen == "triton":
-        from rlhf_ext.triton.masked_stats import masked_mean_triton
-
-        mean, count = masked_mean_triton(x, mask, dim)
+        mean, count = triton_kernels().masked_mean_triton(x, mask, dim)
     else:
         mean = reference.masked_mean(x, mask, dim)
         count = None if dim is not None else (x.numel() if mask is None else (mask != 0).sum())
@@ -108,9 +107,9 @@ def masked_whiten(
             x, mask, bool(shift_mean), bool(unbiased), float(eps)
         )
     elif chosen == "triton":
-        from rlhf_ext.triton.masked_stats import masked_whiten_triton
-
-        out, count = masked_whiten_triton(x, mask, bool(shift_mean), bool(unbiased), float(eps))
+        out, count = triton_kernels().masked_whiten_triton(
+            x, mask, bool(shift_mean), bool(unbiased), float(eps)
+        )
     else:
         count = torch.as_tensor(x.numel() if mask is None else (mask != 0).sum())
         if count.item() >= (2 if unbiased else 1):
@@ -122,7 +121,7 @@ def masked_whiten(
     return out
 
 
-# -- autograd and fake kernels ------------------------------------------------
+# -- autograd and fake kernels (compiled and Triton ops alike) -------------------
 
 
 def _mean_setup_context(ctx, inputs, output):
@@ -148,7 +147,7 @@ def _mean_backward(ctx, grad_mean, _grad_count):
 
 def register_masked_mean_autograd(op) -> None:
     """Gradient of a masked_mean op (compiled or Triton): grad * mask / count."""
-    torch.library.register_autograd(op, _mean_backward, setup_context=_mean_setup_context)
+    register_backward(op, _mean_backward, _mean_setup_context)
 
 
 def mean_fake(x, mask, dim):
@@ -166,7 +165,13 @@ def whiten_fake(x, mask, shift_mean, unbiased, eps):
     return x.new_empty(x.shape, dtype=dtype), x.new_empty((), dtype=dtype)
 
 
+# masked_whiten detaches its input: no gradient to register.
+register_fakes({"masked_mean": mean_fake, "masked_whiten": whiten_fake})
 if compiled_available():
-    torch.library.register_fake("rlhf_ext::masked_mean")(mean_fake)
-    torch.library.register_fake("rlhf_ext::masked_whiten")(whiten_fake)
-    register_masked_mean_autograd("rlhf_ext::masked_mean")
+    register_masked_mean_autograd(torch.ops.rlhf_ext.masked_mean)
+
+# rlhf_ext.triton.masked_stats with its autograd registered, imported on first use
+# (triton_ops: traced through, so no fake kernels).
+triton_kernels = triton_loader(
+    "masked_stats", lambda kernels: register_masked_mean_autograd(kernels.masked_mean_triton)
+)

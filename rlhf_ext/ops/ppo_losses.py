@@ -1,4 +1,4 @@
-"""rlhf_ext.ppo_policy_loss, value_loss, kl_penalty and kl_loss (DESIGN 3.3).
+"""rlhf_ext.ppo_policy_loss, value_loss, kl_penalty and kl_loss (docs/design.md §3.3).
 
 Every loss op makes one pass over its inputs that yields the loss, every
 statistic and the per-token derivative (before aggregation) plus a per-row
@@ -13,28 +13,25 @@ import torch
 
 from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
-from rlhf_ext.ops._checks import acc_dtype, check_dim, check_like, check_mask, check_tensor
-from rlhf_ext.ops.kl_shaped_rewards import check_kl_kind
+from rlhf_ext.ops._checks import (
+    acc_dtype,
+    check_agg,
+    check_dim,
+    check_kl_kind,
+    check_like,
+    check_mask,
+    check_tensor,
+)
+from rlhf_ext.ops._registry import input_count, register_backward, register_fakes, triton_loader
+from rlhf_ext.ops._vocab import KL_LOSS_STATS, NORM_AGG, POLICY_STATS, VALUE_STATS
 
 POLICY_OP = "rlhf_ext.ppo_policy_loss"
 VALUE_OP = "rlhf_ext.value_loss"
 KL_PENALTY_OP = "rlhf_ext.kl_penalty"
 KL_LOSS_OP = "rlhf_ext.kl_loss"
 
-AGG_MODES = reference.AGG_MODES
-# The codes of csrc/include/rlhf_ext/ppo_math.h's LossAgg (used by Triton).
-AGG_CODES = {name: code for code, name in enumerate(AGG_MODES)}
-POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
-VALUE_STATS = ("clipfrac",)
-
 
 # -- argument checks ----------------------------------------------------------
-
-
-def check_agg(op: str, agg) -> str:
-    if agg not in AGG_MODES:
-        raise ValueError(f"{op}: `agg` must be one of {AGG_MODES}, got {agg!r}")
-    return agg
 
 
 def _number(op: str, name: str, value, *, above: float, none_ok: bool, what: str):
@@ -119,9 +116,9 @@ def ppo_policy_loss(
     loss_scale_factor = _number(
         op, "loss_scale_factor", loss_scale_factor, above=0.0, none_ok=True, what="> 0"
     )
-    if loss_scale_factor is not None and agg != "seq-mean-token-sum-norm":
+    if loss_scale_factor is not None and agg != NORM_AGG:
         raise ValueError(
-            f"{op}: `loss_scale_factor` is used by agg='seq-mean-token-sum-norm' only, "
+            f"{op}: `loss_scale_factor` is used by agg='{NORM_AGG}' only, "
             f"got loss_scale_factor={loss_scale_factor!r} with agg={agg!r}"
         )
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -140,7 +137,7 @@ def ppo_policy_loss(
         )
     args = (lp, old, adv, mask, clip_eps, high, dual_clip or 0.0, agg, loss_scale_factor or 0.0)
     if chosen == "triton":
-        from rlhf_ext.triton.ppo_losses import ppo_policy_loss_triton as fn
+        fn = triton_kernels().ppo_policy_loss_triton
     else:
         fn = torch.ops.rlhf_ext.ppo_policy_loss
     loss, stats, _, _ = fn(*args)
@@ -179,7 +176,7 @@ def value_loss(
         return reference.value_loss(v, old, ret, mask, clip_eps=clip_eps, agg=agg)
     args = (v, old, ret, mask, clip_eps or 0.0, agg)
     if chosen == "triton":
-        from rlhf_ext.triton.ppo_losses import value_loss_triton as fn
+        fn = triton_kernels().value_loss_triton
     else:
         fn = torch.ops.rlhf_ext.value_loss
     loss, stats, _, _ = fn(*args)
@@ -209,9 +206,7 @@ def kl_penalty(
     if chosen == "torch":
         return reference.kl_penalty(lp, ref, kind)
     if chosen == "triton":
-        from rlhf_ext.triton.ppo_losses import kl_penalty_triton
-
-        value, _ = kl_penalty_triton(lp, ref, kind)
+        value, _ = triton_kernels().kl_penalty_triton(lp, ref, kind)
     else:
         value, _ = torch.ops.rlhf_ext.kl_penalty(lp, ref, kind)
     return value
@@ -236,19 +231,20 @@ def kl_loss(
     if chosen == "torch":
         return reference.kl_loss(lp, ref, mask, kind=kind, agg=agg)
     if chosen == "triton":
-        from rlhf_ext.triton.ppo_losses import kl_loss_triton as fn
+        fn = triton_kernels().kl_loss_triton
     else:
         fn = torch.ops.rlhf_ext.kl_loss
     loss, _, _, _ = fn(lp, ref, mask, kind, agg)
     return loss
 
 
-# -- autograd and fake kernels ------------------------------------------------
+# -- autograd and fake kernels (compiled and Triton ops alike) -------------------
 
 
-def register_loss_autograd(op, backward_op, n_inputs: int) -> None:
+def register_loss_autograd(op, backward_op) -> None:
     """d loss / d first input = backward_op(grad_loss, grad, row_weight, dtype); the
-    other inputs get no gradient."""
+    other inputs (as many as the op's schema declares) get no gradient."""
+    others = (None,) * (input_count(op) - 1)
 
     def setup_context(ctx, inputs, output):
         _, _, grad, row_weight = output
@@ -260,15 +256,16 @@ def register_loss_autograd(op, backward_op, n_inputs: int) -> None:
 
     def backward(ctx, grad_loss, _stats, _grad, _row_weight):
         if grad_loss is None:
-            return (None,) * n_inputs
+            return (None, *others)
         grad, row_weight = ctx.saved_tensors
-        return (backward_op(grad_loss, grad, row_weight, ctx.dtype),) + (None,) * (n_inputs - 1)
+        return (backward_op(grad_loss, grad, row_weight, ctx.dtype), *others)
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    register_backward(op, backward, setup_context)
 
 
 def register_kl_penalty_autograd(op) -> None:
     """d value / d logprobs = grad_value * grad (elementwise)."""
+    others = (None,) * (input_count(op) - 1)
 
     def setup_context(ctx, inputs, output):
         ctx.dtype = inputs[0].dtype
@@ -276,9 +273,9 @@ def register_kl_penalty_autograd(op) -> None:
 
     def backward(ctx, grad_value, _grad):
         (grad,) = ctx.saved_tensors
-        return (grad_value * grad).to(ctx.dtype), None, None
+        return ((grad_value * grad).to(ctx.dtype), *others)
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    register_backward(op, backward, setup_context)
 
 
 def loss_fake(first, n_stats: int):
@@ -300,7 +297,7 @@ def value_fake(values, old_values, returns, mask, clip_eps, agg):
 
 
 def kl_loss_fake(lp, ref, mask, kind, agg):
-    return loss_fake(lp, 0)
+    return loss_fake(lp, len(KL_LOSS_STATS))
 
 
 def kl_penalty_fake(lp, ref, kind):
@@ -312,14 +309,31 @@ def loss_backward_fake(grad_loss, grad, row_weight, dtype):
     return grad.new_empty(grad.shape, dtype=dtype)
 
 
+def _register_compiled() -> None:
+    register_fakes(
+        {
+            "ppo_policy_loss": policy_fake,
+            "value_loss": value_fake,
+            "kl_loss": kl_loss_fake,
+            "kl_penalty": kl_penalty_fake,
+            "loss_backward": loss_backward_fake,
+        }
+    )
+    ops = torch.ops.rlhf_ext
+    for op in (ops.ppo_policy_loss, ops.value_loss, ops.kl_loss):
+        register_loss_autograd(op, ops.loss_backward)
+    register_kl_penalty_autograd(ops.kl_penalty)
+
+
+def _register_triton(kernels) -> None:
+    """The Triton ops are triton_ops: traced through, so they need no fake kernels."""
+    for op in (kernels.ppo_policy_loss_triton, kernels.value_loss_triton, kernels.kl_loss_triton):
+        register_loss_autograd(op, kernels.loss_backward_triton)
+    register_kl_penalty_autograd(kernels.kl_penalty_triton)
+
+
+# rlhf_ext.triton.ppo_losses with its autograd registered, imported on first use.
+triton_kernels = triton_loader("ppo_losses", _register_triton)
+
 if compiled_available():
-    torch.library.register_fake("rlhf_ext::ppo_policy_loss")(policy_fake)
-    torch.library.register_fake("rlhf_ext::value_loss")(value_fake)
-    torch.library.register_fake("rlhf_ext::kl_loss")(kl_loss_fake)
-    torch.library.register_fake("rlhf_ext::kl_penalty")(kl_penalty_fake)
-    torch.library.register_fake("rlhf_ext::loss_backward")(loss_backward_fake)
-    _backward = torch.ops.rlhf_ext.loss_backward
-    register_loss_autograd("rlhf_ext::ppo_policy_loss", _backward, 9)
-    register_loss_autograd("rlhf_ext::value_loss", _backward, 6)
-    register_loss_autograd("rlhf_ext::kl_loss", _backward, 5)
-    register_kl_penalty_autograd("rlhf_ext::kl_penalty")
+    _register_compiled()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from rlhf_ext import reference
@@ -11,10 +9,12 @@ from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import (
     acc_dtype,
     check_target,
+    check_temperature,
     check_tensor,
     eager,
     raise_on_bad_target,
 )
+from rlhf_ext.ops._registry import input_count, register_backward, register_fakes, triton_loader
 
 OP = "rlhf_ext.token_logprobs"
 
@@ -71,7 +71,7 @@ def token_logprobs(
             f"{OP}: `logits` must have shape [..., V] with V >= 1, got {tuple(logits.shape)}"
         )
     check_target(OP, target, logits, "logits")
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(OP, temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
     if validate and eager():
@@ -85,61 +85,41 @@ def token_logprobs(
             ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
-    logprobs, entropy = TokenLogprobsFunction.apply(
-        logits,
-        target,
-        temperature,
-        ignore_index,
-        bool(return_entropy),
-        bool(inplace_backward),
-        chosen,
+    forward_op = _forward_op(chosen)
+    logprobs, entropy, _lse = forward_op(
+        logits, target, temperature, ignore_index, bool(return_entropy), bool(inplace_backward)
     )
     return (logprobs, entropy) if return_entropy else logprobs
 
 
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{OP}: `temperature` must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{OP}: `temperature` must be a finite float > 0, got {temperature!r}")
-    return float(temperature)
-
-
-def _kernels(backend: str):
-    """(forward, backward, in-place backward) ops of a compiled or Triton backend."""
+def _forward_op(backend: str):
+    """The forward op of a compiled or Triton backend (its backward is registered below)."""
     if backend == "triton":
-        from rlhf_ext.triton import token_logprobs as kernels
-
-        return (
-            kernels.token_logprobs_fwd_triton,
-            kernels.token_logprobs_bwd_triton,
-            kernels.token_logprobs_bwd_inplace_triton,
-        )
-    ops = torch.ops.rlhf_ext
-    return ops.token_logprobs_fwd, ops.token_logprobs_bwd, ops.token_logprobs_bwd_
+        return triton_kernels().token_logprobs_fwd_triton
+    return torch.ops.rlhf_ext.token_logprobs_fwd
 
 
-class TokenLogprobsFunction(torch.autograd.Function):
-    """Forward saves logits, target and the per-row log-sum-exp (and entropy);
-    backward is one fused kernel over the logits."""
+# -- autograd and fake kernels (compiled and Triton ops alike) -------------------
 
-    @staticmethod
-    def forward(ctx, logits, target, temperature, ignore_index, return_entropy, inplace, backend):
-        forward_op = _kernels(backend)[0]
-        logprobs, entropy, lse = forward_op(
-            logits, target, temperature, ignore_index, return_entropy
-        )
+
+def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_op) -> None:
+    """The forward saves logits, target and the per-row log-sum-exp (and entropy);
+    the backward is one fused kernel over the logits, into a fresh tensor or, with
+    inplace_backward, into the logits buffer."""
+    others = (None,) * (input_count(forward_op) - 1)
+
+    def setup_context(ctx, inputs, output):
+        logits, target, temperature, ignore_index, return_entropy, inplace = inputs
+        _, entropy, lse = output
         ctx.save_for_backward(logits, target, lse, entropy if return_entropy else None)
-        ctx.settings = (temperature, ignore_index, return_entropy, inplace, backend)
+        ctx.settings = (temperature, ignore_index, return_entropy, inplace)
+        ctx.mark_non_differentiable(lse)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
 
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, target, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, return_entropy, inplace, backend = ctx.settings
-        _, backward_op, backward_inplace_op = _kernels(backend)
+        temperature, ignore_index, return_entropy, inplace = ctx.settings
         args = (
             target,
             lse,
@@ -151,16 +131,13 @@ class TokenLogprobsFunction(torch.autograd.Function):
         )
         if inplace:
             backward_inplace_op(logits, *args)
-            grad = logits
-        else:
-            grad = backward_op(logits, *args)
-        return grad, None, None, None, None, None, None
+            return (logits, *others)
+        return (backward_op(logits, *args), *others)
+
+    register_backward(forward_op, backward, setup_context)
 
 
-# -- fake kernels ---------------------------------------------------------------
-
-
-def forward_fake(logits, target, temperature, ignore_index, return_entropy):
+def forward_fake(logits, target, temperature, ignore_index, return_entropy, inplace=False):
     lead, dtype = logits.shape[:-1], acc_dtype(logits)
     entropy = logits.new_empty(lead if return_entropy else (0,), dtype=dtype)
     return logits.new_empty(lead, dtype=dtype), entropy, logits.new_empty(lead, dtype=dtype)
@@ -174,7 +151,27 @@ def backward_inplace_fake(logits, target, lse, entropy, grad_lp, grad_entropy, t
     return None
 
 
+def _register_triton(kernels) -> None:
+    """The Triton ops are triton_ops: traced through, so they need no fake kernels."""
+    register_token_logprobs_autograd(
+        kernels.token_logprobs_fwd_triton,
+        kernels.token_logprobs_bwd_triton,
+        kernels.token_logprobs_bwd_inplace_triton,
+    )
+
+
+register_fakes(
+    {
+        "token_logprobs_fwd": forward_fake,
+        "token_logprobs_bwd": backward_fake,
+        "token_logprobs_bwd_": backward_inplace_fake,
+    }
+)
 if compiled_available():
-    torch.library.register_fake("rlhf_ext::token_logprobs_fwd")(forward_fake)
-    torch.library.register_fake("rlhf_ext::token_logprobs_bwd")(backward_fake)
-    torch.library.register_fake("rlhf_ext::token_logprobs_bwd_")(backward_inplace_fake)
+    _ops = torch.ops.rlhf_ext
+    register_token_logprobs_autograd(
+        _ops.token_logprobs_fwd, _ops.token_logprobs_bwd, _ops.token_logprobs_bwd_
+    )
+
+# rlhf_ext.triton.token_logprobs with its autograd registered, imported on first use.
+triton_kernels = triton_loader("token_logprobs", _register_triton)

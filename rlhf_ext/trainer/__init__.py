@@ -1,4 +1,4 @@
-"""The PPO trainer (DESIGN 6): ``PPOConfig``, ``PPOTrainer``, the KL controllers,
+"""The PPO trainer (docs/design.md §6): ``PPOConfig``, ``PPOTrainer``, the KL controllers,
 the built-in GPT and the Hugging Face adapter.
 
 Every log-prob, advantage, KL and loss in it goes through rlhf_ext's own ops.

@@ -8,8 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from rlhf_ext.ops.kl_shaped_rewards import KL_KINDS
-from rlhf_ext.reference import AGG_MODES
+from rlhf_ext.ops._vocab import AGG_MODES, KL_KINDS
 
 NAME = "rlhf_ext.trainer.PPOConfig"
 KL_PLACEMENTS = ("reward", "loss")
@@ -17,7 +16,7 @@ KL_PLACEMENTS = ("reward", "loss")
 
 @dataclass
 class PPOConfig:
-    """Hyper-parameters of :class:`rlhf_ext.trainer.PPOTrainer` (DESIGN 6).
+    """Hyper-parameters of :class:`rlhf_ext.trainer.PPOTrainer` (docs/design.md §6).
 
     Names follow TRL's ``PPOConfig`` / OpenRLHF's flags where one exists. Batch
     sizes are per process (per rank): each rank rolls out ``rollout_batch_size``

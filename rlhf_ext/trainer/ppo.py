@@ -16,7 +16,12 @@ from torch import nn
 
 import rlhf_ext
 from rlhf_ext.trainer import distributed as dist
-from rlhf_ext.trainer.checkpoint import atomic_torch_save, capture_rng, load_checkpoint, restore_rng
+from rlhf_ext.trainer.checkpoint import (
+    CHECKPOINT_FILE,
+    load_trainer_checkpoint,
+    save_trainer_checkpoint,
+    trainer_state,
+)
 from rlhf_ext.trainer.config import PPOConfig
 from rlhf_ext.trainer.kl_control import build_kl_controller
 from rlhf_ext.trainer.metrics import MetricsWriter, ProgressBar, format_sample_table, plot_metrics
@@ -24,6 +29,7 @@ from rlhf_ext.trainer.model import ValueHeadModel, as_causal_lm
 from rlhf_ext.trainer.rewards import RewardSource, RunningMoments, shape_scores
 from rlhf_ext.trainer.rollout import (
     Batch,
+    Experience,
     generate,
     left_pad,
     response_logits,
@@ -32,9 +38,6 @@ from rlhf_ext.trainer.rollout import (
 )
 
 NAME = "rlhf_ext.trainer.PPOTrainer"
-CHECKPOINT = "checkpoint.pt"
-# a resumed run must agree with its checkpoint on these (the sampling and batching)
-RESUME_FIELDS = ("seed", "rollout_batch_size", "mini_batch_size", "micro_batch_size")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,15 +177,15 @@ class PPOTrainer:
         sequences; a response ends at its first EOS) and ``scores [B]``. Like an
         iteration of :meth:`train` it advances :attr:`iteration` and appends to
         ``metrics.jsonl``. Returns the iteration's metrics."""
-        ids, qmask = left_pad(queries, self.pad_token_id, self.device)
-        rids, rmask, has_eos = right_pad(
+        query_ids, query_mask = left_pad(queries, self.pad_token_id, self.device)
+        response_ids, response_mask, has_eos = right_pad(
             responses, self.pad_token_id, self.eos_token_id, self.device
         )
-        batch = Batch(ids, qmask, rids, rmask, has_eos)
+        batch = Batch(query_ids, query_mask, response_ids, response_mask, has_eos)
         scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device).reshape(-1)
-        if scores.numel() != ids.shape[0]:
+        if scores.numel() != query_ids.shape[0]:
             raise ValueError(
-                f"{NAME}.step: `scores` must hold one score per query ({ids.shape[0]}), "
+                f"{NAME}.step: `scores` must hold one score per query ({query_ids.shape[0]}), "
                 f"got {scores.numel()}"
             )
         self._sync_metrics_log()
@@ -191,27 +194,33 @@ class PPOTrainer:
         return self._finish_iteration(batch, scores, metrics, start)
 
     def _ppo_iteration(self, batch: Batch, raw_scores: torch.Tensor, timings: dict) -> dict:
-        cfg = self.config
+        """Everything of an iteration after the rollout and its scores: the
+        experience, the PPO epochs, the metrics and the KL controller's update.
+        Adds the stages' durations to ``timings``."""
         clock = time.perf_counter()
-        data = self._rollout_statistics(batch)
+        old_logprobs, entropy, old_values = self._policy_statistics(batch)
+        ref_logprobs = self._reference_logprobs(batch)
         timings["time/logprobs"] = time.perf_counter() - clock
         clock = time.perf_counter()
         scores = self._shaped_scores(raw_scores, batch.has_eos)
-        kl_coef = self.kl_controller.value
-        data["rewards"] = self.shaped_rewards(
-            scores, data["old_logprobs"], data["ref_logprobs"], batch.response_mask
+        kl_coef = self.kl_controller.value  # this iteration's; updated at its end
+        rewards = self.shaped_rewards(scores, old_logprobs, ref_logprobs, batch.response_mask)
+        advantages, returns = self._advantages(rewards, old_values, batch.response_mask)
+        experience = Experience(
+            batch=batch,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            entropy=entropy,
+            old_values=old_values,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
         )
-        advantages, data["returns"] = rlhf_ext.gae(
-            data["rewards"], data["old_values"], batch.response_mask, gamma=cfg.gamma, lam=cfg.lam
-        )
-        if cfg.whiten_advantages:
-            advantages = rlhf_ext.masked_whiten(advantages, batch.response_mask)
-        data["advantages"] = advantages
         timings["time/advantages"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        update_stats = self._ppo_epochs(batch, data)
+        update_stats = self._ppo_epochs(experience)
         timings["time/update"] = time.perf_counter() - clock
-        metrics = self._metrics(batch, data, raw_scores, scores, kl_coef, update_stats)
+        metrics = self._metrics(experience, raw_scores, scores, kl_coef, update_stats)
         if math.isfinite(metrics["objective/kl"]):  # already the mean over ranks
             self.kl_controller.update(metrics["objective/kl"], len(batch.queries) * self.world_size)
         metrics.update(timings)
@@ -231,44 +240,73 @@ class PPOTrainer:
         )
 
     @torch.no_grad()
-    def _rollout_statistics(self, batch: Batch) -> dict:
-        """Old log-probs, entropy and values of the policy; reference log-probs."""
-        temperature = self.config.temperature
-        if self.critic is None:
-            logits, values = response_logits(self.model, batch, value_model=True)
-        else:
-            logits, _ = response_logits(self.policy_lm, batch)
-            _, values = response_logits(self.critic, batch, value_model=True)
-        old_logprobs, entropy = response_logprobs(logits, batch, temperature, True)
+    def _policy_statistics(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sampling policy's ``(logprobs, entropy, values)``, each ``[B, R]``,
+        0 outside the response mask."""
+        logprobs, entropy, values = self._forward(self.model, self.critic, batch)
+        return logprobs, entropy, values.masked_fill(~batch.response_mask, 0.0)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """The frozen reference's log-probs ``[B, R]`` of the responses."""
         ref_logits, _ = response_logits(self.ref_lm, batch)
-        ref_logprobs = response_logprobs(ref_logits, batch, temperature)
-        mask = batch.response_mask
-        return {
-            "old_logprobs": old_logprobs,
-            "entropy": entropy,
-            "old_values": values.masked_fill(~mask, 0.0),
-            "ref_logprobs": ref_logprobs,
-        }
+        return response_logprobs(ref_logits, batch, self.config.temperature)
+
+    def _forward(self, model, critic, batch: Batch):
+        """``(logprobs, entropy, values)`` of the responses from ``model`` (a
+        ValueHeadModel when ``critic`` is None) and ``critic``: no grad for the
+        experience, DDP-wrapped with grad for the loss."""
+        if critic is None:
+            logits, values = response_logits(model, batch, value_model=True)
+        else:
+            logits, _ = response_logits(model, batch)
+            _, values = response_logits(critic, batch, value_model=True)
+        logprobs, entropy = response_logprobs(logits, batch, self.config.temperature, True)
+        return logprobs, entropy, values
 
     def _shaped_scores(self, raw_scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+        """The scores the rewards use (see :func:`shape_scores`). The running
+        moments are first updated with every rank's scores after the missing-EOS
+        penalty only: they describe what the normalisation divides, the scores
+        before it and before the clip."""
+        cfg = self.config
         if self.reward_moments is not None:
-            penalised = shape_scores(raw_scores, has_eos, None, _NoClip(self.config))
+            penalised = shape_scores(
+                raw_scores, has_eos=has_eos, missing_eos_penalty=cfg.missing_eos_penalty
+            )
             penalised = dist.gather_from_ranks(penalised)
             self.reward_moments.update(penalised[torch.isfinite(penalised)])  # NaN never sticks
-        return shape_scores(raw_scores, has_eos, self.reward_moments, self.config)
+        return shape_scores(
+            raw_scores,
+            has_eos=has_eos,
+            missing_eos_penalty=cfg.missing_eos_penalty,
+            moments=self.reward_moments,
+            reward_clip=cfg.reward_clip,
+        )
+
+    def _advantages(self, rewards, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE ``(advantages, returns)``; the advantages whitened over the batch
+        when ``whiten_advantages``."""
+        cfg = self.config
+        advantages, returns = rlhf_ext.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = rlhf_ext.masked_whiten(advantages, mask)
+        return advantages, returns
 
     # ------------------------------------------------------------- update
-    def _ppo_epochs(self, batch: Batch, data: dict) -> dict:
+    def _ppo_epochs(self, experience: Experience) -> dict:
+        """``ppo_epochs`` passes over a fresh permutation of the rollout, one optimizer
+        step per mini-batch; the update statistics averaged over the steps taken."""
         cfg = self.config
         sums: dict[str, float] = {}
         updates = skipped = 0
-        rows = batch.queries.shape[0]
+        rows = len(experience)
         self._skipped_this_iteration = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(rows, generator=self.generator)
             for start in range(0, rows, cfg.mini_batch_size):
                 stats = self._update_minibatch(
-                    batch, data, order[start : start + cfg.mini_batch_size]
+                    experience, order[start : start + cfg.mini_batch_size]
                 )
                 if stats is None:
                     skipped += 1
@@ -295,19 +333,19 @@ class PPOTrainer:
                 f"(max_nonfinite_updates={self.config.max_nonfinite_updates}); stopping"
             )
 
-    def _update_minibatch(self, batch: Batch, data: dict, rows: torch.Tensor) -> dict | None:
-        """Forward, backward (accumulated over micro-batches), clip and step; None
-        when a loss or the gradient norm was not finite (the update is skipped)."""
-        cfg = self.config
+    def _update_minibatch(self, experience: Experience, rows: torch.Tensor) -> dict | None:
+        """Forward, backward (accumulated over micro-batches), clip and step on the
+        rows ``rows`` of ``experience``; None when a loss or the gradient norm was
+        not finite (the update is skipped)."""
+        micro = self.config.micro_batch
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        micro = cfg.micro_batch
         for start in range(0, rows.numel(), micro):
             part = rows[start : start + micro].to(self.device)
-            loss, stats = self._loss(batch.select(part), {k: v[part] for k, v in data.items()})
+            loss, stats = self._loss(experience.select(part))
             if dist.any_rank(not bool(torch.isfinite(loss))):
                 return self._skip("loss", float(loss.detach()))
-            (loss * (part.numel() / rows.numel())).backward()
+            (loss * (part.numel() / rows.numel())).backward()  # weighted by its share of rows
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value * part.numel() / rows.numel()
         grad_norm = self._clip_gradients()
@@ -318,7 +356,9 @@ class PPOTrainer:
         return totals
 
     def _clip_gradients(self) -> torch.Tensor:
+        """Clip to ``max_grad_norm``; the total norm before clipping."""
         params = [p for p in self.all_parameters() if p.grad is not None]
+        # no max_grad_norm: an infinite one still gives the norm (metrics, non-finite guard)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
@@ -332,21 +372,19 @@ class PPOTrainer:
         )
         return None
 
-    def _loss(self, mb: Batch, data: dict) -> tuple[torch.Tensor, dict]:
+    def _loss(self, micro_batch: Experience) -> tuple[torch.Tensor, dict]:
         """PPO loss of one micro-batch: clipped policy loss + vf_coef * value loss
-        - entropy_coef * entropy (+ kl_coef * KL loss when the KL is a loss term)."""
+        - entropy_coef * entropy (+ kl_coef * KL loss when the KL is a loss term),
+        and its statistics."""
         cfg = self.config
-        mask = mb.response_mask
-        if self.critic is None:
-            logits, values = response_logits(self.train_model, mb, value_model=True)
-        else:
-            logits, _ = response_logits(self.train_model, mb)
-            _, values = response_logits(self.train_critic, mb, value_model=True)
-        logprobs, entropy = response_logprobs(logits, mb, cfg.temperature, True)
+        mask = micro_batch.batch.response_mask
+        logprobs, entropy, values = self._forward(
+            self.train_model, self.train_critic, micro_batch.batch
+        )
         pg_loss, pg_stats = rlhf_ext.ppo_policy_loss(
             logprobs,
-            data["old_logprobs"],
-            data["advantages"],
+            micro_batch.old_logprobs,
+            micro_batch.advantages,
             mask,
             clip_eps=cfg.clip_eps,
             clip_eps_high=cfg.clip_eps_high,
@@ -355,8 +393,8 @@ class PPOTrainer:
         )
         vf_loss, vf_stats = rlhf_ext.value_loss(
             values,
-            data["old_values"],
-            data["returns"],
+            micro_batch.old_values,
+            micro_batch.returns,
             mask,
             clip_eps=cfg.value_clip,
             agg=cfg.loss_agg,
@@ -366,7 +404,7 @@ class PPOTrainer:
         stats = {}
         if cfg.kl_placement == "loss":
             kl = rlhf_ext.kl_loss(
-                logprobs, data["ref_logprobs"], mask, kind=cfg.kl_kind, agg=cfg.loss_agg
+                logprobs, micro_batch.ref_logprobs, mask, kind=cfg.kl_kind, agg=cfg.loss_agg
             )
             loss = loss + self.kl_controller.value * kl
             stats["loss/kl_avg"] = float(kl.detach())
@@ -385,16 +423,40 @@ class PPOTrainer:
         return loss, stats
 
     # ------------------------------------------------------------ metrics
-    def _metrics(self, batch, data, raw_scores, scores, kl_coef, update_stats) -> dict:
+    def _metrics(self, experience: Experience, raw_scores, scores, kl_coef, update_stats) -> dict:
+        """The iteration's metrics, averaged over ranks: the rollout's, the update
+        statistics ``update_stats``, ``metrics_fn``'s and the learning rates."""
+        local = self._rollout_metrics(experience, raw_scores, scores)
+        local.update(update_stats)
+        if self.metrics_fn is not None:
+            local.update(self.metrics_fn(*self.reward.texts(experience.batch)))
+        metrics = dist.mean_over_ranks(local)
+        metrics["val/num_eos_tokens"] *= self.world_size  # a count: the sum over ranks
+        metrics.update(
+            {
+                "kl_coef": kl_coef,
+                "objective/kl_coef": kl_coef,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "value_lr": self.optimizer.param_groups[1]["lr"],
+            }
+        )
+        return metrics
+
+    def _rollout_metrics(self, experience: Experience, raw_scores, scores) -> dict:
+        """This rank's KL, entropy, reward, value and length figures of the rollout
+        (a per-sequence sum is the masked token mean times the length)."""
+        batch = experience.batch
         mask = batch.response_mask
-        per_token_kl = rlhf_ext.kl_penalty(data["old_logprobs"], data["ref_logprobs"], kind="k1")
+        per_token_kl = rlhf_ext.kl_penalty(
+            experience.old_logprobs, experience.ref_logprobs, kind="k1"
+        )
         lengths = mask.sum(1).float()
         kl_per_seq = rlhf_ext.masked_mean(per_token_kl, mask, dim=1) * lengths
-        entropy_per_seq = rlhf_ext.masked_mean(data["entropy"], mask, dim=1) * lengths
-        rlhf_reward = rlhf_ext.masked_mean(data["rewards"], mask, dim=1) * lengths
-        returns, values = data["returns"], data["old_values"]
+        entropy_per_seq = rlhf_ext.masked_mean(experience.entropy, mask, dim=1) * lengths
+        rlhf_reward = rlhf_ext.masked_mean(experience.rewards, mask, dim=1) * lengths
+        returns, values = experience.returns, experience.old_values
         residual_var = _masked_var(returns - values, mask)
-        local = {
+        return {
             "objective/kl": float(kl_per_seq.mean()),
             "objective/entropy": float(entropy_per_seq.mean()),
             "objective/scores": float(raw_scores.mean()),
@@ -407,20 +469,6 @@ class PPOTrainer:
             "val/min_response_length": float(lengths.min()),
             "val/max_response_length": float(lengths.max()),
         }
-        local.update(update_stats)
-        if self.metrics_fn is not None:
-            local.update(self.metrics_fn(*self.reward.texts(batch)))
-        metrics = dist.mean_over_ranks(local)
-        metrics["val/num_eos_tokens"] *= self.world_size  # a count: the sum over ranks
-        metrics.update(
-            {
-                "kl_coef": kl_coef,
-                "objective/kl_coef": kl_coef,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "value_lr": self.optimizer.param_groups[1]["lr"],
-            }
-        )
-        return metrics
 
     # -------------------------------------------------------------- train
     def train(self, prompts, iterations: int | None = None) -> list[dict]:
@@ -533,74 +581,26 @@ class PPOTrainer:
     @property
     def checkpoint_path(self) -> str:
         """``<output_dir>/checkpoint.pt``."""
-        return os.path.join(self.config.output_dir, CHECKPOINT)
+        return os.path.join(self.config.output_dir, CHECKPOINT_FILE)
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs (this rank's RNG states included)."""
-        return {
-            "iteration": self.iteration,
-            "episodes": self.episodes,
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "critic": self.critic.state_dict() if self.critic is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "kl_controller": self.kl_controller.state_dict(),
-            "reward_moments": (
-                self.reward_moments.state_dict() if self.reward_moments is not None else None
-            ),
-            "nonfinite_in_row": self.nonfinite_in_row,
-        }
+        """Everything a resumed run needs but the RNG states (which
+        :meth:`save_checkpoint` adds for every rank)."""
+        return trainer_state(self)
 
     def save_checkpoint(self, path: str | None = None) -> str:
-        """Write a checkpoint atomically (rank 0 writes; every rank's RNG is in it)."""
-        path = path or self.checkpoint_path
-        rng_states = dist.gather_objects(capture_rng(self.generator))
-        if self.rank == 0:
-            state = self.state_dict()
-            state["rng"] = rng_states
-            atomic_torch_save(state, path)
-        dist.barrier()
-        return path
+        """Write a checkpoint atomically (rank 0 writes; every rank's RNG is in it)
+        to ``path`` (default :attr:`checkpoint_path`); returns the path."""
+        return save_trainer_checkpoint(self, path or self.checkpoint_path)
 
     def load_checkpoint(self, path: str | None = None) -> None:
         """Continue from a checkpoint: the run then gives the same results as one
         that was never interrupted (same seed, batch sizes and world size; a
-        mismatch is a ValueError naming the fields)."""
-        path = path or self.checkpoint_path
-        state = load_checkpoint(path)
-        if len(state["rng"]) != self.world_size:
-            raise ValueError(
-                f"{NAME}.load_checkpoint: {path} was written by {len(state['rng'])} rank(s), "
-                f"this run has {self.world_size}"
-            )
-        stored = state.get("config", {})
-        mismatched = [
-            f"`{name}` (checkpoint {stored[name]!r}, this run {getattr(self.config, name)!r})"
-            for name in RESUME_FIELDS
-            if name in stored and stored[name] != getattr(self.config, name)
-        ]
-        if mismatched:
-            raise ValueError(
-                f"{NAME}.load_checkpoint: {path} was written with a different "
-                + ", ".join(mismatched)
-                + "; resume with the checkpoint's values or start a fresh output_dir"
-            )
-        self.model.load_state_dict(state["model"])
-        if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        if self.reward_moments is not None and state["reward_moments"] is not None:
-            self.reward_moments.load_state_dict(state["reward_moments"])
-        self.iteration = state["iteration"]
-        self.episodes = state.get(
-            "episodes", self.iteration * self.config.rollout_batch_size * self.world_size
-        )
-        self.nonfinite_in_row = state["nonfinite_in_row"]
-        restore_rng(state["rng"][self.rank], self.generator)
-        if self.writer is not None:
-            self.writer.truncate_after(self.iteration)
-        self._log_synced = True
+        mismatch is a ValueError naming the fields). ``metrics.jsonl`` is cut back
+        to the checkpoint's iteration."""
+        load_trainer_checkpoint(self, path or self.checkpoint_path)
+        self._log_synced = False
+        self._sync_metrics_log()
 
     # ------------------------------------------------------------ outputs
     def plot(self) -> str | None:
@@ -618,14 +618,6 @@ class PPOTrainer:
         """Print ``message`` on rank 0."""
         if self.rank == 0:
             print(message, file=self._log_stream, flush=True)
-
-
-class _NoClip:
-    """A config view without normalisation-stage clipping (for the moments' input)."""
-
-    def __init__(self, config: PPOConfig) -> None:
-        self.missing_eos_penalty = config.missing_eos_penalty
-        self.reward_clip = None
 
 
 def _masked_var(x: torch.Tensor, mask: torch.Tensor) -> float:

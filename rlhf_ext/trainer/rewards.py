@@ -145,12 +145,23 @@ def _accepts_keywords(module: nn.Module) -> bool:
     return "input_ids" in parameters and "attention_mask" in parameters
 
 
-def shape_scores(scores, has_eos, moments: RunningMoments | None, config) -> torch.Tensor:
-    """Missing-EOS penalty, then running normalisation, then clipping (in that order)."""
-    if config.missing_eos_penalty is not None:
-        scores = scores - config.missing_eos_penalty * (~has_eos).float()
+def shape_scores(
+    scores: torch.Tensor,
+    *,
+    has_eos: torch.Tensor,
+    missing_eos_penalty: float | None = None,
+    moments: RunningMoments | None = None,
+    reward_clip: float | None = None,
+) -> torch.Tensor:
+    """Sequence scores ``[B]`` after, in this order: minus ``missing_eos_penalty``
+    where ``has_eos [B]`` is False, ``(s - mean) / std`` with ``moments``, and a
+    clamp to ``[-reward_clip, reward_clip]``. A step whose argument is None is
+    skipped (with only the penalty given: the input the moments are updated with).
+    """
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~has_eos).float()
     if moments is not None:
         scores = (scores - moments.mean) / max(moments.std, 1e-8)
-    if config.reward_clip is not None:
-        scores = scores.clamp(-config.reward_clip, config.reward_clip)
+    if reward_clip is not None:
+        scores = scores.clamp(-reward_clip, reward_clip)
     return scores

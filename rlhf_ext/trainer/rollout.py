@@ -1,9 +1,10 @@
-"""Rollouts: batching queries, sampling responses with a KV cache, and the
-forward passes that give per-token log-probs, entropies and values."""
+"""Rollouts: batching queries, sampling responses with a KV cache, the forward
+passes that give per-token log-probs, entropies and values, and the
+:class:`Experience` the PPO epochs train on."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -14,16 +15,14 @@ import rlhf_ext
 class Batch:
     """Queries (left-padded) and responses (right-padded) of one rollout.
 
-    ``query_mask [B, Q]`` and ``response_mask [B, R]`` are bool; a response's
-    mask covers its tokens up to and including its EOS. ``has_eos [B]`` says
-    which responses ended with EOS.
+    A response's mask covers its tokens up to and including its first EOS.
     """
 
-    queries: torch.Tensor
-    query_mask: torch.Tensor
-    responses: torch.Tensor
-    response_mask: torch.Tensor
-    has_eos: torch.Tensor
+    queries: torch.Tensor  # [B, Q] int64, left-padded
+    query_mask: torch.Tensor  # [B, Q] bool, the real query tokens
+    responses: torch.Tensor  # [B, R] int64, right-padded
+    response_mask: torch.Tensor  # [B, R] bool, the tokens up to and including the first EOS
+    has_eos: torch.Tensor  # [B] bool, which responses ended with EOS
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -35,9 +34,41 @@ class Batch:
         """Real tokens of :attr:`input_ids`."""
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
-    def select(self, rows: torch.Tensor) -> Batch:
-        """The rows ``rows`` of every field."""
-        return Batch(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+    def select(self, rows: torch.Tensor | slice) -> Batch:
+        """The rows ``rows`` (an index tensor or a slice) of every field."""
+        return Batch(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+@dataclass
+class Experience:
+    """One rollout and what the PPO epochs train on: the :class:`Batch` and the
+    per-token statistics of its responses, computed once (no grad) before the
+    updates.
+
+    Every per-token tensor is ``[B, R]`` float32, ``R`` the width of
+    ``batch.responses``, and 0 outside ``batch.response_mask``, except the
+    advantages: whitening shifts every position, masked ones included (TRL's
+    semantics; the losses mask them out).
+    """
+
+    batch: Batch
+    old_logprobs: torch.Tensor  # [B, R] float32, the sampling policy's (the PPO ratio's base)
+    ref_logprobs: torch.Tensor  # [B, R] float32, the frozen reference's
+    entropy: torch.Tensor  # [B, R] float32, the sampling policy's (for metrics only)
+    old_values: torch.Tensor  # [B, R] float32, of the state before each token
+    rewards: torch.Tensor  # [B, R] float32, score at the last token (- kl_coef * KL per token)
+    advantages: torch.Tensor  # [B, R] float32, GAE (whitened when whiten_advantages)
+    returns: torch.Tensor  # [B, R] float32, GAE returns: the value loss's targets
+
+    def __len__(self) -> int:
+        """The number of rows (sequences)."""
+        return self.batch.queries.shape[0]
+
+    def select(self, rows: torch.Tensor | slice) -> Experience:
+        """The sub-batch of rows ``rows`` (an index tensor on the tensors' device,
+        or a slice), for mini- and micro-batches."""
+        per_token = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "batch"}
+        return Experience(batch=self.batch.select(rows), **per_token)
 
 
 def left_pad(queries: list, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,23 +5,45 @@ k3 to [-10, 10])."""
 import triton
 import triton.language as tl
 
-from rlhf_ext.ops.kl_shaped_rewards import KL_KIND_CODES
+from rlhf_ext.ops._vocab import KL_ABS, KL_K1, KL_K2
 
-
-def kl_kind_code(kind: str) -> int:
-    return KL_KIND_CODES[kind.rstrip("+")]
+# The codes as constexpr globals: a global read inside a @triton.jit must be one.
+K1 = tl.constexpr(KL_K1)
+ABS = tl.constexpr(KL_ABS)
+K2 = tl.constexpr(KL_K2)
 
 
 @triton.jit
 def kl_value(logprob, ref_logprob, KIND: tl.constexpr):
+    """The KL estimator KIND (an ops/_vocab.py code; otherwise k3) of the log-probs."""
     diff = logprob - ref_logprob
-    if KIND == 0:
+    if KIND == K1:
         out = diff
-    elif KIND == 1:
+    elif KIND == ABS:
         out = tl.abs(diff)
-    elif KIND == 2:
+    elif KIND == K2:
         out = 0.5 * diff * diff
     else:
         d = tl.minimum(tl.maximum(-diff, -20.0), 20.0)
         out = tl.minimum(tl.maximum(tl.exp(d) - d - 1.0, -10.0), 10.0)
+    return out
+
+
+@triton.jit
+def kl_grad(lp, ref, KIND: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
+    """d kl_value / d lp (ppo_math.h: kl_grad); straight-through: the k2 gradient."""
+    diff = lp - ref
+    if STRAIGHT_THROUGH:
+        out = diff
+    elif KIND == K1:
+        out = tl.full(diff.shape, 1.0, diff.dtype)
+    elif KIND == ABS:
+        out = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(diff.dtype)
+    elif KIND == K2:
+        out = diff
+    else:
+        d = -diff
+        e = tl.exp(d)
+        live = (d >= -20.0) & (d <= 20.0) & (e - d - 1.0 <= 10.0)
+        out = tl.where(live, 1.0 - e, 0.0).to(diff.dtype)
     return out

@@ -8,8 +8,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from rlhf_ext.ops._vocab import kl_kind_code
 from rlhf_ext.triton._common import acc_tl_dtype, acc_torch_dtype, as_mask, next_power_of_2
-from rlhf_ext.triton._kl import kl_kind_code, kl_value
+from rlhf_ext.triton._kl import kl_value
 
 MAX_BLOCK = 1024
 

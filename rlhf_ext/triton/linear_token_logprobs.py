@@ -29,13 +29,16 @@ import triton.language as tl
 from torch.library import custom_op
 
 from rlhf_ext._backend import triton_interpreting
-from rlhf_ext.ops.linear_token_logprobs import OP, backward_fake, forward_fake
+from rlhf_ext.ops._vocab import (
+    LINEAR_ACCUMULATE_ROWS,
+    LINEAR_MIN_TILE_VOCAB,
+    LINEAR_ROW_QUANTUM,
+    LINEAR_VOCAB_QUANTUM,
+)
 from rlhf_ext.triton import token_logprobs as rows_kernels
 from rlhf_ext.triton._common import on_device_of, online_softmax_step
 
-ROW_QUANTUM = 16
-MIN_TILE_VOCAB = 1024
-VOCAB_QUANTUM = 64
+OP = "rlhf_ext.linear_token_logprobs"
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
 
 
@@ -302,7 +305,7 @@ def _logits_tile(hidden_rows, weight_rows, bias_cols, float32_logits: bool = Fal
 def _chunk_rows(flat_hidden, valid, begin: int, end: int):
     """(indices, rows) of valid rows [begin, end) padded up to a multiple of 16 rows,
     as chunk_rows in the C++ header: a slice of hidden when no row is ignored."""
-    padded = -(-(end - begin) // ROW_QUANTUM) * ROW_QUANTUM
+    padded = -(-(end - begin) // LINEAR_ROW_QUANTUM) * LINEAR_ROW_QUANTUM
     rows = flat_hidden.shape[0]
     if valid.numel() == rows and begin + padded <= rows:
         return valid[begin : begin + padded], flat_hidden[begin : begin + padded]
@@ -370,29 +373,27 @@ def _forward(hidden, weight, bias, target, temperature, ignore_index, return_ent
     return logprobs.view(lead), entropy.view(lead) if return_entropy else entropy, lse.view(lead)
 
 
-def _tile_geometry(valid_rows: int, vocab: int, chunk_rows: int) -> tuple[int, int]:
-    """(rows, vocab) of a backward tile, as tile_geometry in the C++ header."""
+def tile_geometry(valid_rows: int, vocab: int, chunk_rows: int) -> tuple[int, int]:
+    """(rows, vocab) of a backward tile: the C++ header's tile_geometry, pinned to it
+    over a grid of shapes by python_tests/test_op_contract.py."""
     budget = chunk_rows * vocab
     if valid_rows <= chunk_rows:
         return max(valid_rows, 1), vocab
-    cols = budget // valid_rows // VOCAB_QUANTUM * VOCAB_QUANTUM
-    narrow = min(vocab, MIN_TILE_VOCAB)
+    cols = budget // valid_rows // LINEAR_VOCAB_QUANTUM * LINEAR_VOCAB_QUANTUM
+    narrow = min(vocab, LINEAR_MIN_TILE_VOCAB)
     if cols >= narrow:
         return valid_rows, min(vocab, cols)
     return max(1, budget // narrow), narrow
 
 
-ACCUMULATE_ROWS = 1024  # as kAccumulateRows in the C++ header
-
-
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with acc in float32 (float64) and a, b in the inputs' dtype,
-    ACCUMULATE_ROWS rows of the product at a time (a bounded temporary)."""
+    LINEAR_ACCUMULATE_ROWS rows of the product at a time (a bounded temporary)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
-    for row in range(0, a.shape[0], ACCUMULATE_ROWS):
-        rows = slice(row, row + ACCUMULATE_ROWS)
+    for row in range(0, a.shape[0], LINEAR_ACCUMULATE_ROWS):
+        rows = slice(row, row + LINEAR_ACCUMULATE_ROWS)
         if acc.is_cuda:
             acc[rows] += torch.mm(a[rows], b, out_dtype=acc.dtype)
         else:
@@ -454,7 +455,7 @@ def _backward(
     # per logit against the 4 that chunk_size=None budgets, so two thirds of the rows.
     float32_logits = hidden.dtype in (torch.bfloat16, torch.float16)
     budget_rows = max(1, chunk_size * 2 // 3) if float32_logits else chunk_size
-    tile_rows, tile_vocab = _tile_geometry(valid_rows, vocab, budget_rows)
+    tile_rows, tile_vocab = tile_geometry(valid_rows, vocab, budget_rows)
     split_rows = tile_rows < valid_rows
     for col in range(0, vocab if valid_rows else 0, tile_vocab):
         cols = slice(col, min(vocab, col + tile_vocab))
@@ -493,7 +494,3 @@ def _backward(
         grad_hidden = grad_hidden.view(hidden.shape)
     grad_bias = weight.new_empty(0) if bias is None else grad_bias_acc.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
-
-
-linear_token_logprobs_fwd_triton.register_fake(forward_fake)
-linear_token_logprobs_bwd_triton.register_fake(backward_fake)

@@ -188,12 +188,3 @@ def masked_whiten_triton(
             num_warps=4,
         )
     return out, stats[0, 2].clone()
-
-
-def _register_autograd() -> None:
-    from rlhf_ext.ops.masked_stats import register_masked_mean_autograd
-
-    register_masked_mean_autograd(masked_mean_triton)
-
-
-_register_autograd()

@@ -6,6 +6,10 @@ its tokens in BLOCK-wide lanes (then one tl.sum) and writes the per-token
 derivatives and the row's partials; level 2 is one program that reduces the
 rows in float64, in a fixed order, and writes the loss, the statistics and the
 per-row weights. No atomics, no host synchronisation.
+
+The per-token math is one @triton.jit function per family, as in the header:
+policy_token (PolicyToken), value_token (ValueToken) and, for the KL family,
+kl_value / kl_grad (rlhf_ext/triton/_kl.py).
 """
 
 from __future__ import annotations
@@ -15,35 +19,95 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from rlhf_ext.ops.ppo_losses import AGG_CODES, register_kl_penalty_autograd, register_loss_autograd
+from rlhf_ext.ops._vocab import (
+    AGG_CODES,
+    AGG_SEQ_MEAN_TOKEN_MEAN,
+    AGG_SEQ_MEAN_TOKEN_SUM,
+    AGG_TOKEN_MEAN,
+    kl_kind_code,
+    kl_straight_through,
+)
 from rlhf_ext.triton._common import acc_tl_dtype, acc_torch_dtype, as_mask, next_power_of_2
-from rlhf_ext.triton._kl import kl_kind_code, kl_value
+from rlhf_ext.triton._kl import kl_grad, kl_value
 
 MAX_BLOCK = 1024
 FINISH_BLOCK = 128
 APPLY_BLOCK = 1024
+# The level-1 families (ppo_math.h PolicyFamily, ValueFamily, KLFamily): the FAMILY
+# code of _loss_rows_kernel.
 POLICY, VALUE, KL = 0, 1, 2
-COLS = {POLICY: 7, VALUE: 3, KL: 2}  # partial columns, as ppo_math.h's families
+# Constexpr globals from here on: a global read inside a @triton.jit must be one.
+POLICY_FAMILY = tl.constexpr(POLICY)
+VALUE_FAMILY = tl.constexpr(VALUE)
+# Aggregation codes (ppo_math.h LossAgg).
+TOKEN_MEAN = tl.constexpr(AGG_TOKEN_MEAN)
+SEQ_MEAN_TOKEN_SUM = tl.constexpr(AGG_SEQ_MEAN_TOKEN_SUM)
+SEQ_MEAN_TOKEN_MEAN = tl.constexpr(AGG_SEQ_MEAN_TOKEN_MEAN)
+# The float64 `params` tensor that both kernels read, one layout for every family
+# (_run_loss fills it); a family reads only its own slots.
+PARAM_RATIO_LO = tl.constexpr(0)  # policy: 1 - clip_eps
+PARAM_CLIP_EPS = tl.constexpr(0)  # value: clip_eps (the policy's ratio_lo slot)
+PARAM_RATIO_HI = tl.constexpr(1)  # policy: 1 + clip_eps_high
+PARAM_DUAL_CLIP = tl.constexpr(2)  # policy: dual_clip (read with HAS_DUAL only)
+PARAM_NORM = tl.constexpr(3)  # level 2: the "-norm" divisor (1 when T = 0: never used)
+# Partial columns, one row of `partials` per batch row (ppo_math.h's kCols): column 0
+# the loss sum, 1 the valid-token count, 2.. the statistics, sums except ratio_max
+# (the policy's kMaxCol). Statistic k (rlhf_ext.ops._vocab.POLICY_STATS / VALUE_STATS
+# order) is column FIRST_STAT_COL + k, and its mean over valid tokens is stats[k].
+COL_LOSS = tl.constexpr(0)
+COL_COUNT = tl.constexpr(1)
+COL_CLIPFRAC = tl.constexpr(2)  # policy and value: clipped tokens
+COL_CLIPFRAC_LOWER = tl.constexpr(3)  # policy: dual-clipped tokens
+COL_APPROX_KL = tl.constexpr(4)  # policy: sum of -log_ratio (old - new, clamped)
+COL_RATIO_MEAN = tl.constexpr(5)  # policy: sum of the ratios
+COL_RATIO_MAX = tl.constexpr(6)  # policy: max of the ratios (0 for no valid token)
+FIRST_STAT_COL = COL_CLIPFRAC
+COLS = {POLICY: COL_RATIO_MAX.value + 1, VALUE: COL_CLIPFRAC.value + 1, KL: COL_COUNT.value + 1}
 
 
 @triton.jit
-def kl_grad(lp, ref, KIND: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
-    """d kl_value / d lp (ppo_math.h: kl_grad); straight-through: the k2 gradient."""
-    diff = lp - ref
-    if STRAIGHT_THROUGH:
-        out = diff
-    elif KIND == 0:
-        out = tl.full(diff.shape, 1.0, diff.dtype)
-    elif KIND == 1:
-        out = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)).to(diff.dtype)
-    elif KIND == 2:
-        out = diff
-    else:
-        d = -diff
-        e = tl.exp(d)
-        live = (d >= -20.0) & (d <= 20.0) & (e - d - 1.0 <= 10.0)
-        out = tl.where(live, 1.0 - e, 0.0).to(diff.dtype)
-    return out
+def policy_token(
+    logprob, old_logprob, advantage, ratio_lo, ratio_hi, dual_clip, HAS_DUAL: tl.constexpr
+):
+    """ppo_math.h: policy_token. Returns PolicyToken's fields in its order: (loss,
+    grad, ratio, neg_log_ratio, clipped, clipped_lower). The dual clip is on with
+    HAS_DUAL (the header's dual_clip > 0); clipped_lower is all False without it."""
+    raw = logprob - old_logprob
+    log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)  # kKLLogRatioClamp
+    ratio = tl.exp(log_ratio)
+    unclipped = -advantage * ratio
+    clipped_loss = -advantage * tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+    clipped = clipped_loss > unclipped
+    loss = tl.where(clipped, clipped_loss, unclipped)
+    in_clamp = (raw >= -20.0) & (raw <= 20.0)
+    grad = tl.where(clipped | (~in_clamp), 0.0, unclipped)
+    clipped_lower = tl.zeros(loss.shape, dtype=tl.int1)
+    if HAS_DUAL:
+        floor_loss = -advantage * dual_clip
+        clipped_lower = (advantage < 0) & (loss > floor_loss)
+        loss = tl.where(clipped_lower, floor_loss, loss)
+        grad = tl.where(clipped_lower, 0.0, grad)
+    return loss, grad, ratio, -log_ratio, clipped, clipped_lower
+
+
+@triton.jit
+def value_token(value, old_value, ret, clip_eps, HAS_CLIP: tl.constexpr):
+    """ppo_math.h: value_token, 0.5 included. Returns ValueToken's fields in its
+    order: (loss, grad, clipped). Clipping is on with HAS_CLIP (the header's
+    clip_eps > 0); clipped is all False without it."""
+    err = value - ret
+    loss = err * err
+    grad = err
+    clipped = tl.zeros(loss.shape, dtype=tl.int1)
+    if HAS_CLIP:
+        clipped_err = (
+            tl.minimum(tl.maximum(value, old_value - clip_eps), old_value + clip_eps) - ret
+        )
+        clipped_loss = clipped_err * clipped_err
+        clipped = clipped_loss > loss
+        loss = tl.where(clipped, clipped_loss, loss)
+        grad = tl.where(clipped, 0.0, err)
+    return 0.5 * loss, grad, clipped
 
 
 @triton.jit
@@ -66,93 +130,100 @@ def _loss_rows_kernel(
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """Level 1, one program per row. Inputs (a, b, c): policy (logprobs,
+    old_logprobs, advantages), value (values, old_values, returns), KL (logprobs,
+    ref_logprobs, unread). Writes grad[row] (0 where not valid) and the row's
+    NCOLS partial columns."""
     row = tl.program_id(0).to(tl.int64)
     base = row * cols
     lanes = tl.arange(0, BLOCK)
-    # params: ratio_lo, ratio_hi, dual_clip, clip_eps (float64; used per family).
-    p0 = tl.load(params_ptr + 0).to(ACC)
-    p1 = tl.load(params_ptr + 1).to(ACC)
-    p2 = tl.load(params_ptr + 2).to(ACC)
-    s_loss = tl.zeros((BLOCK,), ACC)
-    s_count = tl.zeros((BLOCK,), ACC)
-    s_1 = tl.zeros((BLOCK,), ACC)
-    s_2 = tl.zeros((BLOCK,), ACC)
-    s_3 = tl.zeros((BLOCK,), ACC)
-    s_4 = tl.zeros((BLOCK,), ACC)
-    m_5 = tl.zeros((BLOCK,), ACC)
+    if FAMILY == POLICY_FAMILY:
+        ratio_lo = tl.load(params_ptr + PARAM_RATIO_LO).to(ACC)
+        ratio_hi = tl.load(params_ptr + PARAM_RATIO_HI).to(ACC)
+        dual_clip = tl.load(params_ptr + PARAM_DUAL_CLIP).to(ACC)
+    elif FAMILY == VALUE_FAMILY:
+        clip_eps = tl.load(params_ptr + PARAM_CLIP_EPS).to(ACC)
+    # Per-lane sums of the partial columns (COL_*); ratio_max is a max.
+    loss_sum = tl.zeros((BLOCK,), ACC)
+    token_count = tl.zeros((BLOCK,), ACC)
+    clipped_count = tl.zeros((BLOCK,), ACC)  # policy and value
+    lower_count = tl.zeros((BLOCK,), ACC)  # policy only from here on
+    neg_log_ratio_sum = tl.zeros((BLOCK,), ACC)
+    ratio_sum = tl.zeros((BLOCK,), ACC)
+    ratio_max = tl.zeros((BLOCK,), ACC)  # ratios are > 0: 0 is the max's identity
     for start in range(0, cols, BLOCK):
         pos = start + lanes
         inside = pos < cols
         valid = inside
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + base + pos, mask=inside, other=0) != 0)
-        x = tl.load(a_ptr + base + pos, mask=inside, other=0.0).to(ACC)
-        y = tl.load(b_ptr + base + pos, mask=inside, other=0.0).to(ACC)
-        if FAMILY == 0:
-            adv = tl.load(c_ptr + base + pos, mask=inside, other=0.0).to(ACC)
-            raw = x - y
-            log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)
-            ratio = tl.exp(log_ratio)
-            unclipped = -adv * ratio
-            clipped = -adv * tl.minimum(tl.maximum(ratio, p0), p1)
-            is_clipped = clipped > unclipped
-            loss = tl.where(is_clipped, clipped, unclipped)
-            in_clamp = (raw >= -20.0) & (raw <= 20.0)
-            grad = tl.where(is_clipped | (~in_clamp), 0.0, unclipped)
-            lower = tl.zeros((BLOCK,), dtype=tl.int1)
-            if HAS_DUAL:
-                floor_loss = -adv * p2
-                lower = (adv < 0) & (loss > floor_loss)
-                loss = tl.where(lower, floor_loss, loss)
-                grad = tl.where(lower, 0.0, grad)
-            s_1 += tl.where(valid & is_clipped, 1.0, 0.0)
-            s_2 += tl.where(valid & lower, 1.0, 0.0)
-            s_3 += tl.where(valid, -log_ratio, 0.0)
-            s_4 += tl.where(valid, ratio, 0.0)
-            m_5 = tl.maximum(m_5, tl.where(valid, ratio, 0.0))
-        elif FAMILY == 1:
+        a = tl.load(a_ptr + base + pos, mask=inside, other=0.0).to(ACC)
+        b = tl.load(b_ptr + base + pos, mask=inside, other=0.0).to(ACC)
+        if FAMILY == POLICY_FAMILY:
+            advantage = tl.load(c_ptr + base + pos, mask=inside, other=0.0).to(ACC)
+            loss, grad, ratio, neg_log_ratio, clipped, clipped_lower = policy_token(
+                a, b, advantage, ratio_lo, ratio_hi, dual_clip, HAS_DUAL
+            )
+            clipped_count += tl.where(valid & clipped, 1.0, 0.0)
+            lower_count += tl.where(valid & clipped_lower, 1.0, 0.0)
+            neg_log_ratio_sum += tl.where(valid, neg_log_ratio, 0.0)
+            ratio_sum += tl.where(valid, ratio, 0.0)
+            ratio_max = tl.maximum(ratio_max, tl.where(valid, ratio, 0.0))
+        elif FAMILY == VALUE_FAMILY:
             ret = tl.load(c_ptr + base + pos, mask=inside, other=0.0).to(ACC)
-            err = x - ret
-            loss = err * err
-            grad = err
+            loss, grad, clipped = value_token(a, b, ret, clip_eps, HAS_CLIP)
             if HAS_CLIP:
-                clipped_err = tl.minimum(tl.maximum(x, y - p0), y + p0) - ret
-                clipped_loss = clipped_err * clipped_err
-                is_clipped = clipped_loss > loss
-                loss = tl.where(is_clipped, clipped_loss, loss)
-                grad = tl.where(is_clipped, 0.0, err)
-                s_1 += tl.where(valid & is_clipped, 1.0, 0.0)
-            loss = 0.5 * loss
+                clipped_count += tl.where(valid & clipped, 1.0, 0.0)
         else:
-            loss = kl_value(x, y, KIND)
-            grad = kl_grad(x, y, KIND, STRAIGHT_THROUGH)
-        s_loss += tl.where(valid, loss, 0.0)
-        s_count += tl.where(valid, 1.0, 0.0)
+            loss = kl_value(a, b, KIND)
+            grad = kl_grad(a, b, KIND, STRAIGHT_THROUGH)
+        loss_sum += tl.where(valid, loss, 0.0)
+        token_count += tl.where(valid, 1.0, 0.0)
         tl.store(grad_ptr + base + pos, tl.where(valid, grad, 0.0), mask=inside)
     out = partials_ptr + row * NCOLS
-    tl.store(out + 0, tl.sum(s_loss, axis=0))
-    tl.store(out + 1, tl.sum(s_count, axis=0))
-    if NCOLS > 2:
-        tl.store(out + 2, tl.sum(s_1, axis=0))
-    if NCOLS > 3:
-        tl.store(out + 3, tl.sum(s_2, axis=0))
-        tl.store(out + 4, tl.sum(s_3, axis=0))
-        tl.store(out + 5, tl.sum(s_4, axis=0))
-        tl.store(out + 6, tl.max(m_5, axis=0))
+    tl.store(out + COL_LOSS, tl.sum(loss_sum, axis=0))
+    tl.store(out + COL_COUNT, tl.sum(token_count, axis=0))
+    if NCOLS > COL_CLIPFRAC:
+        tl.store(out + COL_CLIPFRAC, tl.sum(clipped_count, axis=0))
+    if NCOLS > COL_CLIPFRAC_LOWER:
+        tl.store(out + COL_CLIPFRAC_LOWER, tl.sum(lower_count, axis=0))
+        tl.store(out + COL_APPROX_KL, tl.sum(neg_log_ratio_sum, axis=0))
+        tl.store(out + COL_RATIO_MEAN, tl.sum(ratio_sum, axis=0))
+        tl.store(out + COL_RATIO_MAX, tl.max(ratio_max, axis=0))
+
+
+@triton.jit
+def _agg_loss(agg: tl.constexpr, loss_sum, mean_sum, tokens, rows, norm):
+    """ppo_math.h: agg_loss (float64); 0 for a batch without a valid token."""
+    if agg == TOKEN_MEAN:
+        loss = loss_sum / tl.maximum(tokens, 1.0)
+    elif agg == SEQ_MEAN_TOKEN_SUM:
+        loss = loss_sum / tl.maximum(rows, 1.0)
+    elif agg == SEQ_MEAN_TOKEN_MEAN:
+        loss = mean_sum / tl.maximum(rows, 1.0)
+    else:
+        loss = loss_sum / norm
+    return tl.where(tokens > 0, loss, 0.0)
 
 
 @triton.jit
 def _agg_weight(agg: tl.constexpr, row_tokens, tokens, rows, norm):
     """ppo_math.h: agg_row_weight (float64)."""
-    if agg == 0:
+    if agg == TOKEN_MEAN:
         w = 1.0 / tl.maximum(tokens, 1.0) + row_tokens * 0.0
-    elif agg == 1:
+    elif agg == SEQ_MEAN_TOKEN_SUM:
         w = 1.0 / tl.maximum(rows, 1.0) + row_tokens * 0.0
-    elif agg == 2:
+    elif agg == SEQ_MEAN_TOKEN_MEAN:
         w = 1.0 / (tl.maximum(rows, 1.0) * tl.maximum(row_tokens, 1.0))
     else:
         w = 1.0 / norm + row_tokens * 0.0
     return tl.where(row_tokens > 0, w, 0.0)
+
+
+@triton.jit
+def _stat_mean(stats_ptr, COL: tl.constexpr, total, per_token):
+    """stats[COL - FIRST_STAT_COL] = total / valid tokens, as float32."""
+    tl.store(stats_ptr + (COL - FIRST_STAT_COL), (total * per_token).to(tl.float32))
 
 
 @triton.jit
@@ -167,73 +238,76 @@ def _loss_finish_kernel(
     AGG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """Level 2, one program: reduces the rows' partials in float64 and writes the
+    loss, the statistics (stats[k]: column FIRST_STAT_COL + k) and row_weight."""
     lanes = tl.arange(0, BLOCK)
-    norm = tl.load(params_ptr + 3).to(tl.float64)
-    t_loss = tl.zeros((BLOCK,), tl.float64)
-    t_count = tl.zeros((BLOCK,), tl.float64)
-    t_mean = tl.zeros((BLOCK,), tl.float64)
-    t_rows = tl.zeros((BLOCK,), tl.float64)
-    t_1 = tl.zeros((BLOCK,), tl.float64)
-    t_2 = tl.zeros((BLOCK,), tl.float64)
-    t_3 = tl.zeros((BLOCK,), tl.float64)
-    t_4 = tl.zeros((BLOCK,), tl.float64)
-    t_5 = tl.zeros((BLOCK,), tl.float64)
+    norm = tl.load(params_ptr + PARAM_NORM).to(tl.float64)
+    # Per-lane float64 sums over the rows: the partial columns (ratio_max a max),
+    # and the header's mean_sum (of row loss sum / row count) and non-empty rows.
+    loss_sum = tl.zeros((BLOCK,), tl.float64)
+    token_count = tl.zeros((BLOCK,), tl.float64)
+    mean_sum = tl.zeros((BLOCK,), tl.float64)
+    nonempty_rows = tl.zeros((BLOCK,), tl.float64)
+    clipped_count = tl.zeros((BLOCK,), tl.float64)
+    lower_count = tl.zeros((BLOCK,), tl.float64)
+    neg_log_ratio_sum = tl.zeros((BLOCK,), tl.float64)
+    ratio_sum = tl.zeros((BLOCK,), tl.float64)
+    ratio_max = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, rows, BLOCK):
         r = start + lanes
         inside = r < rows
         part = partials_ptr + r.to(tl.int64) * NCOLS
-        loss = tl.load(part + 0, mask=inside, other=0.0).to(tl.float64)
-        count = tl.load(part + 1, mask=inside, other=0.0).to(tl.float64)
-        t_loss += loss
-        t_count += count
-        t_mean += tl.where(count > 0, loss / tl.maximum(count, 1.0), 0.0)
-        t_rows += tl.where(count > 0, 1.0, 0.0)
-        if NCOLS > 2:
-            t_1 += tl.load(part + 2, mask=inside, other=0.0).to(tl.float64)
-        if NCOLS > 3:
-            t_2 += tl.load(part + 3, mask=inside, other=0.0).to(tl.float64)
-            t_3 += tl.load(part + 4, mask=inside, other=0.0).to(tl.float64)
-            t_4 += tl.load(part + 5, mask=inside, other=0.0).to(tl.float64)
-            t_5 = tl.maximum(t_5, tl.load(part + 6, mask=inside, other=0.0).to(tl.float64))
-    total = tl.sum(t_loss, axis=0)
-    tokens = tl.sum(t_count, axis=0)
-    nonempty = tl.sum(t_rows, axis=0)
-    if AGG == 0:
-        loss = total / tl.maximum(tokens, 1.0)
-    elif AGG == 1:
-        loss = total / tl.maximum(nonempty, 1.0)
-    elif AGG == 2:
-        loss = tl.sum(t_mean, axis=0) / tl.maximum(nonempty, 1.0)
-    else:
-        loss = total / norm
-    loss = tl.where(tokens > 0, loss, 0.0)
+        row_loss = tl.load(part + COL_LOSS, mask=inside, other=0.0).to(tl.float64)
+        row_count = tl.load(part + COL_COUNT, mask=inside, other=0.0).to(tl.float64)
+        loss_sum += row_loss
+        token_count += row_count
+        mean_sum += tl.where(row_count > 0, row_loss / tl.maximum(row_count, 1.0), 0.0)
+        nonempty_rows += tl.where(row_count > 0, 1.0, 0.0)
+        if NCOLS > COL_CLIPFRAC:
+            clipped_count += tl.load(part + COL_CLIPFRAC, mask=inside, other=0.0).to(tl.float64)
+        if NCOLS > COL_CLIPFRAC_LOWER:
+            lower_count += tl.load(part + COL_CLIPFRAC_LOWER, mask=inside, other=0.0).to(tl.float64)
+            neg_log_ratio_sum += tl.load(part + COL_APPROX_KL, mask=inside, other=0.0).to(
+                tl.float64
+            )
+            ratio_sum += tl.load(part + COL_RATIO_MEAN, mask=inside, other=0.0).to(tl.float64)
+            row_ratio_max = tl.load(part + COL_RATIO_MAX, mask=inside, other=0.0).to(tl.float64)
+            ratio_max = tl.maximum(ratio_max, row_ratio_max)
+    total = tl.sum(loss_sum, axis=0)
+    tokens = tl.sum(token_count, axis=0)
+    nonempty = tl.sum(nonempty_rows, axis=0)
+    loss = _agg_loss(AGG, total, tl.sum(mean_sum, axis=0), tokens, nonempty, norm)
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
     per_token = 1.0 / tl.maximum(tokens, 1.0)
-    if NCOLS > 2:
-        tl.store(stats_ptr + 0, (tl.sum(t_1, axis=0) * per_token).to(tl.float32))
-    if NCOLS > 3:
-        tl.store(stats_ptr + 1, (tl.sum(t_2, axis=0) * per_token).to(tl.float32))
-        tl.store(stats_ptr + 2, (tl.sum(t_3, axis=0) * per_token).to(tl.float32))
-        tl.store(stats_ptr + 3, (tl.sum(t_4, axis=0) * per_token).to(tl.float32))
-        tl.store(stats_ptr + 4, tl.max(t_5, axis=0).to(tl.float32))
+    if NCOLS > COL_CLIPFRAC:
+        _stat_mean(stats_ptr, COL_CLIPFRAC, tl.sum(clipped_count, axis=0), per_token)
+    if NCOLS > COL_CLIPFRAC_LOWER:
+        _stat_mean(stats_ptr, COL_CLIPFRAC_LOWER, tl.sum(lower_count, axis=0), per_token)
+        _stat_mean(stats_ptr, COL_APPROX_KL, tl.sum(neg_log_ratio_sum, axis=0), per_token)
+        _stat_mean(stats_ptr, COL_RATIO_MEAN, tl.sum(ratio_sum, axis=0), per_token)
+        tl.store(
+            stats_ptr + (COL_RATIO_MAX - FIRST_STAT_COL), tl.max(ratio_max, axis=0).to(tl.float32)
+        )
     for start in range(0, rows, BLOCK):
         r = start + lanes
         inside = r < rows
-        count = tl.load(partials_ptr + r.to(tl.int64) * NCOLS + 1, mask=inside, other=0.0)
-        w = _agg_weight(AGG, count.to(tl.float64), tokens, nonempty, norm)
+        row_count = tl.load(
+            partials_ptr + r.to(tl.int64) * NCOLS + COL_COUNT, mask=inside, other=0.0
+        )
+        w = _agg_weight(AGG, row_count.to(tl.float64), tokens, nonempty, norm)
         tl.store(row_weight_ptr + r, w.to(row_weight_ptr.dtype.element_ty), mask=inside)
 
 
 def _run_loss(family, a, b, c, mask, params, agg, *, kind="k1", dual=False, clip=False):
-    """Launch level 1 and 2; returns (loss, stats, grad, row_weight). `params`:
-    [ratio_lo or clip_eps, ratio_hi, dual_clip, norm]; `dual` / `clip` switch the
-    policy's dual clip and the value clipping on."""
+    """Launch level 1 and 2; returns (loss, stats, grad, row_weight). `params`: the
+    PARAM_* slots, [ratio_lo or clip_eps, ratio_hi, dual_clip, norm]; `dual` / `clip`
+    switch the policy's dual clip and the value clipping on."""
     rows, cols = a.shape
     acc = acc_torch_dtype(a)
     ncols = COLS[family]
     device = a.device
     loss = torch.empty((), dtype=acc, device=device)
-    stats = torch.empty((ncols - 2,), dtype=torch.float32, device=device)
+    stats = torch.empty((ncols - FIRST_STAT_COL.value,), dtype=torch.float32, device=device)
     grad = torch.empty((rows, cols), dtype=acc, device=device)
     row_weight = torch.empty((rows,), dtype=acc, device=device)
     partials = torch.empty((rows, ncols), dtype=acc, device=device)
@@ -257,7 +331,7 @@ def _run_loss(family, a, b, c, mask, params, agg, *, kind="k1", dual=False, clip
             HAS_DUAL=dual,
             HAS_CLIP=clip,
             KIND=kl_kind_code(kind),
-            STRAIGHT_THROUGH=kind.endswith("+"),
+            STRAIGHT_THROUGH=kl_straight_through(kind),
             ACC=acc_tl_dtype(a),
             BLOCK=min(next_power_of_2(cols), MAX_BLOCK),
         )
@@ -359,7 +433,7 @@ def kl_penalty_triton(
             grad,
             n,
             KIND=kl_kind_code(kind),
-            STRAIGHT_THROUGH=kind.endswith("+"),
+            STRAIGHT_THROUGH=kl_straight_through(kind),
             ACC=acc_tl_dtype(logprobs),
             BLOCK=APPLY_BLOCK,
         )
@@ -394,13 +468,3 @@ def loss_backward_triton(
             BLOCK=APPLY_BLOCK,
         )
     return out
-
-
-def _register_autograd() -> None:
-    register_loss_autograd(ppo_policy_loss_triton, loss_backward_triton, 9)
-    register_loss_autograd(value_loss_triton, loss_backward_triton, 6)
-    register_loss_autograd(kl_loss_triton, loss_backward_triton, 5)
-    register_kl_penalty_autograd(kl_penalty_triton)
-
-
-_register_autograd()

@@ -172,8 +172,10 @@ def token_logprobs_fwd_triton(
     temperature: float,
     ignore_index: int,
     return_entropy: bool,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton forward with the signature of torch.ops.rlhf_ext.token_logprobs_fwd."""
+    """Triton forward with the signature of torch.ops.rlhf_ext.token_logprobs_fwd
+    (inplace_backward is read by the registered backward, not here)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     acc = acc_torch_dtype(logits)
     logprobs = torch.empty(lead, dtype=acc, device=logits.device)

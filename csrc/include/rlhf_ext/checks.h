@@ -11,6 +11,19 @@
 
 namespace rlhf_ext {
 
+// "'a', 'b', 'c'": the names of a table of {name, code} entries, for an error
+// message that lists what an argument accepts.
+template <typename Table>
+std::string quoted_names(const Table& table) {
+  std::string names;
+  for (const auto& entry : table) {
+    names += names.empty() ? "'" : ", '";
+    names += entry.name;
+    names += "'";
+  }
+  return names;
+}
+
 inline std::string shape_str(const at::Tensor& t) {
   return c10::str(t.sizes());
 }

@@ -1,7 +1,7 @@
 // Per-position GAE math, shared by the CPU kernel, the CUDA kernel and the
 // C++ unit tests.
 //
-// Semantics (DESIGN 3.2): right to left over valid positions only. A masked
+// Semantics (docs/design.md §3.2): right to left over valid positions only. A masked
 // position is skipped: the running next-value and running advantage pass
 // through it unchanged, and its outputs are 0.
 //   delta_t = r_t + gamma * V_next - V_t

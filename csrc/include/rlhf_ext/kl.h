@@ -1,5 +1,5 @@
 // Per-token KL estimators between the policy and the reference log-probs
-// (DESIGN 3.3), shared by kl_shaped_rewards and the KL penalty / loss ops.
+// (docs/design.md §3.3), shared by kl_shaped_rewards and the KL penalty / loss ops.
 // Math only: no ATen, so the C++ unit tests and CUDA device code use it too.
 #pragma once
 #include <cmath>

@@ -13,25 +13,27 @@
 
 namespace rlhf_ext {
 
+// The C++ side of rlhf_ext/ops/_vocab.py's AGG_CODES (exported by
+// rlhf_ext._C.build_info(); a test checks both tables agree).
+struct LossAggName {
+  const char* name;
+  LossAgg agg;
+};
+
+inline constexpr LossAggName kLossAggNames[] = {
+    {"token-mean", LossAgg::kTokenMean},
+    {"seq-mean-token-sum", LossAgg::kSeqMeanTokenSum},
+    {"seq-mean-token-mean", LossAgg::kSeqMeanTokenMean},
+    {"seq-mean-token-sum-norm", LossAgg::kSeqMeanTokenSumNorm},
+};
+
 inline LossAgg parse_agg_or_throw(const char* op, const std::string& agg) {
-  if (agg == "token-mean") return LossAgg::kTokenMean;
-  if (agg == "seq-mean-token-sum") return LossAgg::kSeqMeanTokenSum;
-  if (agg == "seq-mean-token-mean") return LossAgg::kSeqMeanTokenMean;
-  if (agg == "seq-mean-token-sum-norm") return LossAgg::kSeqMeanTokenSumNorm;
-  TORCH_CHECK_VALUE(false, op,
-                    ": `agg` must be one of 'token-mean', 'seq-mean-token-sum', "
-                    "'seq-mean-token-mean', 'seq-mean-token-sum-norm', got '",
+  for (const LossAggName& entry : kLossAggNames) {
+    if (agg == entry.name) return entry.agg;
+  }
+  TORCH_CHECK_VALUE(false, op, ": `agg` must be one of ", quoted_names(kLossAggNames), ", got '",
                     agg, "'");
   return LossAgg::kTokenMean;
-}
-
-inline KLSpec parse_kind_or_throw(const char* op, const std::string& kind) {
-  KLSpec spec;
-  TORCH_CHECK_VALUE(parse_kl_kind(kind, &spec), op,
-                    ": `kind` must be one of 'k1', 'kl', 'abs', 'k2', 'mse', 'k3', 'low_var_kl' "
-                    "(optionally with a '+' suffix), got '",
-                    kind, "'");
-  return spec;
 }
 
 // Level-1 inputs of one loss op: two or three [B, T] tensors of one floating

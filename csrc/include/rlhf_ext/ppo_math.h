@@ -1,5 +1,5 @@
 // Per-token math of the PPO policy loss, the value loss and the KL loss
-// (DESIGN 3.3), and the aggregation modes that turn per-row partial sums into
+// (docs/design.md §3.3), and the aggregation modes that turn per-row partial sums into
 // one loss. Math only: no ATen, so the CPU kernels, the CUDA kernels and the
 // C++ unit tests share one definition.
 //

@@ -68,12 +68,12 @@ inline std::vector<int64_t> reduced_shape(const at::Tensor& x, std::optional<int
   return shape;
 }
 
-inline KLSpec parse_kl_or_throw(const char* op, const std::string& kind) {
+// The KL kind of argument `arg` of op `op`, or a ValueError listing kKLKindNames.
+inline KLSpec parse_kl_or_throw(const char* op, const char* arg, const std::string& kind) {
   KLSpec spec;
-  TORCH_CHECK_VALUE(parse_kl_kind(kind, &spec), op,
-                    ": `kl` must be one of 'k1', 'kl', 'abs', 'k2', 'mse', 'k3', 'low_var_kl' "
-                    "(optionally with a '+' suffix), got '",
-                    kind, "'");
+  if (parse_kl_kind(kind, &spec)) return spec;
+  TORCH_CHECK_VALUE(false, op, ": `", arg, "` must be one of ", quoted_names(kKLKindNames),
+                    " (optionally with a '+' suffix), got '", kind, "'");
   return spec;
 }
 
@@ -106,7 +106,7 @@ inline ShapedRewardsProblem prepare_shaped_rewards(const at::Tensor& scores,
   p.rows = logprobs.size(0);
   p.cols = logprobs.size(1);
   p.acc_dtype = logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  p.kind = parse_kl_or_throw(op, kl).kind;
+  p.kind = parse_kl_or_throw(op, "kl", kl).kind;
   check_same_device(op, "scores", scores, logprobs);
   check_floating(op, "scores", scores);
   TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == p.rows, op,

@@ -1,0 +1,462 @@
+"""The contract every op keeps (docs/design.md §2), checked over (op x device x backend)
+from one sample generator per op:
+
+* opcheck on every dispatcher op the public function calls (forward and backward),
+  with the arguments it really calls them with (recorded through a TorchFunctionMode in
+  the forward, with the inputs' requires_grad, and a TorchDispatchMode in the backward);
+* torch.compile(fullgraph=True) gives the eager bits, outputs and gradients;
+* an unknown or unavailable backend is an error that names the op;
+* the Python vocabularies and chunk-loop constants equal the C++ ones
+  (rlhf_ext._C.build_info()), and the Triton chunk loop sizes its tiles as the C++ one.
+
+Adding an op: add its sample generator to SAMPLES (docs/adding-an-op.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+
+import pytest
+import torch
+from conftest import COMPILED, HAS_CUDA, TRITON_CPU, TRITON_CUDA, Inputs, requires_compiled
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rlhf_ext
+from rlhf_ext.ops import _vocab
+
+IGNORE = -100
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+# -- one sample generator per op: (positional args, keyword args, differentiable args) --
+# Differentiable args are named by position (int) or keyword (str).
+
+
+def gae_samples(inp: Inputs, device):
+    B, T = 3, 11
+    r, v = inp.randn(B, T, device=device), inp.randn(B, T, device=device)
+    mask = inp.mask(B, T, device=device)
+    yield (r, v), dict(gamma=0.99, lam=0.95), ()  # no mask, no bootstrap, scalar rates
+    yield (
+        (r, v, mask),
+        dict(gamma=0.99, lam=0.95, last_value=inp.randn(B, device=device)),
+        (),
+    )
+    rates = dict(gamma=inp.uniform(B, device=device), lam=inp.uniform(B, device=device))
+    yield (r, v, mask), dict(**rates, last_value=inp.randn(B, device=device)), ()  # per-row
+    cu = torch.tensor([0, 5, 5, B * T], dtype=torch.int32, device=device)  # an empty segment
+    yield (
+        (r.flatten(), v.flatten(), inp.mask(B * T, device=device)),
+        dict(cu_seqlens=cu, gamma=inp.uniform(3, device=device), lam=0.9,
+             last_value=inp.randn(3, device=device)),
+        (),
+    )  # fmt: skip
+    one = torch.tensor([0, B * T], device=device)  # int64 offsets, one segment
+    yield (r.flatten(), v.flatten()), dict(cu_seqlens=one, gamma=0.9, lam=0.8), ()
+    yield (r.bfloat16(), v.bfloat16(), mask.to(torch.uint8)), dict(gamma=0.9, lam=0.8), ()
+    last64 = inp.randn(B, dtype=torch.float64, device=device)
+    yield (r.bfloat16(), v.double(), mask), dict(gamma=0.9, lam=0.8, last_value=last64), ()
+    yield (inp.randn(0, T, device=device), inp.randn(0, T, device=device)), {}, ()
+    empty_rows = (inp.randn(B, 0, device=device), inp.randn(B, 0, device=device))
+    yield empty_rows, dict(last_value=inp.randn(B, device=device)), ()
+
+
+def masked_mean_samples(inp: Inputs, device):
+    x, mask = inp.randn(4, 9, device=device), inp.mask(4, 9, device=device)
+    yield (x, mask), {}, (0,)
+    yield (x, mask, 1), {}, (0,)
+    yield (x.bfloat16(), None, -2), {}, (0,)
+    yield (x.bfloat16(), mask), {}, (0,)
+    yield (x.double(), mask.to(torch.uint8)), {}, (0,)
+    x3 = inp.randn(2, 3, 5, device=device)
+    yield (x3, None, -2), {}, (0,)  # a middle dimension
+    yield (x3.double(), inp.mask(2, 3, 5, device=device).to(torch.uint8), 0), {}, (0,)
+    yield (inp.randn(0, 6, device=device), None, 1), {}, (0,)  # an empty batch
+
+
+def masked_whiten_samples(inp: Inputs, device):
+    x, mask = inp.randn(4, 9, device=device), inp.mask(4, 9, device=device)
+    yield (x, mask), dict(eps=1e-6), ()
+    yield (x.double(),), dict(shift_mean=False, unbiased=False, eps=0.1), ()
+    yield (x.bfloat16(), mask.float()), dict(unbiased=False, eps=1e-5), ()
+
+
+def kl_shaped_rewards_samples(inp: Inputs, device):
+    B, T = 3, 7
+    lp, ref = inp.randn(B, T, device=device), inp.randn(B, T, device=device)
+    scores, mask = inp.randn(B, device=device), inp.mask(B, T, device=device)
+    yield (scores, lp, ref, mask), dict(kl_coef=0.1, kl="k3"), ()
+    yield (scores, lp, ref, mask), dict(kl_coef=0.1), ()  # k1, the default
+    yield (scores, lp, ref, None), dict(kl_coef=0.05, kl="k3"), ()
+    yield (scores, lp.double(), ref.double(), mask.float()), dict(kl_coef=0.2, kl="abs"), ()
+    yield (
+        (scores.bfloat16(), lp.bfloat16(), ref.bfloat16(), mask),
+        dict(kl_coef=0.2, kl="mse"),
+        (),
+    )
+    empty = inp.randn(0, T, device=device)
+    yield (inp.randn(0, device=device), empty, empty), dict(kl_coef=0.1, kl="k2"), ()
+    no_tokens = inp.randn(B, 0, device=device)
+    yield (scores, no_tokens, no_tokens), dict(kl_coef=0.1, kl="low_var_kl"), ()
+
+
+def token_logprobs_samples(inp: Inputs, device):
+    logits = inp.randn(3, 4, 21, device=device)
+    target = inp.randint(0, 21, (3, 4)).to(device)
+    target[0, 1] = IGNORE
+    yield (logits, target), dict(temperature=0.9, return_entropy=True), (0,)
+    yield (logits[:, :-1], target[:, :-1]), {}, (0,)  # strided rows, read in place
+    yield (logits.bfloat16(), target.int()), dict(return_entropy=True), (0,)
+    yield (logits.double(), target), dict(temperature=1.3), (0,)
+    # The backward writes the gradient into the logits buffer (a fresh leaf each run).
+    yield (logits, target), dict(return_entropy=True, inplace_backward=True), (0,)
+
+
+def linear_token_logprobs_samples(inp: Inputs, device):
+    hidden, weight = inp.randn(2, 5, 8, device=device), inp.randn(37, 8, scale=0.5, device=device)
+    target = inp.randint(0, 37, (2, 5)).to(device)
+    target[1, 2] = IGNORE
+    bias = inp.randn(37, device=device)
+    kwargs = dict(bias=bias, temperature=0.7, return_entropy=True, chunk_size=4)
+    yield (hidden, weight, target), kwargs, (0, 1, "bias")
+    yield (hidden[:, 1:], weight, target[:, 1:]), dict(chunk_size=16), (0, 1)
+    yield (hidden.double(), weight.double(), target), dict(bias=bias.double()), (0, "bias")
+    yield (hidden, weight, target), dict(chunk_size=2), (1,)  # grad_weight only
+
+
+def _loss_inputs(inp: Inputs, device, count: int):
+    B, T = 3, 10
+    return [inp.randn(B, T, device=device) for _ in range(count)], inp.mask(B, T, device=device)
+
+
+def ppo_policy_loss_samples(inp: Inputs, device):
+    (lp, old, adv), mask = _loss_inputs(inp, device, 3)
+    old = lp + 0.3 * old  # ratios near 1: some clipped, some not
+    yield (lp, old, adv, mask), dict(clip_eps_high=0.28, dual_clip=3.0), (0,)
+    yield (lp, old, adv, mask), dict(agg="seq-mean-token-sum-norm", loss_scale_factor=4.0), (0,)
+    yield (lp.double(), old.double(), adv.double(), None), dict(agg="seq-mean-token-sum"), (0,)
+    yield (lp.bfloat16(), old, adv, mask.to(torch.uint8)), {}, (0,)  # promoted to float32
+    yield (
+        (lp.bfloat16(), old.bfloat16(), adv.bfloat16(), mask.float()),
+        dict(clip_eps=0.1, agg="seq-mean-token-mean"),
+        (0,),
+    )  # bfloat16 kernels, loss_backward to bfloat16
+    empty = inp.randn(0, 4, device=device)
+    yield (empty, empty, empty, None), {}, (0,)
+
+
+def value_loss_samples(inp: Inputs, device):
+    (v, old, ret), mask = _loss_inputs(inp, device, 3)
+    yield (v, old, ret, mask), dict(clip_eps=0.2, agg="seq-mean-token-mean"), (0,)
+    yield (v, old, ret, mask), dict(clip_eps=0.2, agg="seq-mean-token-sum"), (0,)
+    yield (v.double(), old.double(), ret.double(), None), {}, (0,)
+
+
+def kl_penalty_samples(inp: Inputs, device):
+    (lp, ref), _ = _loss_inputs(inp, device, 2)
+    yield (lp, ref), dict(kind="k3"), (0,)
+    yield (lp, ref), dict(kind="k1+"), (0,)
+    yield (lp, ref), dict(kind="low_var_kl"), (0,)
+    yield (lp, ref), dict(kind="k2"), (0,)
+    yield (lp.double()[:, ::2], ref.double()[:, ::2]), dict(kind="abs"), (0,)
+
+
+def kl_loss_samples(inp: Inputs, device):
+    (lp, ref), mask = _loss_inputs(inp, device, 2)
+    yield (lp, ref, mask), dict(kind="low_var_kl", agg="seq-mean-token-sum"), (0,)
+    yield (lp, ref, mask), {}, (0,)  # k3, token-mean: the defaults
+    yield (lp, ref, mask), dict(kind="k3+"), (0,)
+    yield (lp.double(), ref.double(), None), dict(kind="k2+"), (0,)
+    yield (lp.double(), ref.double(), None), dict(kind="k1+", agg="seq-mean-token-mean"), (0,)
+
+
+SAMPLES = {
+    "gae": gae_samples,
+    "masked_mean": masked_mean_samples,
+    "masked_whiten": masked_whiten_samples,
+    "kl_shaped_rewards": kl_shaped_rewards_samples,
+    "token_logprobs": token_logprobs_samples,
+    "linear_token_logprobs": linear_token_logprobs_samples,
+    "ppo_policy_loss": ppo_policy_loss_samples,
+    "value_loss": value_loss_samples,
+    "kl_penalty": kl_penalty_samples,
+    "kl_loss": kl_loss_samples,
+}
+
+# The public ops that are not helpers (rlhf_ext.__all__ minus the backend / version API).
+PUBLIC_OPS = sorted(
+    set(rlhf_ext.__all__) - {"__version__", "BackendUnavailableError", "available_backends",
+                             "build_info"}
+)  # fmt: skip
+
+
+def test_every_public_op_has_samples():
+    assert sorted(SAMPLES) == PUBLIC_OPS
+
+
+# -- the (op, device, backend) grid ---------------------------------------------------
+
+
+def _kernel_backends(device: str) -> list[str]:
+    """The kernel backends (not the torch reference) that run on `device` here."""
+    found = [b for b in ("cpu", "cuda", "triton") if b in rlhf_ext.available_backends(device)]
+    return found
+
+
+GRID = [
+    pytest.param(op, device, backend, id=f"{op}-{device}-{backend}",
+                 marks=[pytest.mark.cuda] if device == "cuda" else [])
+    for op in SAMPLES
+    for device in DEVICES
+    for backend in _kernel_backends(device)
+]  # fmt: skip
+
+
+def _inputs(request) -> Inputs:
+    return Inputs(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _call(op: str, args, kwargs, backend: str):
+    return getattr(rlhf_ext, op)(*args, **kwargs, backend=backend)
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of an op's result: a tensor, a tuple, or (loss, stats dict)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    found = []
+    for item in out:
+        found += list(item.values()) if isinstance(item, dict) else _tensors(item)
+    return found
+
+
+def _with_grad(args, kwargs, differentiable):
+    """Fresh leaf copies of the differentiable arguments (the rest shared)."""
+    args, kwargs = list(args), dict(kwargs)
+    leaves = []
+    for key in differentiable:
+        holder = args if isinstance(key, int) else kwargs
+        leaf = _strided_copy(holder[key]).requires_grad_()  # strided inputs stay strided
+        holder[key] = leaf
+        leaves.append(leaf)
+    return args, kwargs, leaves
+
+
+def _run(fn, args, kwargs, differentiable, recorder=None):
+    """Outputs and the gradients of sum(outputs) w.r.t. the differentiable args; with a
+    RecordRlhfOps, the dispatcher ops of both passes are recorded."""
+    forward = recorder if recorder is not None else contextlib.nullcontext()
+    backward = recorder.backward() if recorder is not None else contextlib.nullcontext()
+    args, kwargs, leaves = _with_grad(args, kwargs, differentiable)
+    with forward:
+        outputs = _tensors(fn(*args, **kwargs))
+    if leaves:
+        total = sum(o.sum() for o in outputs if o.requires_grad)
+        with backward:
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+        outputs += [g for g in grads if g is not None]
+    return [o.detach() for o in outputs]
+
+
+# -- opcheck on the dispatcher ops the public function calls ------------------------
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of `t` with its strides (clone() makes a sliced view contiguous)."""
+    copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return copy.copy_(t.detach())
+
+
+class RecordRlhfOps(TorchFunctionMode):
+    """Records every torch.ops.rlhf_ext.* call (op, args, kwargs) made inside it, with
+    the inputs' requires_grad (so opcheck tests the autograd registration), and, inside
+    its backward() mode, the ops the backward pass calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        overload = _rlhf_overload(func)
+        if overload is not None:
+            self.calls.append((overload, _snapshot(args), _snapshot(kwargs)))
+        return func(*args, **kwargs)
+
+    def backward(self):
+        """A dispatch mode for the backward pass: torch.autograd.grad runs with this
+        function mode switched off, but dispatch modes reach the backward's ops."""
+        return _RecordBackwardOps(self.calls)
+
+
+class _RecordBackwardOps(TorchDispatchMode):
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        overload = _rlhf_overload(func)
+        if overload is not None:  # below autograd: the backward's inputs need no grad
+            self.calls.append((overload, _snapshot(args, grad=False), _snapshot(kwargs, False)))
+        return func(*args, **kwargs)
+
+
+def _rlhf_overload(func):
+    """The OpOverload of an rlhf_ext dispatcher op (called as torch.ops.rlhf_ext.x, an
+    OpOverloadPacket, or through a Triton op's own object), else None."""
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        func = getattr(func, func.overloads()[0])
+    if isinstance(func, torch._ops.OpOverload) and func._schema.name.startswith("rlhf_ext::"):
+        return func
+    return None
+
+
+def _snapshot(value, grad: bool = True):
+    """A copy of the tensors in `value` with their strides (later calls may mutate
+    or free the originals: the in-place backward writes into the logits), requiring
+    grad as the originals do (with `grad`)."""
+    if isinstance(value, torch.Tensor):
+        copy = _strided_copy(value) if _is_dense(value) else value.detach().clone()
+        return copy.requires_grad_(grad and value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v, grad) for v in value)
+    if isinstance(value, dict):
+        return {k: _snapshot(v, grad) for k, v in value.items()}
+    return value
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """No element shared by two indices (an expanded, stride-0 gradient shares them:
+    it is copied compact, with its values)."""
+    return all(stride > 0 or size <= 1 for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
+# Triton ops that are triton_ops cannot go through opcheck's fake tracing under the
+# interpreter (it enters the interpreter); linear_token_logprobs' pair are custom_ops
+# with fake kernels and can.
+INTERPRETER_OPCHECK = {
+    "rlhf_ext::linear_token_logprobs_fwd_triton",
+    "rlhf_ext::linear_token_logprobs_bwd_triton",
+}
+
+
+def _opcheck_here(func, device: str) -> bool:
+    name = func._schema.name
+    if not name.endswith("_triton") or device == "cuda":
+        return True
+    return name in INTERPRETER_OPCHECK
+
+
+@pytest.mark.parametrize("op, device, backend", GRID)
+def test_opcheck_every_dispatcher_op(request, op, device, backend):
+    inp = _inputs(request)
+    recorded = 0
+    for args, kwargs, differentiable in SAMPLES[op](inp, device):
+        recorder = RecordRlhfOps()
+        _run(lambda *a, **k: _call(op, a, k, backend), args, kwargs, differentiable, recorder)
+        for func, op_args, op_kwargs in recorder.calls:
+            if _opcheck_here(func, device):
+                torch.library.opcheck(func, op_args, op_kwargs)
+                recorded += 1
+    if backend != "triton" or device == "cuda":  # under the interpreter: the linear pair only
+        assert recorded, f"{op}: no dispatcher op was called on backend={backend!r}"
+
+
+# -- torch.compile parity --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op, device, backend", GRID)
+def test_compile_parity(request, op, device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("torch.compile over triton_ops enters the interpreter (docs/design.md §5)")
+    inp = _inputs(request)
+    for args, kwargs, differentiable in SAMPLES[op](inp, device):
+        # Python scalars are the op's settings: constants of the graph, as in a training
+        # step (passed as arguments, Dynamo would make floats symbolic).
+        settings = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+
+        def fn(*a, _settings=settings, **k):
+            return _call(op, a, {**k, **_settings}, backend)
+
+        torch._dynamo.reset()  # each sample compiles afresh (no automatic-dynamic floats)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        eager_out = _run(fn, args, tensors, differentiable)
+        compiled_out = _run(compiled, args, tensors, differentiable)
+        assert len(eager_out) == len(compiled_out)
+        for e, c in zip(eager_out, compiled_out, strict=True):
+            torch.testing.assert_close(c, e, rtol=0, atol=0, equal_nan=True)
+
+
+# -- backend errors ---------------------------------------------------------------------
+
+
+BACKEND_ERRORS = [
+    pytest.param("cpu", "nope", ValueError, r"`backend` must be one of .*'nope'", id="unknown"),
+    pytest.param("cpu", "cuda", rlhf_ext.BackendUnavailableError,
+                 r"backend='cuda' is unavailable: .*cpu", id="cuda-on-cpu-tensors"),
+    pytest.param("cpu", "triton", rlhf_ext.BackendUnavailableError, r"backend='triton' is "
+                 r"unavailable", id="triton-unavailable",
+                 marks=pytest.mark.skipif(TRITON_CPU, reason="triton runs here")),
+    pytest.param("cuda", "cpu", rlhf_ext.BackendUnavailableError,
+                 r"backend='cpu' is unavailable: .*cuda", id="cpu-on-cuda-tensors",
+                 marks=pytest.mark.cuda),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("device, backend, error, pattern", BACKEND_ERRORS)
+@pytest.mark.parametrize("op", sorted(SAMPLES))
+def test_backend_errors_name_the_op_and_why(request, op, device, backend, error, pattern):
+    args, kwargs, _ = next(SAMPLES[op](_inputs(request), device))
+    with pytest.raises(error, match=rf"^rlhf_ext\.{op}: {pattern}"):
+        _call(op, args, kwargs, backend)
+
+
+# -- one vocabulary, one set of constants: Python == C++ --------------------------------
+
+
+@requires_compiled
+def test_kl_kind_codes_equal_the_cpp_enum():
+    assert rlhf_ext.build_info()["kl_kinds"] == _vocab.KL_KIND_CODES
+
+
+@requires_compiled
+def test_loss_agg_codes_equal_the_cpp_enum():
+    assert rlhf_ext.build_info()["loss_aggs"] == _vocab.AGG_CODES
+
+
+@requires_compiled
+def test_linear_chunk_constants_equal_the_cpp_header():
+    assert rlhf_ext.build_info()["linear_token_logprobs"] == {
+        "row_quantum": _vocab.LINEAR_ROW_QUANTUM,
+        "min_tile_vocab": _vocab.LINEAR_MIN_TILE_VOCAB,
+        "vocab_quantum": _vocab.LINEAR_VOCAB_QUANTUM,
+        "accumulate_rows": _vocab.LINEAR_ACCUMULATE_ROWS,
+    }
+
+
+@requires_compiled
+@pytest.mark.skipif(not (TRITON_CPU or TRITON_CUDA), reason="triton is not importable")
+def test_triton_tile_geometry_equals_the_cpp_one():
+    """The Triton backend's chunk loop (Python) sizes its backward tiles as the C++
+    loop does, over a grid of (valid rows, V, chunk rows) around every branch."""
+    from rlhf_ext import _C
+    from rlhf_ext.ops.linear_token_logprobs import triton_kernels
+
+    tile_geometry = triton_kernels().tile_geometry
+    rows = [0, 1, 15, 16, 17, 100, 1023, 4096, 16384, 100_000]
+    vocabs = [1, 63, 64, 1000, 1024, 1025, 32000, 151_936]
+    chunks = [1, 16, 48, 256, 1024, 4096]
+    for valid_rows in rows:
+        for vocab in vocabs:
+            for chunk in chunks:
+                want = tuple(_C.linear_tile_geometry(valid_rows, vocab, chunk))
+                assert tile_geometry(valid_rows, vocab, chunk) == want, (valid_rows, vocab, chunk)
+
+
+def test_compiled_state_is_reported():
+    """The grid above covers the compiled backends exactly when the extension is built."""
+    assert ("cpu" in _kernel_backends("cpu")) == COMPILED

@@ -1,0 +1,86 @@
+"""The ops' vocabularies: the one Python home of every name, code and constant
+that crosses a layer boundary (KL estimator kinds, loss aggregation modes, the
+loss ops' statistics, linear_token_logprobs' chunk-loop constants).
+
+A leaf module: it imports nothing from rlhf_ext, so the public ops, the Triton
+kernels, the reference and the trainer can all read it without an import cycle.
+The codes are those of the C++ enums (csrc/include/rlhf_ext/kl.h ``KLKind``,
+ppo_math.h ``LossAgg``); the C++ parsers' tables and constants are exported by
+``rlhf_ext._C.build_info()`` and python_tests/test_op_contract.py checks that
+both sides agree, so reordering a table here cannot silently change what a
+kernel computes.
+"""
+
+from __future__ import annotations
+
+# KL estimators (kl.h KLKind). Names and aliases -> code. A "+" suffix on any name
+# keeps that kind's value and takes the gradient of k2 (straight-through, as verl).
+KL_K1, KL_ABS, KL_K2, KL_K3 = 0, 1, 2, 3
+KL_KIND_CODES = {
+    "k1": KL_K1,
+    "kl": KL_K1,
+    "abs": KL_ABS,
+    "k2": KL_K2,
+    "mse": KL_K2,
+    "k3": KL_K3,
+    "low_var_kl": KL_K3,
+}
+KL_KINDS = tuple(KL_KIND_CODES)
+STRAIGHT_THROUGH_SUFFIX = "+"
+
+# Loss aggregation modes (ppo_math.h LossAgg; verl's loss_agg_mode names).
+AGG_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM_NORM = (
+    0,
+    1,
+    2,
+    3,
+)
+AGG_CODES = {
+    "token-mean": AGG_TOKEN_MEAN,
+    "seq-mean-token-sum": AGG_SEQ_MEAN_TOKEN_SUM,
+    "seq-mean-token-mean": AGG_SEQ_MEAN_TOKEN_MEAN,
+    "seq-mean-token-sum-norm": AGG_SEQ_MEAN_TOKEN_SUM_NORM,
+}
+AGG_MODES = tuple(AGG_CODES)
+NORM_AGG = "seq-mean-token-sum-norm"  # the mode that divides by loss_scale_factor
+
+# Statistics of the loss ops, in the order of their kernels' `stats` output.
+POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
+VALUE_STATS = ("clipfrac",)
+KL_LOSS_STATS = ()
+
+
+def is_kl_kind(kind) -> bool:
+    """A known KL kind name, optionally with one straight-through suffix."""
+    return (
+        isinstance(kind, str)
+        and kind.count(STRAIGHT_THROUGH_SUFFIX) <= 1
+        and kind.rstrip(STRAIGHT_THROUGH_SUFFIX) in KL_KIND_CODES
+    )
+
+
+def kl_kind_code(kind: str) -> int:
+    """The KLKind code of a (checked) kind name, suffix ignored."""
+    return KL_KIND_CODES[kind.rstrip(STRAIGHT_THROUGH_SUFFIX)]
+
+
+def kl_straight_through(kind: str) -> bool:
+    return kind.endswith(STRAIGHT_THROUGH_SUFFIX)
+
+
+def kl_base_kind(kind: str) -> str:
+    """The canonical name ("k1", "abs", "k2", "k3") of a (checked) kind name."""
+    code = kl_kind_code(kind)
+    return next(name for name, c in KL_KIND_CODES.items() if c == code)
+
+
+# linear_token_logprobs' chunk loop (csrc/include/rlhf_ext/linear_logprobs_host.h:
+# kRowQuantum, kMinTileVocab, kVocabQuantum, kAccumulateRows), which the Triton
+# backend runs in Python: GEMMs have at least LINEAR_ROW_QUANTUM rows (a batch
+# invariance condition), backward tiles at least LINEAR_MIN_TILE_VOCAB columns in
+# multiples of LINEAR_VOCAB_QUANTUM, and float32 products LINEAR_ACCUMULATE_ROWS
+# rows at a time.
+LINEAR_ROW_QUANTUM = 16
+LINEAR_MIN_TILE_VOCAB = 1024
+LINEAR_VOCAB_QUANTUM = 64
+LINEAR_ACCUMULATE_ROWS = 1024
