@@ -110,3 +110,38 @@ def test_reference_imports_only_the_vocabulary():
     """The oracle stays independent of the kernels it checks."""
     imports = _rlhf_imports(PACKAGE_DIR / "reference.py")
     assert {m for m in imports if not m.startswith("rlhf_ext.ops._vocab")} == set()
+
+
+def test_triton_loader_registers_once_under_threads():
+    """Two threads making the first call of an op's Triton loader register its ops once
+    (a second register_autograd on the same op would raise)."""
+    import threading
+
+    from rlhf_ext.ops._registry import triton_loader
+
+    calls = []
+    barrier = threading.Barrier(4)
+
+    def register(kernels):
+        calls.append(kernels)
+
+    load = triton_loader("_common", register) if _triton_here() else None
+    if load is None:
+        pytest.skip("triton is not installed")
+
+    def first_call():
+        barrier.wait()
+        load()
+
+    threads = [threading.Thread(target=first_call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(calls) == 1
+
+
+def _triton_here() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

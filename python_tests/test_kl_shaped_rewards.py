@@ -234,6 +234,10 @@ def test_kl_shaped_rewards_batch_invariant(inputs, backend):
 # [3] and lp, ref [3, 5]; op = rlhf_ext.kl_shaped_rewards on the test's backend.
 KL_SHAPED_REWARDS_BAD_INPUT = conftest.bad_inputs(
     r"rlhf_ext\.kl_shaped_rewards: ",
+    ("kl_coef-nan", ValueError, r"`kl_coef` must be finite, got nan"),
+    lambda s, lp, ref, op: op(s, lp, ref, kl_coef=float("nan")),
+    ("kl_coef-inf", ValueError, r"`kl_coef` must be finite, got inf"),
+    lambda s, lp, ref, op: op(s, lp, ref, kl_coef=float("inf")),
     ("kl-k4", ValueError, r"`kl` must be one of .*'k4'"),
     lambda s, lp, ref, op: op(s, lp, ref, kl_coef=0.1, kl="k4"),
     ("kl-k1++", ValueError, r"`kl` must be one of"),

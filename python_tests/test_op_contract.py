@@ -415,6 +415,103 @@ def test_backend_errors_name_the_op_and_why(request, op, device, backend, error,
         _call(op, args, kwargs, backend)
 
 
+# -- non-finite inputs and second derivatives: the same answer on every backend ---------
+
+# The ops whose backward kernels have no derivative: a second-order gradient is an error
+# naming the op. masked_mean's backward is plain torch arithmetic (its second derivative,
+# zero, is right) and the torch backend differentiates through autograd.
+FIRST_ORDER_ONLY = {
+    "token_logprobs",
+    "linear_token_logprobs",
+    "ppo_policy_loss",
+    "value_loss",
+    "kl_penalty",
+    "kl_loss",
+}
+# The loss ops and the position of their `mask` argument (kl_penalty has none).
+LOSS_OPS = {"ppo_policy_loss": 3, "value_loss": 3, "kl_penalty": None, "kl_loss": 2}
+
+
+def _with_nan(op, args, differentiable, *, masked: bool):
+    """The sample with a NaN in its first differentiable tensor, at its first valid
+    token (masked=False) or its first masked one (None when it has none)."""
+    args = list(args)
+    position = differentiable[0]
+    poisoned = _strided_copy(args[position])
+    at = LOSS_OPS[op]
+    mask = args[at] if at is not None and len(args) > at else None
+    valid = torch.ones_like(poisoned, dtype=torch.bool) if mask is None else mask != 0
+    where = (~valid if masked else valid).nonzero()
+    if not len(where):
+        return None
+    poisoned[tuple(where[0])] = float("nan")
+    args[position] = poisoned
+    return args
+
+
+@pytest.mark.parametrize(
+    "op, device, backend", [p for p in GRID if p.values[0] in LOSS_OPS]
+)  # fmt: skip
+def test_nan_input_gives_the_torch_backends_nans(request, op, device, backend):
+    """A NaN log-prob (value) reaches the loss, the statistics and the gradient exactly
+    where the torch reference puts NaN, so that a trainer's non-finite guard fires on
+    every backend (tl.minimum / tl.maximum / tl.max drop NaN unless told otherwise)."""
+    for args, kwargs, differentiable in SAMPLES[op](_inputs(request), device):
+        poisoned = _with_nan(op, args, differentiable, masked=False)
+        if poisoned is None:
+            continue
+        want = _run(lambda *a, **k: _call(op, a, k, "torch"), poisoned, kwargs, differentiable)
+        got = _run(lambda *a, **k: _call(op, a, k, backend), poisoned, kwargs, differentiable)
+        assert any(torch.isnan(w).any() for w in want)
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(torch.isnan(g.cpu()), torch.isnan(w.cpu())), (op, w, g)
+
+
+@pytest.mark.parametrize(
+    "op, device, backend",
+    [*[p for p in GRID if p.values[0] in LOSS_OPS],
+     *[pytest.param(op, "cpu", "torch", id=f"{op}-cpu-torch") for op in LOSS_OPS]],
+)  # fmt: skip
+def test_nan_at_a_masked_token_changes_nothing(request, op, device, backend):
+    """A masked token is not read: a NaN there leaves the loss, the statistics and every
+    gradient as they are (0 at that token), the torch reference included."""
+    for args, kwargs, differentiable in SAMPLES[op](_inputs(request), device):
+        poisoned = _with_nan(op, args, differentiable, masked=True)
+        if poisoned is None:
+            continue
+        want = _run(lambda *a, **k: _call(op, a, k, backend), args, kwargs, differentiable)
+        got = _run(lambda *a, **k: _call(op, a, k, backend), poisoned, kwargs, differentiable)
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op, device, backend", GRID)
+def test_second_order_gradients_are_right_or_an_error_naming_the_op(request, op, device, backend):
+    """A gradient penalty (a second derivative) is either right, as the torch backend
+    gives it, or an error naming the op: never torch's warning and a silent zero."""
+    samples = [s for s in SAMPLES[op](_inputs(request), device) if s[2]]
+    for args, kwargs, differentiable in samples[:1]:
+        if op in FIRST_ORDER_ONLY:
+            args, kwargs, leaves = _with_grad(args, kwargs, differentiable)
+            total = sum(o.sum() for o in _tensors(_call(op, args, kwargs, backend)))
+            with pytest.raises(RuntimeError, match=rf"^rlhf_ext\.{op}: second-order gradients"):
+                torch.autograd.grad(total, leaves, create_graph=True)
+            continue
+        want = _gradient_penalty_grads(op, args, kwargs, differentiable, "torch")
+        got = _gradient_penalty_grads(op, args, kwargs, differentiable, backend)
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w)
+
+
+def _gradient_penalty_grads(op, args, kwargs, differentiable, backend):
+    """d/d inputs of sum(outputs) + sum(d sum(outputs) / d inputs)^2."""
+    args, kwargs, leaves = _with_grad(args, kwargs, differentiable)
+    total = sum(o.sum() for o in _tensors(_call(op, args, kwargs, backend)) if o.requires_grad)
+    first = torch.autograd.grad(total, leaves, create_graph=True)
+    penalty = total + sum((g**2).sum() for g in first)
+    return [g.detach() for g in torch.autograd.grad(penalty, leaves)]
+
+
 # -- one vocabulary, one set of constants: Python == C++ --------------------------------
 
 

@@ -380,6 +380,20 @@ TOKEN_LOGPROBS_BAD_INPUT = conftest.bad_inputs(
     lambda x, t, op: op(x, t, temperature="1"),
     ("ignore_index-float", TypeError, r"`ignore_index` must be an int"),
     lambda x, t, op: op(x, t, ignore_index=1.5),
+    # Scalars outside what the kernels can hold (issue 16: 1e-39 gave NaN log-probs,
+    # 2**63 a confusing "Expected a value of type 'int'").
+    ("temperature-1e-39", ValueError, r"`temperature` must be in \[.*float32.*got 1e-39"),
+    lambda x, t, op: op(x, t, temperature=1e-39),
+    ("temperature-1e300", ValueError, r"`temperature` must be in \[.*got 1e\+300"),
+    lambda x, t, op: op(x, t, temperature=1e300),
+    (
+        "ignore_index-2**63",
+        ValueError,
+        r"`ignore_index` must fit in int64 .*got 9223372036854775808",
+    ),
+    lambda x, t, op: op(x, t, ignore_index=2**63),
+    ("ignore_index--2**63-1", ValueError, r"`ignore_index` must fit in int64"),
+    lambda x, t, op: op(x, t, ignore_index=-(2**63) - 1),
     ("backend-unknown", ValueError, r"`backend` must be one of"),
     lambda x, t, op: op(x, t, backend="gpu"),
 )

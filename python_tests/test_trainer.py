@@ -261,6 +261,10 @@ def test_minibatch_bookkeeping(tmp_path):
         ("temperature", float("nan"), "`temperature` must be finite"),
         ("kl_coef", -1.0, "`kl_coef` must be a float >= 0"),
         ("ppo_epochs", 2.5, "`ppo_epochs` must be an int >= 1"),
+        ("temperature", 1e-40, "`temperature` must be a float >= 1e-06"),
+        ("whiten_advantages", "false", "`whiten_advantages` must be a bool"),
+        ("normalize_reward", "no", "`normalize_reward` must be a bool"),
+        ("overwrite", 1, "`overwrite` must be a bool"),
     ],
 )
 def test_config_errors(field, value, message):
@@ -317,22 +321,24 @@ def test_reward_rises_end_to_end(tmp_path):
 
 
 def test_step_api_and_variants(tmp_path):
-    for variant in (
-        dict(value_model="separate"),
-        dict(kl_placement="loss", kl_kind="k3"),
-        dict(
-            normalize_reward=True,
-            reward_clip=3.0,
-            dual_clip=3.0,
-            clip_eps_high=0.28,
-            loss_agg="seq-mean-token-mean",
-            top_k=10,
-            top_p=0.9,
-            temperature=0.7,
-            entropy_coef=0.01,
-        ),
+    for index, variant in enumerate(
+        (
+            dict(value_model="separate"),
+            dict(kl_placement="loss", kl_kind="k3"),
+            dict(
+                normalize_reward=True,
+                reward_clip=3.0,
+                dual_clip=3.0,
+                clip_eps_high=0.28,
+                loss_agg="seq-mean-token-mean",
+                top_k=10,
+                top_p=0.9,
+                temperature=0.7,
+                entropy_coef=0.01,
+            ),
+        )
     ):
-        trainer = th.tiny_trainer(tmp_path, **variant)
+        trainer = th.tiny_trainer(tmp_path / f"variant{index}", **variant)  # a run each
         before = [p.detach().clone() for p in trainer.all_parameters()]
         metrics = trainer.step(
             [[1, 4, 5], [1, 6]] * 4, [[7, 8, 2], [9]] * 4, torch.randn(8).tolist()
@@ -430,7 +436,7 @@ def test_nonfinite_once_is_skipped_and_logged(tmp_path):
 
 def test_a_fresh_run_starts_a_fresh_metrics_log(tmp_path):
     th.tiny_trainer(tmp_path, total_iterations=2).train(th.prompts())
-    th.tiny_trainer(tmp_path, total_iterations=2).train(th.prompts())
+    th.tiny_trainer(tmp_path, total_iterations=2, overwrite=True).train(th.prompts())
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
 
@@ -493,7 +499,7 @@ def test_a_second_train_after_a_signal_runs_to_the_end(tmp_path):
 
 
 def test_step_advances_the_iteration_and_writes_metrics(tmp_path):
-    trainer = th.tiny_trainer(tmp_path)
+    trainer = th.tiny_trainer(tmp_path, overwrite=True)
     (tmp_path / "metrics.jsonl").write_text('{"step": 7}\n')  # an older run's log
     for expected in (1, 2):
         metrics = trainer.step([[1, 4, 5], [1, 6]] * 2, [[7, 8, 2], [9]] * 2, [0.5, 1.0] * 2)
@@ -526,3 +532,146 @@ def test_demo_routes_the_trainer_log_through_its_log_function(tmp_path):
     )  # fmt: skip
     trainer.log("hello\nworld")
     assert lines == ["hello\nworld"]
+
+
+# ------------------------------------------------------------ reliability
+def test_resume_applies_the_configs_learning_rates(tmp_path):
+    th.tiny_trainer(tmp_path, total_iterations=1).train(th.prompts())
+    resumed = th.tiny_trainer(
+        tmp_path, total_iterations=2, learning_rate=1e-3, value_learning_rate=2e-3
+    )
+    resumed.load_checkpoint()
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [1e-3, 2e-3]
+    history = resumed.train(th.prompts())
+    assert (history[-1]["lr"], history[-1]["value_lr"]) == (1e-3, 2e-3)
+
+
+def test_resume_cuts_a_torn_metrics_line(tmp_path):
+    th.tiny_trainer(tmp_path, total_iterations=2).train(th.prompts())
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as fh:
+        fh.write('{"step": 3, "objective/kl": 0.1')  # a full disk cut the write short
+    resumed = th.tiny_trainer(tmp_path, total_iterations=3)
+    resumed.load_checkpoint()
+    assert metrics.read_text().endswith("}\n")  # the torn line is gone
+    resumed.train(th.prompts())
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_bad_metrics_line_inside_the_file_names_it(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"MetricsWriter.read: .*metrics.jsonl line 2"):
+        rlhf_ext.trainer.metrics.MetricsWriter(str(tmp_path)).read()
+
+
+def test_a_failed_metrics_write_names_the_file_and_leaves_no_torn_line(tmp_path, monkeypatch):
+    import errno
+
+    from rlhf_ext.trainer import metrics as metrics_module
+
+    writer = metrics_module.MetricsWriter(str(tmp_path))
+    writer.append({"step": 1})
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            self.fh.write(text[:5])
+            self.fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics_module, "open", lambda *a: FullDisk(open(*a)), raising=False)
+    with pytest.raises(OSError, match=r"MetricsWriter.append: could not write to .*metrics.jsonl"):
+        writer.append({"step": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_fresh_run_refuses_an_existing_output_dir(tmp_path):
+    th.tiny_trainer(tmp_path, total_iterations=1).train(th.prompts())
+    before = (tmp_path / "metrics.jsonl").read_text()
+    fresh = th.tiny_trainer(tmp_path, total_iterations=1)
+    match = "PPOTrainer: `output_dir` .* already holds metrics.jsonl and checkpoint.pt"
+    with pytest.raises(FileExistsError, match=match):
+        fresh.train(th.prompts())
+    with pytest.raises(FileExistsError, match=match):
+        fresh.step([[1, 4]], [[5, 2]], [1.0])
+    with pytest.raises(FileExistsError, match=match):
+        fresh.save_checkpoint()
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing was touched
+    th.tiny_trainer(tmp_path, total_iterations=1, overwrite=True).train(th.prompts())
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    th.tiny_trainer(tmp_path, total_iterations=1).train(th.prompts())
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain data only
+    assert state["iteration"] == 1 and state["config"]["seed"] == 0
+
+
+def test_load_checkpoint_refuses_a_malicious_pickle(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": th.Malicious(), "optimizer": {}, "rng": []}, path)
+    with pytest.raises(ValueError, match=f"load_checkpoint: {path} holds objects other than"):
+        th.tiny_trainer(tmp_path).load_checkpoint()
+    assert th.PICKLE_MARKER == []  # its __reduce__ never ran
+
+
+def test_an_old_format_checkpoint_is_a_clear_error(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "optimizer": {}, "rng": [{"numpy": np.random.get_state()}]}, path)
+    with pytest.raises(ValueError, match="an old-format checkpoint"):
+        th.tiny_trainer(tmp_path).load_checkpoint()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", "truncated"])
+def test_unreadable_checkpoints_name_the_path(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    if content == "truncated":
+        th.tiny_trainer(tmp_path).save_checkpoint()
+        content = path.read_bytes()[:-200]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"load_checkpoint: {path} is not a readable checkpoint"):
+        th.tiny_trainer(tmp_path).load_checkpoint()
+
+
+def test_stale_checkpoint_temporaries_are_removed_at_start(tmp_path):
+    names = [".tmp-ab_cd123.pt", ".tmp-notes.txt", "mine.pt", ".tmp-ab_cd123.pt.bak"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    trainer = th.tiny_trainer(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+    assert "removed a stale checkpoint temporary" in "".join(trainer._log_stream.lines)
+
+
+@pytest.mark.parametrize("returned", [None, ["high"] * 8, "0.5", [None] * 8])
+def test_a_reward_function_returning_non_numbers_is_named(tmp_path, returned):
+    trainer = th.tiny_trainer(tmp_path, reward=lambda p, c: returned)
+    with pytest.raises(TypeError, match="`reward_fn_or_model`: must return numbers"):
+        trainer.train(th.prompts())
+
+
+def test_gpt_config_checks_heads_divide_the_width():
+    with pytest.raises(ValueError, match=r"GPTConfig: `d_model` \(30\) must be a multiple"):
+        rlhf_ext.trainer.GPTConfig(27, n_head=4, d_model=30)
+
+
+def test_token_ids_are_checked_in_step_and_train(tmp_path):
+    trainer = th.tiny_trainer(tmp_path)
+    vocab = th.DemoTokenizer.vocab_size
+    with pytest.raises(ValueError, match=rf"step: `queries\[1\]` holds token id {vocab}, out"):
+        trainer.step([[1, 4], [1, vocab]], [[5, 2], [5]], [1.0, 0.0])
+    with pytest.raises(ValueError, match=r"step: `responses\[0\]` holds token id -1"):
+        trainer.step([[1, 4]], [[-1, 2]], [1.0])
+    with pytest.raises(TypeError, match=r"step: `queries\[0\]` must be a sequence of int"):
+        trainer.step([[1.0, 4.5]], [[5, 2]], [1.0])
+    with pytest.raises(TypeError, match=r"train: `prompts\[0\]` must be a sequence of int"):
+        trainer.train([3, 4])

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,22 +116,10 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path):
 
 def test_demo_command_quick(tmp_path, capsys):
     threads = torch.get_num_threads()
+    command = ["demo", "--quick", "--seeds", "0", "--iterations", "2", "--output-dir"]
     try:
-        assert (
-            main(
-                [
-                    "demo",
-                    "--quick",
-                    "--seeds",
-                    "0",
-                    "--iterations",
-                    "2",
-                    "--output-dir",
-                    str(tmp_path),
-                ]
-            )
-            == 0
-        )
+        for _ in range(2):  # `make demo` twice: the demo replaces its own runs
+            assert main([*command, str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -317,3 +306,51 @@ def test_model_argument_errors_name_function_and_argument(tmp_path):
         PPOTrainer(config, th.tiny_gpt(), torch.nn.Linear(2, 2), th.a_fraction, th.DemoTokenizer())
     with pytest.raises(TypeError, match="^rlhf_ext.trainer.PPOTrainer: `policy` must be"):
         PPOTrainer(config, torch.nn.Linear(2, 2), None, th.a_fraction, th.DemoTokenizer())
+
+
+def _weights(folder) -> dict:
+    return load_checkpoint(str(folder / "checkpoint.pt"))["model"]
+
+
+def test_train_command_same_seed_same_run(tmp_path):
+    config = _train_config(tmp_path, iterations=1)
+    for name in ("a", "b"):
+        torch.rand(3)  # whatever drew from torch's RNG before must not matter
+        assert main(["train", "--config", config, "--output-dir", str(tmp_path / name)]) == 0
+    first, second = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_train_command_refuses_an_existing_output_dir(tmp_path):
+    config = _train_config(tmp_path, iterations=1)
+    assert main(["train", "--config", config]) == 0
+    with pytest.raises(FileExistsError, match="already holds metrics.jsonl and checkpoint.pt"):
+        main(["train", "--config", config])
+    assert main(["train", "--config", config, "--overwrite"]) == 0
+    assert main(["train", "--config", config, "--resume", "--iterations", "2"]) == 0
+    steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert steps == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([{"policy": "gpt2"}], "load_config_file: .*bad.json must hold an object .* got list"),
+        ("{", "load_config_file: .*bad.json does not parse"),
+        ({"policy": {"builtin": {}}, "ref_polcy": None}, r"unknown key\(s\) \['ref_polcy'\] in"),
+        ({"policy": {"builtin": {}}, "ppo": [["seed", 1]]}, "`ppo` in .*bad.json must be an obj"),
+        ({"prompts": [1, 2]}, r"`prompts\[0\]` must be a string or a list of int token ids"),
+        ({"prompts": [[1, 2.0]]}, r"`prompts\[0\]` must be a string or a list of int token ids"),
+        ({"policy": {"builtin": {"n_head": 3}}}, r"GPTConfig: `d_model` \(64\) must be a mult"),
+    ],
+)
+def test_train_command_malformed_config_files(tmp_path, content, message):
+    spec = json.loads(Path(_train_config(tmp_path, iterations=1)).read_text())
+    if isinstance(content, dict):
+        spec.update(content)
+    else:
+        spec = content
+    path = tmp_path / "bad.json"
+    path.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+    with pytest.raises(ValueError, match=message):
+        main(["train", "--config", str(path)])

@@ -78,6 +78,21 @@ def byte_reward(prompts, completions):
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
+PICKLE_MARKER: list = []  # what a malicious checkpoint's payload would have done
+
+
+def pickle_marker() -> None:
+    """A harmless stand-in for ``os.system``: records that it ran."""
+    PICKLE_MARKER.append("ran")
+
+
+class Malicious:
+    """Unpickles by calling :func:`pickle_marker` (a crafted checkpoint's trick)."""
+
+    def __reduce__(self):
+        return (pickle_marker, ())
+
+
 def ddp_worker(rank: int, world_size: int, folder: str) -> None:
     """One rank of the 2-process gloo test: train 2 iterations, save the weights."""
     import os

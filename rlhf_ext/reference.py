@@ -237,6 +237,12 @@ def agg_loss(loss_mat, mask=None, agg="token-mean", loss_scale_factor=None):
     raise ValueError(f"rlhf_ext.agg_loss: unknown `agg` {agg!r}")
 
 
+def _valid_only(valid, *tensors):
+    """The tensors with their masked positions set to 0: what a masked token holds
+    (NaN, inf) must reach neither the loss nor, through 0 * NaN, the gradient."""
+    return [torch.where(valid, t, torch.zeros((), dtype=t.dtype)) for t in tensors]
+
+
 def _token_mean(x, valid):
     """Mean over valid tokens as a float32 0-d tensor (0 when none is valid)."""
     with torch.no_grad():
@@ -261,6 +267,7 @@ def ppo_policy_loss(
     old = _acc(old_logprobs).detach().to(lp.dtype)
     adv = _acc(advantages).detach().to(lp.dtype)
     valid = _valid(mask, lp)
+    lp, old, adv = _valid_only(valid, lp, old, adv)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = (lp - old).clamp(-KL_CLAMP_LOG_RATIO, KL_CLAMP_LOG_RATIO)
     ratio = torch.exp(log_ratio)
@@ -293,6 +300,7 @@ def value_loss(values, old_values, returns, mask=None, *, clip_eps=None, agg="to
     old = _acc(old_values).detach().to(v.dtype)
     ret = _acc(returns).detach().to(v.dtype)
     valid = _valid(mask, v)
+    v, old, ret = _valid_only(valid, v, old, ret)
     unclipped = (v - ret).square()
     if clip_eps is None:
         loss_t, is_clipped = unclipped, torch.zeros_like(valid)
@@ -306,5 +314,7 @@ def value_loss(values, old_values, returns, mask=None, *, clip_eps=None, agg="to
 
 def kl_loss(logprobs, ref_logprobs, mask=None, *, kind="k3", agg="token-mean"):
     """agg(kl_penalty(logprobs, ref_logprobs, kind)) over the valid tokens."""
+    valid = _valid(mask, logprobs)
+    logprobs, ref_logprobs = _valid_only(valid, _acc(logprobs), _acc(ref_logprobs))
     per_token = kl_penalty(logprobs, ref_logprobs, kind)
-    return agg_loss(per_token, _valid(mask, per_token), agg)
+    return agg_loss(per_token, valid, agg)

@@ -159,7 +159,7 @@ void loss_finish_cpu(const acc_t* partials, int64_t rows, LossAgg agg, double no
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t* part = partials + r * K;
     for (int k = 0; k < K; ++k) {
-      total[k] = k == Family::kMaxCol ? std::max(total[k], double(part[k])) : total[k] + part[k];
+      total[k] = k == Family::kMaxCol ? max_value(total[k], double(part[k])) : total[k] + part[k];
     }
     if (part[1] > 0) {
       mean_sum += double(part[0]) / double(part[1]);

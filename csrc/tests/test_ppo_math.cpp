@@ -150,6 +150,16 @@ void aggregation_modes() {
   }
 }
 
+void max_value_propagates_nan() {
+  // ratio_max must be NaN once any valid ratio is, whatever the order (torch.max does so).
+  const double nan = std::nan("");
+  CHECK_EQ(rlhf_ext::max_value(1.0, 2.0), 2.0);
+  CHECK_EQ(rlhf_ext::max_value(3.0, 2.0), 3.0);
+  CHECK(std::isnan(rlhf_ext::max_value(1.0, nan)));
+  CHECK(std::isnan(rlhf_ext::max_value(nan, 1.0)));
+  CHECK(std::isnan(rlhf_ext::max_value(rlhf_ext::max_value(0.0, nan), 5.0)));
+}
+
 }  // namespace
 
 int main() {
@@ -158,5 +168,6 @@ int main() {
   RUN(value_matches_closed_form);
   RUN(kl_grad_matches_finite_difference);
   RUN(aggregation_modes);
+  RUN(max_value_propagates_nan);
   return rlhf_test::finish();
 }

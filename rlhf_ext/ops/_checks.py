@@ -58,13 +58,45 @@ def raise_on_bad_target(op: str, target: torch.Tensor, vocab: int, ignore_index:
         )
 
 
+# The largest finite float32: the kernels scale by 1 / temperature in float32.
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def check_temperature(op: str, temperature) -> float:
-    """A finite float > 0 (the logits' divisor), as a float."""
+    """A finite float > 0 (the logits' divisor) whose value and reciprocal are finite in
+    float32, where the kernels use them (1e-39 would make 1 / T overflow to inf, and
+    every log-prob NaN); returns it as a float."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{op}: `temperature` must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{op}: `temperature` must be a finite float > 0, got {temperature!r}")
+    if not (1.0 / FLOAT32_MAX <= temperature <= FLOAT32_MAX):
+        raise ValueError(
+            f"{op}: `temperature` must be in [{1.0 / FLOAT32_MAX:.3g}, {FLOAT32_MAX:.3g}] (it "
+            f"and its reciprocal must be finite in float32), got {temperature!r}"
+        )
     return float(temperature)
+
+
+def check_finite_float(op: str, name: str, value) -> float:
+    """A real, finite Python number (not bool), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: `{name}` must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: `{name}` must be finite, got {value!r}")
+    return float(value)
+
+
+def check_ignore_index(op: str, ignore_index) -> int:
+    """An int that fits in int64 (the kernels compare targets with it as int64)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(
+            f"{op}: `ignore_index` must fit in int64 [{INT64_MIN}, {INT64_MAX}], got {ignore_index}"
+        )
+    return ignore_index
 
 
 def check_dim(op: str, name: str, t: torch.Tensor, dim: int, what: str = "") -> None:

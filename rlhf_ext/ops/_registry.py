@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections.abc import Callable
 
 import torch
@@ -58,22 +59,44 @@ def register_backward(op, backward: Callable, setup_context: Callable) -> None:
     torch.library.register_autograd(qualified_name(op), backward, setup_context=setup_context)
 
 
-def first_order_only(backward: Callable) -> Callable:
-    """A backward whose own kernels have no derivative: run it without recording, and
-    make a second-order gradient through its outputs raise (autograd's
-    once_differentiable), instead of torch's warning and a silent zero."""
-    return torch.autograd.function.once_differentiable(backward)
+def first_order_only(op: str) -> Callable:
+    """Decorator for a backward whose kernels have no derivative: called with
+    create_graph=True (grad mode on inside the backward) it raises an error naming the
+    public op `op`, instead of torch's warning and a second derivative that is silently
+    zero (a gradient penalty would come out wrong). A plain backward, and AOTAutograd's
+    tracing of it under torch.compile, run with grad mode off and are unaffected."""
+
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def guarded(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"{op}: second-order gradients are not implemented (its backward "
+                    "kernels have no derivative); differentiate without create_graph=True, "
+                    'or use backend="torch" for higher-order gradients'
+                )
+            return backward(ctx, *grads)
+
+        return guarded
+
+    return decorate
 
 
 def triton_loader(module: str, register: Callable) -> Callable:
     """A cached loader of ``rlhf_ext.triton.<module>`` that runs ``register(kernels)``
     once, on first use: triton is imported lazily (the package works without it), and
-    the registrations of the Triton ops belong to the op's ops/ module."""
+    the registrations of the Triton ops belong to the op's ops/ module. Thread-safe:
+    two threads making the first call register once (a second registration raises)."""
+    loaded: list = []
+    lock = threading.Lock()
 
-    @functools.cache
     def load():
-        kernels = importlib.import_module(f"rlhf_ext.triton.{module}")
-        register(kernels)
-        return kernels
+        if not loaded:
+            with lock:
+                if not loaded:
+                    kernels = importlib.import_module(f"rlhf_ext.triton.{module}")
+                    register(kernels)
+                    loaded.append(kernels)
+        return loaded[0]
 
     return load

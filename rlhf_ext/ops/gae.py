@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhf_ext import reference
@@ -25,6 +27,8 @@ def _split_rate(name: str, rate, rows: int, like: torch.Tensor):
         raise TypeError(
             f"{OP}: `{name}` must be a float or a [B] tensor, got {type(rate).__name__}"
         )
+    if not math.isfinite(rate):  # a NaN discount would make every advantage NaN
+        raise ValueError(f"{OP}: `{name}` must be finite, got {rate!r}")
     return float(rate), None
 
 

@@ -9,6 +9,7 @@ from rlhf_ext._backend import resolve_backend
 from rlhf_ext.ops._checks import (
     acc_dtype,
     check_dim,
+    check_finite_float,
     check_kl_kind,
     check_like,
     check_mask,
@@ -57,8 +58,7 @@ def kl_shaped_rewards(
             f"{OP}: `scores` must have shape [{logprobs.shape[0]}], got {tuple(scores.shape)}"
         )
     mask = check_mask(OP, mask, logprobs, "logprobs")
-    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)):
-        raise TypeError(f"{OP}: `kl_coef` must be a float, got {type(kl_coef).__name__}")
+    kl_coef = check_finite_float(OP, "kl_coef", kl_coef)
     check_kl_kind(OP, "kl", kl)
     common = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
     logprobs, ref_logprobs = logprobs.detach().to(common), ref_logprobs.detach().to(common)

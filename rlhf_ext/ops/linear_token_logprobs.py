@@ -9,6 +9,7 @@ from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import (
     acc_dtype,
+    check_ignore_index,
     check_same_device,
     check_target,
     check_temperature,
@@ -105,8 +106,7 @@ def linear_token_logprobs(
     """
     _check_inputs(hidden, weight, bias, target)
     temperature = check_temperature(OP, temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(OP, ignore_index)
     chunk_rows = resolve_chunk_size(chunk_size, weight.shape[0], hidden)
     if validate and eager():
         raise_on_bad_target(OP, target, weight.shape[0], ignore_index)
@@ -228,7 +228,7 @@ def register_linear_autograd(forward_op, backward_op) -> None:
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
 
-    @first_order_only
+    @first_order_only(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, return_entropy, chunk_rows = ctx.settings

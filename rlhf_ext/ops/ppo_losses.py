@@ -22,7 +22,13 @@ from rlhf_ext.ops._checks import (
     check_mask,
     check_tensor,
 )
-from rlhf_ext.ops._registry import input_count, register_backward, register_fakes, triton_loader
+from rlhf_ext.ops._registry import (
+    first_order_only,
+    input_count,
+    register_backward,
+    register_fakes,
+    triton_loader,
+)
 from rlhf_ext.ops._vocab import KL_LOSS_STATS, NORM_AGG, POLICY_STATS, VALUE_STATS
 
 POLICY_OP = "rlhf_ext.ppo_policy_loss"
@@ -241,9 +247,10 @@ def kl_loss(
 # -- autograd and fake kernels (compiled and Triton ops alike) -------------------
 
 
-def register_loss_autograd(op, backward_op) -> None:
+def register_loss_autograd(op, backward_op, public_name: str) -> None:
     """d loss / d first input = backward_op(grad_loss, grad, row_weight, dtype); the
-    other inputs (as many as the op's schema declares) get no gradient."""
+    other inputs (as many as the op's schema declares) get no gradient. First order
+    only: `grad` is a constant of the backward."""
     others = (None,) * (input_count(op) - 1)
 
     def setup_context(ctx, inputs, output):
@@ -254,6 +261,7 @@ def register_loss_autograd(op, backward_op) -> None:
         # would cost a [B, T] fill per backward (as long as the kernel itself).
         ctx.set_materialize_grads(False)
 
+    @first_order_only(public_name)
     def backward(ctx, grad_loss, _stats, _grad, _row_weight):
         if grad_loss is None:
             return (None, *others)
@@ -264,13 +272,14 @@ def register_loss_autograd(op, backward_op) -> None:
 
 
 def register_kl_penalty_autograd(op) -> None:
-    """d value / d logprobs = grad_value * grad (elementwise)."""
+    """d value / d logprobs = grad_value * grad (elementwise); first order only."""
     others = (None,) * (input_count(op) - 1)
 
     def setup_context(ctx, inputs, output):
         ctx.dtype = inputs[0].dtype
         ctx.save_for_backward(output[1])
 
+    @first_order_only(KL_PENALTY_OP)
     def backward(ctx, grad_value, _grad):
         (grad,) = ctx.saved_tensors
         return ((grad_value * grad).to(ctx.dtype), *others)
@@ -320,15 +329,21 @@ def _register_compiled() -> None:
         }
     )
     ops = torch.ops.rlhf_ext
-    for op in (ops.ppo_policy_loss, ops.value_loss, ops.kl_loss):
-        register_loss_autograd(op, ops.loss_backward)
+    losses = {POLICY_OP: ops.ppo_policy_loss, VALUE_OP: ops.value_loss, KL_LOSS_OP: ops.kl_loss}
+    for name, op in losses.items():
+        register_loss_autograd(op, ops.loss_backward, name)
     register_kl_penalty_autograd(ops.kl_penalty)
 
 
 def _register_triton(kernels) -> None:
     """The Triton ops are triton_ops: traced through, so they need no fake kernels."""
-    for op in (kernels.ppo_policy_loss_triton, kernels.value_loss_triton, kernels.kl_loss_triton):
-        register_loss_autograd(op, kernels.loss_backward_triton)
+    losses = {
+        POLICY_OP: kernels.ppo_policy_loss_triton,
+        VALUE_OP: kernels.value_loss_triton,
+        KL_LOSS_OP: kernels.kl_loss_triton,
+    }
+    for name, op in losses.items():
+        register_loss_autograd(op, kernels.loss_backward_triton, name)
     register_kl_penalty_autograd(kernels.kl_penalty_triton)
 
 

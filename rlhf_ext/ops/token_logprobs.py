@@ -8,13 +8,20 @@ from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import (
     acc_dtype,
+    check_ignore_index,
     check_target,
     check_temperature,
     check_tensor,
     eager,
     raise_on_bad_target,
 )
-from rlhf_ext.ops._registry import input_count, register_backward, register_fakes, triton_loader
+from rlhf_ext.ops._registry import (
+    first_order_only,
+    input_count,
+    register_backward,
+    register_fakes,
+    triton_loader,
+)
 
 OP = "rlhf_ext.token_logprobs"
 
@@ -72,8 +79,7 @@ def token_logprobs(
         )
     check_target(OP, target, logits, "logits")
     temperature = check_temperature(OP, temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{OP}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
+    check_ignore_index(OP, ignore_index)
     if validate and eager():
         raise_on_bad_target(OP, target, logits.shape[-1], ignore_index)
     chosen = resolve_backend(OP, backend, logits.device)
@@ -117,6 +123,7 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
 
+    @first_order_only(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, target, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, return_entropy, inplace = ctx.settings

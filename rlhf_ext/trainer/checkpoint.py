@@ -5,7 +5,9 @@ from one."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,10 @@ TRAINER = "rlhf_ext.trainer.PPOTrainer"
 CHECKPOINT_FILE = "checkpoint.pt"  # in the run's output_dir
 # a resumed run must agree with its checkpoint on these (the sampling and batching)
 RESUME_FIELDS = ("seed", "rollout_batch_size", "mini_batch_size", "micro_batch_size")
+# atomic_torch_save's temporaries: mkstemp's prefix, 8 random name characters, suffix
+TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
+TMP_PATTERN = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+LOAD = "rlhf_ext.trainer.checkpoint.load_checkpoint"
 
 
 def trainer_state(trainer: PPOTrainer) -> dict:
@@ -64,6 +70,8 @@ def load_trainer_checkpoint(trainer: PPOTrainer, path: str) -> None:
     if trainer.critic is not None:
         trainer.critic.load_state_dict(state["critic"])
     trainer.optimizer.load_state_dict(state["optimizer"])
+    # the state restores the old hyper-parameters; this run's config may change them
+    apply_optimizer_settings(trainer.optimizer, trainer.config)
     trainer.kl_controller.load_state_dict(state["kl_controller"])
     if trainer.reward_moments is not None and state["reward_moments"] is not None:
         trainer.reward_moments.load_state_dict(state["reward_moments"])
@@ -74,6 +82,14 @@ def load_trainer_checkpoint(trainer: PPOTrainer, path: str) -> None:
     )
     trainer.nonfinite_in_row = state["nonfinite_in_row"]
     restore_rng(state["rng"][trainer.rank], trainer.generator)
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, config: PPOConfig) -> None:
+    """Set the config's learning rates, weight decay and eps on the optimizer's two
+    parameter groups (policy, then value head or critic)."""
+    rates = (config.learning_rate, config.value_learning_rate or config.learning_rate)
+    for group, lr in zip(optimizer.param_groups, rates, strict=True):
+        group.update(lr=lr, weight_decay=config.weight_decay, eps=config.adam_eps)
 
 
 def check_resumable(state: dict, config: PPOConfig, world_size: int, path: str) -> None:
@@ -105,7 +121,7 @@ def atomic_torch_save(obj, path: str) -> None:
     ``path``: a reader (or a crash) never sees a half-written checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -118,14 +134,33 @@ def atomic_torch_save(obj, path: str) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete what a killed :func:`atomic_torch_save` left in ``folder`` (only names
+    of its own pattern); the paths removed."""
+    if not os.path.isdir(folder):
+        return []
+    stale = [os.path.join(folder, n) for n in os.listdir(folder) if TMP_PATTERN.fullmatch(n)]
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
 def capture_rng(generator: torch.Generator) -> dict:
     """Every random state a run draws from: torch (CPU, CUDA), the trainer's
-    sampling generator, Python's and NumPy's."""
+    sampling generator, Python's and NumPy's (as tensors and plain values, which
+    a ``weights_only`` load accepts)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
         "generator": generator.get_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -137,15 +172,34 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (numpy["name"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint written by the trainer (CPU tensors)."""
+    """Read a checkpoint written by the trainer (CPU tensors). ``weights_only``: a
+    file holding any other object (a crafted pickle, an old-format checkpoint
+    with NumPy arrays) is refused before it can run code."""
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"rlhf_ext.trainer.checkpoint.load_checkpoint: `path`: no checkpoint at {path}"
-        )
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{LOAD}: `path`: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():  # a class or function to import
+            raise ValueError(
+                f"{LOAD}: {path} holds objects other than tensors and plain containers; "
+                "refused unloaded (an old-format checkpoint, or not written by the trainer)"
+            ) from exc
+        raise ValueError(f"{LOAD}: {path} is not a readable checkpoint ({exc})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ValueError(
+            f"{LOAD}: {path} is not a readable checkpoint (corrupt, truncated or empty: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or not {"model", "optimizer", "rng"} <= set(state):
+        raise ValueError(f"{LOAD}: {path} is not a trainer checkpoint (no model/optimizer/rng)")
+    return state

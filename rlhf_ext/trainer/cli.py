@@ -24,9 +24,12 @@ import os
 
 import torch
 
-from rlhf_ext.trainer.config import PPOConfig, load_config_file
+from rlhf_ext.trainer.checkpoint import CHECKPOINT_FILE
+from rlhf_ext.trainer.config import PPOConfig, load_config_file, ppo_section
 
 NAME = "python -m rlhf_ext train"
+# a typo ("ref_polcy") must not quietly fall back to a default
+TOP_LEVEL_KEYS = ("policy", "ref_policy", "value_model", "reward", "prompts", "ppo")
 
 
 def add_subcommands(sub) -> None:
@@ -39,6 +42,9 @@ def add_subcommands(sub) -> None:
     train = sub.add_parser("train", help="PPO from a config file")
     train.add_argument("--config", required=True, help="JSON or TOML file")
     train.add_argument("--resume", action="store_true", help="continue from output_dir")
+    train.add_argument(
+        "--overwrite", action="store_true", help="a fresh run may replace output_dir's files"
+    )
     train.add_argument("--output-dir", default=None, help="overrides ppo.output_dir")
     train.add_argument("--iterations", type=int, default=None, help="overrides total_iterations")
 
@@ -61,24 +67,36 @@ def run_train_command(args) -> int:
     from rlhf_ext.trainer.ppo import PPOTrainer
 
     spec = load_config_file(args.config)
-    ppo = dict(spec.get("ppo", {}))
+    unknown = sorted(set(spec) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{NAME}: unknown key(s) {unknown} in {args.config}; known: {list(TOP_LEVEL_KEYS)}"
+        )
+    ppo = dict(ppo_section(spec.get("ppo", {}), args.config))
     if args.output_dir is not None:
         ppo["output_dir"] = args.output_dir
     if args.iterations is not None:
         ppo["total_iterations"] = args.iterations
     config = PPOConfig.from_dict(ppo)
+    checkpoint = os.path.join(config.output_dir, CHECKPOINT_FILE)
+    # --resume without a checkpoint starts afresh, as the docs promise, over what is there
+    config.overwrite = config.overwrite or args.overwrite or args.resume
     device = _init_distributed()
     if "policy" not in spec:
         raise ValueError(f"{NAME}: the config file needs a `policy` entry")
+    # a builtin model without weights is initialised from torch's global RNG: seed it
+    # first, alike on every rank (the default reference is a copy made before DDP syncs)
+    torch.manual_seed(config.seed)
     policy, tokenizer = load_policy(spec["policy"], device)
     ref = load_policy(spec["ref_policy"], device)[0] if spec.get("ref_policy") else None
     critic = load_policy(spec["value_model"], device)[0] if spec.get("value_model") else None
     reward, reward_tokenizer = load_reward(spec.get("reward"), device)
+    prompts = load_prompts(spec.get("prompts"))
     trainer = PPOTrainer(
         config, policy, ref, reward, tokenizer, critic, reward_tokenizer=reward_tokenizer
     )
     if args.resume:
-        if os.path.exists(trainer.checkpoint_path):
+        if os.path.exists(checkpoint):
             trainer.load_checkpoint()
             trainer.log(f"resumed from {trainer.checkpoint_path} at iteration {trainer.iteration}")
         else:
@@ -86,7 +104,7 @@ def run_train_command(args) -> int:
                 f"warning: {NAME} --resume: no checkpoint at {trainer.checkpoint_path}; "
                 "starting a fresh run"
             )
-    trainer.train(load_prompts(spec.get("prompts")))
+    trainer.train(prompts)
     return 0
 
 
@@ -112,7 +130,8 @@ def load_policy(spec, device):
         fields = {"vocab_size": tokenizer.vocab_size, **spec["builtin"]}
         model = TinyGPT(GPTConfig(**fields))
         if spec.get("weights"):
-            model.load_state_dict(torch.load(spec["weights"], map_location="cpu"))
+            weights = torch.load(spec["weights"], map_location="cpu", weights_only=True)
+            model.load_state_dict(weights)
         return model.to(device), tokenizer
     if not isinstance(spec, str):
         raise ValueError(f"{NAME}: a model must be a name/path or {{'builtin': ...}}, got {spec!r}")
@@ -144,13 +163,30 @@ def load_reward(spec, device):
 
 
 def load_prompts(spec) -> list:
-    """A list of prompts, or the non-empty lines of a text file."""
+    """A list of prompts (strings or lists of int token ids), or the non-empty
+    lines of a text file."""
     if isinstance(spec, list):
+        for i, prompt in enumerate(spec):
+            _check_prompt(i, prompt)
         return spec
     if isinstance(spec, str):
         with open(spec) as fh:
             return [line.rstrip("\n") for line in fh if line.strip()]
     raise ValueError(f"{NAME}: `prompts` must be a file path or a list of strings, got {spec!r}")
+
+
+def _check_prompt(index: int, prompt) -> None:
+    """A prompt is a string or a list of int token ids (a JSON 2 or 2.0 is not a prompt)."""
+    if isinstance(prompt, str):
+        return
+    ids = isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    )
+    if not ids:
+        raise ValueError(
+            f"{NAME}: `prompts[{index}]` must be a string or a list of int token ids, "
+            f"got {prompt!r}"
+        )
 
 
 def _transformers():

@@ -12,6 +12,9 @@ from rlhf_ext.ops._vocab import AGG_MODES, KL_KINDS
 
 NAME = "rlhf_ext.trainer.PPOConfig"
 KL_PLACEMENTS = ("reward", "loss")
+# below this, logits / temperature overflow float32 and sampling gets NaN probabilities
+MIN_TEMPERATURE = 1e-6
+BOOL_FIELDS = ("whiten_advantages", "adaptive_kl", "normalize_reward", "progress_bar", "overwrite")
 
 
 @dataclass
@@ -80,6 +83,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     max_nonfinite_updates: int = 3  # iterations in a row with a skipped (non-finite) update
     progress_bar: bool = True
+    overwrite: bool = False  # a fresh run may replace metrics.jsonl / checkpoint.pt in output_dir
     extra: dict = field(default_factory=dict)  # free-form, carried into checkpoints
 
     def __post_init__(self) -> None:
@@ -93,6 +97,7 @@ class PPOConfig:
         self._check_ints()
         self._check_batching()
         self._check_choices()
+        self._check_bools()
         if not 0.0 <= self.gamma <= 1.0:
             self._fail("gamma", "a float in [0, 1]", self.gamma)
         if not 0.0 <= self.lam <= 1.0:
@@ -118,8 +123,8 @@ class PPOConfig:
         for name in ("learning_rate", "adam_eps", "clip_eps", "kl_target", "kl_horizon"):
             if self._number(name, getattr(self, name)) <= 0:
                 self._fail(name, "a float > 0", getattr(self, name))
-        if self._number("temperature", self.temperature) <= 0:
-            self._fail("temperature", "a float > 0", self.temperature)
+        if self._number("temperature", self.temperature) < MIN_TEMPERATURE:
+            self._fail("temperature", f"a float >= {MIN_TEMPERATURE:g}", self.temperature)
         for name in ("weight_decay", "vf_coef", "entropy_coef", "gamma", "lam", "kl_coef"):
             self._number(name, getattr(self, name))
 
@@ -160,6 +165,14 @@ class PPOConfig:
                 self._fail(name, "None or an int >= 1", value)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             self._fail("seed", "an int", self.seed)
+
+    def _check_bools(self) -> None:
+        # a JSON "false" string is truthy: take true / false only
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, "a bool (true or false)", getattr(self, name))
+        if not isinstance(self.extra, dict):
+            self._fail("extra", "a dict", self.extra)
 
     def _check_batching(self) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -224,16 +237,39 @@ class PPOConfig:
     def from_file(cls, path: str | os.PathLike) -> PPOConfig:
         """Read a JSON file holding the fields (or a ``"ppo"`` section of them)."""
         data = load_config_file(path)
-        return cls.from_dict(data.get("ppo", data))
+        return cls.from_dict(ppo_section(data.get("ppo", data), path))
+
+
+def ppo_section(section, path) -> dict:
+    """``section`` (a config file's ``ppo`` entry) if it is a dict; else a ValueError."""
+    if not isinstance(section, dict):
+        raise ValueError(
+            f"{NAME}: `ppo` in {os.fspath(path)} must be an object of PPOConfig fields, "
+            f"got {type(section).__name__}"
+        )
+    return section
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    """Parse a JSON (``.json``) or TOML (``.toml``, Python 3.11+) config file."""
+    """Parse a JSON (``.json``) or TOML (``.toml``, Python 3.11+) config file; its
+    top level must be an object (a table). Errors name the file."""
     path = os.fspath(path)
-    if path.endswith(".toml"):
-        import tomllib
+    try:
+        if path.endswith(".toml"):
+            import tomllib
 
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    with open(path) as fh:
-        return json.load(fh)
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        else:
+            with open(path) as fh:
+                data = json.load(fh)
+    except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(
+            f"rlhf_ext.trainer.load_config_file: {path} does not parse: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"rlhf_ext.trainer.load_config_file: {path} must hold an object at the top level, "
+            f"got {type(data).__name__}"
+        )
+    return data

@@ -257,6 +257,7 @@ def demo_config(scale: DemoScale, seed: int, output_dir: str) -> PPOConfig:
         sample_interval=max(scale.ppo_iterations // 3, 1),
         checkpoint_interval=scale.ppo_iterations,
         output_dir=output_dir,
+        overwrite=True,  # `make demo` twice re-runs the demo in the same folders
     )
 
 

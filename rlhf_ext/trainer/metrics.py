@@ -15,6 +15,9 @@ PLOTTED = (
 )
 
 
+NAME = "rlhf_ext.trainer.MetricsWriter"
+
+
 class MetricsWriter:
     """Appends one JSON object per iteration to ``<output_dir>/metrics.jsonl``."""
 
@@ -24,10 +27,18 @@ class MetricsWriter:
         self.path = os.path.join(output_dir, filename)
 
     def append(self, record: dict) -> None:
-        """Write ``record`` as one line (non-finite floats as null)."""
+        """Write ``record`` as one line (non-finite floats as null). A failed write
+        (a full disk) is an OSError naming the file; the torn line is cut off."""
         clean = {k: (None if _nonfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(clean) + "\n")
+        except OSError as exc:
+            _cut_back(self.path, size)
+            raise OSError(
+                exc.errno, f"{NAME}.append: could not write to {self.path}: {exc.strerror or exc}"
+            ) from exc
 
     def truncate_after(self, step: int) -> None:
         """Drop records beyond ``step`` (a resumed run rewrites them)."""
@@ -36,11 +47,31 @@ class MetricsWriter:
             fh.writelines(json.dumps(r) + "\n" for r in kept)
 
     def read(self) -> list[dict]:
-        """Every record written so far."""
+        """Every record written so far. A torn last line (a write cut short: no
+        newline at its end) is left out; any other bad line is a ValueError."""
         if not os.path.exists(self.path):
             return []
         with open(self.path) as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+            lines = fh.readlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if number == len(lines) and not line.endswith("\n"):
+                    break  # torn: truncate_after rewrites the file without it
+                raise ValueError(f"{NAME}.read: {self.path} line {number}: {exc}") from exc
+        return records
+
+
+def _cut_back(path: str, size: int) -> None:
+    """Best effort: truncate ``path`` to ``size`` bytes (drop a partly written line)."""
+    try:
+        os.truncate(path, size)
+    except OSError:
+        pass
 
 
 def _nonfinite(value) -> bool:

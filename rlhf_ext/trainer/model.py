@@ -28,6 +28,19 @@ class GPTConfig:
     d_model: int = 64
     max_seq_len: int = 128
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"rlhf_ext.trainer.GPTConfig: `{name}` must be an int >= 1, got {value!r}"
+                )
+        if self.d_model % self.n_head:  # each head takes d_model / n_head channels
+            raise ValueError(
+                f"rlhf_ext.trainer.GPTConfig: `d_model` ({self.d_model}) must be a multiple "
+                f"of `n_head` ({self.n_head})"
+            )
+
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: 0 at each row's first real token."""

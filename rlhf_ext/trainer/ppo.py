@@ -19,6 +19,7 @@ from rlhf_ext.trainer import distributed as dist
 from rlhf_ext.trainer.checkpoint import (
     CHECKPOINT_FILE,
     load_trainer_checkpoint,
+    remove_stale_temporaries,
     save_trainer_checkpoint,
     trainer_state,
 )
@@ -35,6 +36,7 @@ from rlhf_ext.trainer.rollout import (
     response_logits,
     response_logprobs,
     right_pad,
+    token_rows,
 )
 
 NAME = "rlhf_ext.trainer.PPOTrainer"
@@ -103,9 +105,13 @@ class PPOTrainer:
         self.nonfinite_in_row = 0  # iterations in a row with a skipped update
         self._skipped_this_iteration = 0
         self._log_synced = False  # metrics.jsonl cut back to self.iteration yet?
+        self._owns_output_dir = False  # checked that writing there destroys nothing?
         self.writer = MetricsWriter(config.output_dir) if self.rank == 0 else None
         self._log_stream = log if log is not None else sys.stdout
         self._stop_signal = None
+        if self.rank == 0:  # a checkpoint write killed mid-way leaves its temporary behind
+            for path in remove_stale_temporaries(config.output_dir):
+                self.log(f"{NAME}: removed a stale checkpoint temporary {path}")
 
     # ----------------------------------------------------------- building
     def _build_models(self, policy, ref_policy, value_model) -> None:
@@ -152,7 +158,22 @@ class PPOTrainer:
     # ----------------------------------------------------------- rollouts
     def encode_prompts(self, prompts) -> list:
         """Token ids of each prompt (strings are encoded with the tokenizer)."""
-        return [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        encoded = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        return self._token_rows(encoded, "train", "prompts")
+
+    def _token_rows(self, sequences, method: str, name: str) -> list[torch.Tensor]:
+        """``sequences`` as int64 rows, each id checked against the policy's vocabulary
+        (an embedding lookup would fail with a bare IndexError)."""
+        rows = token_rows(sequences, f"{NAME}.{method}", name)
+        vocab = _vocab_size(self.policy_lm)
+        for i, row in enumerate(rows):
+            bad = row[(row < 0) | (row >= vocab)] if vocab is not None else row[row < 0]
+            if bad.numel():
+                raise ValueError(
+                    f"{NAME}.{method}: `{name}[{i}]` holds token id {int(bad[0])}, outside "
+                    f"the policy's vocabulary [0, {vocab})"
+                )
+        return rows
 
     def generate(self, queries) -> Batch:
         """Sample responses for ``queries`` (token-id sequences) with the KV cache."""
@@ -177,6 +198,8 @@ class PPOTrainer:
         sequences; a response ends at its first EOS) and ``scores [B]``. Like an
         iteration of :meth:`train` it advances :attr:`iteration` and appends to
         ``metrics.jsonl``. Returns the iteration's metrics."""
+        queries = self._token_rows(queries, "step", "queries")
+        responses = self._token_rows(responses, "step", "responses")
         query_ids, query_mask = left_pad(queries, self.pad_token_id, self.device)
         response_ids, response_mask, has_eos = right_pad(
             responses, self.pad_token_id, self.eos_token_id, self.device
@@ -525,9 +548,30 @@ class PPOTrainer:
 
     def _sync_metrics_log(self) -> None:
         """A fresh run starts a fresh ``metrics.jsonl``; a resumed one cuts it back."""
+        if not self._log_synced:
+            self._claim_output_dir()
         if self.writer is not None and not self._log_synced:
             self.writer.truncate_after(self.iteration)
         self._log_synced = True
+
+    def _claim_output_dir(self) -> None:
+        """Before a fresh run's first write: refuse an ``output_dir`` holding another
+        run's ``metrics.jsonl`` / ``checkpoint.pt`` unless ``config.overwrite`` (a
+        resumed run owns them). Every rank calls it; rank 0 looks."""
+        if self._owns_output_dir:
+            return
+        found = []
+        if self.rank == 0 and not self.config.overwrite:
+            for name in (os.path.basename(self.writer.path), CHECKPOINT_FILE):
+                if os.path.exists(os.path.join(self.config.output_dir, name)):
+                    found.append(name)
+        if dist.any_rank(bool(found)):
+            raise FileExistsError(
+                f"{NAME}: `output_dir` {self.config.output_dir} already holds "
+                f"{' and '.join(found) or 'a run'}; resume it (load_checkpoint(), --resume), "
+                "pick a fresh output_dir, or set `overwrite=True` (--overwrite) to replace it"
+            )
+        self._owns_output_dir = True
 
     def _finish_iteration(self, batch: Batch, raw_scores, metrics: dict, start: float) -> dict:
         """Bookkeeping shared by :meth:`train` and :meth:`step`: advance the iteration,
@@ -591,6 +635,8 @@ class PPOTrainer:
     def save_checkpoint(self, path: str | None = None) -> str:
         """Write a checkpoint atomically (rank 0 writes; every rank's RNG is in it)
         to ``path`` (default :attr:`checkpoint_path`); returns the path."""
+        if path is None:
+            self._claim_output_dir()
         return save_trainer_checkpoint(self, path or self.checkpoint_path)
 
     def load_checkpoint(self, path: str | None = None) -> None:
@@ -599,6 +645,7 @@ class PPOTrainer:
         mismatch is a ValueError naming the fields). ``metrics.jsonl`` is cut back
         to the checkpoint's iteration."""
         load_trainer_checkpoint(self, path or self.checkpoint_path)
+        self._owns_output_dir = True  # a resumed run continues the files in output_dir
         self._log_synced = False
         self._sync_metrics_log()
 
@@ -623,6 +670,13 @@ class PPOTrainer:
 def _masked_var(x: torch.Tensor, mask: torch.Tensor) -> float:
     mean = rlhf_ext.masked_mean(x, mask)
     return float(rlhf_ext.masked_mean((x - mean) ** 2, mask))
+
+
+def _vocab_size(lm: nn.Module) -> int | None:
+    """The vocabulary of a TinyGPT or an HFCausalLM (None when unknown)."""
+    config = getattr(lm, "config", None) or getattr(getattr(lm, "model", None), "config", None)
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) else None
 
 
 def _special_tokens(tokenizer) -> tuple[int, int]:

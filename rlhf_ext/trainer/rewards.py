@@ -10,6 +10,8 @@ from torch import nn
 
 from rlhf_ext.trainer.rollout import Batch, right_pad
 
+REWARD = "rlhf_ext.trainer.PPOTrainer: `reward_fn_or_model`"
+
 
 class RunningMoments:
     """Running mean and variance over every score seen (Chan's parallel merge)."""
@@ -98,7 +100,7 @@ class RewardSource:
             scores = self._model_scores(batch)
         else:
             scores = self.reward(*self.texts(batch))
-        scores = torch.as_tensor(scores, dtype=torch.float32, device=device).reshape(-1)
+        scores = _as_scores(scores, device)
         if scores.numel() != batch.queries.shape[0]:
             raise ValueError(
                 f"rlhf_ext.trainer.PPOTrainer: `reward_fn_or_model` gave {scores.numel()} "
@@ -132,6 +134,25 @@ class RewardSource:
         else:
             out = self.reward(input_ids, mask)
         return out.logits[:, 0] if hasattr(out, "logits") else out
+
+
+def _as_scores(scores, device) -> torch.Tensor:
+    """The reward's output as float32 ``[B]``; None, strings or other non-numbers
+    are a TypeError (``torch.as_tensor`` alone gives no context)."""
+    if scores is None or isinstance(scores, str | bytes):
+        raise TypeError(f"{REWARD}: must return numbers (one per sequence), got {scores!r}")
+    try:
+        tensor = torch.as_tensor(scores, dtype=torch.float32, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"{REWARD}: must return numbers (one per sequence), got {_preview(scores)}"
+        ) from exc
+    return tensor.reshape(-1)
+
+
+def _preview(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _accepts_keywords(module: nn.Module) -> bool:

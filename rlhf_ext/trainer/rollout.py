@@ -71,6 +71,27 @@ class Experience:
         return Experience(batch=self.batch.select(rows), **per_token)
 
 
+def token_rows(sequences, owner: str, name: str) -> list[torch.Tensor]:
+    """Each sequence of token ids as a flat int64 tensor; a bare number, a float, bool or nested
+    id (which ``torch.long`` would silently truncate) is a TypeError naming
+    ``owner``'s argument ``name`` and the row."""
+    rows = []
+    for i, seq in enumerate(sequences):
+        try:
+            row = torch.as_tensor(seq)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"{owner}: `{name}[{i}]` must be a sequence of int token ids, got {seq!r}"
+            ) from exc
+        integer = not (row.is_floating_point() or row.is_complex() or row.dtype == torch.bool)
+        if row.dim() == 0 or (row.numel() and not integer):  # [] is float32 but empty
+            raise TypeError(
+                f"{owner}: `{name}[{i}]` must be a sequence of int token ids, got {seq!r}"
+            )
+        rows.append(row.long().flatten())
+    return rows
+
+
 def left_pad(queries: list, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id sequences as a left-padded ``[B, Q]`` tensor and its bool mask."""
     rows = [torch.as_tensor(q, dtype=torch.long).flatten() for q in queries]

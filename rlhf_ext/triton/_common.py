@@ -52,6 +52,31 @@ def affine_combine_reversed(a_right, b_right, a_left, b_left):
     return a_left * a_right, a_left * b_right + b_left
 
 
+# NaN-propagating min / max / clamp: tl.minimum / tl.maximum (and tl.max) drop a NaN
+# operand by default, where torch and the C++ kernels keep it; a NaN input must come
+# out NaN on every backend (the trainer's non-finite guard depends on it).
+@triton.jit
+def maximum_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def minimum_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def clamp_nan(x, lo, hi):
+    """clamp(x, lo, hi) as torch.clamp: NaN stays NaN."""
+    return minimum_nan(maximum_nan(x, lo), hi)
+
+
+@triton.jit
+def max_nan(x, axis):
+    """tl.max along `axis` that is NaN when any element is (torch.max)."""
+    return tl.reduce(x, axis, maximum_nan)
+
+
 def on_device_of(t: torch.Tensor):
     """A context making t's GPU the current one: Triton launches on the current
     device (and its current stream), whatever device the tensors are on."""

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from rlhf_ext.ops._vocab import KL_ABS, KL_K1, KL_K2
+from rlhf_ext.triton._common import clamp_nan
 
 # The codes as constexpr globals: a global read inside a @triton.jit must be one.
 K1 = tl.constexpr(KL_K1)
@@ -24,8 +25,8 @@ def kl_value(logprob, ref_logprob, KIND: tl.constexpr):
     elif KIND == K2:
         out = 0.5 * diff * diff
     else:
-        d = tl.minimum(tl.maximum(-diff, -20.0), 20.0)
-        out = tl.minimum(tl.maximum(tl.exp(d) - d - 1.0, -10.0), 10.0)
+        d = clamp_nan(-diff, -20.0, 20.0)
+        out = clamp_nan(tl.exp(d) - d - 1.0, -10.0, 10.0)
     return out
 
 

@@ -27,7 +27,15 @@ from rlhf_ext.ops._vocab import (
     kl_kind_code,
     kl_straight_through,
 )
-from rlhf_ext.triton._common import acc_tl_dtype, acc_torch_dtype, as_mask, next_power_of_2
+from rlhf_ext.triton._common import (
+    acc_tl_dtype,
+    acc_torch_dtype,
+    as_mask,
+    clamp_nan,
+    max_nan,
+    maximum_nan,
+    next_power_of_2,
+)
 from rlhf_ext.triton._kl import kl_grad, kl_value
 
 MAX_BLOCK = 1024
@@ -73,10 +81,10 @@ def policy_token(
     grad, ratio, neg_log_ratio, clipped, clipped_lower). The dual clip is on with
     HAS_DUAL (the header's dual_clip > 0); clipped_lower is all False without it."""
     raw = logprob - old_logprob
-    log_ratio = tl.minimum(tl.maximum(raw, -20.0), 20.0)  # kKLLogRatioClamp
+    log_ratio = clamp_nan(raw, -20.0, 20.0)  # kKLLogRatioClamp
     ratio = tl.exp(log_ratio)
     unclipped = -advantage * ratio
-    clipped_loss = -advantage * tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
+    clipped_loss = -advantage * clamp_nan(ratio, ratio_lo, ratio_hi)
     clipped = clipped_loss > unclipped
     loss = tl.where(clipped, clipped_loss, unclipped)
     in_clamp = (raw >= -20.0) & (raw <= 20.0)
@@ -100,9 +108,7 @@ def value_token(value, old_value, ret, clip_eps, HAS_CLIP: tl.constexpr):
     grad = err
     clipped = tl.zeros(loss.shape, dtype=tl.int1)
     if HAS_CLIP:
-        clipped_err = (
-            tl.minimum(tl.maximum(value, old_value - clip_eps), old_value + clip_eps) - ret
-        )
+        clipped_err = clamp_nan(value, old_value - clip_eps, old_value + clip_eps) - ret
         clipped_loss = clipped_err * clipped_err
         clipped = clipped_loss > loss
         loss = tl.where(clipped, clipped_loss, loss)
@@ -168,7 +174,7 @@ def _loss_rows_kernel(
             lower_count += tl.where(valid & clipped_lower, 1.0, 0.0)
             neg_log_ratio_sum += tl.where(valid, neg_log_ratio, 0.0)
             ratio_sum += tl.where(valid, ratio, 0.0)
-            ratio_max = tl.maximum(ratio_max, tl.where(valid, ratio, 0.0))
+            ratio_max = maximum_nan(ratio_max, tl.where(valid, ratio, 0.0))
         elif FAMILY == VALUE_FAMILY:
             ret = tl.load(c_ptr + base + pos, mask=inside, other=0.0).to(ACC)
             loss, grad, clipped = value_token(a, b, ret, clip_eps, HAS_CLIP)
@@ -189,7 +195,7 @@ def _loss_rows_kernel(
         tl.store(out + COL_CLIPFRAC_LOWER, tl.sum(lower_count, axis=0))
         tl.store(out + COL_APPROX_KL, tl.sum(neg_log_ratio_sum, axis=0))
         tl.store(out + COL_RATIO_MEAN, tl.sum(ratio_sum, axis=0))
-        tl.store(out + COL_RATIO_MAX, tl.max(ratio_max, axis=0))
+        tl.store(out + COL_RATIO_MAX, max_nan(ratio_max, 0))
 
 
 @triton.jit
@@ -272,7 +278,7 @@ def _loss_finish_kernel(
             )
             ratio_sum += tl.load(part + COL_RATIO_MEAN, mask=inside, other=0.0).to(tl.float64)
             row_ratio_max = tl.load(part + COL_RATIO_MAX, mask=inside, other=0.0).to(tl.float64)
-            ratio_max = tl.maximum(ratio_max, row_ratio_max)
+            ratio_max = maximum_nan(ratio_max, row_ratio_max)
     total = tl.sum(loss_sum, axis=0)
     tokens = tl.sum(token_count, axis=0)
     nonempty = tl.sum(nonempty_rows, axis=0)
@@ -285,9 +291,7 @@ def _loss_finish_kernel(
         _stat_mean(stats_ptr, COL_CLIPFRAC_LOWER, tl.sum(lower_count, axis=0), per_token)
         _stat_mean(stats_ptr, COL_APPROX_KL, tl.sum(neg_log_ratio_sum, axis=0), per_token)
         _stat_mean(stats_ptr, COL_RATIO_MEAN, tl.sum(ratio_sum, axis=0), per_token)
-        tl.store(
-            stats_ptr + (COL_RATIO_MAX - FIRST_STAT_COL), tl.max(ratio_max, axis=0).to(tl.float32)
-        )
+        tl.store(stats_ptr + (COL_RATIO_MAX - FIRST_STAT_COL), max_nan(ratio_max, 0).to(tl.float32))
     for start in range(0, rows, BLOCK):
         r = start + lanes
         inside = r < rows

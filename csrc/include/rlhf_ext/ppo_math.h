@@ -25,9 +25,11 @@ enum class LossAgg : int {
   kSeqMeanTokenSumNorm = 3,  // sum over tokens / a fixed factor (default T)
 };
 
+// max(a, b) that propagates NaN from either side (as torch.max does): a NaN
+// ratio must reach ratio_max on every backend, so that a non-finite guard fires.
 template <typename T>
 RLHF_HD T max_value(T a, T b) {
-  return select_value(a < b, b, a);
+  return select_value(a < b || b != b, b, a);
 }
 
 // One token of the clipped PPO objective.
