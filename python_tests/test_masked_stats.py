@@ -562,3 +562,18 @@ def test_validate_false_skips_the_empty_check(inputs, backend):
     assert rlhf_ext.masked_mean(x, empty, validate=False, backend=backend).item() == 0.0
     out = rlhf_ext.masked_whiten(x, empty, validate=False, backend=backend)
     assert torch.isfinite(out).all()
+
+
+# numpy (the Triton interpreter) warns on inf - inf; the result is what is checked.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_masked_mean_of_infinite_elements_matches_torch(backend):
+    """inf among the valid elements gives an infinite mean, as torch.mean and TRL give it
+    (issue 16: the C++ Welford step gave NaN, inf - inf); opposite infinities give NaN;
+    a masked inf is not read."""
+    inf = float("inf")
+    x = torch.tensor([[inf, 1.0, 2.0], [-inf, 1.0, 0.5], [inf, -inf, 1.0], [inf, 3.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    got = rlhf_ext.masked_mean(x, mask, 1, backend=backend)
+    torch.testing.assert_close(got, torch.tensor([inf, -inf, float("nan"), 4.0]), equal_nan=True)
+    assert rlhf_ext.masked_mean(x[0], backend=backend) == inf

@@ -538,3 +538,42 @@ def test_token_logprobs_nan_logit_propagates(inputs, backend):
     assert torch.isnan(lp[0]) and torch.isnan(ent[0])
     assert torch.isfinite(lp[1]) and torch.isfinite(ent[1])
     assert torch.isnan(lp[2]) and torch.isnan(ent[2])
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda x: x[:1].expand(4, 9, 50), id="expanded-rows"),
+        pytest.param(lambda x: x[:, :, :1].expand(4, 9, 50), id="expanded-vocab"),
+        pytest.param(lambda x: x.flatten().as_strided((4, 9, 50), (50, 25, 1)), id="overlapping"),
+    ],
+)
+def test_token_logprobs_inplace_backward_refuses_shared_elements(inputs, backend, make):
+    """Writing the gradient in place into logits whose elements share memory would mix
+    the rows' gradients (issue 16: up to 1.26 off, silently): refused up front."""
+    base = random_logits(inputs, 4, 9, 50).requires_grad_()
+    logits = make(base * 1.0)
+    target = random_target(inputs, (4, 9), 50)
+    with pytest.raises(ValueError, match=r"^rlhf_ext\.token_logprobs: `inplace_backward=True`"):
+        run(logits, target, backend, inplace_backward=True)
+    lp = run(logits, target, backend)  # out of place is fine
+    lp.sum().backward()
+    assert torch.isfinite(base.grad).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_token_logprobs_second_backward(inputs, backend):
+    """retain_graph=True and a second backward: the out-of-place backward gives the same
+    gradient twice; the in-place one, whose first backward overwrote the logits, raises."""
+    logits = random_logits(inputs, 3, 7, 40)
+    target = random_target(inputs, (3, 7), 40)
+    x = logits.clone().requires_grad_()
+    lp = run(x * 1.0, target, backend)
+    (first,) = torch.autograd.grad(lp.sum(), x, retain_graph=True)
+    (second,) = torch.autograd.grad(lp.sum(), x)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    lp = run(x * 1.0, target, backend, inplace_backward=True)
+    torch.autograd.grad(lp.sum(), x, retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"^rlhf_ext\.token_logprobs: a second backward"):
+        torch.autograd.grad(lp.sum(), x)

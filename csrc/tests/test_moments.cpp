@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "check.h"
@@ -177,9 +178,23 @@ void whitened_row_has_unit_variance() {
   }
 }
 
+// An infinite element gives an infinite mean, as torch.mean does (Welford's step
+// alone gives NaN: inf - inf); opposite infinities give NaN.
+void infinite_elements_give_an_infinite_mean() {
+  const double inf = std::numeric_limits<double>::infinity();
+  CHECK_EQ(push_all({inf, 1.0}, 0, 2).mean, inf);
+  CHECK_EQ(push_all({1.0, inf, 2.0}, 0, 3).mean, inf);
+  CHECK_EQ(push_all({-inf, 1.0}, 0, 2).mean, -inf);
+  CHECK(std::isnan(push_all({inf, -inf}, 0, 2).mean));
+  CHECK_EQ(moments_merge(push_all({inf}, 0, 1), push_all({1.0, 2.0}, 0, 2)).mean, inf);
+  CHECK_EQ(moments_merge(push_all({inf}, 0, 1), push_all({inf}, 0, 1)).mean, inf);
+  CHECK(std::isnan(moments_merge(push_all({inf}, 0, 1), push_all({-inf}, 0, 1)).mean));
+}
+
 }  // namespace
 
 int main() {
+  RUN(infinite_elements_give_an_infinite_mean);
   RUN(push_matches_two_pass);
   RUN(float_push_stays_accurate);
   RUN(known_small_example);

@@ -80,6 +80,13 @@ def token_logprobs(
     check_target(OP, target, logits, "logits")
     temperature = check_temperature(OP, temperature)
     check_ignore_index(OP, ignore_index)
+    if inplace_backward and logits.requires_grad and _shares_elements(logits):
+        raise ValueError(
+            f"{OP}: `inplace_backward=True` writes the gradient into `logits`, whose elements "
+            f"share memory (shape {tuple(logits.shape)}, strides {logits.stride()}: an "
+            "expanded or overlapping view); pass logits that own their elements, or "
+            "inplace_backward=False"
+        )
     if validate and eager():
         raise_on_bad_target(OP, target, logits.shape[-1], ignore_index)
     chosen = resolve_backend(OP, backend, logits.device)
@@ -96,6 +103,18 @@ def token_logprobs(
         logits, target, temperature, ignore_index, bool(return_entropy), bool(inplace_backward)
     )
     return (logprobs, entropy) if return_entropy else logprobs
+
+
+def _shares_elements(t: torch.Tensor) -> bool:
+    """Whether two indices of `t` address one element (a stride-0 expand, an overlapping
+    as_strided view): dimensions by increasing stride must each step past the extent
+    of the smaller ones. A slice with gaps (logits[:, :-1]) does not share."""
+    extent = 0
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n > 1):
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
 
 
 def _forward_op(backend: str):
@@ -125,8 +144,14 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
 
     @first_order_only(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        logits, target, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, return_entropy, inplace = ctx.settings
+        if inplace and getattr(ctx, "logits_overwritten", False):  # before unpacking them
+            raise RuntimeError(
+                f"{OP}: a second backward through a graph made with inplace_backward=True: "
+                "the first one already wrote the gradient into `logits`; use "
+                "inplace_backward=False to differentiate more than once"
+            )
+        logits, target, lse, entropy = ctx.saved_tensors
         args = (
             target,
             lse,
@@ -138,6 +163,7 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
         )
         if inplace:
             backward_inplace_op(logits, *args)
+            ctx.logits_overwritten = True
             return (logits, *others)
         return (backward_op(logits, *args), *others)
 
