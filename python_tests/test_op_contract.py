@@ -428,61 +428,137 @@ FIRST_ORDER_ONLY = {
     "kl_penalty",
     "kl_loss",
 }
-# The loss ops and the position of their `mask` argument (kl_penalty has none).
-LOSS_OPS = {"ppo_policy_loss": 3, "value_loss": 3, "kl_penalty": None, "kl_loss": 2}
+# Where an op is told which tokens it does not read: the position of its `mask`
+# argument, or of the target whose ignore_index marks a row as unread.
+MASK_ARG = {"gae": 2, "masked_mean": 1, "masked_whiten": 1, "kl_shaped_rewards": 3,
+            "ppo_policy_loss": 3, "value_loss": 3, "kl_loss": 2}  # fmt: skip
+TARGET_ARG = {"token_logprobs": 1, "linear_token_logprobs": 2}
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 
 
-def _with_nan(op, args, differentiable, *, masked: bool):
-    """The sample with a NaN in its first differentiable tensor, at its first valid
-    token (masked=False) or its first masked one (None when it has none)."""
-    args = list(args)
-    position = differentiable[0]
-    poisoned = _strided_copy(args[position])
-    at = LOSS_OPS[op]
+def _unread_tokens(op, args) -> torch.Tensor | None:
+    """True over the token shape where the op must not read its inputs (None: all read)."""
+    if op in TARGET_ARG:
+        return args[TARGET_ARG[op]] == IGNORE
+    at = MASK_ARG.get(op)
     mask = args[at] if at is not None and len(args) > at else None
-    valid = torch.ones_like(poisoned, dtype=torch.bool) if mask is None else mask != 0
-    where = (~valid if masked else valid).nonzero()
-    if not len(where):
-        return None
-    poisoned[tuple(where[0])] = float("nan")
-    args[position] = poisoned
-    return args
+    return None if mask is None else mask == 0
 
 
-@pytest.mark.parametrize(
-    "op, device, backend", [p for p in GRID if p.values[0] in LOSS_OPS]
-)  # fmt: skip
-def test_nan_input_gives_the_torch_backends_nans(request, op, device, backend):
-    """A NaN log-prob (value) reaches the loss, the statistics and the gradient exactly
-    where the torch reference puts NaN, so that a trainer's non-finite guard fires on
-    every backend (tl.minimum / tl.maximum / tl.max drop NaN unless told otherwise)."""
-    for args, kwargs, differentiable in SAMPLES[op](_inputs(request), device):
-        poisoned = _with_nan(op, args, differentiable, masked=False)
-        if poisoned is None:
+def _poisoned(op, args, value, *, unread: bool):
+    """(position, index, args) with `value` written into one floating tensor input: at
+    its first read token (unread=False: every such input), or at its first unread token
+    (unread=True: the inputs laid out over the tokens). Inputs without a token layout
+    (an LM head's weight, per-row scores) are poisoned at their first element when read."""
+    skip = _unread_tokens(op, args)
+    for position, arg in enumerate(args):
+        if not (isinstance(arg, torch.Tensor) and arg.is_floating_point() and arg.numel()):
             continue
-        want = _run(lambda *a, **k: _call(op, a, k, "torch"), poisoned, kwargs, differentiable)
-        got = _run(lambda *a, **k: _call(op, a, k, backend), poisoned, kwargs, differentiable)
-        assert any(torch.isnan(w).any() for w in want)
-        for w, g in zip(want, got, strict=True):
-            assert torch.equal(torch.isnan(g.cpu()), torch.isnan(w.cpu())), (op, w, g)
+        if position == MASK_ARG.get(op):  # a float mask selects; it is not data
+            continue
+        token_shaped = skip is not None and arg.shape[: skip.dim()] == skip.shape
+        if token_shaped:
+            chosen = (skip if unread else ~skip).nonzero()
+            if not len(chosen):
+                continue
+            index = (*chosen[0].tolist(), *[0] * (arg.dim() - skip.dim()))
+        elif unread:
+            continue
+        else:
+            index = (0,) * arg.dim()
+        poisoned = list(args)
+        poisoned[position] = _strided_copy(arg)
+        poisoned[position][index] = value
+        yield position, index, poisoned
 
 
+def _non_finite_classes(t: torch.Tensor) -> list[torch.Tensor]:
+    t = t.cpu()
+    return [torch.isnan(t), torch.isposinf(t), torch.isneginf(t)]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("op, device, backend", GRID)
+def test_non_finite_input_gives_the_torch_backends_non_finites(request, op, device, backend, value):
+    """A NaN or inf in any input at a read token reaches the outputs, the statistics and
+    the gradients exactly where the torch reference puts NaN / +inf / -inf, so that a
+    trainer's non-finite guard fires on every backend (tl.minimum / tl.maximum / tl.max
+    and a comparison-based clamp drop NaN unless told otherwise)."""
+    for args, kwargs, differentiable in SAMPLES[op](_inputs(request), device):
+        for position, index, poisoned in _poisoned(op, args, value, unread=False):
+            want = _run(lambda *a, **k: _call(op, a, k, "torch"), poisoned, kwargs, differentiable)
+            got = _run(lambda *a, **k: _call(op, a, k, backend), poisoned, kwargs, differentiable)
+            for w, g in zip(want, got, strict=True):
+                classes = zip(_non_finite_classes(w), _non_finite_classes(g), strict=True)
+                for w_class, g_class in classes:
+                    assert torch.equal(g_class, w_class), (position, index, w, g)
+
+
+# masked_whiten maps every element, a masked one too, through the valid tokens' affine
+# transform: only the poisoned element itself changes.
+MAPS_UNREAD_ELEMENTS = {"masked_whiten"}
+UNREAD_OPS = [*MASK_ARG, *TARGET_ARG]
+
+
+@pytest.mark.parametrize("value", NON_FINITE[:2], ids=["nan", "inf"])
 @pytest.mark.parametrize(
     "op, device, backend",
-    [*[p for p in GRID if p.values[0] in LOSS_OPS],
-     *[pytest.param(op, "cpu", "torch", id=f"{op}-cpu-torch") for op in LOSS_OPS]],
+    [*[p for p in GRID if p.values[0] in UNREAD_OPS],
+     *[pytest.param(op, "cpu", "torch", id=f"{op}-cpu-torch") for op in UNREAD_OPS]],
 )  # fmt: skip
-def test_nan_at_a_masked_token_changes_nothing(request, op, device, backend):
-    """A masked token is not read: a NaN there leaves the loss, the statistics and every
-    gradient as they are (0 at that token), the torch reference included."""
+def test_non_finite_at_an_unread_token_changes_nothing(request, op, device, backend, value):
+    """A masked token (or an ignored row) is not read: a NaN or inf there, in any input,
+    leaves the outputs, the statistics and every gradient as they are (0 at that token),
+    the torch reference included."""
     for args, kwargs, differentiable in SAMPLES[op](_inputs(request), device):
-        poisoned = _with_nan(op, args, differentiable, masked=True)
-        if poisoned is None:
-            continue
         want = _run(lambda *a, **k: _call(op, a, k, backend), args, kwargs, differentiable)
-        got = _run(lambda *a, **k: _call(op, a, k, backend), poisoned, kwargs, differentiable)
-        for w, g in zip(want, got, strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        for position, index, poisoned in _poisoned(op, args, value, unread=True):
+            got = _run(lambda *a, **k: _call(op, a, k, backend), poisoned, kwargs, differentiable)
+            for k, (w, g) in enumerate(zip(want, got, strict=True)):
+                if op in MAPS_UNREAD_ELEMENTS and k == 0:
+                    w, g = w.clone(), g.clone()
+                    w[index] = g[index] = 0
+                where = f"input {position} at {index}"
+                torch.testing.assert_close(
+                    g, w, rtol=0, atol=0, msg=lambda m, at=where: f"{at}: {m}"
+                )
+
+
+# The Triton interpreter (TRITON_INTERPRET=1, Triton on the CPU here) is not
+# thread-safe (docs/api.md "Threads"); compiled Triton on a GPU is in the grid.
+THREADED_GRID = [p for p in GRID if not (p.values[1] == "cpu" and p.values[2] == "triton")]
+
+
+@pytest.mark.parametrize("op, device, backend", THREADED_GRID)
+def test_ops_from_several_threads_give_the_serial_bits(request, op, device, backend):
+    """The launchers keep no mutable state: every sample run from 4 threads at once
+    (outputs and gradients) gives the bits of a serial run (docs/api.md "Threads")."""
+    import threading
+
+    samples = list(SAMPLES[op](_inputs(request), device))
+    serial = [_run(lambda *a, **k: _call(op, a, k, backend), *s) for s in samples]
+    start, results, errors = threading.Barrier(4), [None] * 4, []
+
+    def worker(slot):
+        try:
+            start.wait(timeout=60)
+            results[slot] = [_run(lambda *a, **k: _call(op, a, k, backend), *s)
+                             for s in samples]  # fmt: skip
+            if device == "cuda":
+                torch.cuda.synchronize()
+        except Exception as error:  # noqa: BLE001  (reported below, in the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for threaded in results:
+        for want, got in zip(serial, threaded, strict=True):
+            for w, g in zip(want, got, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("op, device, backend", GRID)

@@ -142,15 +142,30 @@ def kl_penalty(logprobs, ref_logprobs, kind="k3"):
     """Per-token KL estimate, differentiable w.r.t. logprobs (ref_logprobs is a constant).
 
     A "+" suffix keeps the value of the kind and takes the gradient of k2
-    (straight-through, as verl): k2 - k2.detach() + value.detach().
+    (straight-through, as verl's k2 - k2.detach() + value.detach(), but exact where
+    k2 is infinite).
     """
     base = kl_base_kind(kind)
     diff = _acc(logprobs) - _acc(ref_logprobs).detach()
     value = _kl_value(diff, base)
     if kl_straight_through(kind):
-        k2 = 0.5 * diff.square()
-        return k2 - k2.detach() + value.detach()
+        return _StraightThrough.apply(value.detach(), 0.5 * diff.square())
     return value
+
+
+class _StraightThrough(torch.autograd.Function):
+    """`value` forward, the gradient of `proxy` backward. The additive form
+    proxy - proxy.detach() + value is NaN where proxy is infinite (inf - inf), where
+    the kernels give the value itself; the backward returns the incoming gradient
+    untouched, so second derivatives still flow through `proxy`'s graph."""
+
+    @staticmethod
+    def forward(ctx, value, proxy):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
 
 
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask=None, *, kl_coef, kl="k1"):
@@ -174,8 +189,11 @@ def token_logprobs(logits, target, *, temperature=1.0, ignore_index=-100, return
     outside [0, V) otherwise. Materialises the [..., V] log-probs: the oracle
     and the "torch" backend, not a fast path.
     """
-    logp = torch.log_softmax(_acc(logits) / temperature, dim=-1)
     ignored = target == ignore_index
+    # An ignored row is not read: where() (not a product) keeps a NaN / inf there out of
+    # the log-softmax backward (0 * NaN), as the kernels never touch the row.
+    kept = torch.where(ignored.unsqueeze(-1), 0.0, _acc(logits))
+    logp = torch.log_softmax(kept / temperature, dim=-1)
     in_vocab = (target >= 0) & (target < logp.shape[-1])
     picked = logp.gather(-1, torch.where(in_vocab, target, 0).long().unsqueeze(-1)).squeeze(-1)
     picked = torch.where(in_vocab, picked, float("nan"))
@@ -193,8 +211,11 @@ def linear_token_logprobs(
     hidden, weight, target, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False
 ):
     """token_logprobs of the logits hidden @ weight.T + bias, materialised whole
-    (in the inputs' dtype, as an eager LM head computes them)."""
-    logits = hidden @ weight.T
+    (in the inputs' dtype, as an eager LM head computes them). An ignored row's hidden
+    state is zeroed first, so that neither it nor (through 0 * NaN in the GEMM's
+    backward) a non-finite weight reaches that row's gradient or the weight's."""
+    ignored = (target == ignore_index).unsqueeze(-1)
+    logits = torch.where(ignored, torch.zeros((), dtype=hidden.dtype), hidden) @ weight.T
     if bias is not None:
         logits = logits + bias
     return token_logprobs(

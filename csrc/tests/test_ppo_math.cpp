@@ -98,6 +98,17 @@ void value_matches_closed_form() {
   }
 }
 
+void value_nan_old_value_poisons_the_token() {
+  // torch.clamp(v, old - eps, old + eps) is NaN for a NaN old value, and so is the
+  // max of the two losses; without clipping the old value is not read.
+  const double nan = std::nan("");
+  const auto clipped = value_token(0.5, nan, 0.1, 0.2);
+  CHECK(std::isnan(clipped.loss) && std::isnan(clipped.grad));
+  const auto unclipped = value_token(0.5, nan, 0.1, 0.0);
+  CHECK_NEAR(unclipped.loss, 0.5 * 0.4 * 0.4, 1e-15);
+  CHECK_NEAR(unclipped.grad, 0.4, 1e-15);
+}
+
 void kl_grad_matches_finite_difference() {
   Rng rng(43);
   const KLKind kinds[] = {KLKind::kK1, KLKind::kAbs, KLKind::kK2, KLKind::kK3};
@@ -166,6 +177,7 @@ int main() {
   RUN(policy_matches_closed_form_and_finite_difference);
   RUN(policy_flags_and_clamps);
   RUN(value_matches_closed_form);
+  RUN(value_nan_old_value_poisons_the_token);
   RUN(kl_grad_matches_finite_difference);
   RUN(aggregation_modes);
   RUN(max_value_propagates_nan);

@@ -111,8 +111,10 @@ def value_token(value, old_value, ret, clip_eps, HAS_CLIP: tl.constexpr):
         clipped_err = clamp_nan(value, old_value - clip_eps, old_value + clip_eps) - ret
         clipped_loss = clipped_err * clipped_err
         clipped = clipped_loss > loss
-        loss = tl.where(clipped, clipped_loss, loss)
-        grad = tl.where(clipped, 0.0, err)
+        # The header's nan_band: a NaN old value makes the loss and the gradient NaN.
+        nan_band = old_value != old_value
+        loss = tl.where(nan_band, old_value, tl.where(clipped, clipped_loss, loss))
+        grad = tl.where(nan_band, old_value, tl.where(clipped, 0.0, err))
     return 0.5 * loss, grad, clipped
 
 

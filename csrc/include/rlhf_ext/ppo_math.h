@@ -87,10 +87,16 @@ RLHF_HD ValueToken<T> value_token(T value, T old_value, T ret, T clip_eps) {
   const T clipped_err = clamp_value(value, old_value - clip_eps, old_value + clip_eps) - ret;
   const T clipped_loss = clipped_err * clipped_err;
   // No early return for clip_eps <= 0: branch-free code vectorises on the CPU.
-  const bool clipped = (clip_eps > T(0)) & (clipped_loss > loss);
+  const bool clip_on = clip_eps > T(0);
+  const bool clipped = clip_on & (clipped_loss > loss);
+  // A NaN old value gives a NaN loss and gradient, as torch.clamp / torch.maximum do
+  // (clamp_value's comparisons would drop the NaN bound and keep the loss finite).
+  const bool nan_band = clip_on & (old_value != old_value);
+  const T nan = old_value;
   // The clipped branch only wins when v is outside the band, where it is constant in v.
-  return ValueToken<T>{T(0.5) * select_value(clipped, clipped_loss, loss), select_value(clipped, T(0), err),
-                       clipped};
+  const T token_loss = select_value(nan_band, nan, select_value(clipped, clipped_loss, loss));
+  const T grad = select_value(nan_band, nan, select_value(clipped, T(0), err));
+  return ValueToken<T>{T(0.5) * token_loss, grad, clipped};
 }
 
 // d kl_value / d logprob; with straight_through ("+" kinds) the gradient of k2.
