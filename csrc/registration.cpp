@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "rlhf_ext/group_host.h"
 #include "rlhf_ext/kl_parse.h"
 #include "rlhf_ext/linear_logprobs_host.h"
 #include "rlhf_ext/loss_host.h"
@@ -82,6 +83,13 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def(
       "loss_backward(Tensor grad_loss, Tensor grad, Tensor row_weight, ScalarType dtype) "
       "-> Tensor");
+  // Per-row advantages of [K, B] outcome scores against their groups: `order` holds
+  // each component's rows sorted by (group id, score), `batch_order` by score alone
+  // (needed for scale "batch"). Options as rlhf_ext.group_advantages; no gradient.
+  m.def(
+      "group_advantages(Tensor scores, Tensor groups, Tensor order, Tensor? batch_order, "
+      "Tensor? lengths, Tensor? baselines, str baseline, str scale, bool unbiased, float eps, "
+      "bool clamp_eps, bool singleton_raw, bool ignore_nan, bool nonzero_rescale) -> Tensor");
   // token_logprobs of hidden @ weight.T + bias without holding the logits:
   // chunks of chunk_size valid rows (logprobs, entropy, per-row log-sum-exp).
   m.def(
@@ -119,6 +127,14 @@ pybind11::dict build_info() {
   pybind11::dict loss_aggs;
   for (const auto& entry : rlhf_ext::kLossAggNames) loss_aggs[entry.name] = static_cast<int>(entry.agg);
   info["loss_aggs"] = loss_aggs;
+  pybind11::dict group_baselines;
+  for (const auto& entry : rlhf_ext::kGroupBaselineNames) {
+    group_baselines[entry.name] = static_cast<int>(entry.baseline);
+  }
+  info["group_baselines"] = group_baselines;
+  pybind11::dict group_scales;
+  for (const auto& entry : rlhf_ext::kGroupScaleNames) group_scales[entry.name] = static_cast<int>(entry.scale);
+  info["group_scales"] = group_scales;
   pybind11::dict linear;
   linear["row_quantum"] = rlhf_ext::kRowQuantum;
   linear["min_tile_vocab"] = rlhf_ext::kMinTileVocab;

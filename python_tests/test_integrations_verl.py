@@ -5,12 +5,16 @@ tolerance on random inputs with masks with holes, every mode and kind."""
 
 from __future__ import annotations
 
+import uuid
+
+import numpy as np
 import pytest
 import torch
 
 core = pytest.importorskip("verl.trainer.ppo.core_algos")
 verl_F = pytest.importorskip("verl.utils.torch_functional")
 
+from rlhf_ext._backend import resolve_backend  # noqa: E402
 from rlhf_ext.integrations import verl as adapter  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -280,3 +284,357 @@ def test_patch_replaces_registries_and_verl_callers_agree():
     )
     for mine, reference in zip(after, before, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-4)
+
+
+# --- outcome advantage estimators (ADV_ESTIMATOR_REGISTRY) ---------------------------------
+#
+# Every adapter against verl's own function (``adapter.original``), on fresh random inputs:
+# one outcome reward at the last valid token of each row (random lengths, holes in some rows),
+# uid-string groups in several layouts. Intended differences (docs/integrations.md):
+# - a tensor ``index`` is grouped by value; verl's loop estimators key their dicts by 0-d
+#   tensors (object identity), which groups nothing reliably, so those are compared with
+#   verl on the equivalent numpy labels;
+# - errors verl raises with ``assert`` (config missing, GDPO keys) are ValueErrors;
+# - the group sums run in double in rlhf_ext and in float32 in verl: on random inputs the
+#   differences are float32 rounding (a few ulps, well inside rtol=1e-5, atol=1e-6), but a
+#   group of equal non-dyadic scores under std normalisation gets exactly 0 from rlhf_ext
+#   and float32 noise divided by std + eps (up to ~0.2) from verl
+#   (test_equal_scores_give_exactly_zero).
+
+OUTCOME_TOL = dict(rtol=1e-5, atol=1e-6)
+ROWS, LENGTH = 48, 16
+CORE_NAME = "verl.trainer.ppo.core_algos."
+LAYOUTS = {
+    "contiguous": [8] * 6,
+    "shuffled": [8] * 6,
+    "ragged": [1, 2, 3, 5, 8, 13, 16],
+    "singletons": [1] * 8 + [4] * 10,
+    "int_labels": [3, 5, 7, 9, 11, 13],
+}
+PASSK_LAYOUTS = {"contiguous": [8] * 6, "shuffled": [8] * 6, "ragged": [2, 3, 5, 8, 14, 16]}
+ESTIMATORS = {
+    "grpo": "compute_grpo_outcome_advantage",
+    "grpo_vectorized": "compute_grpo_vectorized_outcome_advantage",
+    "gdpo": "compute_gdpo_outcome_advantage",
+    "grpo_passk": "compute_grpo_passk_outcome_advantage",
+    "reinforce_plus_plus_baseline": "compute_reinforce_plus_plus_baseline_outcome_advantage",
+    "rloo": "compute_rloo_outcome_advantage",
+    "rloo_vectorized": "compute_rloo_vectorized_outcome_advantage",
+    "opo": "compute_opo_outcome_advantage",
+    "reinforce_plus_plus": "compute_reinforce_plus_plus_outcome_advantage",
+    "remax": "compute_remax_outcome_advantage",
+    "gpg": "compute_gpg_outcome_advantage",
+}
+
+
+def _index(layout: str, sizes=None) -> np.ndarray:
+    """Group labels for ROWS rows: uid strings (numpy object array, as verl's
+    ``non_tensor_batch["uid"]``) or, for "int_labels", sparse int64 labels; rows in group
+    order for "contiguous", shuffled otherwise."""
+    sizes = sizes or LAYOUTS[layout]
+    assert sum(sizes) == ROWS
+    if layout == "int_labels":
+        labels = [1000 + 7 * g for g in range(len(sizes))]
+        index = np.array(
+            [lab for lab, n in zip(labels, sizes, strict=True) for _ in range(n)], np.int64
+        )
+    else:
+        labels = [str(uuid.uuid4()) for _ in sizes]
+        index = np.array(
+            [lab for lab, n in zip(labels, sizes, strict=True) for _ in range(n)], dtype=object
+        )
+    if layout != "contiguous":
+        index = index[np.random.permutation(ROWS)]
+    return index
+
+
+def _outcome(rows=ROWS, length=LENGTH, holes=True):
+    """(token_level_rewards, response_mask): random lengths 1..T, interior holes in some
+    rows (multi-turn observation spans), one random reward at each row's last valid token."""
+    lengths = torch.randint(1, length + 1, (rows,))
+    mask = (torch.arange(length) < lengths.unsqueeze(-1)).float()
+    if holes:
+        hole = (torch.rand(rows, length) < 0.2) & (torch.arange(length) < lengths.unsqueeze(-1) - 1)
+        mask[hole] = 0.0
+    rewards = torch.zeros(rows, length)
+    rewards[torch.arange(rows), lengths - 1] = torch.randn(rows) * 2 + 0.5
+    return rewards, mask
+
+
+def _dense(rows=ROWS, length=LENGTH):
+    """Dense random token rewards (REINFORCE++, ReMax) and a mask with holes."""
+    _, mask = _outcome(rows, length)
+    return torch.randn(rows, length), mask
+
+
+def _theirs(name):
+    return adapter.original(CORE_NAME + name)
+
+
+def _compare(name, *args, **kwargs):
+    """Ours and verl's on clones of the same inputs (verl writes into some of them)."""
+
+    def clone(x):
+        return x.clone() if isinstance(x, torch.Tensor) else x
+
+    ours = getattr(adapter, name)(*map(clone, args), **kwargs)
+    theirs = _theirs(name)(*map(clone, args), **kwargs)
+    assert len(ours) == len(theirs) == 2
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.dtype == reference.dtype and mine.shape == reference.shape
+        torch.testing.assert_close(mine, reference, **OUTCOME_TOL)
+    return ours
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("epsilon", [1e-6, 1e-2])
+@pytest.mark.parametrize("name", ["grpo", "grpo_vectorized", "gdpo"])
+def test_grpo_family_matches_verl(name, layout, norm, epsilon):
+    rewards, mask = _outcome()
+    advantages, returns = _compare(
+        ESTIMATORS[name],
+        rewards,
+        mask,
+        _index(layout),
+        epsilon=epsilon,
+        norm_adv_by_std_in_grpo=norm,
+    )
+    assert advantages is returns
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "name", ["reinforce_plus_plus_baseline", "rloo", "rloo_vectorized", "opo", "gpg"]
+)
+def test_baseline_estimators_match_verl(name, layout):
+    rewards, mask = _outcome()
+    _compare(ESTIMATORS[name], rewards, mask, _index(layout), config=Config(gamma=1.0))
+
+
+@pytest.mark.parametrize("f_norm", [1.0, 0.3])
+def test_gpg_nonzero_rescale_matches_verl(f_norm):
+    """Exact-zero scores make GPG's alpha = bs / #nonzero differ from 1."""
+    rewards, mask = _outcome()
+    rewards[torch.randperm(ROWS)[:17]] = 0.0
+    _compare(ESTIMATORS["gpg"], rewards, mask, _index("ragged"), f_norm=f_norm, alpha=5.0)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("name", ["grpo", "rloo", "opo"])
+def test_integer_masks_match_verl(name, mask_dtype):
+    """verl's response_mask is often the int64 attention mask; OPO's lengths are then ints."""
+    rewards, mask = _outcome()
+    _compare(ESTIMATORS[name], rewards, mask.to(mask_dtype), _index("shuffled"))
+
+
+@pytest.mark.parametrize("layout", PASSK_LAYOUTS)
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("epsilon", [1e-6, 1e-2])
+def test_passk_matches_verl(layout, norm, epsilon):
+    """Pass@k reads norm_adv_by_std_in_grpo from the config and ignores the argument."""
+    rewards, mask = _outcome()
+    config = Config(norm_adv_by_std_in_grpo=norm)
+    index = _index(layout, PASSK_LAYOUTS[layout])
+    _compare(
+        ESTIMATORS["grpo_passk"],
+        rewards,
+        mask,
+        index,
+        epsilon=epsilon,
+        norm_adv_by_std_in_grpo=not norm,
+        config=config,
+    )
+
+
+def test_passk_errors_like_verl():
+    rewards, mask = _outcome()
+    index = _index("ragged")  # has a group of one row
+    name = ESTIMATORS["grpo_passk"]
+    with pytest.raises(ValueError, match="at least 2"):
+        _theirs(name)(rewards, mask, index, config=Config())
+    with pytest.raises(ValueError, match="at least 2"):
+        getattr(adapter, name)(rewards, mask, index, config=Config())
+    with pytest.raises(ValueError, match="`config` is required"):
+        getattr(adapter, name)(rewards, mask, _index("contiguous"))
+
+
+@pytest.mark.parametrize("name", ["grpo", "gdpo", "rloo", "rloo_vectorized", "grpo_passk"])
+def test_binary_rewards_with_tied_groups_match_verl(name):
+    """0/1 rewards, one group all 1 and one all 0 (std 0: advantage 0), and ties for the
+    best row (Pass@k: 0): exact in both."""
+    rewards, mask = _outcome()
+    last = rewards != 0
+    rewards = (rewards > 0.5).float()
+    index = _index("shuffled")
+    for label, value in ((index[0], 1.0), (index[index != index[0]][0], 0.0)):
+        rows = torch.from_numpy(index == label)
+        rewards[rows] = torch.where(last[rows], value, 0.0)
+    _compare(ESTIMATORS[name], rewards, mask, index, config=Config())
+
+
+@pytest.mark.parametrize("weights", [None, [0.3, 2.0, -0.5]])
+@pytest.mark.parametrize("norm", [True, False])
+def test_gdpo_components_match_verl(weights, norm):
+    """GDPO's per-component path (config + non_tensor_batch + batch), as verl's trainer
+    passes it: component scores in non_tensor_batch (numpy / lists), prompts and an int64
+    attention mask in batch; each component normalised per group, weighted sum, whitened."""
+    rewards, mask = _outcome()
+    index = _index("ragged")
+    prompt = 5
+    non_tensor_batch = {
+        "uid": index,
+        "format_reward": np.random.randint(0, 2, ROWS).astype(np.float64),
+        "accuracy_reward": list(np.random.rand(ROWS)),
+        "length_penalty": np.random.randn(ROWS).astype(np.float32),
+    }
+    response_lengths = (torch.arange(LENGTH) < torch.randint(1, LENGTH + 1, (ROWS, 1))).long()
+    batch = {
+        "prompts": torch.randint(0, 100, (ROWS, prompt)),
+        "attention_mask": torch.cat([torch.ones(ROWS, prompt, dtype=torch.long),
+                                     response_lengths], dim=1),
+    }  # fmt: skip
+    config = Config(
+        gdpo_reward_keys=["format_reward", "accuracy_reward", "length_penalty"],
+        gdpo_reward_weights=weights,
+    )
+    _compare(
+        ESTIMATORS["gdpo"],
+        rewards,
+        mask,
+        index,
+        norm_adv_by_std_in_grpo=norm,
+        config=config,
+        non_tensor_batch=non_tensor_batch,
+        batch=batch,
+    )
+    with pytest.raises(ValueError, match="gdpo_reward_keys"):
+        adapter.compute_gdpo_outcome_advantage(
+            rewards, mask, index, config=Config(), non_tensor_batch=non_tensor_batch, batch=batch
+        )
+    with pytest.raises(ValueError, match="'missing' not found"):
+        adapter.compute_gdpo_outcome_advantage(
+            rewards, mask, index, config=Config(gdpo_reward_keys=["missing"]),
+            non_tensor_batch=non_tensor_batch, batch=batch,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.95, 0.5])
+def test_reinforce_plus_plus_matches_verl(gamma):
+    """Dense token rewards, holes in the mask: rewards at masked tokens are dropped and the
+    running return passes through them undiscounted (rlhf_ext.gae's masked skip)."""
+    rewards, mask = _dense()
+    _compare(ESTIMATORS["reinforce_plus_plus"], rewards, mask, config=Config(gamma=gamma))
+    with pytest.raises(ValueError, match="`config` is required"):
+        adapter.compute_reinforce_plus_plus_outcome_advantage(rewards, mask)
+
+
+def test_remax_matches_verl():
+    rewards, mask = _dense()
+    baselines = torch.randn(ROWS)
+    _compare(ESTIMATORS["remax"], rewards, baselines, mask, config=Config())
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array(["1", "01", "2", "002", "3", "03"] * 8),  # numeric strings: grouped by value
+        np.array([0.0, 1.0, 2.0, 1.0000001, 3.0, 2.0] * 8),  # near-integer floats: rounded
+        np.array([0.5, 0.7, 1.5, 2.2, 1.9, 3.1] * 8),  # other floats: truncated by astype
+        torch.tensor([5, 5, 7, 7, 9, 11] * 8),
+        torch.tensor([0.5, 0.7, 1.5, 2.2, 0.5, 0.7] * 8),
+    ],
+)
+def test_grpo_vectorized_groups_like_as_torch_index(labels):
+    """The vectorised GRPO groups with verl's as_torch_index rules, which differ from the
+    loop estimators' dict grouping for numeric-looking labels."""
+    rewards, mask = _outcome()
+    _compare(ESTIMATORS["grpo_vectorized"], rewards, mask, labels)
+
+
+@pytest.mark.parametrize("name", ["grpo", "reinforce_plus_plus_baseline", "rloo", "gpg"])
+def test_tensor_index_groups_by_value(name):
+    """A tensor ``index`` is grouped by value: the result is verl's for the same labels as a
+    numpy array (verl's loop estimators key dicts by 0-d tensors, i.e. by identity)."""
+    rewards, mask = _outcome()
+    labels = _index("int_labels")
+    ours = getattr(adapter, ESTIMATORS[name])(rewards, mask, torch.from_numpy(labels))
+    theirs = _theirs(ESTIMATORS[name])(rewards.clone(), mask, labels)
+    torch.testing.assert_close(ours[0], theirs[0], **OUTCOME_TOL)
+
+
+def test_every_outcome_estimator_is_covered():
+    assert {key: f.__name__ for key, f in adapter.ADV_ESTIMATORS.items()} == ESTIMATORS
+    left = set(core.ADV_ESTIMATOR_REGISTRY) - set(ESTIMATORS) - {"gae"}
+    assert left == {"optimal_token_baseline", "tir_optimal_token_baseline"}
+
+
+@pytest.mark.skipif(
+    resolve_backend("rlhf_ext.group_advantages", "auto", torch.device("cpu")) == "torch",
+    reason="the exact double-precision group sums are the compiled kernel's",
+)
+@pytest.mark.parametrize("name", ["grpo", "grpo_vectorized", "gdpo"])
+def test_equal_scores_give_exactly_zero(name):
+    """Intended difference: groups of equal non-dyadic scores (5 rows of the same random
+    score) get exactly 0 from the adapter (group sums in double). verl's float32 mean is
+    then often an ulp off, and dividing that by std + 1e-6 leaves advantages of up to ~0.2."""
+    groups, size = 200, 5
+    rewards = torch.zeros(groups * size, 4)
+    rewards[:, -1] = torch.randn(groups).repeat_interleave(size)
+    mask = torch.ones_like(rewards)
+    index = np.repeat(np.array([str(uuid.uuid4()) for _ in range(groups)], dtype=object), size)
+    if name == "gdpo":  # whitening needs a nonzero batch: one group with distinct scores
+        rewards[:size, -1] = torch.randn(size)
+    ours, _ = getattr(adapter, ESTIMATORS[name])(rewards, mask, index)
+    theirs, _ = _theirs(ESTIMATORS[name])(rewards.clone(), mask, index)
+    tied = slice(size, None)
+    if name == "gdpo":  # whitened: the tied rows all sit at the same value
+        assert torch.unique(ours[tied]).numel() == 1
+    else:
+        assert torch.equal(ours[tied], torch.zeros_like(ours[tied]))
+    assert theirs[tied].abs().max() > 1e-3  # verl's float32 rounding, amplified
+
+
+def test_index_length_is_checked():
+    rewards, mask = _outcome()
+    with pytest.raises(ValueError, match="`index` must have one label per row"):
+        adapter.compute_grpo_outcome_advantage(rewards, mask, _index("contiguous")[:-1])
+
+
+def test_patch_swaps_every_advantage_estimator():
+    """patch(): the module attributes (ray_trainer calls
+    core_algos.compute_grpo_outcome_advantage by attribute) and ADV_ESTIMATOR_REGISTRY
+    entries (get_adv_estimator_fn) are ours and give verl's results; unpatch() restores
+    both exactly (and leaves the registry's other entries alone)."""
+    registry_before = dict(core.ADV_ESTIMATOR_REGISTRY)
+    attributes_before = {name: getattr(core, name) for name in ESTIMATORS.values()}
+    rewards, mask = _outcome()
+    index = _index("shuffled")
+    config = Config(gamma=0.9, norm_adv_by_std_in_grpo=True)
+    kwargs = dict(token_level_rewards=rewards, response_mask=mask, config=config)
+    before = core.get_adv_estimator_fn("rloo")(index=index, **kwargs)
+    replaced = adapter.patch()
+    try:
+        for key, name in ESTIMATORS.items():
+            ours = getattr(adapter, name)
+            assert getattr(core, name) is ours
+            assert core.get_adv_estimator_fn(key) is ours
+            assert core.get_adv_estimator_fn(core.AdvantageEstimator(key)) is ours
+            assert f"{CORE_NAME}ADV_ESTIMATOR_REGISTRY[{key!r}]" in replaced
+            assert adapter.original(CORE_NAME + name) is attributes_before[name]
+        after = core.get_adv_estimator_fn("rloo")(index=index, **kwargs)
+        grpo = core.compute_grpo_outcome_advantage(
+            token_level_rewards=rewards, response_mask=mask, index=index,
+            norm_adv_by_std_in_grpo=True,
+        )  # fmt: skip
+    finally:
+        adapter.unpatch()
+    assert core.ADV_ESTIMATOR_REGISTRY == registry_before
+    for key, function in registry_before.items():
+        assert core.ADV_ESTIMATOR_REGISTRY[key] is function
+    for name, function in attributes_before.items():
+        assert getattr(core, name) is function
+    for mine, reference in zip(after, before, strict=True):
+        torch.testing.assert_close(mine, reference, **OUTCOME_TOL)
+    reference = core.compute_grpo_outcome_advantage(rewards.clone(), mask, index)
+    torch.testing.assert_close(grpo[0], reference[0], **OUTCOME_TOL)

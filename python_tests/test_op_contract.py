@@ -172,8 +172,31 @@ def kl_loss_samples(inp: Inputs, device):
     yield (lp.double(), ref.double(), None), dict(kind="k1+", agg="seq-mean-token-mean"), (0,)
 
 
+def group_advantages_samples(inp: Inputs, device):
+    B = 12
+    scores = inp.randn(B, device=device)
+    ids = torch.tensor([4, 0, 4, 2, 0, 4, 2, 2, 0, 9, 4, 0], device=device)
+    yield (scores, ids), {}, ()  # GRPO: the group's mean and std
+    yield (scores.double(), None), dict(group_size=3, baseline="leave_one_out", scale="none"), ()
+    lengths = inp.randint(1, 30, (B,)).to(device)
+    yield (
+        (scores.bfloat16(), ids.int()),
+        dict(baseline="length_weighted", lengths=lengths, scale="batch", eps_mode="clamp",
+             singleton="raw", nonzero_rescale=True),
+        (),
+    )  # fmt: skip
+    yield (scores, ids[:B]), dict(baseline="given", baselines=inp.randn(B, device=device)), ()
+    yield (
+        (inp.randn(B, 2, device=device), ids),
+        dict(weights=torch.tensor([1.0, 0.5], device=device)),
+        (),
+    )
+    yield (inp.randn(0, device=device), ids[:0]), {}, ()
+
+
 SAMPLES = {
     "gae": gae_samples,
+    "group_advantages": group_advantages_samples,
     "masked_mean": masked_mean_samples,
     "masked_whiten": masked_whiten_samples,
     "kl_shaped_rewards": kl_shaped_rewards_samples,
@@ -599,6 +622,13 @@ def test_kl_kind_codes_equal_the_cpp_enum():
 @requires_compiled
 def test_loss_agg_codes_equal_the_cpp_enum():
     assert rlhf_ext.build_info()["loss_aggs"] == _vocab.AGG_CODES
+
+
+@requires_compiled
+def test_group_advantage_codes_equal_the_cpp_enums():
+    info = rlhf_ext.build_info()
+    assert info["group_baselines"] == _vocab.GROUP_BASELINE_CODES
+    assert info["group_scales"] == _vocab.GROUP_SCALE_CODES
 
 
 @requires_compiled

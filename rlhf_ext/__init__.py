@@ -7,6 +7,7 @@ The public API (docs/design.md §3). Every op takes ``backend="auto"``; see
 from rlhf_ext._backend import BackendUnavailableError, available_backends, build_info
 from rlhf_ext._version import __version__
 from rlhf_ext.ops.gae import gae
+from rlhf_ext.ops.group_advantages import group_advantages
 from rlhf_ext.ops.kl_shaped_rewards import kl_shaped_rewards
 from rlhf_ext.ops.linear_token_logprobs import linear_token_logprobs
 from rlhf_ext.ops.masked_stats import masked_mean, masked_whiten
@@ -19,6 +20,7 @@ __all__ = [
     "available_backends",
     "build_info",
     "gae",
+    "group_advantages",
     "kl_loss",
     "kl_penalty",
     "kl_shaped_rewards",

@@ -26,6 +26,7 @@ __all__ = [
     "ppo_policy_loss",
     "value_loss",
     "kl_loss",
+    "group_advantages",
 ]
 
 KL_CLAMP_LOG_RATIO = 20.0
@@ -339,3 +340,104 @@ def kl_loss(logprobs, ref_logprobs, mask=None, *, kind="k3", agg="token-mean"):
     logprobs, ref_logprobs = _valid_only(valid, _acc(logprobs), _acc(ref_logprobs))
     per_token = kl_penalty(logprobs, ref_logprobs, kind)
     return agg_loss(per_token, valid, agg)
+
+
+# -- critic-free advantages (docs/design.md §3.2) --------------------------------
+
+
+def group_advantages(
+    scores,
+    group_ids=None,
+    *,
+    group_size=None,
+    baseline="mean",
+    scale="group",
+    unbiased=True,
+    eps=1e-6,
+    eps_mode="add",
+    singleton="zero",
+    nan_scores="propagate",
+    lengths=None,
+    baselines=None,
+    nonzero_rescale=False,
+    weights=None,
+    components="normalize_then_sum",
+):
+    """Per-row advantages of outcome scores against their group (rlhf_ext.group_advantages),
+    one group at a time, as the peers' loops compute them. [B] float32 (float64 stays)."""
+    s = _acc(scores)
+    rows = s.shape[0]
+    if group_ids is None:
+        group_ids = torch.arange(rows, device=s.device) // group_size
+    as_row = lambda t: None if t is None else _acc(t).to(s.dtype)  # noqa: E731
+    lengths, baselines = as_row(lengths), as_row(baselines)
+    columns = s.unsqueeze(-1) if s.dim() == 1 else s
+    w = torch.ones(columns.shape[1], dtype=s.dtype, device=s.device)
+    if weights is not None:
+        w = _acc(weights).to(s.dtype)
+    one = dict(baseline=baseline, scale=scale, unbiased=unbiased, eps=eps, eps_mode=eps_mode,
+               singleton=singleton, ignore_nan=nan_scores == "ignore", lengths=lengths,
+               baselines=baselines, nonzero_rescale=nonzero_rescale)  # fmt: skip
+    if components == "sum_then_normalize":
+        weighted = columns * w
+        total = weighted.nansum(-1) if nan_scores == "ignore" else weighted.sum(-1)
+        if nan_scores == "ignore":  # a row with no scorable component stays unscorable
+            total = torch.where(columns.isnan().all(-1), float("nan"), total)
+        return _group_component(total, group_ids, **one)
+    out = torch.zeros(rows, dtype=s.dtype, device=s.device)
+    for k in range(columns.shape[1]):
+        out = out + w[k] * _group_component(columns[:, k], group_ids, **one)
+    return out
+
+
+def _scaled(diff, var, eps, eps_mode):
+    if eps_mode == "add":
+        return diff / (var.sqrt() + eps)
+    return diff / var.clamp_min(eps).sqrt()
+
+
+def _variance(x, unbiased):
+    n = x.numel()
+    return ((x - x.mean()) ** 2).sum() / (n - 1 if unbiased else n)
+
+
+def _group_component(s, group_ids, *, baseline, scale, unbiased, eps, eps_mode, singleton,
+                     ignore_nan, lengths, baselines, nonzero_rescale):  # fmt: skip
+    usable = ~s.isnan() if ignore_nan else torch.ones_like(s, dtype=torch.bool)
+    out = torch.zeros_like(s)
+    batch_var = _variance(s[usable], unbiased)
+    alpha = s.numel() / max(int(torch.count_nonzero(s)), 1)
+    for group in torch.unique(group_ids).tolist():
+        rows = ((group_ids == group) & usable).nonzero().flatten()
+        n = rows.numel()
+        if n == 0:
+            continue
+        x = s[rows]
+        if n == 1 and singleton == "zero":
+            out[rows] = x - x
+            continue
+        if n == 1:  # "raw": baseline 0, group std 1
+            diff, var = x, torch.ones((), dtype=s.dtype, device=s.device)
+        else:
+            var = _variance(x, unbiased)
+            if baseline == "mean":
+                diff = x - x.mean()
+            elif baseline == "leave_one_out":
+                diff = x - (x.sum() - x) / (n - 1)
+            elif baseline == "length_weighted":
+                length = lengths[rows]
+                diff = x - (length * x).sum() / length.sum()
+            elif baseline == "given":
+                diff = x - baselines[rows]
+            elif baseline == "none":
+                diff = x
+            else:  # pass_at_k: only the best row, by r_max - r_2nd
+                top = torch.topk(x, 2)
+                diff = torch.zeros_like(x)
+                diff[top.indices[0]] = top.values[0] - top.values[1]
+        if scale == "batch":
+            diff = _scaled(diff, batch_var, eps, eps_mode)
+        elif scale == "group":
+            diff = _scaled(diff, var, eps, eps_mode)
+        out[rows] = diff * alpha if nonzero_rescale else diff
+    return out

@@ -11,6 +11,7 @@ import argparse
 import torch
 
 import rlhf_ext
+from rlhf_ext.ops._vocab import GROUP_BASELINES, GROUP_SCALES
 
 
 def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
@@ -119,6 +120,21 @@ def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
                 h, w, target, bias=b, return_entropy=True, chunk_size=chunk, backend=backend
             )
             (lp.sum() + ent.sum()).backward()
+    # group_advantages: singletons, one big group, every baseline and scale, [B, K] scores.
+    # (The Triton compile check records its launches through this function under the
+    # interpreter on the CPU: small shapes there, the same kernel variants.)
+    shapes = [(1, 1), (7, 3), (4096, 8), (3000, 3000)] if dev == "cuda" else [(1, 1), (9, 3)]
+    for rows, size in shapes:
+        scores = torch.randn(rows, 2, device=dev)
+        ids = torch.randperm(rows, device=dev) // size
+        lengths = torch.randint(1, 100, (rows,), device=dev)
+        for baseline in GROUP_BASELINES:
+            for scale in GROUP_SCALES:
+                rlhf_ext.group_advantages(
+                    scores, ids, baseline=baseline, scale=scale, lengths=lengths,
+                    baselines=scores[:, 0], nonzero_rescale=scale == "batch",
+                    validate=False, backend=backend,
+                )  # fmt: skip
 
 
 def main() -> None:

@@ -68,8 +68,40 @@ def record_launches(path: str) -> None:
 
     InterpretedFunction.run = recording_run
     sanitize_ops.run_all("cpu", "triton")
+    run_group_advantages()
     with open(path, "wb") as f:
         pickle.dump(list(launches.values()), f)
+
+
+def run_group_advantages() -> None:
+    """group_advantages' kernel variants beyond sanitize_ops' (float32, default flags):
+    every baseline and scale, each flag both ways, float32 and float64 scores."""
+    import rlhf_ext
+    from rlhf_ext.ops._vocab import GROUP_BASELINES, GROUP_SCALES
+
+    nan = float("nan")
+    scores = torch.tensor([[0.5, 1.0], [1.0, nan], [nan, 2.0], [2.0, 0.0], [-1.0, 1.0],
+                           [3.0, 0.5], [0.0, -2.0], [1.5, 1.5]])  # fmt: skip
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3])  # two groups of 3, two singletons
+    for i, baseline in enumerate(GROUP_BASELINES):
+        for scale in GROUP_SCALES:
+            for dtype in (torch.float32, torch.float64):
+                flip = (i + len(scale) + (dtype == torch.float64)) % 2 == 1
+                rlhf_ext.group_advantages(
+                    scores.to(dtype),
+                    groups,
+                    baseline=baseline,
+                    scale=scale,
+                    unbiased=flip,
+                    eps_mode="clamp" if flip else "add",
+                    singleton="raw" if i % 2 else "zero",
+                    nan_scores="ignore" if (i // 2) % 2 else "propagate",
+                    lengths=torch.arange(1.0, 9.0),
+                    baselines=torch.linspace(-1.0, 1.0, 8),
+                    nonzero_rescale=not flip,
+                    validate=False,
+                    backend="triton",
+                )
 
 
 # -- phase 2 (no interpreter): compile each recorded launch for the architecture -----

@@ -1,9 +1,12 @@
 """verl's advantage, loss, KL and log-prob functions, backed by rlhf_ext's kernels.
 
 Drop-in for ``verl.trainer.ppo.core_algos`` (``compute_gae_advantage_return``, ``agg_loss``,
-``compute_policy_loss_vanilla``, ``compute_value_loss``, ``kl_penalty``, ``compute_rewards``)
-and ``verl.utils.torch_functional`` (``masked_whiten``, ``logprobs_from_logits``,
-``entropy_from_logits``), with verl 0.9.1's names, arguments, defaults and semantics,
+``compute_policy_loss_vanilla``, ``compute_value_loss``, ``kl_penalty``, ``compute_rewards``,
+and the outcome advantage estimators of ``ADV_ESTIMATOR_REGISTRY``: GRPO and its vectorised
+version, GDPO, Pass@k, REINFORCE++ and REINFORCE++-baseline, RLOO and its vectorised
+version, OPO, ReMax, GPG) and ``verl.utils.torch_functional`` (``masked_whiten``,
+``logprobs_from_logits``, ``entropy_from_logits``), with verl 0.9.1's names, arguments,
+defaults and semantics,
 including where they differ from rlhf_ext's own ops (documented per function and in
 docs/integrations.md).
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlhf_ext.integrations._common import (
@@ -26,6 +30,7 @@ from rlhf_ext.integrations._common import (
 from rlhf_ext.integrations._patch import Patcher, Target
 from rlhf_ext.ops import _vocab
 from rlhf_ext.ops.gae import gae as _rlhf_gae
+from rlhf_ext.ops.group_advantages import group_advantages as _rlhf_group_advantages
 from rlhf_ext.ops.masked_stats import masked_whiten as _rlhf_masked_whiten
 from rlhf_ext.ops.ppo_losses import kl_loss as _rlhf_kl_loss
 from rlhf_ext.ops.ppo_losses import kl_penalty as _rlhf_kl_penalty
@@ -271,6 +276,464 @@ def logprobs_from_logits(logits, labels, inplace_backward=True):
     return logprobs.to(logits.dtype)
 
 
+# --- outcome advantage estimators (verl's ADV_ESTIMATOR_REGISTRY) -------------------------
+#
+# verl groups the rows of a batch by ``index`` (the ``uid`` of each row's prompt: a numpy
+# object array of strings) in Python loops over the rows. The adapters factorise ``index``
+# into int64 group ids on the host (the only host work), then run the whole batch through
+# one ``rlhf_ext.group_advantages`` call: verl's singleton convention (mean 0, std 1) is
+# ``singleton="raw"``, ``torch.std`` is ``unbiased=True`` and verl adds epsilon to the std
+# (``eps_mode="add"``).
+
+
+def _factorize(function: str, index, rows: int, device, numeric: bool = False) -> torch.Tensor:
+    """The group id (0..G-1, int64, on ``device``) of every row of ``index``.
+
+    Labels are grouped by equality, as verl's ``id2score`` dicts group them: numpy arrays of a
+    non-object dtype with ``np.unique``, anything else (object arrays of uid strings, lists)
+    with a dict in first-seen order. A tensor ``index`` is grouped by value on its device
+    (verl's loop estimators key their dicts by 0-d tensors there, i.e. by object identity,
+    which groups nothing reliably). ``numeric=True`` first applies
+    ``verl.utils.as_torch_index``'s label rules (the vectorised GRPO's): near-integer floats
+    are rounded and labels that ``astype(np.int64)`` accepts (numeric strings; truncated
+    floats) are grouped by that integer."""
+    if isinstance(index, torch.Tensor):
+        flat = index.detach().reshape(-1)
+        if numeric and flat.is_floating_point():
+            rounded = torch.round(flat.double())
+            if torch.allclose(flat.double(), rounded, rtol=0.0, atol=1e-6):
+                flat = rounded
+        _check_index_rows(function, flat.numel(), rows)
+        return torch.unique(flat, return_inverse=True)[1].to(device=device, dtype=torch.int64)
+    labels = index if isinstance(index, np.ndarray) else None
+    if labels is None:
+        try:
+            labels = np.asarray(index) if numeric else np.array(list(index), dtype=object)
+        except (TypeError, ValueError):
+            labels = np.array(list(index), dtype=object)
+    labels = labels.reshape(-1)
+    _check_index_rows(function, labels.shape[0], rows)
+    if numeric:
+        labels = _as_torch_index_labels(labels)
+    if labels.dtype == object:
+        first_seen: dict = {}
+        inverse = np.fromiter(
+            (first_seen.setdefault(label, len(first_seen)) for label in labels),
+            dtype=np.int64,
+            count=labels.shape[0],
+        )
+    else:
+        inverse = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    return torch.from_numpy(inverse).to(device)
+
+
+def _as_torch_index_labels(labels: np.ndarray) -> np.ndarray:
+    """``verl.utils.as_torch_index``'s label canonicalisation (before its factorisation)."""
+    if labels.dtype != object and np.issubdtype(labels.dtype, np.integer):
+        return labels.astype(np.int64, copy=False)
+    if labels.dtype != object and np.issubdtype(labels.dtype, np.floating):
+        as_float = labels.astype(np.float64, copy=False)
+        rounded = np.rint(as_float)
+        if np.allclose(as_float, rounded, rtol=0.0, atol=1e-6):
+            return rounded.astype(np.int64)
+    try:
+        return labels.astype(np.int64)
+    except (TypeError, ValueError, OverflowError):
+        return labels if labels.dtype == object else labels.astype(object)
+
+
+def _check_index_rows(function: str, count: int, rows: int) -> None:
+    if count != rows:
+        raise ValueError(
+            f"{PREFIX}.{function}: `index` must have one label per row of "
+            f"`token_level_rewards` ({rows}), got {count}"
+        )
+
+
+def _row_advantages(function, token_level_rewards, index, *, numeric=False, **options):
+    """``group_advantages`` of the rows' outcome scores ``token_level_rewards.sum(-1)``
+    against their ``index`` groups, in verl's conventions; ``[bs]`` in the rewards' dtype."""
+    scores = token_level_rewards.sum(dim=-1)
+    groups = _factorize(function, index, scores.shape[0], scores.device, numeric)
+    options.setdefault("singleton", "raw")
+    options.setdefault("validate", False)  # the ids are valid by construction: no host sync
+    advantages = _rlhf_group_advantages(scores, groups, **options)
+    return advantages.to(scores.dtype)
+
+
+def _per_token(row_advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``scores.unsqueeze(-1) * response_mask``: ``[bs, T]``."""
+    return row_advantages.unsqueeze(-1) * response_mask
+
+
+def _std_scale(norm_adv_by_std_in_grpo) -> str:
+    return "group" if norm_adv_by_std_in_grpo else "none"
+
+
+def _require_config(function: str, config) -> None:
+    if config is None:
+        raise ValueError(f"{PREFIX}.{function}: `config` is required (verl's algorithm config)")
+
+
+def compute_grpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_grpo_outcome_advantage`` ("grpo"): per row ``(s - mean_g) / (std_g +
+    epsilon)`` of the outcome score ``s = token_level_rewards.sum(-1)`` within its ``index``
+    group (Bessel std), or ``s - mean_g`` with ``norm_adv_by_std_in_grpo=False`` (Dr.GRPO);
+    a group of one row keeps ``s / (1 + epsilon)`` (verl's mean 0, std 1). Returns
+    ``(advantages, advantages)``, both ``[bs, T]`` = the row value times ``response_mask``
+    (the same tensor twice, as verl). ``config`` is accepted and unused, as in verl.
+
+    One ``rlhf_ext.group_advantages`` call instead of verl's per-row Python loop; its group
+    sums run in double (verl: float32), so a group of equal scores gives exactly 0."""
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_grpo_outcome_advantage",
+            token_level_rewards,
+            index,
+            baseline="mean",
+            scale=_std_scale(norm_adv_by_std_in_grpo),
+            eps=float(epsilon),
+        )
+        advantages = _per_token(rows, response_mask)
+    return advantages, advantages
+
+
+def compute_grpo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_grpo_vectorized_outcome_advantage`` ("grpo_vectorized"): the GRPO
+    advantage of ``compute_grpo_outcome_advantage``, with the groups that verl's
+    ``as_torch_index`` forms from ``index`` (near-integer float labels rounded, numeric
+    string labels grouped by their integer value). ``(advantages, advantages)``, ``[bs, T]``."""
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_grpo_vectorized_outcome_advantage",
+            token_level_rewards,
+            index,
+            numeric=True,
+            baseline="mean",
+            scale=_std_scale(norm_adv_by_std_in_grpo),
+            eps=float(epsilon),
+        )
+        advantages = _per_token(rows, response_mask)
+    return advantages, advantages
+
+
+def _gdpo_components(token_level_rewards, config, non_tensor_batch, batch):
+    """verl's GDPO inputs: ``([bs, K] component scores, [K] weights)``. With ``config``,
+    ``non_tensor_batch`` and ``batch``, one component per ``config.gdpo_reward_keys`` entry
+    (``non_tensor_batch[key]``, as float32) weighted by ``config.gdpo_reward_weights``
+    (default ones); otherwise the single component ``token_level_rewards.sum(-1)``.
+
+    verl writes each component score at the row's last valid response token of a zero
+    ``[bs, T]`` tensor and lets GRPO sum it back; that sum is the score itself, so the
+    adapter uses the scores directly (and does not read ``batch``'s prompts / mask)."""
+    function = "compute_gdpo_outcome_advantage"
+    device = token_level_rewards.device
+    if config is None or non_tensor_batch is None or batch is None:
+        scores = token_level_rewards.sum(dim=-1).unsqueeze(-1)
+        return scores, torch.ones(1, dtype=torch.float32, device=device)
+    keys = _config_value(config, "gdpo_reward_keys", None)
+    if not keys:
+        raise ValueError(
+            f"{PREFIX}.{function}: GDPO requires `config.gdpo_reward_keys` listing the reward "
+            "component keys returned by compute_score (e.g. ['format_reward', "
+            "'accuracy_reward'])"
+        )
+    columns = []
+    for key in keys:
+        if key not in non_tensor_batch:
+            raise ValueError(
+                f"{PREFIX}.{function}: GDPO reward key {key!r} not found in `non_tensor_batch` "
+                f"(keys: {list(non_tensor_batch.keys())}); compute_score must return it"
+            )
+        columns.append(np.asarray(non_tensor_batch[key], dtype=np.float32).reshape(-1))
+    scores = torch.from_numpy(np.stack(columns, axis=-1)).to(device)
+    weights = _config_value(config, "gdpo_reward_weights", None)
+    if weights is None:
+        return scores, torch.ones(len(columns), dtype=torch.float32, device=device)
+    weights = torch.tensor(list(weights), dtype=torch.float32, device=device)
+    if weights.numel() < len(columns):
+        raise ValueError(
+            f"{PREFIX}.{function}: `config.gdpo_reward_weights` must have one weight per "
+            f"reward key ({len(columns)}), got {weights.numel()}"
+        )
+    return scores, weights[: len(columns)]  # verl ignores extra weights
+
+
+def compute_gdpo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    non_tensor_batch: dict | None = None,
+    batch: dict | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_gdpo_outcome_advantage`` ("gdpo"): each reward component normalised
+    within its group as GRPO does (``epsilon``, ``norm_adv_by_std_in_grpo``), summed with the
+    component weights, broadcast over ``response_mask`` and whitened over it (verl's
+    ``masked_whiten``), times ``response_mask``. The components are
+    ``non_tensor_batch[k]`` for ``k`` in ``config.gdpo_reward_keys`` (weights
+    ``config.gdpo_reward_weights``) when ``config``, ``non_tensor_batch`` and ``batch`` are all
+    given, else the one score ``token_level_rewards.sum(-1)``. ``(advantages, advantages)``.
+
+    One ``group_advantages`` call over the ``[bs, K]`` components
+    (``components="normalize_then_sum"``) and the fused ``masked_whiten``. A missing
+    ``gdpo_reward_keys`` / key raises ValueError (verl: AssertionError)."""
+    with torch.no_grad():
+        scores, weights = _gdpo_components(token_level_rewards, config, non_tensor_batch, batch)
+        groups = _factorize("compute_gdpo_outcome_advantage", index, scores.shape[0], scores.device)
+        rows = _rlhf_group_advantages(
+            scores,
+            groups,
+            baseline="mean",
+            scale=_std_scale(norm_adv_by_std_in_grpo),
+            eps=float(epsilon),
+            singleton="raw",
+            weights=weights,
+            components="normalize_then_sum",
+            validate=False,
+        )
+        dtype = torch.promote_types(scores.dtype, torch.float32)
+        summed = _per_token(rows.to(dtype), response_mask)
+        advantages = masked_whiten(summed, response_mask) * response_mask
+    return advantages, advantages
+
+
+def compute_grpo_passk_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool = True,
+    config: Any = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_grpo_passk_outcome_advantage`` ("grpo_passk", Pass@k): in each group
+    only the best row gets ``r_max - r_second_max`` (divided by ``std_g + epsilon`` when
+    ``config.norm_adv_by_std_in_grpo``, default True), every other row 0; broadcast over
+    ``response_mask``. As in verl, ``config`` is required and the ``norm_adv_by_std_in_grpo``
+    argument is ignored (the config's value rules). A group of fewer than 2 rows raises
+    ValueError, as in verl. ``(advantages, advantages)``."""
+    _require_config("compute_grpo_passk_outcome_advantage", config)
+    norm = _config_value(config, "norm_adv_by_std_in_grpo", True)
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_grpo_passk_outcome_advantage",
+            token_level_rewards,
+            index,
+            baseline="pass_at_k",
+            scale=_std_scale(norm),
+            eps=float(epsilon),
+            validate=True,  # groups of one row raise, as in verl (one host sync)
+        )
+        advantages = _per_token(rows, response_mask)
+    return advantages, advantages
+
+
+def compute_reinforce_plus_plus_baseline_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: torch.Tensor,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_reinforce_plus_plus_baseline_outcome_advantage``
+    ("reinforce_plus_plus_baseline"): ``s - mean_g`` per row (a group of one row keeps
+    ``s``), broadcast over ``response_mask``, whitened over it (verl's ``masked_whiten``)
+    and times ``response_mask``. ``epsilon`` and ``config`` are unused, as in verl. ``index``
+    is the uid array (numpy) or a tensor of group labels. ``(advantages, advantages)``."""
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_reinforce_plus_plus_baseline_outcome_advantage",
+            token_level_rewards,
+            index,
+            baseline="mean",
+            scale="none",
+        )
+        centred = _per_token(rows, response_mask)
+        advantages = masked_whiten(centred, response_mask) * response_mask
+    return advantages, advantages
+
+
+def compute_rloo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_rloo_outcome_advantage`` ("rloo"): ``s - mean of the group's other
+    rows`` (= ``(s - mean_g) * n / (n - 1)``); a group of one row keeps ``s``. Broadcast
+    over ``response_mask``; ``(advantages, advantages)``. ``epsilon`` / ``config`` unused."""
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_rloo_outcome_advantage",
+            token_level_rewards,
+            index,
+            baseline="leave_one_out",
+            scale="none",
+        )
+        advantages = _per_token(rows, response_mask)
+    return advantages, advantages
+
+
+def compute_rloo_vectorized_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_rloo_vectorized_outcome_advantage`` ("rloo_vectorized"): the RLOO
+    advantage of ``compute_rloo_outcome_advantage``, except that a group of one row gets 0
+    (NaN for a non-finite score), as verl's vectorised version does. ``(advantages,
+    advantages)``, ``[bs, T]``."""
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_rloo_vectorized_outcome_advantage",
+            token_level_rewards,
+            index,
+            baseline="leave_one_out",
+            scale="none",
+            singleton="zero",
+        )
+        advantages = _per_token(rows, response_mask)
+    return advantages, advantages
+
+
+def compute_opo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    config: Any = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_opo_outcome_advantage`` ("opo"): ``s - sum_g(L s) / sum_g(L)`` with
+    ``L = response_mask.sum(-1)`` (the length-weighted group baseline); a group of one row
+    keeps ``s``. Broadcast over ``response_mask``; ``(advantages, advantages)``."""
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_opo_outcome_advantage",
+            token_level_rewards,
+            index,
+            baseline="length_weighted",
+            scale="none",
+            lengths=response_mask.sum(dim=-1),
+        )
+        advantages = _per_token(rows, response_mask)
+    return advantages, advantages
+
+
+def compute_reinforce_plus_plus_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_reinforce_plus_plus_outcome_advantage`` ("reinforce_plus_plus"): the
+    discounted return ``R_t = r_t + gamma * R_next`` over the valid tokens of each row
+    (``gamma = config.gamma``; a masked token is skipped: its reward is dropped, its return
+    is 0 and the running return passes through it undiscounted), whitened over
+    ``response_mask`` (verl's ``masked_whiten``) and times the mask. Returns ``(advantages,
+    returns)``.
+
+    The returns are ``rlhf_ext.gae`` with zero values and ``lam=1``: exactly that recurrence
+    (gae skips masked positions the same way and writes 0 there)."""
+    _require_config("compute_reinforce_plus_plus_outcome_advantage", config)
+    gamma = _config_value(config, "gamma")
+    with torch.no_grad():
+        zeros = torch.zeros_like(token_level_rewards)
+        returns, _ = _rlhf_gae(token_level_rewards, zeros, response_mask, gamma=gamma, lam=1.0)
+        returns = returns.to(token_level_rewards.dtype)
+        advantages = masked_whiten(returns, response_mask) * response_mask
+    return advantages, returns
+
+
+def compute_remax_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    reward_baselines: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_remax_outcome_advantage`` ("remax"): ``returns`` = the reverse
+    cumulative sum of ``token_level_rewards * response_mask`` over each row, ``advantages =
+    returns - reward_baselines[:, None] * response_mask`` (note verl's argument order:
+    rewards, baselines, mask). Returns ``(advantages, returns)``.
+
+    The reverse cumulative sum is ``rlhf_ext.gae`` with ``gamma = lam = 1``, zero values and
+    no mask (on the masked rewards): every position keeps the sum of the rewards after it,
+    masked ones too, as verl's ``cumsum`` does."""
+    with torch.no_grad():
+        masked_rewards = token_level_rewards * response_mask
+        zeros = torch.zeros_like(masked_rewards)
+        returns, _ = _rlhf_gae(masked_rewards, zeros, None, gamma=1.0, lam=1.0)
+        returns = returns.to(masked_rewards.dtype)
+        advantages = returns - reward_baselines.unsqueeze(-1) * response_mask
+    return advantages, returns
+
+
+def compute_gpg_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray,
+    epsilon: float = 1e-6,
+    f_norm: float = 1.0,
+    alpha: float = 1.0,
+    config: Any = None,
+    **kwargs,
+):
+    """verl's ``compute_gpg_outcome_advantage`` ("gpg"): ``alpha * (s - mean_g) / f_norm``
+    with GPG's ``alpha = bs / #rows with a nonzero score`` (the ``alpha`` argument is
+    overwritten, as in verl); a group of one row keeps ``alpha * s / f_norm``. Broadcast over
+    ``response_mask``; ``(advantages, advantages)``. ``epsilon`` / ``config`` unused."""
+    with torch.no_grad():
+        rows = _row_advantages(
+            "compute_gpg_outcome_advantage",
+            token_level_rewards,
+            index,
+            baseline="mean",
+            scale="none",
+            nonzero_rescale=True,
+        )
+        advantages = _per_token(rows / f_norm, response_mask)
+    return advantages, advantages
+
+
+# verl's ADV_ESTIMATOR_REGISTRY names -> the outcome estimators above ("gae" is above too)
+ADV_ESTIMATORS = {
+    "grpo": compute_grpo_outcome_advantage,
+    "grpo_vectorized": compute_grpo_vectorized_outcome_advantage,
+    "gdpo": compute_gdpo_outcome_advantage,
+    "grpo_passk": compute_grpo_passk_outcome_advantage,
+    "reinforce_plus_plus_baseline": compute_reinforce_plus_plus_baseline_outcome_advantage,
+    "rloo": compute_rloo_outcome_advantage,
+    "rloo_vectorized": compute_rloo_vectorized_outcome_advantage,
+    "opo": compute_opo_outcome_advantage,
+    "reinforce_plus_plus": compute_reinforce_plus_plus_outcome_advantage,
+    "remax": compute_remax_outcome_advantage,
+    "gpg": compute_gpg_outcome_advantage,
+}
 CORE = "verl.trainer.ppo.core_algos"
 FUNCTIONAL = "verl.utils.torch_functional"
 _PATCHER = Patcher(
@@ -283,6 +746,7 @@ _PATCHER = Patcher(
         Target(CORE, "compute_value_loss", compute_value_loss),
         Target(CORE, "kl_penalty", kl_penalty),
         Target(CORE, "compute_rewards", compute_rewards),
+        *(Target(CORE, function.__name__, function) for function in ADV_ESTIMATORS.values()),
         Target(FUNCTIONAL, "masked_whiten", masked_whiten),
         Target(FUNCTIONAL, "logprobs_from_logits", logprobs_from_logits),
         Target(FUNCTIONAL, "entropy_from_logits", entropy_from_logits),
@@ -294,9 +758,12 @@ def patch() -> list[str]:
     """Swap this module's functions into the installed verl: the defining attributes in
     ``verl.trainer.ppo.core_algos`` and ``verl.utils.torch_functional``, every loaded
     ``verl.*`` module that imported them by name, and verl's registries
-    (``POLICY_LOSS_REGISTRY["vanilla"]``, ``ADV_ESTIMATOR_REGISTRY["gae"]``). Returns the
-    qualified names replaced. Idempotent; raises ImportError naming ``verl`` when it is not
-    installed."""
+    (``POLICY_LOSS_REGISTRY["vanilla"]``, and in ``ADV_ESTIMATOR_REGISTRY`` "gae", "grpo",
+    "grpo_vectorized", "gdpo", "grpo_passk", "reinforce_plus_plus",
+    "reinforce_plus_plus_baseline", "remax", "rloo", "rloo_vectorized", "opo" and "gpg", so
+    that ``get_adv_estimator_fn`` and ray_trainer's ``core_algos.<function>`` calls reach the
+    adapters). Returns the qualified names replaced. Idempotent; raises ImportError naming
+    ``verl`` when it is not installed."""
     return _PATCHER.patch(f"{PREFIX}.patch")
 
 

@@ -84,3 +84,29 @@ LINEAR_ROW_QUANTUM = 16
 LINEAR_MIN_TILE_VOCAB = 1024
 LINEAR_VOCAB_QUANTUM = 64
 LINEAR_ACCUMULATE_ROWS = 1024
+
+
+# group_advantages (csrc/include/rlhf_ext/group_math.h GroupBaseline / GroupScale):
+# what a row's score is compared with, and what the difference is divided by.
+GROUP_BASELINE_CODES = {
+    "mean": 0,  # the group's mean (GRPO, Dr.GRPO, REINFORCE++-baseline, GPG)
+    "leave_one_out": 1,  # the mean of the group's other rows (RLOO)
+    "length_weighted": 2,  # sum(L s) / sum(L) over the group (OPO)
+    "pass_at_k": 3,  # only the group's best row: r_max - r_2nd (Pass@k)
+    "given": 4,  # a per-row baseline (ReMax's greedy rollout)
+    "none": 5,  # no baseline
+}
+GROUP_BASELINES = tuple(GROUP_BASELINE_CODES)
+GROUP_SCALE_CODES = {"group": 0, "batch": 1, "none": 2}
+GROUP_SCALES = tuple(GROUP_SCALE_CODES)
+# How eps enters the division: (x - b) / (std + eps), or (x - b) / sqrt(max(var, eps)).
+GROUP_EPS_MODES = ("add", "clamp")
+# A group with one usable row: "zero" gives it s - s (0; NaN for a non-finite score),
+# "raw" a baseline of 0 and a group std of 1 (verl).
+GROUP_SINGLETON_MODES = ("zero", "raw")
+# NaN scores: "propagate" into the row's group, or "ignore": left out of every
+# statistic, advantage 0 (TRL's unscorable rows).
+GROUP_NAN_MODES = ("propagate", "ignore")
+# [B, K] scores: normalise each component then take the weighted sum (GDPO), or sum
+# first (TRL's default).
+GROUP_COMPONENT_MODES = ("normalize_then_sum", "sum_then_normalize")
