@@ -361,6 +361,15 @@ def _row_advantages(function, token_level_rewards, index, *, numeric=False, **op
     return advantages.to(scores.dtype)
 
 
+def _outcome_advantages(function, token_level_rewards, response_mask, index, **options):
+    """verl's ``(advantages, advantages)`` of an outcome estimator: the rows'
+    ``_row_advantages`` broadcast over ``response_mask``, ``[bs, T]``."""
+    with torch.no_grad():
+        rows = _row_advantages(function, token_level_rewards, index, **options)
+        advantages = _per_token(rows, response_mask)
+    return advantages, advantages
+
+
 def _per_token(row_advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """verl's ``scores.unsqueeze(-1) * response_mask``: ``[bs, T]``."""
     return row_advantages.unsqueeze(-1) * response_mask
@@ -392,17 +401,15 @@ def compute_grpo_outcome_advantage(
 
     One ``rlhf_ext.group_advantages`` call instead of verl's per-row Python loop; its group
     sums run in double (verl: float32), so a group of equal scores gives exactly 0."""
-    with torch.no_grad():
-        rows = _row_advantages(
-            "compute_grpo_outcome_advantage",
-            token_level_rewards,
-            index,
-            baseline="mean",
-            scale=_std_scale(norm_adv_by_std_in_grpo),
-            eps=float(epsilon),
-        )
-        advantages = _per_token(rows, response_mask)
-    return advantages, advantages
+    return _outcome_advantages(
+        "compute_grpo_outcome_advantage",
+        token_level_rewards,
+        response_mask,
+        index,
+        baseline="mean",
+        scale=_std_scale(norm_adv_by_std_in_grpo),
+        eps=float(epsilon),
+    )
 
 
 def compute_grpo_vectorized_outcome_advantage(
@@ -417,18 +424,16 @@ def compute_grpo_vectorized_outcome_advantage(
     advantage of ``compute_grpo_outcome_advantage``, with the groups that verl's
     ``as_torch_index`` forms from ``index`` (near-integer float labels rounded, numeric
     string labels grouped by their integer value). ``(advantages, advantages)``, ``[bs, T]``."""
-    with torch.no_grad():
-        rows = _row_advantages(
-            "compute_grpo_vectorized_outcome_advantage",
-            token_level_rewards,
-            index,
-            numeric=True,
-            baseline="mean",
-            scale=_std_scale(norm_adv_by_std_in_grpo),
-            eps=float(epsilon),
-        )
-        advantages = _per_token(rows, response_mask)
-    return advantages, advantages
+    return _outcome_advantages(
+        "compute_grpo_vectorized_outcome_advantage",
+        token_level_rewards,
+        response_mask,
+        index,
+        numeric=True,
+        baseline="mean",
+        scale=_std_scale(norm_adv_by_std_in_grpo),
+        eps=float(epsilon),
+    )
 
 
 def _gdpo_components(token_level_rewards, config, non_tensor_batch, batch):
@@ -532,18 +537,16 @@ def compute_grpo_passk_outcome_advantage(
     ValueError, as in verl. ``(advantages, advantages)``."""
     _require_config("compute_grpo_passk_outcome_advantage", config)
     norm = _config_value(config, "norm_adv_by_std_in_grpo", True)
-    with torch.no_grad():
-        rows = _row_advantages(
-            "compute_grpo_passk_outcome_advantage",
-            token_level_rewards,
-            index,
-            baseline="pass_at_k",
-            scale=_std_scale(norm),
-            eps=float(epsilon),
-            validate=True,  # groups of one row raise, as in verl (one host sync)
-        )
-        advantages = _per_token(rows, response_mask)
-    return advantages, advantages
+    return _outcome_advantages(
+        "compute_grpo_passk_outcome_advantage",
+        token_level_rewards,
+        response_mask,
+        index,
+        baseline="pass_at_k",
+        scale=_std_scale(norm),
+        eps=float(epsilon),
+        validate=True,  # groups of one row raise, as in verl (one host sync)
+    )
 
 
 def compute_reinforce_plus_plus_baseline_outcome_advantage(
@@ -583,16 +586,14 @@ def compute_rloo_outcome_advantage(
     """verl's ``compute_rloo_outcome_advantage`` ("rloo"): ``s - mean of the group's other
     rows`` (= ``(s - mean_g) * n / (n - 1)``); a group of one row keeps ``s``. Broadcast
     over ``response_mask``; ``(advantages, advantages)``. ``epsilon`` / ``config`` unused."""
-    with torch.no_grad():
-        rows = _row_advantages(
-            "compute_rloo_outcome_advantage",
-            token_level_rewards,
-            index,
-            baseline="leave_one_out",
-            scale="none",
-        )
-        advantages = _per_token(rows, response_mask)
-    return advantages, advantages
+    return _outcome_advantages(
+        "compute_rloo_outcome_advantage",
+        token_level_rewards,
+        response_mask,
+        index,
+        baseline="leave_one_out",
+        scale="none",
+    )
 
 
 def compute_rloo_vectorized_outcome_advantage(
@@ -607,17 +608,15 @@ def compute_rloo_vectorized_outcome_advantage(
     advantage of ``compute_rloo_outcome_advantage``, except that a group of one row gets 0
     (NaN for a non-finite score), as verl's vectorised version does. ``(advantages,
     advantages)``, ``[bs, T]``."""
-    with torch.no_grad():
-        rows = _row_advantages(
-            "compute_rloo_vectorized_outcome_advantage",
-            token_level_rewards,
-            index,
-            baseline="leave_one_out",
-            scale="none",
-            singleton="zero",
-        )
-        advantages = _per_token(rows, response_mask)
-    return advantages, advantages
+    return _outcome_advantages(
+        "compute_rloo_vectorized_outcome_advantage",
+        token_level_rewards,
+        response_mask,
+        index,
+        baseline="leave_one_out",
+        scale="none",
+        singleton="zero",
+    )
 
 
 def compute_opo_outcome_advantage(
@@ -631,17 +630,15 @@ def compute_opo_outcome_advantage(
     """verl's ``compute_opo_outcome_advantage`` ("opo"): ``s - sum_g(L s) / sum_g(L)`` with
     ``L = response_mask.sum(-1)`` (the length-weighted group baseline); a group of one row
     keeps ``s``. Broadcast over ``response_mask``; ``(advantages, advantages)``."""
-    with torch.no_grad():
-        rows = _row_advantages(
-            "compute_opo_outcome_advantage",
-            token_level_rewards,
-            index,
-            baseline="length_weighted",
-            scale="none",
-            lengths=response_mask.sum(dim=-1),
-        )
-        advantages = _per_token(rows, response_mask)
-    return advantages, advantages
+    return _outcome_advantages(
+        "compute_opo_outcome_advantage",
+        token_level_rewards,
+        response_mask,
+        index,
+        baseline="length_weighted",
+        scale="none",
+        lengths=response_mask.sum(dim=-1),
+    )
 
 
 def compute_reinforce_plus_plus_outcome_advantage(
