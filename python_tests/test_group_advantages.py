@@ -292,3 +292,19 @@ def test_group_advantages_raw_op_bad_input(error, pattern, build):
     args = build(scores, groups, order)
     with pytest.raises(error, match=pattern):
         torch.ops.rlhf_ext.group_advantages(*args, True, 1e-6, False, False, False, False)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("baseline", ["length_weighted", "mean", "leave_one_out"])
+def test_group_advantages_inf_score_gives_the_references_non_finites(backend, baseline):
+    """An infinite score: its group's other rows get -inf (s - inf), the row itself NaN
+    (inf - inf), as the reference computes it; the accumulators must start at 0, not
+    at 0 * (an infinite sum)."""
+    s = torch.tensor([1.0, float("inf"), 3.0, 2.0, 5.0], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 0, 1, 1])
+    lengths = torch.tensor([2.0, 1.0, 4.0, 3.0, 3.0], dtype=torch.float64)
+    kwargs = dict(baseline=baseline, scale="none", lengths=lengths)
+    want = rlhf_ext.group_advantages(s, ids, backend="torch", **kwargs)
+    got = rlhf_ext.group_advantages(s, ids, backend=backend, **kwargs)
+    assert not torch.isfinite(want[:3]).any()
+    torch.testing.assert_close(got, want, equal_nan=True)

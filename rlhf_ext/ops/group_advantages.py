@@ -55,7 +55,8 @@ def group_advantages(
       ``unbiased`` for Bessel's correction; ``eps_mode`` "add" divides by ``std + eps``
       (verl ``1e-6``, TRL ``1e-4``, OpenRLHF ``1e-9``), "clamp" by ``sqrt(max(var, eps))``.
     * ``singleton``: a group with one usable row gets ``s - s`` = 0 ("zero"; NaN for a
-      non-finite score) or a baseline of 0 and a std of 1 ("raw", as verl).
+      non-finite score) or a baseline of 0 and a std of 1 ("raw", as verl; the batch's
+      std for ``scale="batch"``).
     * ``nan_scores``: "propagate" (a NaN score makes its group NaN) or "ignore" (TRL's
       unscorable rows: left out of every statistic, advantage 0).
     * ``nonzero_rescale``: multiply by GPG's ``alpha = B / #nonzero scores``.

@@ -15,7 +15,7 @@ Two kernels, as on CUDA:
   every row of the group; every other lane is masked off. The lanes of a program walk
   side by side, for as many steps as its longest segment.
 
-Every sum is a sequential float64 loop in the header's order, whatever the scores'
+Every float sum is a sequential float64 loop in the header's order, whatever the scores'
 dtype (each lane walks its own segment one position a step), so the bits match the
 C++ kernels' and a permutation of the rows permutes the output bit for bit. No
 atomics, no host synchronisation: the segment boundaries are found on the device.
@@ -101,7 +101,7 @@ def _segment_moments(scores_ptr, order_ptr, begin, count, steps, UNBIASED: tl.co
         n += ok.to(tl.int64)
         total += tl.where(ok, x, 0.0)
     mean = total / n.to(tl.float64)  # NaN for n == 0: never used then
-    m2 = n.to(tl.float64) * 0.0
+    m2 = tl.zeros_like(total)
     for j in range(0, steps):
         live = j < count
         x = tl.load(scores_ptr + tl.load(segment_ptr + j, mask=live, other=0), mask=live)
@@ -203,8 +203,8 @@ def _group_segments_kernel(
 ):
     """BLOCK sorted positions i of component k = program_id(1), lane-wise:
     group_math.h group_segment for each i that starts a group (starts_group); other
-    lanes do nothing. (A 2-D grid: no 64-bit division of a flat index, whose
-    subroutine call made ptxas spill.)"""
+    lanes do nothing. (A 2-D grid: no 64-bit division of a flat index into (k, i),
+    which is a subroutine call on the GPU.)"""
     k = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < rows
@@ -234,8 +234,8 @@ def _group_segments_kernel(
         scores_ptr + base, order_ptr, segment, count, steps, UNBIASED, IGNORE_NAN
     )
     if BASELINE == LENGTH_WEIGHTED:  # OPO's sum(L s) / sum(L) over the usable rows
-        length_sum = group_sum * 0.0
-        weighted_sum = group_sum * 0.0
+        length_sum = tl.zeros_like(group_sum)  # not group_sum * 0: NaN for an inf sum
+        weighted_sum = tl.zeros_like(group_sum)
         for j in range(0, steps):
             live = j < count
             row = tl.load(order_ptr + segment + j, mask=live, other=0)

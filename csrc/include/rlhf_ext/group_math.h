@@ -8,7 +8,7 @@
 // batch, or 1. alpha = B / #nonzero scores (GPG) or 1.
 //
 // The kernels see each group as a segment of `order`, the rows sorted by (group id,
-// score): a group's sums run in that order, so the same rows give the same bits in any
+// score, length): a group's sums run in that order, so the same rows give the same bits in any
 // batch order (a permutation of the rows permutes the output, bit for bit). Sums are in
 // double for every input dtype: a group or a batch is at most a few thousand scores,
 // and double makes the result independent of the summation order to ~1e-16.
