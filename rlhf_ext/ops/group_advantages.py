@@ -66,9 +66,10 @@ def group_advantages(
 
     A group's sums run over its rows sorted by (score, length), in double: the same rows
     give the same bits in any batch order (a permutation of the rows permutes the
-    result). ``validate=True`` (one host sync) rejects negative group ids, pass@k
-    groups with fewer than 2 usable rows, and groups with no usable row under
-    ``nan_scores="ignore"``. Returns float32 (float64 for float64 scores); no gradient.
+    result). ``validate=True`` (a few host syncs; skipped under torch.compile) rejects
+    negative group ids, pass@k groups with fewer than 2 usable rows, and groups with no
+    usable row under ``nan_scores="ignore"``. Returns float32 (float64 for float64
+    scores); no gradient.
     """
     check_tensor(OP, "scores", scores)
     if scores.dim() not in (1, 2):
@@ -214,7 +215,7 @@ def _sorted_orders(components_first, groups, lengths, need_batch: bool):
 
 
 def _raise_on_bad_groups(groups, columns, baseline, nan_scores, components) -> None:
-    """The data checks of validate=True (one host sync)."""
+    """The data checks of validate=True (host syncs: the validate=True path only)."""
     if groups.numel() and int(groups.min()) < 0:
         position = int((groups < 0).nonzero()[0])
         raise ValueError(
