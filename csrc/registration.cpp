@@ -62,12 +62,15 @@ TORCH_LIBRARY(rlhf_ext, m) {
   // (0-d), the statistics ([k] float32), the per-token derivative before
   // aggregation ([B, T], 0 at masked tokens) and the per-row aggregation weight
   // ([B]); d loss / d input[b, t] = grad[b, t] * row_weight[b] (loss_backward).
-  // Clipped PPO policy loss; dual_clip <= 0 disables the dual clip and
-  // loss_scale_factor <= 0 means T. stats: clipfrac, clipfrac_lower,
-  // approx_kl, ratio_mean, ratio_max.
+  // Policy loss of one kind (policy_math.h): advantages [B, T] or [B]; lo / hi
+  // the ratio band (ratio kinds) or the divergence thresholds (dppo kinds);
+  // dual_clip <= 0 disables the dual clip; loss_scale_factor <= 0 means T. A
+  // kind ignores the parameters it does not use. stats: clipfrac,
+  // clipfrac_lower, approx_kl, ratio_mean, ratio_max.
   m.def(
-      "ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
-      "float clip_eps, float clip_eps_high, float dual_clip, str agg, float loss_scale_factor) "
+      "policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
+      "str kind, float lo, float hi, float dual_clip, float ratio_cap, float tau_pos, "
+      "float tau_neg, float beta, str agg, float loss_scale_factor) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // (Clipped) value loss; clip_eps <= 0 disables the clipping. stats: clipfrac.
   m.def(
@@ -127,6 +130,11 @@ pybind11::dict build_info() {
   pybind11::dict loss_aggs;
   for (const auto& entry : rlhf_ext::kLossAggNames) loss_aggs[entry.name] = static_cast<int>(entry.agg);
   info["loss_aggs"] = loss_aggs;
+  pybind11::dict policy_kinds;
+  for (const auto& entry : rlhf_ext::kPolicyKindNames) {
+    policy_kinds[entry.name] = static_cast<int>(entry.kind);
+  }
+  info["policy_kinds"] = policy_kinds;
   pybind11::dict group_baselines;
   for (const auto& entry : rlhf_ext::kGroupBaselineNames) {
     group_baselines[entry.name] = static_cast<int>(entry.baseline);

@@ -202,6 +202,43 @@ def verl_policy_loss(
     return loss, clipfrac, ppo_kl, clipfrac_lower
 
 
+def trl_grpo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    *,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    loss_type: str = "grpo",
+):
+    """TRL's GRPO loss for ``loss_type`` "grpo" (mean over rows of each row's token mean) or
+    "bnpo" (token mean), beta 0, no masks beyond the completion mask, as
+    ``GRPOTrainer._compute_loss`` writes it (trl 1.12 ``trainer/grpo_trainer.py``
+    L3172-3209, 3241-3250): ``"sequence"`` level is GSPO (the ratio's gradient flows through
+    the row mean), ``delta`` the two-sided clip. ``advantages`` are per row ``[B]``;
+    returns the loss before gradient accumulation."""
+    advantages = advantages.unsqueeze(1)
+    log_ratio = per_token_logps - old_per_token_logps
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        log_importance_weights = log_importance_weights.unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token_loss1 = coef_1 * advantages
+    per_token_loss2 = coef_2 * advantages
+    per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def verl_value_loss(
     vpreds: torch.Tensor,
     returns: torch.Tensor,

@@ -286,6 +286,104 @@ def test_patch_replaces_registries_and_verl_callers_agree():
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-4)
 
 
+# --- the policy losses of POLICY_LOSS_REGISTRY ----------------------------------------------
+
+# registry name -> (the actor config's clip ratios; dppo: the divergence thresholds)
+REGISTRY_CLIPS = {
+    "vanilla": dict(clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28),
+    "gpg": dict(clip_ratio=0.2),
+    "cispo": dict(clip_ratio=0.2, clip_ratio_low=0.1, clip_ratio_high=0.3),
+    "sapo": dict(clip_ratio=0.2, tau_pos=1.0, tau_neg=1.05),
+    "dppo_tv": dict(clip_ratio=0.05, clip_ratio_high=0.08, clip_ratio_c=1.3),
+    "dppo_kl": dict(clip_ratio=0.01, clip_ratio_low=0.005, clip_ratio_c=1.3),
+    "gspo": dict(clip_ratio=0.2, clip_ratio_low=0.05, clip_ratio_high=0.08),
+    "dro": dict(clip_ratio=0.2),
+}
+
+
+def _actor_config(name, dro_beta=0.1):
+    """verl's own ActorConfig (gspo, sapo and cispo assert its type)."""
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    return ActorConfig(
+        strategy="fsdp",
+        ppo_micro_batch_size_per_gpu=1,
+        rollout_n=1,
+        policy_loss=PolicyLossConfig(loss_mode=name, dro_beta=dro_beta),
+        **REGISTRY_CLIPS[name],
+    )
+
+
+def test_every_registry_policy_loss_is_covered():
+    assert set(adapter.POLICY_LOSSES) == set(REGISTRY_CLIPS)
+    left = set(core.POLICY_LOSS_REGISTRY) - set(adapter.POLICY_LOSSES)
+    assert left == {"clip_cov", "kl_cov", "geo_mean", "bypass_mode"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("name", sorted(REGISTRY_CLIPS))
+def test_registry_policy_losses_match_verl(name, mode, weighted):
+    """Each POLICY_LOSS_REGISTRY adapter against verl's own function: loss, gradient and
+    metrics, with masks with holes and an empty row, with and without IS weights."""
+    old = _logprobs()
+    new = (old + torch.randn(B, T) * 0.3).requires_grad_(True)
+    advantages = torch.randn(B, T)
+    mask = _mask()
+    config = _actor_config(name)
+    weights = None
+    if weighted:
+        weights = torch.rand(B, T) * 2 + 0.1
+        weights[torch.rand(B, T) < 0.2] = 0.0
+    ours, our_metrics = adapter.POLICY_LOSSES[name](
+        old, new, advantages, mask, mode, config, weights
+    )
+    theirs, their_metrics = core.POLICY_LOSS_REGISTRY[name](
+        old, new, advantages, mask, mode, config, weights
+    )
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(_grad(ours, new), _grad(theirs, new), **TOL)
+    assert our_metrics.keys() == their_metrics.keys()
+    for key, value in their_metrics.items():
+        assert our_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", ["cispo", "gspo", "dppo_tv"])
+def test_registry_policy_losses_global_batch_info_match_verl(name):
+    old = _logprobs()
+    new = (old + torch.randn(B, T) * 0.3).requires_grad_(True)
+    advantages, mask = torch.randn(B, T), _mask()
+    config = _actor_config(name)
+    config.global_batch_info.update(dp_size=4, batch_num_tokens=300, global_batch_size=20)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        ours, _ = adapter.POLICY_LOSSES[name](old, new, advantages, mask, mode, config)
+        theirs, _ = core.POLICY_LOSS_REGISTRY[name](old, new, advantages, mask, mode, config)
+        torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_registry_policy_loss_errors_name_the_function():
+    old, advantages, mask = _logprobs(), torch.randn(B, T), _mask()
+    with pytest.raises(ValueError, match=r"compute_policy_loss_cispo: `config` is required"):
+        adapter.compute_policy_loss_cispo(old, old, advantages, mask)
+    config = _actor_config("dro", dro_beta=None)
+    with pytest.raises(ValueError, match=r"compute_policy_loss_dro: `config.policy_loss.dro_beta`"):
+        adapter.compute_policy_loss_dro(old, old, advantages, mask, config=config)
+
+
+def test_patch_swaps_every_registry_policy_loss():
+    before = dict(core.POLICY_LOSS_REGISTRY)
+    replaced = adapter.patch()
+    try:
+        for key, function in adapter.POLICY_LOSSES.items():
+            assert core.get_policy_loss_fn(key) is function
+            assert f"{CORE_NAME}POLICY_LOSS_REGISTRY[{key!r}]" in replaced
+            assert getattr(core, function.__name__) is function
+    finally:
+        adapter.unpatch()
+    for key, function in before.items():
+        assert core.POLICY_LOSS_REGISTRY[key] is function
+
+
 # --- outcome advantage estimators (ADV_ESTIMATOR_REGISTRY) ---------------------------------
 #
 # Every adapter against verl's own function (``adapter.original``), on fresh random inputs:

@@ -147,6 +147,20 @@ def ppo_policy_loss_samples(inp: Inputs, device):
     yield (empty, empty, empty, None), {}, (0,)
 
 
+def policy_loss_samples(inp: Inputs, device):
+    (lp, old, adv), mask = _loss_inputs(inp, device, 3)
+    old = lp + 0.3 * old
+    rows = adv[:, 0].contiguous()
+    yield (lp, old, rows, mask), dict(kind="gspo", clip_eps=0.1), (0,)  # gradient via the mean
+    yield (lp, old, adv, mask), dict(kind="gspo_token", agg="seq-mean-token-mean"), (0,)
+    yield (lp, old, rows, mask), dict(kind="cispo", clip_eps_high=0.3), (0,)
+    yield (lp.double(), old.double(), adv.double(), None), dict(kind="sapo"), (0,)
+    yield (lp, old, adv, mask.float()), dict(kind="dppo_kl", clip_eps=0.01), (0,)
+    yield (lp, old, rows, mask), dict(kind="dppo_tv", agg="seq-mean-token-sum"), (0,)
+    yield (lp, old, adv, mask), dict(kind="dro", beta=0.1), (0,)
+    yield (lp.bfloat16(), old.bfloat16(), rows.bfloat16(), mask), dict(kind="reinforce"), (0,)
+
+
 def value_loss_samples(inp: Inputs, device):
     (v, old, ret), mask = _loss_inputs(inp, device, 3)
     yield (v, old, ret, mask), dict(clip_eps=0.2, agg="seq-mean-token-mean"), (0,)
@@ -202,6 +216,7 @@ SAMPLES = {
     "kl_shaped_rewards": kl_shaped_rewards_samples,
     "token_logprobs": token_logprobs_samples,
     "linear_token_logprobs": linear_token_logprobs_samples,
+    "policy_loss": policy_loss_samples,
     "ppo_policy_loss": ppo_policy_loss_samples,
     "value_loss": value_loss_samples,
     "kl_penalty": kl_penalty_samples,
@@ -446,15 +461,18 @@ def test_backend_errors_name_the_op_and_why(request, op, device, backend, error,
 FIRST_ORDER_ONLY = {
     "token_logprobs",
     "linear_token_logprobs",
+    "policy_loss",
     "ppo_policy_loss",
     "value_loss",
     "kl_penalty",
     "kl_loss",
 }
+# The op whose backward an op's error names: ppo_policy_loss is policy_loss(kind="ppo").
+BACKWARD_NAME = {"ppo_policy_loss": "policy_loss"}
 # Where an op is told which tokens it does not read: the position of its `mask`
 # argument, or of the target whose ignore_index marks a row as unread.
 MASK_ARG = {"gae": 2, "masked_mean": 1, "masked_whiten": 1, "kl_shaped_rewards": 3,
-            "ppo_policy_loss": 3, "value_loss": 3, "kl_loss": 2}  # fmt: skip
+            "policy_loss": 3, "ppo_policy_loss": 3, "value_loss": 3, "kl_loss": 2}  # fmt: skip
 TARGET_ARG = {"token_logprobs": 1, "linear_token_logprobs": 2}
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 
@@ -593,7 +611,8 @@ def test_second_order_gradients_are_right_or_an_error_naming_the_op(request, op,
         if op in FIRST_ORDER_ONLY:
             args, kwargs, leaves = _with_grad(args, kwargs, differentiable)
             total = sum(o.sum() for o in _tensors(_call(op, args, kwargs, backend)))
-            with pytest.raises(RuntimeError, match=rf"^rlhf_ext\.{op}: second-order gradients"):
+            name = BACKWARD_NAME.get(op, op)
+            with pytest.raises(RuntimeError, match=rf"^rlhf_ext\.{name}: second-order gradients"):
                 torch.autograd.grad(total, leaves, create_graph=True)
             continue
         want = _gradient_penalty_grads(op, args, kwargs, differentiable, "torch")
@@ -620,6 +639,11 @@ def test_kl_kind_codes_equal_the_cpp_enum():
 
 
 @requires_compiled
+@requires_compiled
+def test_policy_kind_codes_equal_the_cpp_enum():
+    assert rlhf_ext.build_info()["policy_kinds"] == _vocab.POLICY_KIND_CODES
+
+
 def test_loss_agg_codes_equal_the_cpp_enum():
     assert rlhf_ext.build_info()["loss_aggs"] == _vocab.AGG_CODES
 

@@ -567,11 +567,41 @@ def test_bad_input(inputs, backend, op, error, pattern, fn):
 # of the raw op torch.ops.rlhf_ext.<op>.
 LOSSES_RAW_OP_BAD_INPUT = (
     _loss_cases(
-        "ppo_policy_loss",
+        "policy_loss",
         ("agg", ValueError, r"`agg` must be one of .*'x'"),
-        lambda lp, old, adv: (lp, old, adv, None, 0.2, 0.2, 0.0, "x", 0.0),
+        lambda lp, old, adv: (
+            lp,
+            old,
+            adv,
+            None,
+            "ppo",
+            0.8,
+            1.2,
+            0.0,
+            0.0,
+            1.0,
+            1.0,
+            0.0,
+            "x",
+            0.0,
+        ),  # fmt: skip
         ("advantages-dtype", TypeError, r"`advantages` must have the dtype"),
-        lambda lp, old, adv: (lp, old, adv.double(), None, 0.2, 0.2, 0.0, "token-mean", 0.0),
+        lambda lp, old, adv: (
+            lp,
+            old,
+            adv.double(),
+            None,
+            "ppo",
+            0.8,
+            1.2,
+            0.0,
+            0.0,
+            1.0,
+            1.0,
+            0.0,
+            "token-mean",
+            0.0,
+        ),  # fmt: skip
     )
     + _loss_cases(
         "value_loss",

@@ -11,7 +11,7 @@ from rlhf_ext.ops.group_advantages import group_advantages
 from rlhf_ext.ops.kl_shaped_rewards import kl_shaped_rewards
 from rlhf_ext.ops.linear_token_logprobs import linear_token_logprobs
 from rlhf_ext.ops.masked_stats import masked_mean, masked_whiten
-from rlhf_ext.ops.ppo_losses import kl_loss, kl_penalty, ppo_policy_loss, value_loss
+from rlhf_ext.ops.ppo_losses import kl_loss, kl_penalty, policy_loss, ppo_policy_loss, value_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "linear_token_logprobs",
     "masked_mean",
     "masked_whiten",
+    "policy_loss",
     "ppo_policy_loss",
     "token_logprobs",
     "value_loss",

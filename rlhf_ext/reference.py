@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 
 from rlhf_ext.ops._vocab import AGG_MODES as AGG_MODES  # re-exported: the oracle's modes
-from rlhf_ext.ops._vocab import kl_base_kind, kl_straight_through
+from rlhf_ext.ops._vocab import (
+    DPPO_KL_EPS,
+    GSPO_TOKEN_LOG_RATIO_MAX,
+    kl_base_kind,
+    kl_straight_through,
+)
 
 __all__ = [
     "gae",
@@ -23,6 +28,7 @@ __all__ = [
     "token_logprobs",
     "linear_token_logprobs",
     "agg_loss",
+    "policy_loss",
     "ppo_policy_loss",
     "value_loss",
     "kl_loss",
@@ -272,6 +278,131 @@ def _token_mean(x, valid):
         return (torch.where(valid, x.to(torch.float64), 0.0).sum() / count).float()
 
 
+def _per_token(advantages, like):
+    """[B] advantages broadcast over the tokens of their row; [B, T] as they are."""
+    return advantages.unsqueeze(-1).expand_as(like) if advantages.dim() == 1 else advantages
+
+
+def _row_mean_log_ratio(raw, valid):
+    """The mean of lp - old over each row's valid tokens, [B, 1] (0 for a row without any)."""
+    count = valid.sum(-1, keepdim=True).clamp_min(1).to(raw.dtype)
+    return torch.where(valid, raw, 0.0).sum(-1, keepdim=True) / count
+
+
+def _sequence_surrogate(log_ratio, adv, lo, hi):
+    ratio = torch.exp(log_ratio).expand_as(adv)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(lo, hi)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def _policy_tokens(kind, lp, old, adv, valid, p):
+    """Per-token (loss, ratio, neg_log_ratio, clipped, clipped_lower) of one policy kind
+    (csrc/include/rlhf_ext/policy_math.h), the loss differentiable w.r.t. lp."""
+    raw = lp - old
+    log_ratio = raw.clamp(-KL_CLAMP_LOG_RATIO, KL_CLAMP_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    neg_log_ratio = -log_ratio
+    clipped = lower = torch.zeros_like(valid)
+    if kind == "ppo":
+        capped = ratio if p["ratio_cap"] is None else ratio.clamp(max=p["ratio_cap"])
+        unclipped = -adv * capped
+        clipped_loss = -adv * ratio.clamp(p["lo"], p["hi"])
+        loss = torch.maximum(unclipped, clipped_loss)
+        clipped = clipped_loss > unclipped
+        if p["dual_clip"] is not None:
+            floor = -adv * p["dual_clip"]
+            lower = (adv < 0) & (loss > floor)
+            loss = torch.where(adv < 0, torch.minimum(loss, floor), loss)
+    elif kind == "reinforce":
+        loss = -adv * lp
+        neg_log_ratio = -raw
+    elif kind == "cispo":
+        weight = ratio.clamp(p["lo"], p["hi"])
+        loss = -weight.detach() * adv * lp
+        clipped = ratio != weight
+    elif kind == "sapo":
+        tau = torch.where(adv > 0, lp.new_tensor(p["tau_pos"]), lp.new_tensor(p["tau_neg"]))
+        loss = -(torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)) * adv
+    elif kind in ("dppo_tv", "dppo_kl"):
+        with torch.no_grad():
+            prob, old_prob = torch.exp(lp), torch.exp(old)
+            if kind == "dppo_tv":
+                valid_pos = prob - old_prob <= p["hi"]
+                valid_neg = prob - old_prob >= -p["lo"]
+            else:
+                eps = DPPO_KL_EPS
+                binary_kl = old_prob * (old - lp) + (1 - old_prob) * torch.log(
+                    (1.0 - old_prob + eps) / (1.0 - prob + eps)
+                )
+                valid_pos = (binary_kl <= p["hi"]) | (prob <= old_prob)
+                valid_neg = (binary_kl <= p["lo"]) | (prob >= old_prob)
+            inside = torch.where(adv > 0, valid_pos, valid_neg)
+            truncated = ratio.clamp(max=p["ratio_cap"])
+        loss = -adv * truncated * lp * inside.to(lp.dtype)
+        clipped = ~inside
+        lower = (ratio > p["ratio_cap"]) & inside
+    elif kind == "dro":
+        loss = -(lp * adv - 0.5 * p["beta"] * raw.square())
+        neg_log_ratio = -raw
+    elif kind == "gspo":  # the gradient flows through the row mean
+        loss, ratio, clipped = _sequence_surrogate(
+            _row_mean_log_ratio(raw, valid), adv, p["lo"], p["hi"]
+        )
+        neg_log_ratio = -raw
+    elif kind == "gspo_token":  # verl: lp - sg(lp) + sg(s), clamped above at 10
+        seq = _row_mean_log_ratio(raw, valid).detach()
+        log_seq_ratio = (lp - lp.detach() + seq).clamp(max=GSPO_TOKEN_LOG_RATIO_MAX)
+        loss, ratio, clipped = _sequence_surrogate(log_seq_ratio, adv, p["lo"], p["hi"])
+        neg_log_ratio = -raw
+    else:
+        raise ValueError(f"rlhf_ext.policy_loss: unknown `kind` {kind!r}")
+    return loss, ratio, neg_log_ratio, clipped, lower
+
+
+def policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask=None,
+    *,
+    kind="ppo",
+    lo=0.8,
+    hi=1.2,
+    dual_clip=None,
+    ratio_cap=None,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    beta=0.0,
+    agg="token-mean",
+    loss_scale_factor=None,
+):
+    """Policy loss of one kind (docs/design.md §3.3; formulas in
+    csrc/include/rlhf_ext/policy_math.h): (loss, stats), gradient w.r.t. logprobs only.
+    ``lo`` / ``hi``: the ratio band, or the divergence thresholds of the dppo kinds;
+    ``ratio_cap``: the dppo truncation, or ppo's cap of the unclipped ratio (None: none)."""
+    lp = _acc(logprobs)
+    old = _acc(old_logprobs).detach().to(lp.dtype)
+    adv = _per_token(_acc(advantages).detach().to(lp.dtype), lp)
+    valid = _valid(mask, lp)
+    lp, old, adv = _valid_only(valid, lp, old, adv)
+    params = dict(lo=lo, hi=hi, dual_clip=dual_clip, ratio_cap=ratio_cap, tau_pos=tau_pos,
+                  tau_neg=tau_neg, beta=beta)  # fmt: skip
+    loss_t, ratio, neg_log_ratio, clipped, lower = _policy_tokens(kind, lp, old, adv, valid, params)
+    loss = agg_loss(loss_t, valid, agg, loss_scale_factor)
+    with torch.no_grad():
+        kept_ratio = torch.where(valid, ratio, 0.0)
+        ratio_max = kept_ratio.amax() if ratio.numel() else ratio.new_zeros(())
+        stats = {
+            "clipfrac": _token_mean(clipped, valid),
+            "clipfrac_lower": _token_mean(lower, valid),
+            "approx_kl": _token_mean(neg_log_ratio, valid),
+            "ratio_mean": _token_mean(ratio, valid),
+            "ratio_max": ratio_max.float(),
+        }
+    return loss, stats
+
+
 def ppo_policy_loss(
     logprobs,
     old_logprobs,
@@ -284,36 +415,20 @@ def ppo_policy_loss(
     agg="token-mean",
     loss_scale_factor=None,
 ):
-    """Clipped PPO surrogate (docs/design.md §3.3): (loss, stats), gradient w.r.t. logprobs only."""
-    lp = _acc(logprobs)
-    old = _acc(old_logprobs).detach().to(lp.dtype)
-    adv = _acc(advantages).detach().to(lp.dtype)
-    valid = _valid(mask, lp)
-    lp, old, adv = _valid_only(valid, lp, old, adv)
+    """Clipped PPO surrogate (docs/design.md §3.3): policy_loss with kind "ppo"."""
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    log_ratio = (lp - old).clamp(-KL_CLAMP_LOG_RATIO, KL_CLAMP_LOG_RATIO)
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip_eps, 1 + high)
-    loss_t = torch.maximum(unclipped, clipped)
-    is_clipped = clipped > unclipped
-    lower = torch.zeros_like(is_clipped)
-    if dual_clip is not None:
-        floor = -adv * dual_clip
-        lower = (adv < 0) & (loss_t > floor)
-        loss_t = torch.where(adv < 0, torch.minimum(loss_t, floor), loss_t)
-    loss = agg_loss(loss_t, valid, agg, loss_scale_factor)
-    with torch.no_grad():
-        kept_ratio = torch.where(valid, ratio, 0.0)
-        ratio_max = kept_ratio.amax() if ratio.numel() else ratio.new_zeros(())
-        stats = {
-            "clipfrac": _token_mean(is_clipped, valid),
-            "clipfrac_lower": _token_mean(lower, valid),
-            "approx_kl": _token_mean(-log_ratio, valid),
-            "ratio_mean": _token_mean(ratio, valid),
-            "ratio_max": ratio_max.float(),
-        }
-    return loss, stats
+    return policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        kind="ppo",
+        lo=1.0 - clip_eps,
+        hi=1.0 + high,
+        dual_clip=dual_clip,
+        agg=agg,
+        loss_scale_factor=loss_scale_factor,
+    )
 
 
 def value_loss(values, old_values, returns, mask=None, *, clip_eps=None, agg="token-mean"):

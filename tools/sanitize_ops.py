@@ -13,6 +13,19 @@ import torch
 import rlhf_ext
 from rlhf_ext.ops._vocab import GROUP_BASELINES, GROUP_SCALES
 
+# policy_loss kinds and the parameters each reads (python_tests/test_policy_loss.py's).
+POLICY_KIND_SETTINGS = {
+    "ppo": dict(clip_eps_high=0.28, dual_clip=3.0, ratio_cap=1.25),
+    "reinforce": {},
+    "cispo": dict(clip_eps_high=0.3),
+    "sapo": {},
+    "dppo_tv": dict(clip_eps=0.03, clip_eps_high=0.05),
+    "dppo_kl": dict(clip_eps=0.005, clip_eps_high=0.01),
+    "dro": dict(beta=0.1),
+    "gspo": dict(clip_eps=0.05),
+    "gspo_token": dict(clip_eps=0.05),
+}
+
 
 def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
     torch.manual_seed(0)
@@ -80,6 +93,13 @@ def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
             pen = rlhf_ext.kl_penalty(x, old.to(dtype), kind="k3", backend=backend)
             pen.sum().backward()
         rlhf_ext.ppo_policy_loss(lp, old, adv, torch.zeros_like(m), backend=backend)
+        # Every policy kind, [B] advantages (the per-row load) and the gspo row prologue.
+        for kind, settings in POLICY_KIND_SETTINGS.items():
+            x = lp.clone().requires_grad_()
+            loss, _ = rlhf_ext.policy_loss(
+                x, old, adv[:, 0].contiguous(), m, kind=kind, backend=backend, **settings
+            )
+            loss.backward()
     for shape in [(0, 5), (4, 0)]:
         e = torch.randn(shape, device=dev, requires_grad=True)
         loss, _ = rlhf_ext.ppo_policy_loss(e, e.detach(), e.detach(), backend=backend)

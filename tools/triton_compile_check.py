@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import pickle
 import re
@@ -68,9 +69,39 @@ def record_launches(path: str) -> None:
 
     InterpretedFunction.run = recording_run
     sanitize_ops.run_all("cpu", "triton")
+    run_policy_losses()
     run_group_advantages()
     with open(path, "wb") as f:
         pickle.dump(list(launches.values()), f)
+
+
+def run_policy_losses() -> None:
+    """policy_loss's kernel variants beyond sanitize_ops' (kind "ppo", [B, T] advantages):
+    every kind (its POLICY_KIND constexpr branch, the row prologue of the row-mean kinds)
+    with [B, T] and [B] advantages, float32, bfloat16 and float64, with a mask (and
+    without one in float32), ppo with and without the dual clip, and the row-coupled
+    kinds' level 2 (its row-weight factor) under every agg mode. 600 tokens a row: the
+    largest BLOCK, the one that could spill."""
+    from rlhf_ext.ops._vocab import AGG_MODES, POLICY_KINDS, POLICY_ROW_COUPLED_KINDS
+    from rlhf_ext.ops.ppo_losses import policy_loss
+
+    torch.manual_seed(0)
+    lp = -torch.rand(3, 600) * 3
+    old, adv = lp + 0.3 * torch.randn_like(lp), torch.randn_like(lp)
+    mask = torch.rand(3, 600) > 0.3
+    for kind in POLICY_KINDS:
+        settings = [{"dual_clip": None}, {"dual_clip": 3.0}] if kind == "ppo" else [{}]
+        if kind == "dro":
+            settings = [{"beta": 0.1}]
+        aggs = AGG_MODES if kind in POLICY_ROW_COUPLED_KINDS else ("token-mean",)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            masks = (mask, None) if dtype == torch.float32 else (mask,)
+            cases = itertools.product((adv, adv[:, 0]), masks, settings, aggs)
+            for advantages, m, kw, agg in cases:
+                x = lp.to(dtype).requires_grad_()
+                loss, _ = policy_loss(x, old.to(dtype), advantages.to(dtype), m, kind=kind,
+                                      agg=agg, backend="triton", **kw)  # fmt: skip
+                loss.backward()
 
 
 def run_group_advantages() -> None:

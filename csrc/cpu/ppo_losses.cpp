@@ -1,5 +1,6 @@
-// ppo_policy_loss, value_loss, kl_loss, kl_penalty and loss_backward on the
-// CPU. Level 1 (ppo_math.h) runs rows in parallel; a row's tokens go through
+// policy_loss, value_loss, kl_loss, kl_penalty and loss_backward on the
+// CPU. Level 1 (ppo_math.h) runs rows in parallel; the sequence kinds first sum
+// the row's log-ratios in one pass (the row prologue); a row's tokens go through
 // in blocks: inputs converted into L1 buffers, every token's contributions
 // computed by one branch-free loop that vectorises (exp_math.h), then summed
 // into kLanes accumulators per column (token t into lane t % kLanes) and the
@@ -40,6 +41,7 @@ struct LossRowsArgs {
   const scalar_t* c;  // nullptr for two-input families
   const uint8_t* mask;  // bool bytes; nullptr: every token valid
   int64_t cols;
+  bool c_per_row;  // c is [B]: one value for every token of a row
   acc_t* grad;
   acc_t* partials;  // [rows, kCols]
 };
@@ -66,6 +68,13 @@ RLHF_INLINE void load_valid(const uint8_t* mask, int64_t n, acc_t* valid) {
 
 // Token i of a block goes to lane i % kLanes. One loop per kind of column, so
 // that each is a plain vector loop.
+// buf[0, round_up_lanes(n)) = value (a per-row input broadcast over the block).
+template <typename scalar_t, typename acc_t>
+RLHF_INLINE void fill_block(scalar_t value, int64_t n, acc_t* buf) {
+  const acc_t v = static_cast<acc_t>(value);
+  for (int64_t i = 0; i < round_up_lanes(n); ++i) buf[i] = v;
+}
+
 template <typename acc_t>
 RLHF_INLINE void add_into_lanes(const acc_t* contrib, int64_t padded, acc_t* lanes) {
   for (int64_t i = 0; i < padded; i += kLanes) {
@@ -80,6 +89,44 @@ RLHF_INLINE void max_into_lanes(const acc_t* contrib, int64_t padded, acc_t* lan
   }
 }
 
+// Adds the lanes of each column in a fixed tree (max for column kMaxCol);
+// lanes[k][0] holds the result.
+template <int kMaxCol, int K, typename acc_t>
+RLHF_INLINE void reduce_lanes(acc_t (&lanes)[K][kLanes]) {
+  for (int k = 0; k < K; ++k) {
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) {
+        lanes[k][l] = k == kMaxCol ? max_value(lanes[k][l], lanes[k][l + width])
+                                           : lanes[k][l] + lanes[k][l + width];
+      }
+    }
+  }
+}
+
+// The row prologue: the mean of a - b over the row's valid tokens (0 for none),
+// summed in lanes and a fixed tree like the row's partials.
+template <typename Family, typename scalar_t, typename acc_t>
+RLHF_INLINE acc_t row_mean_difference(const LossRowsArgs<Family, scalar_t, acc_t>& args,
+                                      int64_t row, acc_t* a, acc_t* b, acc_t* valid) {
+  acc_t lanes[2][kLanes] = {};
+  for (int64_t start = 0; start < args.cols; start += kBlock) {
+    const int64_t at = row * args.cols + start;
+    const int64_t n = std::min(kBlock, args.cols - start);
+    load_block(args.a + at, n, a);
+    load_block(args.b + at, n, b);
+    load_valid(args.mask ? args.mask + at : nullptr, n, valid);
+    for (int64_t i = 0; i < round_up_lanes(n); i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const bool is_valid = valid[i + l] != acc_t(0);
+        lanes[0][l] += select_value(is_valid, a[i + l] - b[i + l], acc_t(0));
+        lanes[1][l] += valid[i + l];
+      }
+    }
+  }
+  reduce_lanes<-1, 2>(lanes);
+  return lanes[0][0] / std::max(lanes[1][0], acc_t(1));
+}
+
 template <typename Family, typename scalar_t, typename acc_t>
 RLHF_INLINE void process_rows(const LossRowsArgs<Family, scalar_t, acc_t>& args, int64_t begin,
                               int64_t end) {
@@ -91,20 +138,29 @@ RLHF_INLINE void process_rows(const LossRowsArgs<Family, scalar_t, acc_t>& args,
   for (int64_t row = begin; row < end; ++row) {
     // 0 is also the identity of the max column (ratios are > 0).
     acc_t lanes[K][kLanes] = {};
+    const acc_t row_mean =
+        args.family.needs_row_mean() ? row_mean_difference(args, row, in[0], in[1], valid)
+                                     : acc_t(0);
     for (int64_t start = 0; start < args.cols; start += kBlock) {
       const int64_t at = row * args.cols + start;
       const int64_t n = std::min(kBlock, args.cols - start);
       const int64_t padded = round_up_lanes(n);
       load_block(args.a + at, n, in[0]);
       load_block(args.b + at, n, in[1]);
-      if (Family::kInputs == 3) load_block(args.c + at, n, in[2]);
+      if (Family::kInputs == 3) {
+        if (args.c_per_row) {
+          fill_block(args.c[row], n, in[2]);
+        } else {
+          load_block(args.c + at, n, in[2]);
+        }
+      }
       load_valid(args.mask ? args.mask + at : nullptr, n, valid);
       // Masked tokens are computed too and then dropped by selects, so a NaN or
       // inf there never reaches the sums or the gradient.
       for (int64_t i = 0; i < padded; ++i) {
         acc_t v[K];
         const acc_t z = Family::kInputs == 3 ? in[2][i] : acc_t(0);
-        const acc_t g = args.family.token(in[0][i], in[1][i], z, v);
+        const acc_t g = args.family.token(in[0][i], in[1][i], z, row_mean, v);
         const bool is_valid = valid[i] != acc_t(0);
         grad[i] = select_value(is_valid, g, acc_t(0));
         for (int k = 0; k < K; ++k) contrib[k][i] = select_value(is_valid, v[k], acc_t(0));
@@ -118,15 +174,8 @@ RLHF_INLINE void process_rows(const LossRowsArgs<Family, scalar_t, acc_t>& args,
       }
       std::copy(grad, grad + n, args.grad + at);
     }
-    for (int k = 0; k < K; ++k) {
-      for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-        for (int64_t l = 0; l < width; ++l) {
-          lanes[k][l] = k == Family::kMaxCol ? max_value(lanes[k][l], lanes[k][l + width])
-                                             : lanes[k][l] + lanes[k][l + width];
-        }
-      }
-      args.partials[row * K + k] = lanes[k][0];
-    }
+    reduce_lanes<Family::kMaxCol, K>(lanes);
+    for (int k = 0; k < K; ++k) args.partials[row * K + k] = lanes[k][0];
   }
 }
 
@@ -141,6 +190,7 @@ void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_
                   Family::kInputs == 3 ? p.c.data_ptr<scalar_t>() : nullptr,
                   p.mask.defined() ? reinterpret_cast<const uint8_t*>(p.mask.data_ptr<bool>()) : nullptr,
                   p.cols,
+                  p.c_per_row,
                   grad,
                   partials};
   const RangeLoop<Args> loop =
@@ -151,8 +201,8 @@ void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_
 
 // Level 2: row order, float64.
 template <typename Family, typename acc_t>
-void loss_finish_cpu(const acc_t* partials, int64_t rows, LossAgg agg, double norm, acc_t* loss,
-                     float* stats, acc_t* row_weight) {
+void loss_finish_cpu(const Family& family, const acc_t* partials, int64_t rows, LossAgg agg,
+                     double norm, acc_t* loss, float* stats, acc_t* row_weight) {
   constexpr int K = Family::kCols;
   double total[K] = {};
   double mean_sum = 0, nonempty = 0;
@@ -168,13 +218,17 @@ void loss_finish_cpu(const acc_t* partials, int64_t rows, LossAgg agg, double no
   }
   const double tokens = total[1];
   *loss = static_cast<acc_t>(agg_loss(agg, total[0], mean_sum, tokens, nonempty, norm));
-  for (int k = 2; k < K; ++k) {
+  for (int k = 2; k < 2 + Family::kStats; ++k) {
     const double value = k == Family::kMaxCol ? total[k] : (tokens > 0 ? total[k] / tokens : 0.0);
     stats[k - 2] = static_cast<float>(value);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    row_weight[r] = static_cast<acc_t>(
-        agg_row_weight(agg, double(partials[r * K + 1]), tokens, nonempty, norm));
+    const double row_tokens = double(partials[r * K + 1]);
+    double w = agg_row_weight(agg, row_tokens, tokens, nonempty, norm);
+    if (Family::kRowGradCol >= 0 && family.couples_rows()) {
+      w *= coupled_row_factor(double(partials[r * K + Family::kRowGradCol]), row_tokens);
+    }
+    row_weight[r] = static_cast<acc_t>(w);
   }
 }
 
@@ -184,33 +238,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_loss_cpu(const Lo
                                                                          LossAgg agg,
                                                                          double norm,
                                                                          const Make& make) {
-  LossOutputs out = allocate_loss_outputs(p, decltype(make(0.f))::kCols);
+  using FloatFamily = decltype(make(0.f));
+  LossOutputs out = allocate_loss_outputs(p, FloatFamily::kCols, FloatFamily::kStats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.a.scalar_type(), "rlhf_ext.loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto family = make(acc_t(0));
     using F = std::decay_t<decltype(family)>;
     loss_rows_cpu<F, scalar_t, acc_t>(family, p, out.grad.data_ptr<acc_t>(),
                                       out.partials.data_ptr<acc_t>());
-    loss_finish_cpu<F, acc_t>(out.partials.data_ptr<acc_t>(), p.rows, agg, norm,
+    loss_finish_cpu<F, acc_t>(family, out.partials.data_ptr<acc_t>(), p.rows, agg, norm,
                               out.loss.data_ptr<acc_t>(), out.stats.data_ptr<float>(),
                               out.row_weight.data_ptr<acc_t>());
   });
   return {out.loss, out.stats, out.grad, out.row_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cpu(
+// run(kind) with the kind as a compile-time constant: one instantiation per kind,
+// so that the token loop is straight-line code that vectorises.
+template <typename Run>
+auto with_fixed_policy_kind(PolicyKind kind, const Run& run) {
+#define RLHF_EXT_KIND(K) std::integral_constant<PolicyKind, PolicyKind::K>{}
+  switch (kind) {
+    case PolicyKind::kReinforce:
+      return run(RLHF_EXT_KIND(kReinforce));
+    case PolicyKind::kCISPO:
+      return run(RLHF_EXT_KIND(kCISPO));
+    case PolicyKind::kSAPO:
+      return run(RLHF_EXT_KIND(kSAPO));
+    case PolicyKind::kDPPOTV:
+      return run(RLHF_EXT_KIND(kDPPOTV));
+    case PolicyKind::kDPPOKL:
+      return run(RLHF_EXT_KIND(kDPPOKL));
+    case PolicyKind::kDRO:
+      return run(RLHF_EXT_KIND(kDRO));
+    case PolicyKind::kGSPO:
+      return run(RLHF_EXT_KIND(kGSPO));
+    case PolicyKind::kGSPOToken:
+      return run(RLHF_EXT_KIND(kGSPOToken));
+    case PolicyKind::kPPO:
+    default:
+      return run(RLHF_EXT_KIND(kPPO));
+  }
+#undef RLHF_EXT_KIND
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& mask, double clip_eps, double clip_eps_high,
-    double dual_clip, c10::string_view agg, double loss_scale_factor) {
-  constexpr const char* op = "rlhf_ext.ppo_policy_loss";
+    const std::optional<at::Tensor>& mask, c10::string_view kind, double lo, double hi,
+    double dual_clip, double ratio_cap, double tau_pos, double tau_neg, double beta,
+    c10::string_view agg, double loss_scale_factor) {
+  constexpr const char* op = "rlhf_ext.policy_loss";
+  const PolicyKind policy_kind = parse_policy_kind_or_throw(op, std::string(kind));
   const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
   const LossProblem p = prepare_loss(op, logprobs, "logprobs", old_logprobs, "old_logprobs",
-                                     &advantages, "advantages", mask);
-  return run_loss_cpu(p, mode, norm_factor(loss_scale_factor, p.cols), [&](auto zero) {
-                                      using T = decltype(zero);
-                                      return PolicyFamily<T>{T(1.0 - clip_eps),
-                                                             T(1.0 + clip_eps_high), T(dual_clip)};
-                                    });
+                                     &advantages, "advantages", mask, /*c_may_be_per_row=*/true);
+  const double norm = norm_factor(loss_scale_factor, p.cols);
+  return with_fixed_policy_kind(policy_kind, [&](auto fixed) {
+    return run_loss_cpu(p, mode, norm, [&](auto zero) {
+      using T = decltype(zero);
+      const PolicyParams<T> params{T(lo),      T(hi),      T(dual_clip), T(ratio_cap),
+                                   T(tau_pos), T(tau_neg), T(beta)};
+      return PolicyFixedFamily<T, decltype(fixed)::value>{params};
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> value_loss_cpu(
@@ -277,7 +367,7 @@ RLHF_INLINE void kl_penalty_range(const KLPenaltyArgs<Family, scalar_t, acc_t>& 
   for (int64_t i = begin; i < end; ++i) {
     acc_t v[Family::kCols];
     args.grad[i] = Family{}.token(static_cast<acc_t>(args.logprobs[i]),
-                                  static_cast<acc_t>(args.ref[i]), acc_t(0), v);
+                                  static_cast<acc_t>(args.ref[i]), acc_t(0), acc_t(0), v);
     args.value[i] = v[0];
   }
 }
@@ -339,7 +429,8 @@ at::Tensor loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad
         for (int64_t r = begin; r < end; ++r) {
           const acc_t scale = up * wp[r];
           for (int64_t t = 0; t < cols; ++t) {
-            o[r * cols + t] = static_cast<scalar_t>(gp[r * cols + t] * scale);
+            const acc_t g = gp[r * cols + t];
+            o[r * cols + t] = static_cast<scalar_t>(backward_value(g, up, scale));
           }
         }
       });
@@ -351,7 +442,7 @@ at::Tensor loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
-  m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
+  m.impl("policy_loss", &policy_loss_cpu);
   m.impl("value_loss", &value_loss_cpu);
   m.impl("kl_loss", &kl_loss_cpu);
   m.impl("kl_penalty", &kl_penalty_cpu);

@@ -1,6 +1,7 @@
-// ppo_policy_loss, value_loss, kl_loss, kl_penalty and loss_backward on CUDA.
+// policy_loss, value_loss, kl_loss, kl_penalty and loss_backward on CUDA.
 //
-// Level 1 (ppo_math.h): one block per row; each thread sums a fixed strided
+// Level 1 (ppo_math.h): one block per row; the sequence kinds first reduce the
+// row's log-ratios (the row prologue, same fixed order); each thread sums a fixed strided
 // subset of the row's tokens and writes their un-aggregated derivatives, then
 // the block combines the threads' partials in a fixed tree order and writes the
 // row's [kCols] partials. Level 2: one block reduces the [B, kCols] partials in
@@ -51,26 +52,49 @@ __device__ __forceinline__ void block_reduce(T (&v)[K], T* smem) {
   __syncthreads();  // smem may be reused
 }
 
+// The row prologue: the mean of a - b over the row's valid tokens (0 for none).
+template <typename scalar_t, typename acc_t>
+__device__ acc_t row_mean_difference(const scalar_t* __restrict__ a,
+                                     const scalar_t* __restrict__ b,
+                                     const bool* __restrict__ mask, int64_t base, int64_t cols,
+                                     acc_t* smem) {
+  acc_t acc[2] = {acc_t(0), acc_t(0)};
+  for (int64_t t = threadIdx.x; t < cols; t += kThreads) {
+    const int64_t i = base + t;
+    if (mask == nullptr || mask[i]) {
+      acc[0] += static_cast<acc_t>(a[i]) - static_cast<acc_t>(b[i]);
+      acc[1] += acc_t(1);
+    }
+  }
+  block_reduce<acc_t, 2, -1>(acc, smem);
+  return acc[0] / (acc[1] > acc_t(1) ? acc[1] : acc_t(1));
+}
+
 template <typename Family, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     loss_rows_kernel(Family family, const scalar_t* __restrict__ a,
                      const scalar_t* __restrict__ b, const scalar_t* __restrict__ c,
-                     const bool* __restrict__ mask, int64_t cols, acc_t* __restrict__ grad,
-                     acc_t* __restrict__ partials) {
+                     bool c_per_row, const bool* __restrict__ mask, int64_t cols,
+                     acc_t* __restrict__ grad, acc_t* __restrict__ partials) {
   constexpr int K = Family::kCols;
   __shared__ acc_t smem[kWarps * K];
   acc_t acc[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) acc[k] = acc_t(0);
-  const int64_t base = int64_t(blockIdx.x) * cols;
+  const int64_t row = blockIdx.x;
+  const int64_t base = row * cols;
+  const acc_t row_mean = family.needs_row_mean()
+                             ? row_mean_difference<scalar_t, acc_t>(a, b, mask, base, cols, smem)
+                             : acc_t(0);
   for (int64_t t = threadIdx.x; t < cols; t += kThreads) {
     const int64_t i = base + t;
     const bool valid = mask == nullptr || mask[i];
     acc_t g = acc_t(0);
     if (valid) {
-      const acc_t z = Family::kInputs == 3 ? static_cast<acc_t>(c[i]) : acc_t(0);
+      acc_t z = acc_t(0);
+      if (Family::kInputs == 3) z = static_cast<acc_t>(c[c_per_row ? row : i]);
       acc_t v[K];
-      g = family.token(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), z, v);
+      g = family.token(static_cast<acc_t>(a[i]), static_cast<acc_t>(b[i]), z, row_mean, v);
       combine<Family>(acc, v, true);
     }
     grad[i] = g;
@@ -86,7 +110,8 @@ __global__ void __launch_bounds__(kThreads)
 // i + kThreads, ...), then the fixed-order block reduction.
 template <typename Family, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    loss_finish_kernel(const acc_t* __restrict__ partials, int64_t rows, LossAgg agg, double norm,
+    loss_finish_kernel(Family family, const acc_t* __restrict__ partials, int64_t rows,
+                       LossAgg agg, double norm,
                        acc_t* __restrict__ loss, float* __restrict__ stats,
                        acc_t* __restrict__ row_weight) {
   constexpr int K = Family::kCols;
@@ -112,15 +137,19 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) {
     *loss = static_cast<acc_t>(agg_loss(agg, acc[0], acc[kMean], tokens, acc[kNonEmpty], norm));
 #pragma unroll
-    for (int k = 2; k < K; ++k) {
+    for (int k = 2; k < 2 + Family::kStats; ++k) {
       const double value =
           k == Family::kMaxCol ? acc[k] : (tokens > 0.0 ? acc[k] / tokens : 0.0);
       stats[k - 2] = static_cast<float>(value);
     }
   }
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
-    row_weight[r] = static_cast<acc_t>(
-        agg_row_weight(agg, double(partials[r * K + 1]), tokens, acc[kNonEmpty], norm));
+    const double row_tokens = double(partials[r * K + 1]);
+    double w = agg_row_weight(agg, row_tokens, tokens, acc[kNonEmpty], norm);
+    if (Family::kRowGradCol >= 0 && family.couples_rows()) {
+      w *= coupled_row_factor(double(partials[r * K + Family::kRowGradCol]), row_tokens);
+    }
+    row_weight[r] = static_cast<acc_t>(w);
   }
 }
 
@@ -130,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_loss_cuda(const c
                                                                           LossAgg agg,
                                                                           double norm,
                                                                           const Make& make) {
-  LossOutputs out = allocate_loss_outputs(p, Family<float>::kCols);
+  LossOutputs out = allocate_loss_outputs(p, Family<float>::kCols, Family<float>::kStats);
   TORCH_CHECK_VALUE(p.rows < (int64_t(1) << 31), op, ": at most 2^31 - 1 rows, got ", p.rows);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.a.scalar_type(), "rlhf_ext.loss", [&] {
@@ -140,35 +169,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_loss_cuda(const c
     if (p.rows > 0) {
       loss_rows_kernel<F, scalar_t, acc_t><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
           family, p.a.data_ptr<scalar_t>(), p.b.data_ptr<scalar_t>(),
-          F::kInputs == 3 ? p.c.data_ptr<scalar_t>() : nullptr,
+          F::kInputs == 3 ? p.c.data_ptr<scalar_t>() : nullptr, p.c_per_row,
           p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr, p.cols,
           out.grad.data_ptr<acc_t>(), out.partials.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     // Always launched: it also writes the loss and stats of an empty batch.
     loss_finish_kernel<F, acc_t><<<1, kThreads, 0, stream>>>(
-        out.partials.data_ptr<acc_t>(), p.rows, agg, norm, out.loss.data_ptr<acc_t>(),
+        family, out.partials.data_ptr<acc_t>(), p.rows, agg, norm, out.loss.data_ptr<acc_t>(),
         out.stats.data_ptr<float>(), out.row_weight.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out.loss, out.stats, out.grad, out.row_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_policy_loss_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& mask, double clip_eps, double clip_eps_high,
-    double dual_clip, c10::string_view agg, double loss_scale_factor) {
-  constexpr const char* op = "rlhf_ext.ppo_policy_loss";
+    const std::optional<at::Tensor>& mask, c10::string_view kind, double lo, double hi,
+    double dual_clip, double ratio_cap, double tau_pos, double tau_neg, double beta,
+    c10::string_view agg, double loss_scale_factor) {
+  constexpr const char* op = "rlhf_ext.policy_loss";
   const c10::cuda::CUDAGuard device_guard(logprobs.device());
+  const PolicyKind policy_kind = parse_policy_kind_or_throw(op, std::string(kind));
   const LossAgg mode = parse_agg_or_throw(op, std::string(agg));
   const LossProblem p = prepare_loss(op, logprobs, "logprobs", old_logprobs, "old_logprobs",
-                                     &advantages, "advantages", mask);
+                                     &advantages, "advantages", mask, /*c_may_be_per_row=*/true);
   return run_loss_cuda<PolicyFamily>(op, p, mode, norm_factor(loss_scale_factor, p.cols),
                                      [&](auto zero) {
                                        using T = decltype(zero);
-                                       return PolicyFamily<T>{T(1.0 - clip_eps),
-                                                              T(1.0 + clip_eps_high),
-                                                              T(dual_clip)};
+                                       const PolicyParams<T> params{
+                                           T(lo),      T(hi),      T(dual_clip), T(ratio_cap),
+                                           T(tau_pos), T(tau_neg), T(beta)};
+                                       return PolicyFamily<T>{policy_kind, params};
                                      });
 }
 
@@ -261,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t up = *grad_loss;
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
-    out[i] = static_cast<out_t>(grad[i] * (up * row_weight[i / cols]));
+    out[i] = static_cast<out_t>(backward_value(grad[i], up, up * row_weight[i / cols]));
   }
 }
 
@@ -292,7 +324,7 @@ at::Tensor loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& gra
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) {
-  m.impl("ppo_policy_loss", &ppo_policy_loss_cuda);
+  m.impl("policy_loss", &policy_loss_cuda);
   m.impl("value_loss", &value_loss_cuda);
   m.impl("kl_loss", &kl_loss_cuda);
   m.impl("kl_penalty", &kl_penalty_cuda);

@@ -1,7 +1,8 @@
 """verl's advantage, loss, KL and log-prob functions, backed by rlhf_ext's kernels.
 
 Drop-in for ``verl.trainer.ppo.core_algos`` (``compute_gae_advantage_return``, ``agg_loss``,
-``compute_policy_loss_vanilla``, ``compute_value_loss``, ``kl_penalty``, ``compute_rewards``,
+the policy losses of ``POLICY_LOSS_REGISTRY`` (vanilla, gpg, cispo, sapo, dppo_tv, dppo_kl,
+gspo, dro), ``compute_value_loss``, ``kl_penalty``, ``compute_rewards``,
 and the outcome advantage estimators of ``ADV_ESTIMATOR_REGISTRY``: GRPO and its vectorised
 version, GDPO, Pass@k, REINFORCE++ and REINFORCE++-baseline, RLOO and its vectorised
 version, OPO, ReMax, GPG) and ``verl.utils.torch_functional`` (``masked_whiten``,
@@ -34,7 +35,7 @@ from rlhf_ext.ops.group_advantages import group_advantages as _rlhf_group_advant
 from rlhf_ext.ops.masked_stats import masked_whiten as _rlhf_masked_whiten
 from rlhf_ext.ops.ppo_losses import kl_loss as _rlhf_kl_loss
 from rlhf_ext.ops.ppo_losses import kl_penalty as _rlhf_kl_penalty
-from rlhf_ext.ops.ppo_losses import ppo_policy_loss as _rlhf_policy_loss
+from rlhf_ext.ops.ppo_losses import policy_loss as _rlhf_policy_loss
 from rlhf_ext.ops.ppo_losses import value_loss as _rlhf_value_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs as _rlhf_token_logprobs
 
@@ -153,6 +154,68 @@ def _config_value(config, name: str, default=None):
     return getattr(config, name, default)
 
 
+def _clip_band(config) -> tuple[float, float]:
+    """verl's (clip_ratio_low, clip_ratio_high), each defaulting to clip_ratio."""
+    clip_ratio = _config_value(config, "clip_ratio")
+    low = _config_value(config, "clip_ratio_low")
+    high = _config_value(config, "clip_ratio_high")
+    return (clip_ratio if low is None else low), (clip_ratio if high is None else high)
+
+
+def _registry_loss(
+    function,
+    kind,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode,
+    config,
+    rollout_is_weights,
+    **params,
+):
+    """(loss, stats) of one POLICY_LOSS_REGISTRY entry on the fused policy_loss, with verl's
+    global-batch scaling. ``rollout_is_weights`` (non-negative) are folded into the
+    advantages: every kind routed here is linear in A for a weight >= 0 with the sign of A
+    kept, so the loss and gradient are verl's; the statistics come from a second,
+    gradient-free pass on the unweighted advantages, as verl computes them."""
+    if config is None:
+        raise ValueError(f"{PREFIX}.{function}: `config` is required (verl's actor config)")
+    batch_info = dict(_config_value(config, "global_batch_info", None) or {})
+    agg = _our_agg(function, loss_agg_mode)
+    weighted = advantages
+    if rollout_is_weights is not None:
+        weighted = advantages * rollout_is_weights.detach()
+    loss, stats = _rlhf_policy_loss(
+        log_prob, old_log_prob, weighted, response_mask, kind=kind, agg=agg, **params
+    )
+    if rollout_is_weights is not None:
+        with torch.no_grad():
+            _, stats = _rlhf_policy_loss(
+                log_prob.detach(), old_log_prob, advantages, response_mask, kind=kind, agg=agg,
+                **params,
+            )  # fmt: skip
+    scale = _global_scale(
+        function,
+        response_mask,
+        loss_agg_mode,
+        batch_info.get("dp_size", 1),
+        batch_info.get("batch_num_tokens"),
+        batch_info.get("global_batch_size"),
+        batch_info.get("loss_scale_factor"),
+    )
+    return loss * scale, stats
+
+
+def _clip_metrics(stats, *, lower: bool = True) -> dict[str, float]:
+    """verl's three policy metrics as Python floats; ``lower=False``: verl reports 0.0."""
+    return {
+        "actor/pg_clipfrac": stats["clipfrac"].item(),
+        "actor/ppo_kl": stats["approx_kl"].item(),
+        "actor/pg_clipfrac_lower": stats["clipfrac_lower"].item() if lower else 0.0,
+    }
+
+
 def compute_policy_loss_vanilla(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -175,50 +238,195 @@ def compute_policy_loss_vanilla(
     Returns ``(pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})``
     with the metrics as Python floats, like verl. Differentiable w.r.t. ``log_prob``.
     """
+    function = "compute_policy_loss_vanilla"
     if config is None:
-        raise ValueError(f"{PREFIX}.compute_policy_loss_vanilla: `config` is required (verl's)")
-    clip_ratio = _config_value(config, "clip_ratio")
-    clip_low = _config_value(config, "clip_ratio_low")
-    clip_high = _config_value(config, "clip_ratio_high")
-    clip_low = clip_ratio if clip_low is None else clip_low
-    clip_high = clip_ratio if clip_high is None else clip_high
+        raise ValueError(f"{PREFIX}.{function}: `config` is required (verl's)")
+    low, high = _clip_band(config)
     clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0)
     if not clip_ratio_c > 1.0:
         raise ValueError(
-            f"{PREFIX}.compute_policy_loss_vanilla: `config.clip_ratio_c` must be > 1.0 "
+            f"{PREFIX}.{function}: `config.clip_ratio_c` must be > 1.0 "
             f"(dual-clip PPO), got {clip_ratio_c}"
         )
-    batch_info = dict(_config_value(config, "global_batch_info", None) or {})
-    settings = dict(
-        clip_eps=clip_low,
-        clip_eps_high=clip_high,
-        dual_clip=clip_ratio_c,
-        agg=_our_agg("compute_policy_loss_vanilla", loss_agg_mode),
-    )
-    weighted = advantages
-    if rollout_is_weights is not None:
-        weighted = advantages * rollout_is_weights.detach()
-    loss, stats = _rlhf_policy_loss(log_prob, old_log_prob, weighted, response_mask, **settings)
-    if rollout_is_weights is not None:  # verl's clip fractions compare unweighted surrogates
-        with torch.no_grad():
-            _, stats = _rlhf_policy_loss(
-                log_prob.detach(), old_log_prob, advantages, response_mask, **settings
-            )
-    loss = loss * _global_scale(
-        "compute_policy_loss_vanilla",
-        response_mask,
-        loss_agg_mode,
-        batch_info.get("dp_size", 1),
-        batch_info.get("batch_num_tokens"),
-        batch_info.get("global_batch_size"),
-        batch_info.get("loss_scale_factor"),
-    )
-    metrics = {
-        "actor/pg_clipfrac": stats["clipfrac"].item(),
-        "actor/ppo_kl": stats["approx_kl"].item(),
-        "actor/pg_clipfrac_lower": stats["clipfrac_lower"].item(),
-    }
+    loss, stats = _registry_loss(
+        function, "ppo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+        config, rollout_is_weights, clip_eps=low, clip_eps_high=high, dual_clip=clip_ratio_c,
+    )  # fmt: skip
+    return loss, _clip_metrics(stats)
+
+
+def compute_policy_loss_gpg(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_gpg`` ("gpg"): ``-A lp`` (policy_loss kind "reinforce"),
+    aggregated by ``agg_loss``; ``({})`` metrics, like verl."""
+    loss, _ = _registry_loss(
+        "compute_policy_loss_gpg", "reinforce", old_log_prob, log_prob, advantages,
+        response_mask, loss_agg_mode, config, rollout_is_weights,
+    )  # fmt: skip
+    return loss, {}
+
+
+def compute_policy_loss_cispo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_cispo`` ("cispo"): ``-sg(clamp(r, 1 - lo, 1 + hi)) A lp``
+    (kind "cispo"); metrics pg_clipfrac (weights clipped), ppo_kl, pg_clipfrac_lower = 0."""
+    low, high = _clip_band(config) if config is not None else (None, None)
+    loss, stats = _registry_loss(
+        "compute_policy_loss_cispo", "cispo", old_log_prob, log_prob, advantages,
+        response_mask, loss_agg_mode, config, rollout_is_weights, clip_eps=low,
+        clip_eps_high=high,
+    )  # fmt: skip
+    return loss, _clip_metrics(stats, lower=False)
+
+
+def compute_policy_loss_sapo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_sapo`` ("sapo"): ``-A sigmoid(tau (r - 1)) 4 / tau`` with
+    ``config.tau_pos`` / ``tau_neg`` (kind "sapo"), aggregated "seq-mean-token-mean" whatever
+    ``loss_agg_mode`` says (as verl); metrics pg_clipfrac = pg_clipfrac_lower = 0, ppo_kl."""
+    tau_pos = _config_value(config, "tau_pos") if config is not None else None
+    tau_neg = _config_value(config, "tau_neg") if config is not None else None
+    loss, stats = _registry_loss(
+        "compute_policy_loss_sapo", "sapo", old_log_prob, log_prob, advantages, response_mask,
+        "seq-mean-token-mean", config, rollout_is_weights, tau_pos=tau_pos, tau_neg=tau_neg,
+    )  # fmt: skip
+    metrics = _clip_metrics(stats, lower=False)
+    metrics["actor/pg_clipfrac"] = 0.0
     return loss, metrics
+
+
+def _dppo(function, kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+          config, rollout_is_weights):  # fmt: skip
+    low, high = _clip_band(config) if config is not None else (None, None)
+    cap = _config_value(config, "clip_ratio_c", 20.0) if config is not None else None
+    loss, stats = _registry_loss(
+        function, kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+        config, rollout_is_weights, clip_eps=low, clip_eps_high=high, ratio_cap=cap,
+    )  # fmt: skip
+    return loss, _clip_metrics(stats)
+
+
+def compute_policy_loss_dppo_tv(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_dppo_tv`` ("dppo_tv", kind "dppo_tv"): the clip ratios
+    are the TV thresholds and ``config.clip_ratio_c`` (default 20) the truncation; metrics
+    pg_clipfrac (masked-out tokens), ppo_kl, pg_clipfrac_lower (ratio above the cap)."""
+    return _dppo("compute_policy_loss_dppo_tv", "dppo_tv", old_log_prob, log_prob, advantages,
+                 response_mask, loss_agg_mode, config, rollout_is_weights)  # fmt: skip
+
+
+def compute_policy_loss_dppo_kl(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_dppo_kl`` ("dppo_kl", kind "dppo_kl"): as dppo_tv with the
+    binary KL as the divergence."""
+    return _dppo("compute_policy_loss_dppo_kl", "dppo_kl", old_log_prob, log_prob, advantages,
+                 response_mask, loss_agg_mode, config, rollout_is_weights)  # fmt: skip
+
+
+def compute_policy_loss_gspo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_gspo`` ("gspo"): the clipped surrogate on the sequence
+    ratio with verl's token-local gradient ``lp - sg(lp) + sg(s)`` and its clamp at 10
+    (policy_loss kind "gspo_token"), aggregated by ``loss_agg_mode`` (verl 0.9.1 does; later
+    verl forces seq-mean-token-mean); metrics pg_clipfrac, ppo_kl (unclamped),
+    pg_clipfrac_lower = 0."""
+    low, high = _clip_band(config) if config is not None else (None, None)
+    loss, stats = _registry_loss(
+        "compute_policy_loss_gspo", "gspo_token", old_log_prob, log_prob, advantages,
+        response_mask, loss_agg_mode, config, rollout_is_weights, clip_eps=low,
+        clip_eps_high=high,
+    )  # fmt: skip
+    return loss, _clip_metrics(stats, lower=False)
+
+
+def compute_policy_loss_dro(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_dro`` ("dro"): ``-(lp A - beta / 2 d^2)`` with
+    ``config.policy_loss.dro_beta`` (kind "dro"); metric ppo_kl (unclamped). The quadratic
+    term is not linear in A, so with ``rollout_is_weights`` this calls verl's own function
+    (documented in docs/integrations.md)."""
+    function = "compute_policy_loss_dro"
+    if config is None:
+        raise ValueError(f"{PREFIX}.{function}: `config` is required (verl's actor config)")
+    policy_loss = _config_value(config, "policy_loss")
+    beta = None if policy_loss is None else _config_value(policy_loss, "dro_beta")
+    if beta is None or beta <= 0:
+        raise ValueError(
+            f"{PREFIX}.{function}: `config.policy_loss.dro_beta` must be a positive value "
+            f"when using DRO, got {beta!r}"
+        )
+    if rollout_is_weights is not None:
+        return original(f"{CORE}.{function}")(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+            rollout_is_weights,
+        )  # fmt: skip
+    loss, stats = _registry_loss(
+        function, "dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+        config, None, beta=beta,
+    )  # fmt: skip
+    return loss, {"actor/ppo_kl": stats["approx_kl"].item()}
+
+
+# verl's POLICY_LOSS_REGISTRY names -> the adapters above
+POLICY_LOSSES = {
+    "vanilla": compute_policy_loss_vanilla,
+    "gpg": compute_policy_loss_gpg,
+    "cispo": compute_policy_loss_cispo,
+    "sapo": compute_policy_loss_sapo,
+    "dppo_tv": compute_policy_loss_dppo_tv,
+    "dppo_kl": compute_policy_loss_dppo_kl,
+    "gspo": compute_policy_loss_gspo,
+    "dro": compute_policy_loss_dro,
+}
 
 
 def compute_value_loss(
@@ -739,7 +947,7 @@ _PATCHER = Patcher(
     targets=[
         Target(CORE, "compute_gae_advantage_return", compute_gae_advantage_return),
         Target(CORE, "agg_loss", agg_loss),
-        Target(CORE, "compute_policy_loss_vanilla", compute_policy_loss_vanilla),
+        *(Target(CORE, function.__name__, function) for function in POLICY_LOSSES.values()),
         Target(CORE, "compute_value_loss", compute_value_loss),
         Target(CORE, "kl_penalty", kl_penalty),
         Target(CORE, "compute_rewards", compute_rewards),
@@ -755,7 +963,8 @@ def patch() -> list[str]:
     """Swap this module's functions into the installed verl: the defining attributes in
     ``verl.trainer.ppo.core_algos`` and ``verl.utils.torch_functional``, every loaded
     ``verl.*`` module that imported them by name, and verl's registries
-    (``POLICY_LOSS_REGISTRY["vanilla"]``, and in ``ADV_ESTIMATOR_REGISTRY`` "gae", "grpo",
+    (in ``POLICY_LOSS_REGISTRY`` "vanilla", "gpg", "cispo", "sapo", "dppo_tv", "dppo_kl",
+    "gspo" and "dro", and in ``ADV_ESTIMATOR_REGISTRY`` "gae", "grpo",
     "grpo_vectorized", "gdpo", "grpo_passk", "reinforce_plus_plus",
     "reinforce_plus_plus_baseline", "remax", "rloo", "rloo_vectorized", "opo" and "gpg", so
     that ``get_adv_estimator_fn`` and ray_trainer's ``core_algos.<function>`` calls reach the

@@ -44,6 +44,41 @@ AGG_CODES = {
 AGG_MODES = tuple(AGG_CODES)
 NORM_AGG = "seq-mean-token-sum-norm"  # the mode that divides by loss_scale_factor
 
+# Policy-loss kinds (csrc/include/rlhf_ext/policy_math.h PolicyKind; formulas there and in
+# docs/api.md) and the keyword arguments of rlhf_ext.policy_loss that each one reads.
+POLICY_KIND_CODES = {
+    "ppo": 0,
+    "reinforce": 1,
+    "cispo": 2,
+    "sapo": 3,
+    "dppo_tv": 4,
+    "dppo_kl": 5,
+    "dro": 6,
+    "gspo": 7,
+    "gspo_token": 8,
+}
+POLICY_KINDS = tuple(POLICY_KIND_CODES)
+_CLIP = ("clip_eps", "clip_eps_high")
+POLICY_KIND_PARAMS = {
+    "ppo": (*_CLIP, "dual_clip", "ratio_cap"),
+    "reinforce": (),
+    "cispo": _CLIP,
+    "sapo": ("tau_pos", "tau_neg"),
+    "dppo_tv": (*_CLIP, "ratio_cap"),
+    "dppo_kl": (*_CLIP, "ratio_cap"),
+    "dro": ("beta",),
+    "gspo": _CLIP,
+    "gspo_token": _CLIP,
+}
+# The kinds whose clip_eps / clip_eps_high are divergence thresholds, not a ratio band.
+POLICY_DIVERGENCE_KINDS = ("dppo_tv", "dppo_kl")
+# The kinds that read their row's mean log-ratio (policy_math.h uses_row_mean) and the
+# one whose gradient flows through it (row_coupled).
+POLICY_ROW_MEAN_KINDS = ("gspo", "gspo_token")
+POLICY_ROW_COUPLED_KINDS = ("gspo",)
+GSPO_TOKEN_LOG_RATIO_MAX = 10.0  # policy_math.h kGSPOTokenLogRatioMax
+DPPO_KL_EPS = 1e-8  # policy_math.h kDPPOKLEps
+
 # Statistics of the loss ops, in the order of their kernels' `stats` output.
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 VALUE_STATS = ("clipfrac",)

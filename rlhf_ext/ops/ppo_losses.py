@@ -1,4 +1,5 @@
-"""rlhf_ext.ppo_policy_loss, value_loss, kl_penalty and kl_loss (docs/design.md §3.3).
+"""rlhf_ext.policy_loss, ppo_policy_loss, value_loss, kl_penalty and kl_loss
+(docs/design.md §3.3).
 
 Every loss op makes one pass over its inputs that yields the loss, every
 statistic and the per-token derivative (before aggregation) plus a per-row
@@ -8,6 +9,8 @@ Statistics are 0-dim float32 tensors on the inputs' device (no host sync).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,6 +23,7 @@ from rlhf_ext.ops._checks import (
     check_kl_kind,
     check_like,
     check_mask,
+    check_same_device,
     check_tensor,
 )
 from rlhf_ext.ops._registry import (
@@ -29,9 +33,18 @@ from rlhf_ext.ops._registry import (
     register_fakes,
     triton_loader,
 )
-from rlhf_ext.ops._vocab import KL_LOSS_STATS, NORM_AGG, POLICY_STATS, VALUE_STATS
+from rlhf_ext.ops._vocab import (
+    KL_LOSS_STATS,
+    NORM_AGG,
+    POLICY_DIVERGENCE_KINDS,
+    POLICY_KIND_PARAMS,
+    POLICY_KINDS,
+    POLICY_STATS,
+    VALUE_STATS,
+)
 
-POLICY_OP = "rlhf_ext.ppo_policy_loss"
+POLICY_OP = "rlhf_ext.policy_loss"
+PPO_POLICY_OP = "rlhf_ext.ppo_policy_loss"
 VALUE_OP = "rlhf_ext.value_loss"
 KL_PENALTY_OP = "rlhf_ext.kl_penalty"
 KL_LOSS_OP = "rlhf_ext.kl_loss"
@@ -52,15 +65,24 @@ def _number(op: str, name: str, value, *, above: float, none_ok: bool, what: str
     return float(value)
 
 
-def _loss_inputs(op, first, first_name, others, mask):
+def _loss_inputs(op, first, first_name, others, mask, *, per_row=()):
     """Check [B, T] inputs of one loss op; returns them in one floating dtype (detached
-    except the first) and the mask."""
+    except the first) and the mask. The inputs named in `per_row` may also be [B]."""
     check_tensor(op, first_name, first)
     check_dim(op, first_name, first, 2, " [B, T]")
     common = first.dtype
     for name, t in others:
         check_tensor(op, name, t)
-        check_like(op, name, t, first, first_name)
+        if name in per_row and t.dim() == 1:
+            check_same_device(op, name, t, first, first_name)
+            if t.shape[0] != first.shape[0]:
+                raise ValueError(
+                    f"{op}: `{name}` must have the shape of `{first_name}` "
+                    f"{tuple(first.shape)} or [{first.shape[0]}] (one per row), "
+                    f"got {tuple(t.shape)}"
+                )
+        else:
+            check_like(op, name, t, first, first_name)
         common = torch.promote_types(common, t.dtype)
     mask = check_mask(op, mask, first, first_name)
     converted = [first.to(common)] + [t.detach().to(common) for _, t in others]
@@ -73,6 +95,171 @@ def _stats(names, stats: torch.Tensor) -> dict:
 
 
 # -- public functions ---------------------------------------------------------
+
+
+# The defaults of the kind-specific parameters (None in the signature: "not given").
+POLICY_DEFAULTS = {"clip_eps": 0.2, "tau_pos": 1.0, "tau_neg": 1.05}
+DPPO_RATIO_CAP = 20.0  # verl's clip_ratio_c default for DPPO; ppo's ratio_cap: none
+
+
+def _policy_params(op, kind, given: dict) -> dict:
+    """The checked parameters of `kind` (defaults filled in); an error names a parameter
+    the kind does not read, or one out of range."""
+    if kind not in POLICY_KINDS:
+        raise ValueError(f"{op}: `kind` must be one of {POLICY_KINDS}, got {kind!r}")
+    reads = POLICY_KIND_PARAMS[kind]
+    for name, value in given.items():
+        if value is not None and name not in reads:
+            uses = ", ".join(f"`{n}`" for n in reads) or "no parameters"
+            raise ValueError(
+                f"{op}: `{name}` is not used by kind={kind!r} (it reads {uses}), got {value!r}"
+            )
+    params = {name: given[name] if given[name] is not None else POLICY_DEFAULTS.get(name)
+              for name in reads}  # fmt: skip
+    if "clip_eps" in params:
+        params["clip_eps"] = _number(op, "clip_eps", params["clip_eps"], above=0.0,
+                                     none_ok=False, what="> 0")  # fmt: skip
+        high = _number(op, "clip_eps_high", params["clip_eps_high"], above=0.0, none_ok=True,
+                       what="> 0")  # fmt: skip
+        params["clip_eps_high"] = params["clip_eps"] if high is None else high
+    if "dual_clip" in params:
+        params["dual_clip"] = _number(op, "dual_clip", params["dual_clip"], above=1.0,
+                                      none_ok=True, what="> 1")  # fmt: skip
+    if kind in POLICY_DIVERGENCE_KINDS and params["ratio_cap"] is None:
+        params["ratio_cap"] = DPPO_RATIO_CAP
+    if "ratio_cap" in params:
+        params["ratio_cap"] = _number(op, "ratio_cap", params["ratio_cap"], above=0.0,
+                                      none_ok=True, what="None or > 0")  # fmt: skip
+    for name in ("tau_pos", "tau_neg"):
+        if name in params:
+            params[name] = _number(op, name, params[name], above=0.0, none_ok=False, what="> 0")
+    if "beta" in params:
+        if params["beta"] is None:
+            raise ValueError(f"{op}: `beta` (> 0) is required by kind={kind!r}")
+        params["beta"] = _number(op, "beta", params["beta"], above=0.0, none_ok=False,
+                                 what="> 0")  # fmt: skip
+    return params
+
+
+def _kernel_params(kind, params) -> dict:
+    """The op schema's (lo, hi, dual_clip, ratio_cap, tau_pos, tau_neg, beta): the ratio
+    band [1 - clip_eps, 1 + clip_eps_high], or the dppo kinds' divergence thresholds."""
+    lo = hi = 0.0
+    if "clip_eps" in params:
+        lo, hi = params["clip_eps"], params["clip_eps_high"]
+        if kind not in POLICY_DIVERGENCE_KINDS:
+            lo, hi = 1.0 - lo, 1.0 + hi
+    return dict(
+        lo=lo,
+        hi=hi,
+        dual_clip=params.get("dual_clip"),
+        ratio_cap=params.get("ratio_cap"),
+        tau_pos=params.get("tau_pos", 1.0),
+        tau_neg=params.get("tau_neg", 1.0),
+        beta=params.get("beta", 0.0),
+    )
+
+
+def _policy_loss(op, logprobs, old_logprobs, advantages, mask, kind, given, agg,
+                 loss_scale_factor, backend):  # fmt: skip
+    (lp, old, adv), mask = _loss_inputs(
+        op,
+        logprobs,
+        "logprobs",
+        [("old_logprobs", old_logprobs), ("advantages", advantages)],
+        mask,
+        per_row=("advantages",),
+    )
+    k = _kernel_params(kind, _policy_params(op, kind, given))
+    check_agg(op, agg)
+    loss_scale_factor = _number(
+        op, "loss_scale_factor", loss_scale_factor, above=0.0, none_ok=True, what="> 0"
+    )
+    if loss_scale_factor is not None and agg != NORM_AGG:
+        raise ValueError(
+            f"{op}: `loss_scale_factor` is used by agg='{NORM_AGG}' only, "
+            f"got loss_scale_factor={loss_scale_factor!r} with agg={agg!r}"
+        )
+    chosen = resolve_backend(op, backend, lp.device)
+    if chosen == "torch":
+        return reference.policy_loss(
+            lp, old, adv, mask, kind=kind, agg=agg, loss_scale_factor=loss_scale_factor, **k
+        )
+    cap = math.inf if k["ratio_cap"] is None else k["ratio_cap"]
+    args = (lp, old, adv, mask, kind, k["lo"], k["hi"], k["dual_clip"] or 0.0, cap,
+            k["tau_pos"], k["tau_neg"], k["beta"], agg, loss_scale_factor or 0.0)  # fmt: skip
+    if chosen == "triton":
+        fn = triton_kernels().policy_loss_triton
+    else:
+        fn = torch.ops.rlhf_ext.policy_loss
+    loss, stats, _, _ = fn(*args)
+    return loss, _stats(POLICY_STATS, stats)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    kind: str = "ppo",
+    clip_eps: float | None = None,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ratio_cap: float | None = None,
+    tau_pos: float | None = None,
+    tau_neg: float | None = None,
+    beta: float | None = None,
+    agg: str = "token-mean",
+    loss_scale_factor: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict]:
+    """Policy loss of one kind with its statistics, in one pass (two for the gspo kinds,
+    whose prologue takes each row's mean log-ratio).
+
+    With ``d = logprobs - old_logprobs``, ``r = exp(clamp(d, -20, 20))``, ``A`` the
+    advantage and ``[lo, hi] = [1 - clip_eps, 1 + clip_eps_high]``, per valid token:
+
+    - ``"ppo"``: ``max(-A min(r, ratio_cap), -A clamp(r, lo, hi))`` (``ratio_cap``: TRL's
+      two-sided ``delta``, default none); with ``dual_clip=c`` and ``A < 0``,
+      ``min(., -A c)`` (verl "vanilla");
+    - ``"reinforce"``: ``-A lp`` (verl "gpg");
+    - ``"cispo"``: ``-sg(clamp(r, lo, hi)) A lp``;
+    - ``"sapo"``: ``-A sigmoid(tau (r - 1)) 4 / tau``, ``tau = tau_pos if A > 0 else tau_neg``;
+    - ``"dppo_tv"`` / ``"dppo_kl"``: ``-A sg(min(r, ratio_cap)) lp`` on the tokens inside the
+      trust region: for ``A > 0`` the divergence (``p - p_old``, or the binary KL of
+      ``p_old`` and ``p = exp(lp)``) at most ``clip_eps_high``, else at least
+      ``-clip_eps`` (TV) / at most ``clip_eps`` (KL); here clip_eps and clip_eps_high are
+      the divergence thresholds themselves;
+    - ``"dro"``: ``-(lp A - beta / 2 d^2)``;
+    - ``"gspo"``: the clipped surrogate on the sequence ratio ``exp(s)``, ``s`` the row's
+      mean of ``d`` over its valid tokens, with the gradient through the mean (TRL's and
+      OpenRLHF's GSPO);
+    - ``"gspo_token"``: the same value with ``log r = min(s, 10)`` and the token-local
+      gradient of ``lp - sg(lp) + sg(s)`` (verl's "gspo", GSPO-token).
+
+    Args:
+        logprobs: ``[B, T]`` policy log-probs (the only input with a gradient).
+        old_logprobs: ``[B, T]``; advantages: ``[B, T]``, or ``[B]`` broadcast over each
+            row's tokens in the kernel (both treated as constants).
+        mask: bool or 0/1 ``[B, T]``; None for all valid.
+        kind: one of the kinds above.
+        clip_eps (default 0.2), clip_eps_high (default clip_eps), dual_clip (None or > 1),
+            ratio_cap (dppo: default 20; ppo: default none), tau_pos / tau_neg (defaults
+            1.0 / 1.05), beta (required by "dro"): a parameter the kind does not read is
+            an error.
+        agg, loss_scale_factor: as in ppo_policy_loss.
+
+    Returns ``(loss, stats)`` like ppo_policy_loss: clipfrac (the tokens whose clip won;
+    cispo: whose weight was clipped; dppo: masked out), clipfrac_lower (ppo: dual-clipped;
+    dppo: ratio above ratio_cap), approx_kl (mean of old - new; clamped to +-20 except for
+    reinforce, dro and the gspo kinds), ratio_mean and ratio_max (the sequence ratio for the gspo
+    kinds).
+    """
+    given = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+                 ratio_cap=ratio_cap, tau_pos=tau_pos, tau_neg=tau_neg, beta=beta)  # fmt: skip
+    return _policy_loss(POLICY_OP, logprobs, old_logprobs, advantages, mask, kind, given, agg,
+                        loss_scale_factor, backend)  # fmt: skip
 
 
 def ppo_policy_loss(
@@ -88,7 +275,8 @@ def ppo_policy_loss(
     loss_scale_factor: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped PPO policy loss with its statistics, in one pass.
+    """Clipped PPO policy loss with its statistics, in one pass: ``policy_loss`` with
+    kind "ppo".
 
     Per valid token, ``ratio = exp(clamp(logprobs - old_logprobs, -20, 20))`` and
     ``loss_t = max(-A * ratio, -A * clamp(ratio, 1 - clip_eps, 1 + clip_eps_high))``;
@@ -96,7 +284,7 @@ def ppo_policy_loss(
 
     Args:
         logprobs: ``[B, T]`` policy log-probs (the only input with a gradient).
-        old_logprobs, advantages: ``[B, T]`` (treated as constants).
+        old_logprobs: ``[B, T]``; advantages: ``[B, T]`` or ``[B]`` (constants).
         mask: bool or 0/1 ``[B, T]``; None for all valid.
         clip_eps: lower clip (> 0); clip_eps_high: upper clip, default clip_eps
             ("clip-higher" when set).
@@ -111,43 +299,12 @@ def ppo_policy_loss(
     ratio_mean and ratio_max to 0-dim float32 tensors on the inputs' device. An
     all-masked or empty batch gives loss 0 and zero gradient.
     """
-    op = POLICY_OP
-    (lp, old, adv), mask = _loss_inputs(
-        op, logprobs, "logprobs", [("old_logprobs", old_logprobs), ("advantages", advantages)], mask
-    )
-    clip_eps = _number(op, "clip_eps", clip_eps, above=0.0, none_ok=False, what="> 0")
-    clip_eps_high = _number(op, "clip_eps_high", clip_eps_high, above=0.0, none_ok=True, what="> 0")
-    dual_clip = _number(op, "dual_clip", dual_clip, above=1.0, none_ok=True, what="> 1")
-    check_agg(op, agg)
-    loss_scale_factor = _number(
-        op, "loss_scale_factor", loss_scale_factor, above=0.0, none_ok=True, what="> 0"
-    )
-    if loss_scale_factor is not None and agg != NORM_AGG:
-        raise ValueError(
-            f"{op}: `loss_scale_factor` is used by agg='{NORM_AGG}' only, "
-            f"got loss_scale_factor={loss_scale_factor!r} with agg={agg!r}"
-        )
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    chosen = resolve_backend(op, backend, lp.device)
-    if chosen == "torch":
-        return reference.ppo_policy_loss(
-            lp,
-            old,
-            adv,
-            mask,
-            clip_eps=clip_eps,
-            clip_eps_high=high,
-            dual_clip=dual_clip,
-            agg=agg,
-            loss_scale_factor=loss_scale_factor,
-        )
-    args = (lp, old, adv, mask, clip_eps, high, dual_clip or 0.0, agg, loss_scale_factor or 0.0)
-    if chosen == "triton":
-        fn = triton_kernels().ppo_policy_loss_triton
-    else:
-        fn = torch.ops.rlhf_ext.ppo_policy_loss
-    loss, stats, _, _ = fn(*args)
-    return loss, _stats(POLICY_STATS, stats)
+    # None is policy_loss's "default"; here clip_eps has its default in the signature.
+    clip_eps = _number(PPO_POLICY_OP, "clip_eps", clip_eps, above=0.0, none_ok=False, what="> 0")
+    given = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+                 ratio_cap=None, tau_pos=None, tau_neg=None, beta=None)  # fmt: skip
+    return _policy_loss(PPO_POLICY_OP, logprobs, old_logprobs, advantages, mask, "ppo", given,
+                        agg, loss_scale_factor, backend)  # fmt: skip
 
 
 def value_loss(
@@ -297,7 +454,8 @@ def loss_fake(first, n_stats: int):
     )
 
 
-def policy_fake(lp, old, adv, mask, clip_eps, clip_eps_high, dual_clip, agg, factor):
+def policy_fake(lp, old, adv, mask, kind, lo, hi, dual_clip, ratio_cap, tau_pos, tau_neg, beta,
+                agg, factor):  # fmt: skip
     return loss_fake(lp, len(POLICY_STATS))
 
 
@@ -321,7 +479,7 @@ def loss_backward_fake(grad_loss, grad, row_weight, dtype):
 def _register_compiled() -> None:
     register_fakes(
         {
-            "ppo_policy_loss": policy_fake,
+            "policy_loss": policy_fake,
             "value_loss": value_fake,
             "kl_loss": kl_loss_fake,
             "kl_penalty": kl_penalty_fake,
@@ -329,7 +487,7 @@ def _register_compiled() -> None:
         }
     )
     ops = torch.ops.rlhf_ext
-    losses = {POLICY_OP: ops.ppo_policy_loss, VALUE_OP: ops.value_loss, KL_LOSS_OP: ops.kl_loss}
+    losses = {POLICY_OP: ops.policy_loss, VALUE_OP: ops.value_loss, KL_LOSS_OP: ops.kl_loss}
     for name, op in losses.items():
         register_loss_autograd(op, ops.loss_backward, name)
     register_kl_penalty_autograd(ops.kl_penalty)
@@ -338,7 +496,7 @@ def _register_compiled() -> None:
 def _register_triton(kernels) -> None:
     """The Triton ops are triton_ops: traced through, so they need no fake kernels."""
     losses = {
-        POLICY_OP: kernels.ppo_policy_loss_triton,
+        POLICY_OP: kernels.policy_loss_triton,
         VALUE_OP: kernels.value_loss_triton,
         KL_LOSS_OP: kernels.kl_loss_triton,
     }

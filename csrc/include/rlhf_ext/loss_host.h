@@ -1,4 +1,4 @@
-// Argument handling of the loss ops (ppo_policy_loss, value_loss, kl_loss,
+// Argument handling of the loss ops (policy_loss, value_loss, kl_loss,
 // kl_penalty, loss_backward), shared by the CPU and CUDA entry points.
 #pragma once
 #include <ATen/ATen.h>
@@ -36,29 +36,63 @@ inline LossAgg parse_agg_or_throw(const char* op, const std::string& agg) {
   return LossAgg::kTokenMean;
 }
 
+// The C++ side of rlhf_ext/ops/_vocab.py's POLICY_KIND_CODES (exported by build_info).
+struct PolicyKindName {
+  const char* name;
+  PolicyKind kind;
+};
+
+inline constexpr PolicyKindName kPolicyKindNames[] = {
+    {"ppo", PolicyKind::kPPO},         {"reinforce", PolicyKind::kReinforce},
+    {"cispo", PolicyKind::kCISPO},     {"sapo", PolicyKind::kSAPO},
+    {"dppo_tv", PolicyKind::kDPPOTV},  {"dppo_kl", PolicyKind::kDPPOKL},
+    {"dro", PolicyKind::kDRO},         {"gspo", PolicyKind::kGSPO},
+    {"gspo_token", PolicyKind::kGSPOToken},
+};
+
+inline PolicyKind parse_policy_kind_or_throw(const char* op, const std::string& kind) {
+  for (const PolicyKindName& entry : kPolicyKindNames) {
+    if (kind == entry.name) return entry.kind;
+  }
+  TORCH_CHECK_VALUE(false, op, ": `kind` must be one of ", quoted_names(kPolicyKindNames),
+                    ", got '", kind, "'");
+  return PolicyKind::kPPO;
+}
+
 // Level-1 inputs of one loss op: two or three [B, T] tensors of one floating
-// dtype (c undefined for two), contiguous, and the optional mask.
+// dtype (c undefined for two), contiguous, and the optional mask. c may be [B]
+// where the op allows it (the policy loss's per-row advantages): c_per_row.
 struct LossProblem {
-  at::Tensor a, b, c;  // contiguous [B, T]
+  at::Tensor a, b, c;  // contiguous [B, T] (c: or [B])
   at::Tensor mask;     // contiguous bool [B, T], or undefined
   int64_t rows = 0;
   int64_t cols = 0;
+  bool c_per_row = false;
   at::ScalarType acc_dtype = at::kFloat;
 };
 
+// c_may_be_per_row: c may also be a [B] tensor, one value per row.
 inline LossProblem prepare_loss(const char* op, const at::Tensor& a, const char* a_name,
                                 const at::Tensor& b, const char* b_name, const at::Tensor* c,
-                                const char* c_name, const std::optional<at::Tensor>& mask) {
+                                const char* c_name, const std::optional<at::Tensor>& mask,
+                                bool c_may_be_per_row = false) {
   check_floating(op, a_name, a);
   check_dim(op, a_name, a, 2);
   const at::Tensor* others[2] = {&b, c};
   const char* names[2] = {b_name, c_name};
+  const bool c_per_row = c != nullptr && c_may_be_per_row && c->dim() == 1;
   for (int k = 0; k < 2; ++k) {
     if (others[k] == nullptr) continue;
     const at::Tensor& t = *others[k];
     check_floating(op, names[k], t);
     check_same_device(op, names[k], t, a);
-    check_same_shape(op, names[k], t, a, a_name);
+    if (k == 1 && c_per_row) {
+      TORCH_CHECK_VALUE(t.size(0) == a.size(0), op, ": `", names[k], "` must have shape [",
+                        a.size(0), "] (one per row of `", a_name, "`) or ", shape_str(a),
+                        ", got ", shape_str(t));
+    } else {
+      check_same_shape(op, names[k], t, a, a_name);
+    }
     TORCH_CHECK_TYPE(t.scalar_type() == a.scalar_type(), op, ": `", names[k],
                      "` must have the dtype of `", a_name, "` (", a.scalar_type(), "), got ",
                      t.scalar_type());
@@ -66,6 +100,7 @@ inline LossProblem prepare_loss(const char* op, const at::Tensor& a, const char*
   LossProblem p;
   p.rows = a.size(0);
   p.cols = a.size(1);
+  p.c_per_row = c_per_row;
   p.acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   p.a = a.contiguous();
   p.b = b.contiguous();
@@ -81,11 +116,11 @@ struct LossOutputs {
   at::Tensor loss, stats, grad, row_weight, partials;
 };
 
-inline LossOutputs allocate_loss_outputs(const LossProblem& p, int cols) {
+inline LossOutputs allocate_loss_outputs(const LossProblem& p, int cols, int n_stats) {
   const auto options = p.a.options().dtype(p.acc_dtype);
   LossOutputs out;
   out.loss = at::empty({}, options);
-  out.stats = at::empty({cols - 2}, options.dtype(at::kFloat));
+  out.stats = at::empty({n_stats}, options.dtype(at::kFloat));
   out.grad = at::empty({p.rows, p.cols}, options);
   out.row_weight = at::empty({p.rows}, options);
   out.partials = at::empty({p.rows, cols}, options);

@@ -1,6 +1,7 @@
-// Per-token math of the PPO policy loss, the value loss and the KL loss
-// (docs/design.md §3.3), and the aggregation modes that turn per-row partial sums into
-// one loss. Math only: no ATen, so the CPU kernels, the CUDA kernels and the
+// The loss machinery (docs/design.md §3.3): the per-token math of the value loss
+// and the KL loss, the level-1 families of every loss op (the policy-loss kinds'
+// math is in policy_math.h), and the aggregation modes that turn per-row partial
+// sums into one loss. Math only: no ATen, so the CPU kernels, the CUDA kernels and the
 // C++ unit tests share one definition.
 //
 // Every loss op works in two levels. Level 1 visits each valid token once and
@@ -15,6 +16,7 @@
 
 #include "rlhf_ext/kl.h"
 #include "rlhf_ext/macros.h"
+#include "rlhf_ext/policy_math.h"
 
 namespace rlhf_ext {
 
@@ -24,51 +26,6 @@ enum class LossAgg : int {
   kSeqMeanTokenMean = 2,     // mean over non-empty rows of the row's mean
   kSeqMeanTokenSumNorm = 3,  // sum over tokens / a fixed factor (default T)
 };
-
-// max(a, b) that propagates NaN from either side (as torch.max does): a NaN
-// ratio must reach ratio_max on every backend, so that a non-finite guard fires.
-template <typename T>
-RLHF_HD T max_value(T a, T b) {
-  return select_value(a < b || b != b, b, a);
-}
-
-// One token of the clipped PPO objective.
-template <typename T>
-struct PolicyToken {
-  T loss;
-  T grad;           // d loss / d logprob
-  T ratio;          // exp(clamped log-ratio)
-  T neg_log_ratio;  // old - new, clamped like the ratio (the approx_kl term)
-  bool clipped;     // the clipped surrogate won the max
-  bool clipped_lower;  // the dual clip (A < 0) won the min
-};
-
-// ratio = exp(clamp(lp - old, -20, 20)); loss = max(-A r, -A clamp(r, lo, hi));
-// with dual_clip = c > 0 and A < 0: min(loss, -A c). The gradient is the one of
-// the branch that wins: 0 for a clipped or dual-clipped token and for a
-// log-ratio beyond the +-20 clamp, -A r otherwise.
-template <typename T>
-RLHF_HD PolicyToken<T> policy_token(T logprob, T old_logprob, T advantage, T ratio_lo, T ratio_hi,
-                                    T dual_clip) {
-  const T raw = logprob - old_logprob;
-  const T log_ratio = clamp_value(raw, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
-  const T ratio = exp_small(log_ratio);
-  const T unclipped = -advantage * ratio;
-  const T clipped = -advantage * clamp_value(ratio, ratio_lo, ratio_hi);
-  PolicyToken<T> out;
-  out.ratio = ratio;
-  out.neg_log_ratio = -log_ratio;
-  // Branch-free (bitwise & and selects): the signs of A and the clip outcomes are
-  // data-dependent coin flips that a branch predictor cannot learn.
-  out.clipped = clipped > unclipped;
-  const T loss = max_value(clipped, unclipped);
-  const bool in_clamp = raw == log_ratio;
-  const T floor_loss = -advantage * dual_clip;
-  out.clipped_lower = (dual_clip > T(0)) & (advantage < T(0)) & (loss > floor_loss);
-  out.loss = select_value(out.clipped_lower, floor_loss, loss);  // exact, unlike a blend
-  out.grad = select_value(!out.clipped & in_clamp & !out.clipped_lower, unclipped, T(0));
-  return out;
-}
 
 // One token of the (optionally clipped) value loss, 0.5 included.
 template <typename T>
@@ -140,40 +97,96 @@ RLHF_HD T kl_value_and_grad(KLKind kind, bool straight_through, T logprob, T ref
   return clamp_value(raw_value, T(-kKLValueClamp), T(kKLValueClamp));
 }
 
-// Level-1 families: `kCols` partial columns per row. token() writes one valid
-// token's contribution to each column into `v` and returns its un-aggregated
-// derivative; callers add the contributions of valid tokens (max for kMaxCol)
-// with combine().
+// Level-1 families: `kCols` partial columns per row, the first 2 + kStats of them
+// loss, count and the statistics. token() writes one valid token's contribution
+// to each column into `v` and returns its un-aggregated derivative; callers add
+// the contributions of valid tokens (max for kMaxCol) with combine(). `row` is
+// the row's mean of a - b over its valid tokens when needs_row_mean(), else 0.
+// With couples_rows(), column kRowGradCol holds the row's sum of
+// d loss_t / d row, which level 2 folds into the row weight (coupled_row_factor).
+
+// Writes a policy token's columns: loss, count, clipfrac, clipfrac_lower,
+// approx_kl, ratio_mean, ratio_max (kMaxCol) and the row gradient.
+template <typename T>
+RLHF_HD T write_policy_token(const PolicyToken<T>& p, T* v) {
+  v[0] = p.loss;
+  v[1] = T(1);
+  v[2] = indicator<T>(p.clipped);
+  v[3] = indicator<T>(p.clipped_lower);
+  v[4] = p.neg_log_ratio;
+  v[5] = p.ratio;
+  v[6] = p.ratio;  // ratios are > 0, so 0 is the identity of the max
+  v[7] = p.row_grad;
+  return p.grad;
+}
+
+// The policy-loss family with the kind chosen at run time (CUDA: a warp-uniform
+// switch per token).
 template <typename T>
 struct PolicyFamily {
   static constexpr int kInputs = 3;
-  static constexpr int kCols = 7;  // loss, count, clipfrac, clipfrac_lower, approx_kl,
-                                   // ratio_mean, ratio_max
+  static constexpr int kCols = 8;
+  static constexpr int kStats = 5;
   static constexpr int kMaxCol = 6;
-  T ratio_lo, ratio_hi, dual_clip;
+  static constexpr int kRowGradCol = 7;
+  PolicyKind kind;
+  PolicyParams<T> params;
 
-  RLHF_HD T token(T logprob, T old_logprob, T advantage, T* v) const {
-    const PolicyToken<T> p =
-        policy_token(logprob, old_logprob, advantage, ratio_lo, ratio_hi, dual_clip);
-    v[0] = p.loss;
-    v[1] = T(1);
-    v[2] = indicator<T>(p.clipped);
-    v[3] = indicator<T>(p.clipped_lower);
-    v[4] = p.neg_log_ratio;
-    v[5] = p.ratio;
-    v[6] = p.ratio;  // ratios are > 0, so 0 is the identity of the max
-    return p.grad;
+  RLHF_HD bool needs_row_mean() const { return uses_row_mean(kind); }
+  RLHF_HD bool couples_rows() const { return row_coupled(kind); }
+  RLHF_HD T token(T logprob, T old_logprob, T advantage, T row, T* v) const {
+    return write_policy_token(policy_kind_token(kind, logprob, old_logprob, advantage, row, params),
+                              v);
   }
 };
+
+// PolicyFamily with the kind fixed at compile time: the CPU kernels instantiate
+// one per kind so that the token loop is straight-line code that vectorises.
+template <typename T, PolicyKind K>
+struct PolicyFixedFamily {
+  static constexpr int kInputs = 3;
+  static constexpr int kCols = 8;
+  static constexpr int kStats = 5;
+  static constexpr int kMaxCol = 6;
+  static constexpr int kRowGradCol = 7;
+  PolicyParams<T> params;
+
+  RLHF_HD bool needs_row_mean() const { return uses_row_mean(K); }
+  RLHF_HD bool couples_rows() const { return row_coupled(K); }
+  RLHF_HD T token(T logprob, T old_logprob, T advantage, T row, T* v) const {
+    return write_policy_token(policy_kind_token<K>(logprob, old_logprob, advantage, row, params),
+                              v);
+  }
+};
+
+// loss_backward's value at one token: grad * (grad_loss * row_weight), except that a
+// zero derivative (a masked, clipped or ignored token) gives grad * grad_loss whatever the
+// row weight is: a non-finite weight (gspo's row factor of a NaN row) stays out of the
+// tokens that do not depend on it, as in torch's where-based reference.
+template <typename T>
+RLHF_HD T backward_value(T grad, T grad_loss, T scale) {
+  return select_value(grad != T(0), grad * scale, grad * grad_loss);
+}
+
+// The row weight's factor for a couples_rows() family: d loss / d a[b, t] is the
+// same for the row's valid tokens, (1 / n) * sum_t d loss_t / d row.
+template <typename T>
+RLHF_HD T coupled_row_factor(T row_grad_sum, T row_tokens) {
+  return row_tokens > T(0) ? row_grad_sum / row_tokens : T(0);
+}
 
 template <typename T>
 struct ValueFamily {
   static constexpr int kInputs = 3;
   static constexpr int kCols = 3;  // loss, count, clipfrac
+  static constexpr int kStats = 1;
   static constexpr int kMaxCol = -1;
+  static constexpr int kRowGradCol = -1;
   T clip_eps;
 
-  RLHF_HD T token(T value, T old_value, T ret, T* v) const {
+  RLHF_HD bool needs_row_mean() const { return false; }
+  RLHF_HD bool couples_rows() const { return false; }
+  RLHF_HD T token(T value, T old_value, T ret, T /*row*/, T* v) const {
     const ValueToken<T> t = value_token(value, old_value, ret, clip_eps);
     v[0] = t.loss;
     v[1] = T(1);
@@ -186,11 +199,15 @@ template <typename T>
 struct KLFamily {
   static constexpr int kInputs = 2;
   static constexpr int kCols = 2;  // loss, count
+  static constexpr int kStats = 0;
   static constexpr int kMaxCol = -1;
+  static constexpr int kRowGradCol = -1;
   KLKind kind;
   bool straight_through;
 
-  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T* v) const {
+  RLHF_HD bool needs_row_mean() const { return false; }
+  RLHF_HD bool couples_rows() const { return false; }
+  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T /*row*/, T* v) const {
     T grad;
     v[0] = kl_value_and_grad(kind, straight_through, logprob, ref_logprob, &grad);
     v[1] = T(1);
@@ -204,9 +221,13 @@ template <typename T, KLKind kKind, bool kStraightThrough>
 struct KLFixedFamily {
   static constexpr int kInputs = 2;
   static constexpr int kCols = 2;
+  static constexpr int kStats = 0;
   static constexpr int kMaxCol = -1;
+  static constexpr int kRowGradCol = -1;
 
-  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T* v) const {
+  RLHF_HD bool needs_row_mean() const { return false; }
+  RLHF_HD bool couples_rows() const { return false; }
+  RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T /*row*/, T* v) const {
     T grad;
     v[0] = kl_value_and_grad(kKind, kStraightThrough, logprob, ref_logprob, &grad);
     v[1] = T(1);
