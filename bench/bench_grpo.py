@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = [("grpo_step", step_impls, _step_reference)]
     for kind in KINDS:
         cases.append((f"policy_loss[{kind}]", functools.partial(kind_impls, kind),
-                      functools.partial(_reference_loss_for, kind)))  # fmt: skip
+                      functools.partial(_loss_reference, kind=kind)))  # fmt: skip
     status = 0
     for op, impls, reference in cases:
         runner = harness.start_runner(op, device, args.quick)
@@ -210,10 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             csv_path=args.csv,
         ))  # fmt: skip
     return status
-
-
-def _reference_loss_for(kind, x, leaf):
-    return _loss_reference(x, leaf, kind)
 
 
 if __name__ == "__main__":

@@ -154,8 +154,11 @@ def _config_value(config, name: str, default=None):
     return getattr(config, name, default)
 
 
-def _clip_band(config) -> tuple[float, float]:
-    """verl's (clip_ratio_low, clip_ratio_high), each defaulting to clip_ratio."""
+def _clip_band(config) -> tuple[float | None, float | None]:
+    """verl's (clip_ratio_low, clip_ratio_high), each defaulting to clip_ratio; (None, None)
+    without a config (_registry_loss then names the missing config)."""
+    if config is None:
+        return None, None
     clip_ratio = _config_value(config, "clip_ratio")
     low = _config_value(config, "clip_ratio_low")
     high = _config_value(config, "clip_ratio_high")
@@ -284,7 +287,7 @@ def compute_policy_loss_cispo(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """verl's ``compute_policy_loss_cispo`` ("cispo"): ``-sg(clamp(r, 1 - lo, 1 + hi)) A lp``
     (kind "cispo"); metrics pg_clipfrac (weights clipped), ppo_kl, pg_clipfrac_lower = 0."""
-    low, high = _clip_band(config) if config is not None else (None, None)
+    low, high = _clip_band(config)
     loss, stats = _registry_loss(
         "compute_policy_loss_cispo", "cispo", old_log_prob, log_prob, advantages,
         response_mask, loss_agg_mode, config, rollout_is_weights, clip_eps=low,
@@ -318,7 +321,7 @@ def compute_policy_loss_sapo(
 
 def _dppo(function, kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
           config, rollout_is_weights):  # fmt: skip
-    low, high = _clip_band(config) if config is not None else (None, None)
+    low, high = _clip_band(config)
     cap = _config_value(config, "clip_ratio_c", 20.0) if config is not None else None
     loss, stats = _registry_loss(
         function, kind, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
@@ -372,7 +375,7 @@ def compute_policy_loss_gspo(
     (policy_loss kind "gspo_token"), aggregated by ``loss_agg_mode`` (verl 0.9.1 does; later
     verl forces seq-mean-token-mean); metrics pg_clipfrac, ppo_kl (unclamped),
     pg_clipfrac_lower = 0."""
-    low, high = _clip_band(config) if config is not None else (None, None)
+    low, high = _clip_band(config)
     loss, stats = _registry_loss(
         "compute_policy_loss_gspo", "gspo_token", old_log_prob, log_prob, advantages,
         response_mask, loss_agg_mode, config, rollout_is_weights, clip_eps=low,
