@@ -3,6 +3,7 @@ the CLI, the offline demo at a tiny scale, and the Hugging Face path."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -123,12 +124,19 @@ def test_demo_command_quick(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary[0]["seed"] == 0
-    for stage in ("start", "end"):
-        assert set(summary[0][stage]) == {"hidden_rule", "rm_score", "kl"}
-    assert summary[0]["start"]["kl"] == 0.0  # the policy starts as the reference
-    assert (tmp_path / "seed0" / "metrics.jsonl").exists()
-    assert "| seed | RM pair accuracy | hidden rule start |" in capsys.readouterr().out
+    assert [(r["seed"], r["algorithm"]) for r in summary] == [(0, "ppo"), (0, "grpo")]
+    for run in summary:
+        for stage in ("start", "end"):
+            assert set(run[stage]) == {"hidden_rule", "rm_score", "kl"}
+        assert run["start"]["kl"] == 0.0  # the policy starts as the reference
+        assert run["start"] == summary[0]["start"]  # one pretrained model and reward model
+    for algorithm in ("ppo", "grpo"):
+        assert (tmp_path / "seed0" / algorithm / "metrics.jsonl").exists()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "ppo_vs_grpo.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "| seed | algorithm | RM pair accuracy | hidden rule start |" in out
+    assert "[seed 0 grpo] rollout batch 16 (2 prompt(s) x 8 generations)" in out
 
 
 def test_hugging_face_causal_lm_from_config(tmp_path):

@@ -23,7 +23,14 @@ if TYPE_CHECKING:  # the trainer imports this module
 TRAINER = "rlhf_ext.trainer.PPOTrainer"
 CHECKPOINT_FILE = "checkpoint.pt"  # in the run's output_dir
 # a resumed run must agree with its checkpoint on these (the sampling and batching)
-RESUME_FIELDS = ("seed", "rollout_batch_size", "mini_batch_size", "micro_batch_size")
+RESUME_FIELDS = (
+    "seed",
+    "rollout_batch_size",
+    "mini_batch_size",
+    "micro_batch_size",
+    "num_generations",
+    "advantage_estimator",  # the models: a critic or none
+)
 # atomic_torch_save's temporaries: mkstemp's prefix, 8 random name characters, suffix
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
 TMP_PATTERN = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))

@@ -26,6 +26,7 @@ import torch
 
 from rlhf_ext.trainer.checkpoint import CHECKPOINT_FILE
 from rlhf_ext.trainer.config import PPOConfig, load_config_file, ppo_section
+from rlhf_ext.trainer.demo import ALGORITHMS
 
 NAME = "python -m rlhf_ext train"
 # a typo ("ref_polcy") must not quietly fall back to a default
@@ -34,10 +35,15 @@ TOP_LEVEL_KEYS = ("policy", "ref_policy", "value_model", "reward", "prompts", "p
 
 def add_subcommands(sub) -> None:
     """Register ``demo`` and ``train`` on an argparse subparsers object."""
-    demo = sub.add_parser("demo", help="the offline RLHF demo (pretrain, reward model, PPO)")
+    demo = sub.add_parser(
+        "demo", help="the offline RLHF demo (pretrain, reward model, then PPO and GRPO)"
+    )
     demo.add_argument("--output-dir", default="runs/demo")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    demo.add_argument("--iterations", type=int, default=None, help="PPO iterations per seed")
+    demo.add_argument(
+        "--iterations", type=int, default=None, help="iterations per seed and algorithm"
+    )
+    demo.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     demo.add_argument("--quick", action="store_true", help="a tiny scale, for smoke tests")
     train = sub.add_parser("train", help="PPO from a config file")
     train.add_argument("--config", required=True, help="JSON or TOML file")
@@ -58,7 +64,7 @@ def run_demo_command(args) -> int:
     scale = QUICK if args.quick else DemoScale()
     if args.iterations is not None:
         scale = dataclasses.replace(scale, ppo_iterations=args.iterations)
-    run_demo(args.output_dir, seeds=args.seeds, scale=scale)
+    run_demo(args.output_dir, seeds=args.seeds, scale=scale, algorithms=tuple(args.algorithms))
     return 0
 
 

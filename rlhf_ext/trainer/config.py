@@ -8,13 +8,16 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from rlhf_ext.ops._vocab import AGG_MODES, KL_KINDS
+from rlhf_ext.ops._vocab import AGG_MODES, KL_KINDS, POLICY_KIND_PARAMS, POLICY_KINDS
+from rlhf_ext.trainer.advantages import ADVANTAGE_ESTIMATORS
 
 NAME = "rlhf_ext.trainer.PPOConfig"
 KL_PLACEMENTS = ("reward", "loss")
 # below this, logits / temperature overflow float32 and sampling gets NaN probabilities
 MIN_TEMPERATURE = 1e-6
 BOOL_FIELDS = ("whiten_advantages", "adaptive_kl", "normalize_reward", "progress_bar", "overwrite")
+# the policy-loss parameters that are fields of their own; the others go in policy_loss_options
+POLICY_LOSS_FIELDS = ("clip_eps", "clip_eps_high", "dual_clip")
 
 
 @dataclass
@@ -32,6 +35,18 @@ class PPOConfig:
     ``kl_placement="loss"`` adds ``kl_coef * kl_loss(new, ref)`` to the loss (GRPO
     style). The adaptive controller (``adaptive_kl=True``) is fed the batch mean
     of the per-sequence *sum* of per-token k1 KL (TRL's ``objective/kl``).
+
+    Advantages: ``advantage_estimator`` is one of
+    :data:`rlhf_ext.trainer.advantages.ADVANTAGE_ESTIMATORS`: "gae" trains a value head
+    (or ``value_model``) as the critic; "grpo", "dr_grpo", "rloo", "reinforce_pp" and
+    "reinforce_pp_baseline" train no critic. The group estimators compare each row with
+    the other ``num_generations - 1`` responses sampled for the same prompt (each
+    iteration samples ``rollout_batch_size // num_generations`` prompts).
+
+    Policy loss: ``policy_loss`` is a kind of :func:`rlhf_ext.policy_loss` ("ppo",
+    "gspo", "cispo", ...). ``clip_eps``, ``clip_eps_high`` and ``dual_clip`` go to the
+    kinds that take them; the other parameters of a kind (``ratio_cap``, ``tau_pos``,
+    ``tau_neg``, ``beta``) go in ``policy_loss_options``.
     """
 
     # optimisation
@@ -50,12 +65,16 @@ class PPOConfig:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
+    policy_loss: str = "ppo"
+    policy_loss_options: dict = field(default_factory=dict)
     loss_agg: str = "token-mean"
     entropy_coef: float = 0.0
     # value loss
     vf_coef: float = 0.1
     value_clip: float | None = 0.2
     # advantages
+    advantage_estimator: str = "gae"
+    num_generations: int = 1  # responses sampled per prompt (a group)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -108,6 +127,8 @@ class PPOConfig:
             self._fail("dual_clip", "None or a float > 1", self.dual_clip)
         if self.top_p is not None and not 0.0 < self._number("top_p", self.top_p) <= 1.0:
             self._fail("top_p", "None or a float in (0, 1]", self.top_p)
+        self._check_estimator()
+        self._check_policy_loss()
 
     def _fail(self, name: str, expected: str, got) -> None:
         raise ValueError(f"{NAME}: `{name}` must be {expected}, got {got!r}")
@@ -153,6 +174,7 @@ class PPOConfig:
             "sample_interval",
             "checkpoint_interval",
             "max_nonfinite_updates",
+            "num_generations",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -171,8 +193,9 @@ class PPOConfig:
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 self._fail(name, "a bool (true or false)", getattr(self, name))
-        if not isinstance(self.extra, dict):
-            self._fail("extra", "a dict", self.extra)
+        for name in ("extra", "policy_loss_options"):
+            if not isinstance(getattr(self, name), dict):
+                self._fail(name, "a dict", getattr(self, name))
 
     def _check_batching(self) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -187,10 +210,73 @@ class PPOConfig:
             )
 
     def _check_choices(self) -> None:
-        choices = {"loss_agg": AGG_MODES, "kl_kind": KL_KINDS, "kl_placement": KL_PLACEMENTS}
+        choices = {
+            "loss_agg": AGG_MODES,
+            "kl_kind": KL_KINDS,
+            "kl_placement": KL_PLACEMENTS,
+            "advantage_estimator": tuple(ADVANTAGE_ESTIMATORS),
+            "policy_loss": POLICY_KINDS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 self._fail(name, f"one of {allowed}", getattr(self, name))
+
+    def _check_estimator(self) -> None:
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
+        if estimator.grouped and self.num_generations < 2:
+            self._fail(
+                "num_generations",
+                f"an int >= 2 with advantage_estimator={self.advantage_estimator!r} (it "
+                "compares each response with the others sampled for its prompt)",
+                self.num_generations,
+            )
+        if self.rollout_batch_size % self.num_generations:
+            raise ValueError(
+                f"{NAME}: `rollout_batch_size` ({self.rollout_batch_size}) must be a multiple "
+                f"of `num_generations` ({self.num_generations})"
+            )
+
+    def _check_policy_loss(self) -> None:
+        """Parameters the kind does not read are errors; the values are checked by
+        running the loss once on one token (the op's own range checks and messages)."""
+        takes = POLICY_KIND_PARAMS[self.policy_loss]
+        allowed = [name for name in takes if name not in POLICY_LOSS_FIELDS]
+        unread = sorted(set(self.policy_loss_options) - set(allowed))
+        if unread:
+            raise ValueError(
+                f"{NAME}: `policy_loss_options` for policy_loss={self.policy_loss!r} may hold "
+                f"{allowed} (clip_eps, clip_eps_high and dual_clip are fields of their own), "
+                f"got {unread}"
+            )
+        if self.dual_clip is not None and "dual_clip" not in takes:
+            self._fail("dual_clip", f"None with policy_loss={self.policy_loss!r}", self.dual_clip)
+        import torch
+
+        from rlhf_ext.ops.ppo_losses import policy_loss
+
+        one = torch.zeros(1, 1)
+        try:
+            policy_loss(one, one, one, kind=self.policy_loss, **self.policy_loss_arguments())
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{NAME}: `policy_loss` / its parameters: {exc}") from None
+
+    def policy_loss_arguments(self) -> dict:
+        """The keyword arguments of :func:`rlhf_ext.policy_loss` for ``policy_loss``:
+        the clip fields the kind takes, plus ``policy_loss_options``."""
+        takes = POLICY_KIND_PARAMS[self.policy_loss]
+        arguments = {name: getattr(self, name) for name in POLICY_LOSS_FIELDS if name in takes}
+        arguments.update(self.policy_loss_options)
+        return arguments
+
+    @property
+    def needs_critic(self) -> bool:
+        """Whether the estimator trains a critic (a value head or ``value_model``)."""
+        return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_critic
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        """Prompts sampled per rank per iteration (each gets ``num_generations`` responses)."""
+        return self.rollout_batch_size // self.num_generations
 
     # ------------------------------------------------------------ arithmetic
     @property
@@ -211,8 +297,13 @@ class PPOConfig:
     def batch_arithmetic(self, world_size: int = 1) -> str:
         """The batch-size arithmetic, printed at the start of a run."""
         accum = self.mini_batch_size // self.micro_batch
+        groups = (
+            f" ({self.prompts_per_iteration} prompt(s) x {self.num_generations} generations)"
+            if self.num_generations > 1
+            else ""
+        )
         return (
-            f"rollout batch {self.rollout_batch_size} per rank x {world_size} rank(s) = "
+            f"rollout batch {self.rollout_batch_size}{groups} per rank x {world_size} rank(s) = "
             f"{self.rollout_batch_size * world_size} sequences per iteration; "
             f"{self.mini_batches_per_epoch} mini-batch(es) of {self.mini_batch_size} "
             f"({accum} micro-batch(es) of {self.micro_batch}) x {self.ppo_epochs} PPO epoch(s) "

@@ -6,10 +6,13 @@ pipeline at toy scale with no downloads.
 2. Train a reward model on preference pairs of the pretrained model's own
    completions, labelled by a hidden rule (the fraction of "a"-class tokens in
    the response) with a Bradley-Terry loss.
-3. PPO against that learned reward model with adaptive KL control.
+3. PPO and GRPO against that learned reward model, each from the pretrained
+   model, with the same adaptive KL control: PPO with a value head and GAE, GRPO
+   with no critic and groups of 8 responses per prompt.
 
 It reports the hidden-rule score, the reward-model score and the KL to the
-reference on held-out prompts before and after PPO, for each seed.
+reference on held-out prompts before and after each algorithm, for each seed, and
+plots both algorithms' training curves in one figure (``ppo_vs_grpo.png``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 import rlhf_ext
 from rlhf_ext.trainer.config import PPOConfig
+from rlhf_ext.trainer.metrics import plot_comparison
 from rlhf_ext.trainer.model import GPTConfig, PooledRewardModel, TinyGPT
 from rlhf_ext.trainer.ppo import PPOTrainer
 from rlhf_ext.trainer.rollout import (
@@ -38,11 +42,22 @@ from rlhf_ext.trainer.rollout import (
 PAD, BOS, EOS = 0, 1, 2
 N_A, N_B = 6, 18  # "a"-class tokens (the hidden rule rewards them) and the others
 WORLD_SEED = 1234  # the corpus and the rule are the same for every run seed
+ALGORITHMS = ("ppo", "grpo")
+GRPO_GENERATIONS = 8  # responses per prompt: a GRPO group
+FIGURE = "ppo_vs_grpo.png"
+# the combined figure: one panel per (title, metric), one line per algorithm and seed
+COMPARED = (
+    ("hidden rule (rollouts)", "demo/hidden_rule"),
+    ("reward-model score", "objective/scores"),
+    ("KL to the reference (nats / sequence)", "objective/kl"),
+    ("entropy (nats / sequence)", "objective/entropy"),
+)
 
 
 @dataclass
 class DemoScale:
-    """Sizes of the three stages (the defaults fit ~1.5 min per seed on 2 CPU cores)."""
+    """Sizes of the stages (the defaults fit ~1.5 min per seed on 2 CPU cores).
+    ``ppo_iterations`` is the iteration count of each algorithm, PPO and GRPO."""
 
     d_model: int = 64
     n_layer: int = 2
@@ -236,8 +251,30 @@ def evaluate(policy_lm, ref_lm, reward_model, prompts, max_new_tokens: int, seed
     }
 
 
-def demo_config(scale: DemoScale, seed: int, output_dir: str) -> PPOConfig:
-    """The PPO settings of the demo (adaptive KL, value head on the policy)."""
+def demo_config(scale: DemoScale, seed: int, output_dir: str, algorithm: str = "ppo") -> PPOConfig:
+    """The settings of the demo: PPO (value head on the policy, GAE, normalised and
+    clipped scores) or GRPO (no critic, groups of ``GRPO_GENERATIONS`` responses,
+    group-normalised scores); both put the sequence's KL into its reward under the
+    same adaptive controller, so both chase the same KL target."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(
+            f"rlhf_ext.trainer.demo: `algorithm` must be one of {ALGORITHMS}, got {algorithm!r}"
+        )
+    ppo = _ppo_config(scale, seed, output_dir)
+    if algorithm == "ppo":
+        return ppo
+    fields = ppo.to_dict()
+    fields.update(
+        advantage_estimator="grpo",
+        num_generations=GRPO_GENERATIONS,
+        # the group's mean and std normalise the scores: no running normalisation or clip
+        normalize_reward=False,
+        reward_clip=None,
+    )
+    return PPOConfig(**fields)
+
+
+def _ppo_config(scale: DemoScale, seed: int, output_dir: str) -> PPOConfig:
     return PPOConfig(
         learning_rate=1e-3,
         total_iterations=scale.ppo_iterations,
@@ -261,50 +298,63 @@ def demo_config(scale: DemoScale, seed: int, output_dir: str) -> PPOConfig:
     )
 
 
-def run_seed(seed: int, output_dir: str, scale: DemoScale, log=_print) -> dict:
-    """The three stages for one seed; returns the start / end figures."""
+def run_seed(
+    seed: int, output_dir: str, scale: DemoScale, log=_print, algorithms=ALGORITHMS
+) -> list[dict]:
+    """The stages for one seed: pretraining and the reward model once, then each of
+    ``algorithms`` from the pretrained model (under ``output_dir/<algorithm>``);
+    returns one dict of start / end figures per algorithm."""
     corpus = SyntheticCorpus()
     clock = time.perf_counter()
     reference = pretrain(corpus, scale, seed)
     log(f"[seed {seed}] pretrained the GPT in {time.perf_counter() - clock:.1f}s")
-    cfg = demo_config(scale, seed, output_dir)
+    max_new_tokens = _ppo_config(scale, seed, output_dir).max_new_tokens
     clock = time.perf_counter()
-    reward_model, accuracy = train_reward_model(corpus, reference, scale, seed, cfg.max_new_tokens)
+    reward_model, accuracy = train_reward_model(corpus, reference, scale, seed, max_new_tokens)
     log(
         f"[seed {seed}] reward model: held-out pair accuracy {accuracy:.3f} "
         f"({time.perf_counter() - clock:.1f}s)"
     )
     eval_prompts = corpus.prompts(scale.eval_prompts, torch.Generator().manual_seed(10_000 + seed))
     train_prompts = corpus.prompts(1024, torch.Generator().manual_seed(20_000 + seed))
-    start = evaluate(reference, reference, reward_model, eval_prompts, cfg.max_new_tokens, seed)
-    policy = copy.deepcopy(reference)
-    trainer = PPOTrainer(
-        cfg,
-        policy,
-        reference,
-        reward_model,
-        DemoTokenizer(),
-        metrics_fn=lambda p, c: {"demo/hidden_rule": _mean(hidden_rule(c))},
-        log=_LogStream(log),
-    )
-    clock = time.perf_counter()
-    history = trainer.train(train_prompts)
-    ppo_seconds = time.perf_counter() - clock
-    train_kl = [m["objective/kl"] for m in history]
-    end = evaluate(
-        trainer.policy_lm, reference, reward_model, eval_prompts, cfg.max_new_tokens, seed
-    )
-    return {
-        "seed": seed,
-        "reward_model_accuracy": accuracy,
-        "start": start,
-        "end": end,
-        "final_kl_coef": trainer.kl_controller.value,
-        "train_kl_max": max(train_kl),
-        "train_kl_last10": _mean(train_kl[-10:]),
-        "kl_target": cfg.kl_target,
-        "ppo_seconds": ppo_seconds,
-    }
+    start = evaluate(reference, reference, reward_model, eval_prompts, max_new_tokens, seed)
+    results = []
+    for algorithm in algorithms:
+        cfg = demo_config(scale, seed, os.path.join(output_dir, algorithm), algorithm)
+        # the trainer freezes its reference in place: the copy is trained again
+        policy = copy.deepcopy(reference).requires_grad_(True)
+        trainer = PPOTrainer(
+            cfg,
+            policy,
+            reference,
+            reward_model,
+            DemoTokenizer(),
+            metrics_fn=lambda p, c: {"demo/hidden_rule": _mean(hidden_rule(c))},
+            log=_LogStream(lambda message, a=algorithm: log(f"[seed {seed} {a}] {message}")),
+        )
+        clock = time.perf_counter()
+        history = trainer.train(train_prompts)
+        seconds = time.perf_counter() - clock
+        train_kl = [m["objective/kl"] for m in history]
+        end = evaluate(
+            trainer.policy_lm, reference, reward_model, eval_prompts, max_new_tokens, seed
+        )
+        results.append(
+            {
+                "seed": seed,
+                "algorithm": algorithm,
+                "reward_model_accuracy": accuracy,
+                "start": start,
+                "end": end,
+                "final_kl_coef": trainer.kl_controller.value,
+                "train_kl_max": max(train_kl),
+                "train_kl_last10": _mean(train_kl[-10:]),
+                "kl_target": cfg.kl_target,
+                "train_seconds": seconds,
+                "history": history,
+            }
+        )
+    return results
 
 
 def _mean(values: list[float]) -> float:
@@ -312,49 +362,69 @@ def _mean(values: list[float]) -> float:
 
 
 def run_demo(
-    output_dir: str = "runs/demo", seeds=(0,), scale: DemoScale | None = None, log=_print
+    output_dir: str = "runs/demo",
+    seeds=(0,),
+    scale: DemoScale | None = None,
+    log=_print,
+    algorithms=ALGORITHMS,
 ) -> list[dict]:
-    """Run the demo for each seed under ``output_dir/seed<N>``; print and write
-    ``summary.json`` (start and end figures per seed)."""
+    """Run the demo for each seed under ``output_dir/seed<N>/<algorithm>``; print and
+    write ``summary.json`` (start and end figures per seed and algorithm) and
+    ``ppo_vs_grpo.png`` (every run's training curves)."""
     scale = scale or DemoScale()
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown or not algorithms:
+        raise ValueError(
+            f"rlhf_ext.trainer.demo.run_demo: `algorithms` must be a non-empty subset of "
+            f"{ALGORITHMS}, got {list(algorithms)}"
+        )
     # One thread: at this scale OpenMP's barriers cost more than the math (20x on a busy
     # 2-core machine: 7 ms against 140 ms for one GPT forward).
     torch.set_num_threads(1)
     results = []
     for seed in seeds:
-        results.append(run_seed(seed, os.path.join(output_dir, f"seed{seed}"), scale, log))
-        log(format_result(results[-1]))
+        runs = run_seed(seed, os.path.join(output_dir, f"seed{seed}"), scale, log, algorithms)
+        for run in runs:
+            log(format_result(run))
+        results.extend(runs)
     os.makedirs(output_dir, exist_ok=True)
+    histories = {(r["algorithm"], r["seed"]): r.pop("history") for r in results}
     with open(os.path.join(output_dir, "summary.json"), "w") as fh:
         json.dump(results, fh, indent=2)
+    figure = os.path.join(output_dir, FIGURE)
+    problem = plot_comparison(histories, figure, COMPARED)
+    log(f"no figure: {problem}" if problem else f"training curves: {figure}")
     log(format_summary(results))
     return results
 
 
 def format_result(r: dict) -> str:
-    """One seed's start -> end figures."""
+    """One run's start -> end figures."""
     s, e = r["start"], r["end"]
     return (
-        f"[seed {r['seed']}] hidden rule {s['hidden_rule']:.3f} -> {e['hidden_rule']:.3f} "
-        f"({e['hidden_rule'] - s['hidden_rule']:+.3f}); reward model {s['rm_score']:.3f} -> "
-        f"{e['rm_score']:.3f}; KL {s['kl']:.3f} -> {e['kl']:.3f} (target {r['kl_target']}); "
-        f"kl_coef {r['final_kl_coef']:.4f}; PPO {r['ppo_seconds']:.0f}s"
+        f"[seed {r['seed']} {r['algorithm']}] hidden rule {s['hidden_rule']:.3f} -> "
+        f"{e['hidden_rule']:.3f} ({e['hidden_rule'] - s['hidden_rule']:+.3f}); reward model "
+        f"{s['rm_score']:.3f} -> {e['rm_score']:.3f}; KL {s['kl']:.3f} -> {e['kl']:.3f} "
+        f"(target {r['kl_target']}); kl_coef {r['final_kl_coef']:.4f}; "
+        f"{r['train_seconds']:.0f}s"
     )
 
 
 def format_summary(results: list[dict]) -> str:
-    """A Markdown table of every seed (held-out start / end, and the training KL)."""
+    """A Markdown table of every run (held-out start / end, and the training KL)."""
     lines = [
-        "| seed | RM pair accuracy | hidden rule start | end | rise | RM score start | end "
-        "| KL start | end | training KL, last 10 it. | max | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| seed | algorithm | RM pair accuracy | hidden rule start | end | rise | RM score start "
+        "| end | KL start | end | training KL, last 10 it. | max | target | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, e = r["start"], r["end"]
         lines.append(
-            f"| {r['seed']} | {r['reward_model_accuracy']:.3f} | {s['hidden_rule']:.3f} | "
+            f"| {r['seed']} | {r['algorithm']} | {r['reward_model_accuracy']:.3f} | "
+            f"{s['hidden_rule']:.3f} | "
             f"{e['hidden_rule']:.3f} | {e['hidden_rule'] - s['hidden_rule']:+.3f} | "
             f"{s['rm_score']:.3f} | {e['rm_score']:.3f} | {s['kl']:.3f} | {e['kl']:.3f} | "
-            f"{r['train_kl_last10']:.2f} | {r['train_kl_max']:.2f} | {r['kl_target']:g} |"
+            f"{r['train_kl_last10']:.2f} | {r['train_kl_max']:.2f} | {r['kl_target']:g} | "
+            f"{r['train_seconds']:.0f} |"
         )
     return "\n".join(lines)

@@ -145,5 +145,41 @@ def plot_metrics(records: list[dict], path: str) -> str | None:
     return None
 
 
+def plot_comparison(runs: dict, path: str, panels) -> str | None:
+    """Several runs' curves in one PNG at ``path``: ``runs`` maps ``(label, seed)`` to
+    a run's per-iteration metrics (dicts with ``"step"``); ``panels`` is a sequence of
+    ``(title, metric key)``, one panel each, one line per run (a colour per label, a
+    line style per seed). Returns the reason when nothing was written (no matplotlib),
+    else None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot written"
+    labels = list(dict.fromkeys(label for label, _ in runs))  # in the runs' order
+    seeds = sorted({seed for _, seed in runs})
+    colours = {label: f"C{i}" for i, label in enumerate(labels)}
+    styles = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(seeds)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4))
+    for ax, (title, key) in zip(axes, panels, strict=True):
+        for (label, seed), records in runs.items():
+            ax.plot(
+                [r["step"] for r in records],
+                [_or_nan(r.get(key)) for r in records],
+                color=colours[label],
+                linestyle=styles[seed],
+                label=f"{label} seed {seed}",
+            )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
 def _or_nan(value) -> float:
     return float("nan") if value is None else float(value)

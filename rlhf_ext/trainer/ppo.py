@@ -1,5 +1,6 @@
-"""PPOTrainer: rollouts, reward shaping, GAE, clipped PPO updates, KL control,
-checkpoints, metrics. Every log-prob, advantage, KL and loss is an rlhf_ext op."""
+"""PPOTrainer: rollouts, reward shaping, advantages (GAE with a critic, or GRPO-style
+critic-free estimators), policy-loss updates, KL control, checkpoints, metrics. Every
+log-prob, advantage, KL and loss is an rlhf_ext op."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 import rlhf_ext
 from rlhf_ext.trainer import distributed as dist
+from rlhf_ext.trainer.advantages import estimate_advantages
 from rlhf_ext.trainer.checkpoint import (
     CHECKPOINT_FILE,
     load_trainer_checkpoint,
@@ -48,7 +50,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class PPOTrainer:
-    """PPO for language models (Ziegler et al. 2019; TRL / OpenRLHF semantics).
+    """PPO for language models (Ziegler et al. 2019; TRL / OpenRLHF semantics), and its
+    critic-free relatives (GRPO, Dr.GRPO, RLOO, REINFORCE++: ``advantage_estimator``).
 
     Args:
         config: a :class:`PPOConfig`.
@@ -61,7 +64,8 @@ class PPOTrainer:
             (a transformers tokenizer or :class:`ByteTokenizer`). pad may equal
             eos: masks come from lengths and the first EOS, never from pad ids.
         value_model: None for a value head on the policy's backbone, or a
-            separate causal LM that becomes the critic.
+            separate causal LM that becomes the critic. A critic-free
+            ``advantage_estimator`` trains no critic: ``value_model`` must be None.
         reward_tokenizer: the reward model's own tokenizer, when it differs.
         metrics_fn: optional ``fn(prompts, completions) -> dict`` of extra
             per-iteration metrics (the demo's hidden-rule score).
@@ -116,7 +120,20 @@ class PPOTrainer:
     # ----------------------------------------------------------- building
     def _build_models(self, policy, ref_policy, value_model) -> None:
         self.device = next(policy.parameters()).device
-        if value_model is None:
+        if not any(p.requires_grad for p in policy.parameters()):
+            raise ValueError(
+                f"{NAME}: `policy` has no parameter that requires grad (a frozen copy of a "
+                "reference? call .requires_grad_(True) on it)"
+            )
+        if not self.config.needs_critic:
+            if value_model is not None:
+                raise ValueError(
+                    f"{NAME}: `value_model` must be None with advantage_estimator="
+                    f"{self.config.advantage_estimator!r}, which trains no critic"
+                )
+            self.model = as_causal_lm(policy, "policy", NAME)
+            self.policy_lm, self.critic = self.model, None
+        elif value_model is None:
             self.model = ValueHeadModel(policy, name="policy", owner=NAME).to(self.device)
             self.policy_lm, self.critic = self.model.lm, None
         else:
@@ -136,6 +153,10 @@ class PPOTrainer:
         self.train_critic = _maybe_ddp(self.critic) if self.critic is not None else None
 
     def _value_parameters(self) -> list[nn.Parameter]:
+        """The critic's trained parameters (none without a critic: the optimizer's value
+        group is then empty, so checkpoints keep one layout)."""
+        if not self.config.needs_critic:
+            return []
         if self.critic is not None:  # without a frozen (untied, unused) LM head
             return [p for p in self.critic.parameters() if p.requires_grad]
         return list(self.model.value_head.parameters())
@@ -197,7 +218,8 @@ class PPOTrainer:
         """One PPO iteration on given ``queries``, ``responses`` (token-id
         sequences; a response ends at its first EOS) and ``scores [B]``. Like an
         iteration of :meth:`train` it advances :attr:`iteration` and appends to
-        ``metrics.jsonl``. Returns the iteration's metrics."""
+        ``metrics.jsonl``. Returns the iteration's metrics. With a group estimator,
+        each ``num_generations`` consecutive rows are the responses to one prompt."""
         queries = self._token_rows(queries, "step", "queries")
         responses = self._token_rows(responses, "step", "responses")
         query_ids, query_mask = left_pad(queries, self.pad_token_id, self.device)
@@ -205,6 +227,12 @@ class PPOTrainer:
             responses, self.pad_token_id, self.eos_token_id, self.device
         )
         batch = Batch(query_ids, query_mask, response_ids, response_mask, has_eos)
+        if query_ids.shape[0] % self.config.num_generations:
+            raise ValueError(
+                f"{NAME}.step: the number of queries ({query_ids.shape[0]}) must be a multiple "
+                f"of `num_generations` ({self.config.num_generations}): each group of that "
+                "many consecutive rows answers one prompt"
+            )
         scores = torch.as_tensor(scores, dtype=torch.float32, device=self.device).reshape(-1)
         if scores.numel() != query_ids.shape[0]:
             raise ValueError(
@@ -218,7 +246,7 @@ class PPOTrainer:
 
     def _ppo_iteration(self, batch: Batch, raw_scores: torch.Tensor, timings: dict) -> dict:
         """Everything of an iteration after the rollout and its scores: the
-        experience, the PPO epochs, the metrics and the KL controller's update.
+        experience, the policy-loss epochs, the metrics and the KL controller's update.
         Adds the stages' durations to ``timings``."""
         clock = time.perf_counter()
         old_logprobs, entropy, old_values = self._policy_statistics(batch)
@@ -263,11 +291,15 @@ class PPOTrainer:
         )
 
     @torch.no_grad()
-    def _policy_statistics(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _policy_statistics(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The sampling policy's ``(logprobs, entropy, values)``, each ``[B, R]``,
-        0 outside the response mask."""
+        0 outside the response mask (values None without a critic)."""
         logprobs, entropy, values = self._forward(self.model, self.critic, batch)
-        return logprobs, entropy, values.masked_fill(~batch.response_mask, 0.0)
+        if values is not None:
+            values = values.masked_fill(~batch.response_mask, 0.0)
+        return logprobs, entropy, values
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
@@ -277,9 +309,12 @@ class PPOTrainer:
 
     def _forward(self, model, critic, batch: Batch):
         """``(logprobs, entropy, values)`` of the responses from ``model`` (a
-        ValueHeadModel when ``critic`` is None) and ``critic``: no grad for the
-        experience, DDP-wrapped with grad for the loss."""
-        if critic is None:
+        ValueHeadModel when ``critic`` is None and the estimator needs a critic) and
+        ``critic``: no grad for the experience, DDP-wrapped with grad for the loss.
+        Values are None without a critic."""
+        if not self.config.needs_critic:
+            logits, values = response_logits(model, batch)
+        elif critic is None:
             logits, values = response_logits(model, batch, value_model=True)
         else:
             logits, _ = response_logits(model, batch)
@@ -307,14 +342,21 @@ class PPOTrainer:
             reward_clip=cfg.reward_clip,
         )
 
-    def _advantages(self, rewards, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """GAE ``(advantages, returns)``; the advantages whitened over the batch
-        when ``whiten_advantages``."""
+    def _advantages(self, rewards, values, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(advantages, returns)`` of the config's ``advantage_estimator`` (see
+        :func:`rlhf_ext.trainer.advantages.estimate_advantages`); returns None
+        without a critic."""
         cfg = self.config
-        advantages, returns = rlhf_ext.gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = rlhf_ext.masked_whiten(advantages, mask)
-        return advantages, returns
+        return estimate_advantages(
+            cfg.advantage_estimator,
+            rewards,
+            values,
+            mask,
+            num_generations=cfg.num_generations,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            whiten=cfg.whiten_advantages,
+        )
 
     # ------------------------------------------------------------- update
     def _ppo_epochs(self, experience: Experience) -> dict:
@@ -396,35 +438,38 @@ class PPOTrainer:
         return None
 
     def _loss(self, micro_batch: Experience) -> tuple[torch.Tensor, dict]:
-        """PPO loss of one micro-batch: clipped policy loss + vf_coef * value loss
-        - entropy_coef * entropy (+ kl_coef * KL loss when the KL is a loss term),
-        and its statistics."""
+        """Loss of one micro-batch: the ``policy_loss`` kind + vf_coef * value loss
+        (with a critic) - entropy_coef * entropy (+ kl_coef * KL loss when the KL is a
+        loss term), and its statistics."""
         cfg = self.config
         mask = micro_batch.batch.response_mask
         logprobs, entropy, values = self._forward(
             self.train_model, self.train_critic, micro_batch.batch
         )
-        pg_loss, pg_stats = rlhf_ext.ppo_policy_loss(
+        pg_loss, pg_stats = rlhf_ext.policy_loss(
             logprobs,
             micro_batch.old_logprobs,
             micro_batch.advantages,
             mask,
-            clip_eps=cfg.clip_eps,
-            clip_eps_high=cfg.clip_eps_high,
-            dual_clip=cfg.dual_clip,
+            kind=cfg.policy_loss,
             agg=cfg.loss_agg,
-        )
-        vf_loss, vf_stats = rlhf_ext.value_loss(
-            values,
-            micro_batch.old_values,
-            micro_batch.returns,
-            mask,
-            clip_eps=cfg.value_clip,
-            agg=cfg.loss_agg,
+            **cfg.policy_loss_arguments(),
         )
         mean_entropy = rlhf_ext.masked_mean(entropy, mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
+        loss = pg_loss - cfg.entropy_coef * mean_entropy
         stats = {}
+        if values is not None:
+            vf_loss, vf_stats = rlhf_ext.value_loss(
+                values,
+                micro_batch.old_values,
+                micro_batch.returns,
+                mask,
+                clip_eps=cfg.value_clip,
+                agg=cfg.loss_agg,
+            )
+            loss = loss + cfg.vf_coef * vf_loss
+            stats["loss/value_avg"] = float(vf_loss.detach())
+            stats["val/clipfrac_avg"] = float(vf_stats["clipfrac"])
         if cfg.kl_placement == "loss":
             kl = rlhf_ext.kl_loss(
                 logprobs, micro_batch.ref_logprobs, mask, kind=cfg.kl_kind, agg=cfg.loss_agg
@@ -434,13 +479,11 @@ class PPOTrainer:
         stats.update(
             {
                 "loss/policy_avg": float(pg_loss.detach()),
-                "loss/value_avg": float(vf_loss.detach()),
                 "loss/total_avg": float(loss.detach()),
                 "policy/approxkl_avg": float(pg_stats["approx_kl"]),
                 "policy/clipfrac_avg": float(pg_stats["clipfrac"]),
                 "policy/entropy_avg": float(mean_entropy.detach()),
                 "val/ratio": float(pg_stats["ratio_mean"]),
-                "val/clipfrac_avg": float(vf_stats["clipfrac"]),
             }
         )
         return loss, stats
@@ -466,8 +509,8 @@ class PPOTrainer:
         return metrics
 
     def _rollout_metrics(self, experience: Experience, raw_scores, scores) -> dict:
-        """This rank's KL, entropy, reward, value and length figures of the rollout
-        (a per-sequence sum is the masked token mean times the length)."""
+        """This rank's KL, entropy, reward, value (with a critic) and length figures of
+        the rollout (a per-sequence sum is the masked token mean times the length)."""
         batch = experience.batch
         mask = batch.response_mask
         per_token_kl = rlhf_ext.kl_penalty(
@@ -477,9 +520,7 @@ class PPOTrainer:
         kl_per_seq = rlhf_ext.masked_mean(per_token_kl, mask, dim=1) * lengths
         entropy_per_seq = rlhf_ext.masked_mean(experience.entropy, mask, dim=1) * lengths
         rlhf_reward = rlhf_ext.masked_mean(experience.rewards, mask, dim=1) * lengths
-        returns, values = experience.returns, experience.old_values
-        residual_var = _masked_var(returns - values, mask)
-        return {
+        metrics = {
             "objective/kl": float(kl_per_seq.mean()),
             "objective/entropy": float(entropy_per_seq.mean()),
             "objective/scores": float(raw_scores.mean()),
@@ -487,17 +528,23 @@ class PPOTrainer:
             "objective/rlhf_reward": float(rlhf_reward.mean()),
             "objective/non_score_reward": float((rlhf_reward - scores).mean()),
             "val/num_eos_tokens": float(batch.has_eos.sum()),
-            "val/var_explained": 1.0 - residual_var / max(_masked_var(returns, mask), 1e-12),
             "val/mean_response_length": float(lengths.mean()),
             "val/min_response_length": float(lengths.min()),
             "val/max_response_length": float(lengths.max()),
         }
+        returns, values = experience.returns, experience.old_values
+        if values is not None:
+            residual_var = _masked_var(returns - values, mask)
+            explained = 1.0 - residual_var / max(_masked_var(returns, mask), 1e-12)
+            metrics["val/var_explained"] = explained
+        return metrics
 
     # -------------------------------------------------------------- train
     def train(self, prompts, iterations: int | None = None) -> list[dict]:
         """Run PPO from the current iteration up to ``iterations`` (default
-        ``config.total_iterations``), sampling ``rollout_batch_size`` prompts per
-        rank per iteration from ``prompts`` (strings or token-id sequences).
+        ``config.total_iterations``), sampling ``rollout_batch_size //
+        num_generations`` prompts per rank per iteration from ``prompts`` (strings or
+        token-id sequences), each answered ``num_generations`` times.
 
         Writes ``metrics.jsonl``, a checkpoint every ``checkpoint_interval``
         iterations and at the end, and ``metrics.png``. SIGINT / SIGTERM write a
@@ -537,7 +584,9 @@ class PPOTrainer:
     def _train_iteration(self, encoded: list) -> dict:
         cfg = self.config
         start = time.perf_counter()
-        picks = torch.randint(len(encoded), (cfg.rollout_batch_size,), generator=self.generator)
+        picks = torch.randint(len(encoded), (cfg.prompts_per_iteration,), generator=self.generator)
+        # a group is num_generations consecutive rows of one prompt (group_advantages' layout)
+        picks = picks.repeat_interleave(cfg.num_generations)
         batch = self.generate([encoded[i] for i in picks.tolist()])
         timings = {"time/rollout": time.perf_counter() - start}
         clock = time.perf_counter()

@@ -48,17 +48,19 @@ class Experience:
     Every per-token tensor is ``[B, R]`` float32, ``R`` the width of
     ``batch.responses``, and 0 outside ``batch.response_mask``, except the
     advantages: whitening shifts every position, masked ones included (TRL's
-    semantics; the losses mask them out).
+    semantics; the losses mask them out), and the per-row estimators' advantages
+    are ``[B]`` (the losses broadcast them over each row's tokens). Without a critic
+    (a critic-free estimator) ``old_values`` and ``returns`` are None.
     """
 
     batch: Batch
     old_logprobs: torch.Tensor  # [B, R] float32, the sampling policy's (the PPO ratio's base)
     ref_logprobs: torch.Tensor  # [B, R] float32, the frozen reference's
     entropy: torch.Tensor  # [B, R] float32, the sampling policy's (for metrics only)
-    old_values: torch.Tensor  # [B, R] float32, of the state before each token
+    old_values: torch.Tensor | None  # [B, R] float32, of the state before each token
     rewards: torch.Tensor  # [B, R] float32, score at the last token (- kl_coef * KL per token)
-    advantages: torch.Tensor  # [B, R] float32, GAE (whitened when whiten_advantages)
-    returns: torch.Tensor  # [B, R] float32, GAE returns: the value loss's targets
+    advantages: torch.Tensor  # [B, R] or [B] float32, of the config's advantage_estimator
+    returns: torch.Tensor | None  # [B, R] float32, GAE returns: the value loss's targets
 
     def __len__(self) -> int:
         """The number of rows (sequences)."""
@@ -67,7 +69,11 @@ class Experience:
     def select(self, rows: torch.Tensor | slice) -> Experience:
         """The sub-batch of rows ``rows`` (an index tensor on the tensors' device,
         or a slice), for mini- and micro-batches."""
-        per_token = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "batch"}
+        per_token = {
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+            for f in fields(self)
+            if f.name != "batch"
+        }
         return Experience(batch=self.batch.select(rows), **per_token)
 
 
