@@ -10,10 +10,11 @@ Two kinds of rows (``op`` column):
   ``compute_grpo_outcome_advantage`` (the speedup baseline: a Python loop over the rows,
   then a ``[B, T]`` broadcast) + ``compute_policy_loss_vanilla`` forward + backward;
 - ``policy_loss[<kind>]``: the loss alone from ``[B]`` advantages, for the kinds "ppo",
-  "gspo_token" (verl's GSPO), "gspo" (TRL's) and "cispo", each against verl's function for
-  it where verl has one (``compute_policy_loss_vanilla`` / ``_gspo`` / ``_cispo``, given
-  ``[B, T]`` advantages, its only form). The GSPO and CISPO rows divided by the "ppo" row
-  of the same run are issue 18's "within 1.3x of the vanilla loss".
+  "gspo_token" (verl's GSPO), "gspo" (TRL's), "cispo" and "geo_mean" (GMPO), each against
+  verl's function for it where verl has one (``compute_policy_loss_vanilla`` / ``_gspo`` /
+  ``_cispo`` / ``_geo_mean``, given ``[B, T]`` advantages, its only form). The GSPO and
+  CISPO rows divided by the "ppo" row of the same run are issue 18's "within 1.3x of the
+  vanilla loss".
 
 Every implementation is verified against the float64 reference (loss and gradient)
 before it is timed. verl's functions take float 0/1 masks and uid arrays, as verl's trainer
@@ -37,6 +38,7 @@ from bench.harness import Impl
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP = 0.2, 0.28, 3.0
 GSPO_LOW, GSPO_HIGH = 3e-3, 4e-3  # the GSPO paper's band for the sequence ratio
+GMPO_CLIP = 0.4  # the GMPO paper's log-ratio band (e^-0.4, e^0.4)
 BASELINE = "verl"
 SHAPES = {"cuda": [(4096, 8192)], "cpu": [(512, 1024), (4096, 8192)]}
 QUICK_SHAPES = [(256, 512)]
@@ -46,6 +48,11 @@ KINDS = {
     "gspo_token": (dict(clip_eps=GSPO_LOW, clip_eps_high=GSPO_HIGH), "gspo"),
     "gspo": (dict(clip_eps=GSPO_LOW, clip_eps_high=GSPO_HIGH), None),
     "cispo": (dict(clip_eps=CLIP_LOW, clip_eps_high=CLIP_HIGH), "cispo"),
+    # verl averages GMPO's row losses over the rows (all non-empty here): seq-mean-token-sum
+    "geo_mean": (
+        dict(clip_eps=GMPO_CLIP, clip_eps_high=GMPO_CLIP, agg="seq-mean-token-sum"),
+        "geo_mean",
+    ),
 }
 
 

@@ -5,15 +5,31 @@ OpenRLHF installs here only with --no-deps, and ``openrlhf.models`` then fails t
 formulas are written below in this file, from OpenRLHF 0.11.2's
 ``openrlhf/models/utils.py`` (compute_approx_kl, log_probs_from_logits, masked_mean),
 ``openrlhf/models/loss.py`` (aggregate_loss, PolicyLoss, ValueLoss) and
-``openrlhf/trainer/ppo_utils/experience_maker.py``
-(RemoteExperienceMaker.get_advantages_and_returns). patch() / unpatch() are exercised on a
-stand-in ``openrlhf`` package with the same module layout, built from those formulas.
+``openrlhf/trainer/ppo_utils/experience_maker.py`` (RemoteExperienceMaker's
+get_advantages_and_returns, get_cumulative_returns and the group step of
+compute_advantages_and_returns), with file:line citations. patch() / unpatch() are
+exercised on a stand-in ``openrlhf`` package with the same module layout, built from those
+formulas.
+
+Optionally, where OpenRLHF 0.11.2's wheel is on disk (``RLHF_EXT_OPENRLHF_WHEEL``, default
+``/tmp/orl/openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl``; skipped otherwise, as in
+CI), the tests at the end run the peer's own code: the pure functions and classes are cut
+out of the wheel's sources with ``ast`` and exec'd without flash-attn / DeepSpeed / Ray, and
+the wheel's ``loss.py`` is used verbatim in a stand-in package for patch().
 """
 
 from __future__ import annotations
 
+import ast
+import copy
+import itertools
+import os
 import sys
 import textwrap
+import types
+import zipfile
+from pathlib import Path
+from typing import Optional, Union
 
 import pytest
 import torch
@@ -77,8 +93,13 @@ def peer_aggregate(loss, mask, token_level, dp_size=1, num_tokens=None, num_seqs
 
 
 def peer_policy_loss(module, lp, old, adv, mask, dp_size=1, num_tokens=None, num_seqs=None):
-    log_ratio = lp - old
-    ratio = log_ratio.clamp(-20, 20).exp()
+    # loss.py:174-259, without the IS correction (is_correction_level="off")
+    log_ratio = lp - old  # :185
+    if module.policy_loss_type == "ppo":  # :186-188
+        ratio = log_ratio.clamp(-20, 20).exp()
+    else:  # gspo, :189-196: the row's mean log-ratio (count clamped to 1), no clamp, times mask
+        seq_log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        ratio = seq_log_ratio.exp().unsqueeze(-1) * mask
     surr1 = ratio * adv
     surr2 = ratio.clamp(1 - module.clip_eps_low, 1 + module.clip_eps_high) * adv
     lower = torch.min(surr1, surr2)
@@ -111,6 +132,33 @@ def peer_gae(values, rewards, mask, gamma, lambd):
         columns.append(running)
     advantages = torch.stack(columns[::-1], dim=1)
     return advantages, advantages + values
+
+
+def peer_cumulative_returns(rewards, mask, gamma):
+    # experience_maker.py:389-421
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.size(0), device=rewards.device)  # float32, as OpenRLHF's
+    if mask is not None:
+        rewards = mask * rewards
+    for t in reversed(range(rewards.size(1))):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns
+
+
+def peer_group_step(rewards, estimator):
+    # experience_maker.py:268-278, on the [num_prompts, n_samples_per_prompt] matrix of :256
+    n = rewards.shape[1]
+    if estimator == "rloo":
+        return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (n - 1)
+    if estimator in ["reinforce_baseline", "dr_grpo"]:
+        return rewards - rewards.mean(-1, keepdim=True)
+    if estimator == "group_norm":
+        centred = rewards - rewards.mean(-1, keepdim=True)
+        return centred / (rewards.std(-1, keepdim=True) + 1e-9)
+    if estimator == "flash_reinforce":
+        return rewards - rewards.mean()
+    return rewards  # gae, reinforce
 
 
 def peer_log_probs(logits, labels, temperature=1.0):
@@ -186,6 +234,7 @@ def _scaling_kwargs(scaling):
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_policy_loss_matches_openrlhf(dual_clip, token_level_loss, scaling):
     module = adapter.PolicyLoss(0.15, 0.28, dual_clip, token_level_loss)
+    assert not adapter._needs_peer_policy_loss(module)
     old = torch.randn(B, T) - 1
     lp = (old + torch.randn(B, T) * 0.4).requires_grad_(True)
     adv, mask = torch.randn(B, T), _mask()
@@ -197,11 +246,79 @@ def test_policy_loss_matches_openrlhf(dual_clip, token_level_loss, scaling):
     torch.testing.assert_close(_grad(ours[0], lp), _grad(theirs[0], lp), **TOL)
 
 
-def test_policy_loss_unsupported_configurations_say_so():
+def _gspo_inputs(dtype, per_row_advantage, spread=0.3):
+    old = (torch.randn(B, T) - 1).to(dtype)
+    lp = (old.float() + torch.randn(B, T) * spread).to(dtype).requires_grad_(True)
+    adv = torch.randn(B, 1).expand(B, T) if per_row_advantage else torch.randn(B, T)
+    return lp, old, adv.to(dtype).contiguous(), _mask()
+
+
+@pytest.mark.parametrize("clip", [(0.2, 0.2), (3e-4, 4e-4), (0.1, 0.3)])
+@pytest.mark.parametrize("per_row_advantage", [True, False])
+@pytest.mark.parametrize("scaling", SCALINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gspo_policy_loss_matches_openrlhf(clip, per_row_advantage, scaling, dtype):
+    module = adapter.PolicyLoss(*clip, policy_loss_type="gspo")
+    assert module.token_level_loss is False  # GSPO forces per-sequence aggregation
+    assert not adapter._needs_peer_policy_loss(module)
+    lp, old, adv, mask = _gspo_inputs(dtype, per_row_advantage)
+    ours = module(lp, old, adv, mask, None, **_scaling_kwargs(scaling))
+    # rlhf_ext computes in float32 from bf16 inputs: the peer's formula on the same values
+    reference_lp = lp.detach().float().requires_grad_(True)
+    theirs = peer_policy_loss(module, reference_lp, old.float(), adv.float(), mask, **scaling)
+    for mine, reference in zip(ours[:3], theirs[:3], strict=True):
+        torch.testing.assert_close(mine, reference, **TOL)
+    assert ours[3:] == (None, None)
+    grad_tol = TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-6)  # a bf16 gradient
+    our_grad = _grad(ours[0], lp)
+    assert our_grad.dtype == dtype
+    torch.testing.assert_close(our_grad.float(), _grad(theirs[0], reference_lp), **grad_tol)
+    assert torch.all(our_grad[mask == 0] == 0)
+
+
+def test_gspo_policy_loss_clip_ratio_counts_clipped_tokens():
+    """Wide log-ratios: most sequences leave the band, so clip_ratio is far from 0 and 1."""
+    module = adapter.PolicyLoss(0.05, 0.05, policy_loss_type="gspo")
+    lp, old, adv, mask = _gspo_inputs(torch.float32, False, spread=1.0)
+    ours = module(lp, old, adv, mask)
+    theirs = peer_policy_loss(module, lp, old, adv, mask)
+    assert 0.05 < float(theirs[1]) < 0.95
+    torch.testing.assert_close(ours[1], theirs[1], **TOL)
+    torch.testing.assert_close(_grad(ours[0], lp), _grad(theirs[0], lp), **TOL)
+
+
+def test_gspo_policy_loss_on_purpose_differences():
     module = adapter.PolicyLoss(policy_loss_type="gspo")
+    lp, old, adv, _ = _gspo_inputs(torch.float32, True)
+    # no mask: every token valid (OpenRLHF's gspo needs a mask: it multiplies by it)
+    ours = module(lp, old, adv, None)
+    theirs = peer_policy_loss(module, lp, old, adv, torch.ones(B, T))
+    for mine, reference in zip(ours[:3], theirs[:3], strict=True):
+        torch.testing.assert_close(mine, reference, **TOL)
+    # an all-masked micro-batch: 0 loss, statistics and gradient (OpenRLHF: NaN)
+    loss, clip_ratio, ppo_kl, _, _ = module(lp, old, adv, torch.zeros(B, T))
+    assert float(loss.detach()) == float(clip_ratio) == float(ppo_kl) == 0.0
+    assert torch.all(_grad(loss, lp) == 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        (dict(policy_loss_type="gspo", dual_clip=3.0), "policy_loss_type='gspo' with"),
+        (dict(is_correction_level="token"), "is_correction_level='token'"),
+        (dict(policy_loss_type="gspo", is_correction_level="seq"), "is_correction_level='seq'"),
+        (dict(policy_loss_type="cispo"), "policy_loss_type='cispo'"),
+    ],
+)
+def test_policy_loss_unsupported_configurations_say_so(kwargs, what):
+    module = adapter.PolicyLoss(**kwargs)
+    assert adapter._needs_peer_policy_loss(module)
     lp = torch.randn(2, 4)
-    with pytest.raises(ValueError, match="PolicyLoss: policy_loss_type='gspo'"):
-        module(lp, lp, lp, torch.ones(2, 4))
+    with pytest.raises(ValueError, match=rf"PolicyLoss: .*{what}.* is not backed by rlhf_ext"):
+        module(lp, lp, lp, torch.ones(2, 4), lp)
+
+
+def test_policy_loss_rejects_a_dual_clip_at_most_one():
     with pytest.raises(ValueError, match="PolicyLoss: `dual_clip` must be > 1.0"):
         adapter.PolicyLoss(dual_clip=1.0)
 
@@ -231,6 +348,63 @@ def test_gae_matches_openrlhf(gamma, lambd, masked):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.99, 0.7])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cumulative_returns_are_openrlhf_bit_for_bit(gamma, mask_kind, dtype):
+    rewards = torch.randn(B, 300).to(dtype)  # long rows: any reassociation would show
+    mask = None
+    if mask_kind is not None:
+        mask = torch.rand(B, 300) > 0.3
+        mask[3] = False
+        mask = mask if mask_kind == "bool" else mask.float()
+    ours = adapter.get_cumulative_returns(None, rewards, mask, gamma)
+    theirs = peer_cumulative_returns(rewards, mask, gamma)
+    assert ours.dtype == theirs.dtype == dtype
+    # the same float ops in the same order (r + gamma * G, float32 accumulation)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimator", adapter.GROUP_ESTIMATORS + adapter.UNGROUPED_ESTIMATORS)
+@pytest.mark.parametrize("n_samples", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_group_baseline_matches_openrlhf(estimator, n_samples, dtype):
+    # OpenRLHF promotes rewards to >= float32 first (experience_maker.py:244)
+    rewards = (torch.randn(6, n_samples) * 2 + 0.5).to(dtype)
+    rewards[2] = torch.rand(n_samples).round().to(dtype)  # a 0/1 group, as from a verifier
+    ours = adapter.group_baseline(rewards, estimator)
+    theirs = peer_group_step(rewards, estimator)
+    assert ours.shape == theirs.shape and ours.dtype == dtype
+    # rlhf_ext sums in double: within one float32 rounding of the exact value
+    exact = peer_group_step(rewards.double(), estimator).to(dtype)
+    torch.testing.assert_close(ours, exact, rtol=1.2e-7, atol=1e-7)
+    # and close to OpenRLHF's float32 arithmetic, whose own error in group_norm grows with a
+    # group's max|r| / std (two nearly equal rewards of a pair: up to ~2e-3 seen)
+    allowed = torch.full((rewards.shape[0], 1), 1e-5, dtype=torch.float64)
+    if estimator == "group_norm":
+        std = rewards.double().std(-1, keepdim=True)
+        condition = torch.where(std > 0, rewards.double().abs().amax(-1, keepdim=True) / std, 0)
+        allowed = allowed * (1 + condition)
+    error = (ours.double() - theirs.double()).abs() - 1e-5 * theirs.double().abs()
+    assert torch.all(error <= allowed), f"max error {float(error.max())}"
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "group_norm", "reinforce_baseline", "dr_grpo"])
+def test_group_baseline_of_one_sample_per_prompt_is_zero(estimator):
+    rewards = torch.randn(5, 1)
+    # OpenRLHF: rloo 0/0 and group_norm's one-sample std give NaN (its CLI rejects n=1)
+    assert torch.all(adapter.group_baseline(rewards, estimator) == 0)
+    flash = adapter.group_baseline(rewards, "flash_reinforce")
+    torch.testing.assert_close(flash, peer_group_step(rewards, "flash_reinforce"), **TOL)
+
+
+def test_group_baseline_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"group_baseline: `advantage_estimator` must be one"):
+        adapter.group_baseline(torch.randn(4, 2), "grpo")
+    with pytest.raises(ValueError, match=r"group_baseline: `rewards` must be a \[num_prompts"):
+        adapter.group_baseline(torch.randn(8), "rloo")
+
+
 # -- patch() on a stand-in package -----------------------------------------------------------
 
 STAND_IN = {
@@ -256,16 +430,23 @@ STAND_IN = {
         from .utils import masked_mean
 
         class PolicyLoss(nn.Module):
+            peer_calls = 0
+
             def __init__(self, clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None,
-                         token_level_loss=True, policy_loss_type="ppo"):
+                         token_level_loss=True, policy_loss_type="ppo",
+                         is_correction_level="off"):
                 super().__init__()
                 self.clip_eps_low, self.clip_eps_high = clip_eps_low, clip_eps_high
                 self.dual_clip, self.token_level_loss = dual_clip, token_level_loss
-                self.policy_loss_type, self.is_correction_level = policy_loss_type, "off"
+                self.policy_loss_type = policy_loss_type
+                self.is_correction_level = is_correction_level
+                if policy_loss_type == "gspo":
+                    self.token_level_loss = False
 
             def forward(self, log_probs, old_log_probs, advantages, action_mask=None,
                         rollout_log_probs=None, dp_size=1, batch_num_tokens=None,
                         global_batch_size=None):
+                PolicyLoss.peer_calls += 1  # the stand-in knows no IS correction
                 return peer_policy_loss(self, log_probs, old_log_probs, advantages,
                                         action_mask, dp_size, batch_num_tokens,
                                         global_batch_size)
@@ -284,11 +465,14 @@ STAND_IN = {
     "openrlhf/trainer/ppo_utils/__init__.py": "",
     "openrlhf/trainer/ppo_utils/experience_maker.py": """
         from openrlhf.models.utils import compute_approx_kl, masked_mean
-        from test_integrations_openrlhf import peer_gae
+        from test_integrations_openrlhf import peer_cumulative_returns, peer_gae
 
         class RemoteExperienceMaker:
             def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
                 return peer_gae(values, rewards, action_mask, gamma, lambd)
+
+            def get_cumulative_returns(self, rewards, action_mask, gamma):
+                return peer_cumulative_returns(rewards, action_mask, gamma)
 
             def kl(self, log_probs, base):
                 return compute_approx_kl(log_probs, base, kl_estimator="k3")
@@ -323,12 +507,15 @@ def test_patch_then_openrlhf_code_paths_agree(stand_in_openrlhf):
     adv, mask = torch.randn(B, T), _mask()
     maker = experience_maker.RemoteExperienceMaker()
     policy, value = loss.PolicyLoss(dual_clip=3.0), loss.ValueLoss(0.2)
+    gspo = loss.PolicyLoss(0.1, 0.12, policy_loss_type="gspo")
 
     def run_openrlhf():
         return (
             policy(lp, old, adv, mask)[:3],
+            gspo(lp, old, adv, mask)[:3],
             value(lp, old, adv, mask),
             maker.get_advantages_and_returns(lp, adv, mask, 1.0, 0.95),
+            maker.get_cumulative_returns(adv, mask, 1.0),
             maker.kl(lp, old),
             loss.masked_mean(lp, mask),
         )
@@ -340,8 +527,12 @@ def test_patch_then_openrlhf_code_paths_agree(stand_in_openrlhf):
     assert "openrlhf.models.loss.masked_mean" in replaced
     assert "openrlhf.trainer.ppo_utils.experience_maker.compute_approx_kl" in replaced
     assert "openrlhf.models.loss.PolicyLoss.forward" in replaced
+    cumulative = "openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker."
+    assert cumulative + "get_cumulative_returns" in replaced
     assert loss.PolicyLoss.forward is adapter.policy_loss_forward
+    calls = loss.PolicyLoss.peer_calls
     after = run_openrlhf()
+    assert loss.PolicyLoss.peer_calls == calls  # ppo and gspo both ran on rlhf_ext
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-4)
     restored = adapter.unpatch()
     assert set(replaced) <= set(restored)
@@ -349,15 +540,26 @@ def test_patch_then_openrlhf_code_paths_agree(stand_in_openrlhf):
     assert experience_maker.compute_approx_kl is originals[0]
 
 
-def test_patched_policy_loss_runs_the_peer_for_unsupported_types(stand_in_openrlhf):
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(policy_loss_type="gspo", dual_clip=3.0),
+        dict(is_correction_level="token"),
+        dict(policy_loss_type="gspo", is_correction_level="seq"),
+    ],
+)
+def test_patched_policy_loss_runs_the_peer_for_unsupported_configurations(
+    stand_in_openrlhf, kwargs
+):
     from openrlhf.models import loss
 
     adapter.patch()
-    module = loss.PolicyLoss(policy_loss_type="gspo")
+    module = loss.PolicyLoss(**kwargs)
     lp = torch.randn(2, 4)
-    # the stand-in's own forward runs: it knows no gspo, so it computes plain PPO
-    result = module(lp, lp - 0.1, torch.randn(2, 4), torch.ones(2, 4))
+    calls = loss.PolicyLoss.peer_calls
+    result = module(lp, lp - 0.1, torch.randn(2, 4), torch.ones(2, 4), lp)
     assert len(result) == 5
+    assert loss.PolicyLoss.peer_calls == calls + 1  # the stand-in's own forward ran
 
 
 def test_patch_without_openrlhf_names_the_package(monkeypatch):
@@ -369,3 +571,300 @@ def test_patch_without_openrlhf_names_the_package(monkeypatch):
 def test_original_rejects_a_name_that_is_not_a_target():
     with pytest.raises(ValueError, match=r"openrlhf.original: `qualname` must name one of"):
         adapter.original("openrlhf.models.utils.compute_entropy")
+
+
+# -- optional: OpenRLHF 0.11.2's own code, cut out of its wheel ------------------------------
+
+PEER_WHEEL = Path(
+    os.environ.get(
+        "RLHF_EXT_OPENRLHF_WHEEL", "/tmp/orl/openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl"
+    )
+)
+needs_wheel = pytest.mark.skipif(
+    not PEER_WHEEL.is_file(), reason=f"OpenRLHF 0.11.2's wheel is not at {PEER_WHEEL}"
+)
+ESTIMATORS = ("gae", "reinforce") + adapter.GROUP_ESTIMATORS
+
+
+def _wheel_source(module_path: str) -> str:
+    """The text of ``openrlhf/...py`` in the wheel (under ``*.data/purelib/`` or the root)."""
+    with zipfile.ZipFile(PEER_WHEEL) as wheel:
+        (name,) = [n for n in wheel.namelist() if n == module_path or n.endswith("/" + module_path)]
+        return wheel.read(name).decode()
+
+
+def _top_level(source: str, names) -> list[ast.stmt]:
+    """The module-level definitions (functions, classes, assignments) named in ``names``."""
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            defined = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        else:
+            defined = [getattr(node, "name", None)]
+        if set(defined) & set(names):
+            found.append(node)
+    assert len(found) == len(names), f"not all of {names} found"
+    return found
+
+
+def _exec(nodes, namespace: dict) -> dict:
+    """Run the statements ``nodes`` in ``namespace``; returns it."""
+    code = compile(ast.Module(body=list(nodes), type_ignores=[]), "<openrlhf 0.11.2>", "exec")
+    exec(code, namespace)
+    return namespace
+
+
+class _Logger:
+    """OpenRLHF's module logger, silent (the experience maker warns when it resets gamma)."""
+
+    def warning(self, *args, **kwargs):
+        pass
+
+    info = warning
+
+
+def _group_step_node(method: ast.FunctionDef) -> ast.If:
+    """The estimator if/elif chain of compute_advantages_and_returns (experience_maker.py
+    :268-278), found by its first test."""
+    for node in ast.walk(method):
+        if isinstance(node, ast.If) and "estimator == 'rloo'" in ast.unparse(node.test):
+            return node
+    raise AssertionError("the group step of compute_advantages_and_returns is not found")
+
+
+@pytest.fixture(scope="module")
+def openrlhf_code():
+    """OpenRLHF 0.11.2's own pure code, exec'd from its wheel: the functions of models/utils
+    and models/loss, and a RemoteExperienceMaker with its three advantage methods (also one
+    whose group step is the documented one-line ``group_baseline`` use)."""
+    if not PEER_WHEEL.is_file():
+        pytest.skip(f"OpenRLHF 0.11.2's wheel is not at {PEER_WHEEL}")
+    # the names OpenRLHF's code reads from its imports (typing's Tuple / List are aliases)
+    peer = dict(torch=torch, nn=torch.nn, F=torch.nn.functional, dist=torch.distributed,
+                Optional=Optional, Tuple=tuple, Union=Union, List=list, itertools=itertools,
+                logger=_Logger(), apply_length_penalties=lambda experiences, a: None)  # fmt: skip
+    utils_names = ["KL_IS_WEIGHT_CLIP", "compute_approx_kl", "compute_reward",
+                   "_logsumexp_by_chunk", "log_probs_from_logits", "masked_mean"]  # fmt: skip
+    _exec(_top_level(_wheel_source("openrlhf/models/utils.py"), utils_names), peer)
+    loss_names = ["aggregate_loss", "PolicyLoss", "ValueLoss"]
+    _exec(_top_level(_wheel_source("openrlhf/models/loss.py"), loss_names), peer)
+    maker_source = _wheel_source("openrlhf/trainer/ppo_utils/experience_maker.py")
+    (maker,) = _top_level(maker_source, ["RemoteExperienceMaker"])
+    wanted = ("compute_advantages_and_returns", "get_advantages_and_returns",
+              "get_cumulative_returns")  # fmt: skip
+    maker.body = [n for n in maker.body if getattr(n, "name", None) in wanted]
+    assert len(maker.body) == 3
+    _exec([maker], peer)
+    # the same class with the group step replaced by the documented one-line use
+    one_line = copy.deepcopy(maker)
+    one_line.name = "OneLineMaker"
+    step = _group_step_node(one_line)
+    (line,) = ast.parse("rewards = group_baseline(rewards, args.algo.advantage.estimator)").body
+    (method,) = [n for n in one_line.body if n.name == "compute_advantages_and_returns"]
+    method.body[method.body.index(step)] = line  # a statement of the method's own body
+    one_line_namespace = _exec([one_line], dict(peer, group_baseline=adapter.group_baseline))
+    peer["OneLineMaker"] = one_line_namespace["OneLineMaker"]
+    peer["group_step"] = _group_step_node(maker)
+    return types.SimpleNamespace(**peer)
+
+
+def _args(estimator, n_samples, gamma=1.0, no_std_norm=False):
+    advantage = types.SimpleNamespace(estimator=estimator, gamma=gamma, lambd=0.95,
+                                      no_std_norm=no_std_norm)  # fmt: skip
+    return types.SimpleNamespace(
+        algo=types.SimpleNamespace(advantage=advantage),
+        rollout=types.SimpleNamespace(n_samples_per_prompt=n_samples),
+        reward=types.SimpleNamespace(clip_range=(-3.0, 3.0)),
+    )
+
+
+@needs_wheel
+def test_transcribed_formulas_are_openrlhf_own(openrlhf_code):
+    """The formulas written above give the same numbers as OpenRLHF's code."""
+    old = torch.randn(B, T) - 1
+    lp = old + torch.randn(B, T) * 0.4
+    adv, values, mask = torch.randn(B, T), torch.randn(B, T), _mask()  # row 3 empty
+    for kind, unbiased in itertools.product(("k1", "k2", "k3"), (False, True)):
+        mine = peer_approx_kl(lp, old, old + 0.1, kind, unbiased)
+        torch.testing.assert_close(
+            mine, openrlhf_code.compute_approx_kl(lp, old, old + 0.1, kind, unbiased)
+        )
+    for kwargs in (dict(dual_clip=3.0), dict(policy_loss_type="gspo", clip_eps_high=0.3)):
+        module = openrlhf_code.PolicyLoss(**kwargs)
+        torch.testing.assert_close(
+            peer_policy_loss(module, lp, old, adv, mask, 2, 40.0, 7.0)[:3],
+            module(lp, old, adv, mask, None, 2, 40.0, 7.0)[:3],
+        )
+    for clip_eps, token_level_loss in itertools.product((None, 0.2), (True, False)):
+        module = openrlhf_code.ValueLoss(clip_eps, token_level_loss)
+        torch.testing.assert_close(
+            peer_value_loss(module, lp, old, adv, mask, 2, 40.0, 7.0),
+            module(lp, old, adv, mask, 2, 40.0, 7.0),
+        )
+    for dim in (None, 1):
+        torch.testing.assert_close(
+            peer_masked_mean(lp, mask, dim),
+            openrlhf_code.masked_mean(lp, mask, dim),
+            equal_nan=True,
+        )
+    logits, labels = torch.randn(B, T, 37) * 3, torch.randint(0, 37, (B, T))
+    torch.testing.assert_close(
+        peer_log_probs(logits.clone(), labels, 0.7),
+        openrlhf_code.log_probs_from_logits(logits.clone(), labels, 0.7),
+    )
+    maker = openrlhf_code.RemoteExperienceMaker.__new__(openrlhf_code.RemoteExperienceMaker)
+    torch.testing.assert_close(
+        peer_gae(values, adv, mask, 0.99, 0.9),
+        maker.get_advantages_and_returns(values, adv, mask, 0.99, 0.9),
+    )
+    torch.testing.assert_close(
+        peer_cumulative_returns(adv, mask.bool(), 0.99),
+        maker.get_cumulative_returns(adv, mask.bool(), 0.99),
+        rtol=0,
+        atol=0,
+    )
+
+
+def _peer_group_step(openrlhf_code, rewards, estimator):
+    """experience_maker.py:268-278 run as OpenRLHF's own statements."""
+    namespace = dict(rewards=rewards, args=_args(estimator, rewards.shape[1]))
+    _exec([openrlhf_code.group_step], namespace)
+    return namespace["rewards"]
+
+
+@needs_wheel
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("n_samples", [2, 4])
+def test_group_baseline_matches_openrlhf_own_code(openrlhf_code, estimator, n_samples):
+    rewards = torch.randn(5, n_samples) * 2 + 0.5
+    theirs = _peer_group_step(openrlhf_code, rewards.clone(), estimator)
+    torch.testing.assert_close(peer_group_step(rewards, estimator), theirs, rtol=0, atol=0)
+    torch.testing.assert_close(adapter.group_baseline(rewards, estimator), theirs, **TOL)
+
+
+def _experiences(n_prompts, n_samples, sizes):
+    """A rollout of n_prompts x n_samples responses split into micro-batches of ``sizes``
+    rows in a shuffled order (OpenRLHF's dynamic batching), with varied lengths."""
+    order = torch.randperm(n_prompts * n_samples).tolist()
+    experiences, start = [], 0
+    for size in sizes:
+        mask = torch.rand(size, T) > 0.2
+        mask[:, 0] = True
+        mask[0, T // 2 :] = False
+        experiences.append(
+            types.SimpleNamespace(
+                index=order[start : start + size],
+                rewards=torch.randn(size),
+                kl=torch.randn(size, T) * 0.1,
+                action_mask=mask,
+                values=torch.randn(size, T),
+                info={},
+            )
+        )
+        start += size
+    assert start == n_prompts * n_samples
+    return experiences
+
+
+def _run_maker(cls, estimator, experiences, gamma, no_std_norm):
+    maker = cls.__new__(cls)
+    maker.strategy = types.SimpleNamespace(args=_args(estimator, 4, gamma, no_std_norm))
+    maker.advantage_estimator = estimator
+    maker.kl_ctl = types.SimpleNamespace(value=0.05)
+    done = maker.compute_advantages_and_returns(copy.deepcopy(experiences))
+    return [(e.advantages, e.returns) for e in done]
+
+
+@needs_wheel
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("no_std_norm", [False, True])
+def test_openrlhf_compute_advantages_and_returns_with_the_adapter(
+    openrlhf_code, estimator, no_std_norm
+):
+    """OpenRLHF's own compute_advantages_and_returns, run (1) as it is, (2) with the patched
+    methods (get_advantages_and_returns, get_cumulative_returns) and (3) also with its group
+    step replaced by the documented ``group_baseline`` line."""
+    experiences = _experiences(3, 4, [5, 4, 3])
+    gamma = 0.97 if estimator in ("gae", "reinforce") else 1.0
+    peer = openrlhf_code.RemoteExperienceMaker
+    methods = dict(
+        get_advantages_and_returns=adapter.get_advantages_and_returns,
+        get_cumulative_returns=adapter.get_cumulative_returns,
+    )
+    patched = type("Patched", (peer,), methods)
+    one_line = type("OneLinePatched", (openrlhf_code.OneLineMaker,), methods)
+    theirs = _run_maker(peer, estimator, experiences, gamma, no_std_norm)
+    for cls in (patched, one_line):
+        ours = _run_maker(cls, estimator, experiences, gamma, no_std_norm)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if estimator != "gae":  # the same bits until the group step's sums
+        ours = _run_maker(patched, estimator, experiences, gamma, no_std_norm)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@needs_wheel
+@pytest.mark.parametrize("policy_loss_type", ["ppo", "gspo"])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_policy_loss_matches_openrlhf_own_forward(
+    openrlhf_code, policy_loss_type, token_level_loss, dual_clip, scaling
+):
+    peer_module = openrlhf_code.PolicyLoss(0.15, 0.28, dual_clip, token_level_loss,
+                                           policy_loss_type)  # fmt: skip
+    ours_module = adapter.PolicyLoss(0.15, 0.28, dual_clip, token_level_loss, policy_loss_type)
+    lp, old, adv, mask = _gspo_inputs(torch.float32, policy_loss_type == "gspo")  # row 3 empty
+    kwargs = _scaling_kwargs(scaling)
+    theirs = peer_module(lp, old, adv, mask, None, **kwargs)
+    if adapter._needs_peer_policy_loss(ours_module):  # gspo with dual_clip
+        with pytest.raises(ValueError, match="is not backed by rlhf_ext"):
+            ours_module(lp, old, adv, mask, None, **kwargs)
+        return
+    ours = ours_module(lp, old, adv, mask, None, **kwargs)
+    torch.testing.assert_close(ours[:3], theirs[:3], **TOL)
+    assert ours[3:] == theirs[3:] == (None, None)
+    torch.testing.assert_close(_grad(ours[0], lp), _grad(theirs[0], lp), **TOL)
+
+
+@needs_wheel
+def test_patch_on_openrlhf_own_loss_module(tmp_path, monkeypatch, openrlhf_code):
+    """patch() on a stand-in package whose models/loss.py is OpenRLHF 0.11.2's own file: ppo
+    and gspo run rlhf_ext and agree with the peer's forward; the IS correction and gspo
+    with dual_clip run the peer's forward itself."""
+    stand_in = dict(STAND_IN)
+    stand_in["openrlhf/models/loss.py"] = _wheel_source("openrlhf/models/loss.py")
+    for relative, source in stand_in.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source if relative.endswith("loss.py") else textwrap.dedent(source))
+    for name in [m for m in sys.modules if m == "openrlhf" or m.startswith("openrlhf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "test_integrations_openrlhf", sys.modules[__name__])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        from openrlhf.models import loss
+
+        lp, old, adv, mask = _gspo_inputs(torch.float32, True)
+        rollout = old + torch.randn(B, T) * 0.05
+        configs = [
+            dict(),
+            dict(policy_loss_type="gspo"),
+            dict(policy_loss_type="gspo", dual_clip=3.0),
+            dict(is_correction_level="token"),
+            dict(is_correction_level="seq", policy_loss_type="gspo"),
+        ]
+        modules = [loss.PolicyLoss(**config) for config in configs]
+        before = [m(lp, old, adv, mask, rollout, 2, 50.0, 8.0) for m in modules]
+        adapter.patch()
+        assert loss.PolicyLoss.forward is adapter.policy_loss_forward
+        after = [m(lp, old, adv, mask, rollout, 2, 50.0, 8.0) for m in modules]
+        for mine, reference in zip(after, before, strict=True):
+            torch.testing.assert_close(mine, reference, **TOL)
+        for module, (loss_value, *_) in zip(modules, after, strict=True):
+            reference = adapter.original("openrlhf.models.loss.PolicyLoss.forward")
+            peer_loss = reference(module, lp, old, adv, mask, rollout, 2, 50.0, 8.0)[0]
+            torch.testing.assert_close(_grad(loss_value, lp), _grad(peer_loss, lp), **TOL)
+    finally:
+        adapter.unpatch()
+        for name in [m for m in sys.modules if m == "openrlhf" or m.startswith("openrlhf.")]:
+            del sys.modules[name]

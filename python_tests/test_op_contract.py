@@ -159,6 +159,8 @@ def policy_loss_samples(inp: Inputs, device):
     yield (lp, old, rows, mask), dict(kind="dppo_tv", agg="seq-mean-token-sum"), (0,)
     yield (lp, old, adv, mask), dict(kind="dro", beta=0.1), (0,)
     yield (lp.bfloat16(), old.bfloat16(), rows.bfloat16(), mask), dict(kind="reinforce"), (0,)
+    # a row-level kind: level 2 computes the row loss from the row's sums
+    yield (lp, old, adv, mask), dict(kind="geo_mean", clip_eps=0.05, agg="seq-mean-token-sum"), (0,)
 
 
 def value_loss_samples(inp: Inputs, device):

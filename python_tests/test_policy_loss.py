@@ -26,6 +26,7 @@ KIND_SETTINGS = {
     "dro": dict(beta=0.1),
     "gspo": dict(clip_eps=0.05, clip_eps_high=0.08),
     "gspo_token": dict(clip_eps=0.05, clip_eps_high=0.08),
+    "geo_mean": dict(clip_eps=0.05, clip_eps_high=0.08),
 }
 KINDS = list(_vocab.POLICY_KINDS)
 

@@ -13,6 +13,7 @@ import torch
 from rlhf_ext.ops._vocab import AGG_MODES as AGG_MODES  # re-exported: the oracle's modes
 from rlhf_ext.ops._vocab import (
     DPPO_KL_EPS,
+    GEO_MEAN_EPS,
     GSPO_TOKEN_LOG_RATIO_MAX,
     kl_base_kind,
     kl_straight_through,
@@ -355,9 +356,38 @@ def _policy_tokens(kind, lp, old, adv, valid, p):
         log_seq_ratio = (lp - lp.detach() + seq).clamp(max=GSPO_TOKEN_LOG_RATIO_MAX)
         loss, ratio, clipped = _sequence_surrogate(log_seq_ratio, adv, p["lo"], p["hi"])
         neg_log_ratio = -raw
+    elif kind == "geo_mean":  # verl's GMPO: a loss per row, spread over its valid tokens
+        loss, ratio, clipped, lower = _geo_mean_tokens(raw, adv, valid, p["lo"], p["hi"])
+        neg_log_ratio = -raw
     else:
         raise ValueError(f"rlhf_ext.policy_loss: unknown `kind` {kind!r}")
     return loss, ratio, neg_log_ratio, clipped, lower
+
+
+def _geo_mean_tokens(raw, adv, valid, lo, hi):
+    """GMPO (verl's compute_policy_loss_geo_mean): the row loss
+    ``L = -mean(A) exp(mean(d~))`` with verl's ``n + 1e-8`` means, as ``L / n`` at each
+    valid token (so that the row's token-loss sum is L), the row ratio at each token, and
+    the clip flags (outside [-lo, hi], split by the sign of A)."""
+    # verl's sign(A) * min(sign(A) d, sign(A) clamp(d, -lo, hi)), in the equal form
+    # A > 0: min(d, hi), A < 0: max(d, -lo), else 0 (NaN for an infinite d or a NaN A, as
+    # 0 * inf and sign(NaN) there), with selects: a row with a NaN loss gives NaN gradients
+    # only where d~ depends on lp (verl's product with sign(A) = 0 spreads it to A = 0).
+    band = raw.clamp(-lo, hi)
+    zero = (raw * adv * 0.0).detach()
+    tilde = torch.where(
+        adv > 0,
+        torch.minimum(raw, torch.full_like(raw, hi)),
+        torch.where(adv < 0, torch.maximum(raw, torch.full_like(raw, -lo)), zero),
+    )
+    count = valid.sum(-1, keepdim=True).to(raw.dtype)
+    denom = count + GEO_MEAN_EPS
+    seq_ratio = torch.exp(torch.where(valid, tilde, 0.0).sum(-1, keepdim=True) / denom)
+    seq_advantage = torch.where(valid, adv, 0.0).sum(-1, keepdim=True) / denom
+    row_loss = -seq_advantage * seq_ratio
+    loss = (row_loss / count.clamp_min(1)).expand_as(raw)
+    outside = raw != band
+    return loss, seq_ratio.expand_as(raw), outside & (adv > 0), outside & (adv < 0)
 
 
 def policy_loss(

@@ -24,6 +24,7 @@ POLICY_KIND_SETTINGS = {
     "dro": dict(beta=0.1),
     "gspo": dict(clip_eps=0.05),
     "gspo_token": dict(clip_eps=0.05),
+    "geo_mean": dict(clip_eps=0.05, clip_eps_high=0.08),
 }
 
 

@@ -80,9 +80,14 @@ def run_policy_losses() -> None:
     every kind (its POLICY_KIND constexpr branch, the row prologue of the row-mean kinds)
     with [B, T] and [B] advantages, float32, bfloat16 and float64, with a mask (and
     without one in float32), ppo with and without the dual clip, and the row-coupled
-    kinds' level 2 (its row-weight factor) under every agg mode. 600 tokens a row: the
-    largest BLOCK, the one that could spill."""
-    from rlhf_ext.ops._vocab import AGG_MODES, POLICY_KINDS, POLICY_ROW_COUPLED_KINDS
+    and row-level kinds' level 2 (their row-weight factors) under every agg mode. 600
+    tokens a row: the largest BLOCK, the one that could spill."""
+    from rlhf_ext.ops._vocab import (
+        AGG_MODES,
+        POLICY_KINDS,
+        POLICY_ROW_COUPLED_KINDS,
+        POLICY_ROW_LEVEL_KINDS,
+    )
     from rlhf_ext.ops.ppo_losses import policy_loss
 
     torch.manual_seed(0)
@@ -93,7 +98,8 @@ def run_policy_losses() -> None:
         settings = [{"dual_clip": None}, {"dual_clip": 3.0}] if kind == "ppo" else [{}]
         if kind == "dro":
             settings = [{"beta": 0.1}]
-        aggs = AGG_MODES if kind in POLICY_ROW_COUPLED_KINDS else ("token-mean",)
+        row_kinds = POLICY_ROW_COUPLED_KINDS + POLICY_ROW_LEVEL_KINDS
+        aggs = AGG_MODES if kind in row_kinds else ("token-mean",)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             masks = (mask, None) if dtype == torch.float32 else (mask,)
             cases = itertools.product((adv, adv[:, 0]), masks, settings, aggs)

@@ -199,6 +199,14 @@ void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_
                    [&](int64_t begin, int64_t end) { loop(args, begin, end); });
 }
 
+// Row r's partials in float64, after the family's finish_row.
+template <typename Family, typename acc_t>
+RLHF_INLINE void load_row(const Family& family, const acc_t* partials, int64_t r,
+                          double (&row)[Family::kCols]) {
+  for (int k = 0; k < Family::kCols; ++k) row[k] = double(partials[r * Family::kCols + k]);
+  family.finish_row(row);
+}
+
 // Level 2: row order, float64.
 template <typename Family, typename acc_t>
 void loss_finish_cpu(const Family& family, const acc_t* partials, int64_t rows, LossAgg agg,
@@ -207,7 +215,8 @@ void loss_finish_cpu(const Family& family, const acc_t* partials, int64_t rows, 
   double total[K] = {};
   double mean_sum = 0, nonempty = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const acc_t* part = partials + r * K;
+    double part[K];
+    load_row(family, partials, r, part);
     for (int k = 0; k < K; ++k) {
       total[k] = k == Family::kMaxCol ? max_value(total[k], double(part[k])) : total[k] + part[k];
     }
@@ -223,11 +232,9 @@ void loss_finish_cpu(const Family& family, const acc_t* partials, int64_t rows, 
     stats[k - 2] = static_cast<float>(value);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const double row_tokens = double(partials[r * K + 1]);
-    double w = agg_row_weight(agg, row_tokens, tokens, nonempty, norm);
-    if (Family::kRowGradCol >= 0 && family.couples_rows()) {
-      w *= coupled_row_factor(double(partials[r * K + Family::kRowGradCol]), row_tokens);
-    }
+    double part[K];
+    load_row(family, partials, r, part);
+    const double w = agg_row_weight(agg, part[1], tokens, nonempty, norm) * family.row_factor(part);
     row_weight[r] = static_cast<acc_t>(w);
   }
 }
@@ -275,6 +282,8 @@ auto with_fixed_policy_kind(PolicyKind kind, const Run& run) {
       return run(RLHF_EXT_KIND(kGSPO));
     case PolicyKind::kGSPOToken:
       return run(RLHF_EXT_KIND(kGSPOToken));
+    case PolicyKind::kGeoMean:
+      return run(RLHF_EXT_KIND(kGeoMean));
     case PolicyKind::kPPO:
     default:
       return run(RLHF_EXT_KIND(kPPO));

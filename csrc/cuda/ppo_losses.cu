@@ -106,6 +106,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Row r's partials in float64, after the family's finish_row.
+template <typename Family, typename acc_t>
+__device__ __forceinline__ void load_row(const Family& family, const acc_t* __restrict__ partials,
+                                         int64_t r, double (&row)[Family::kCols]) {
+#pragma unroll
+  for (int k = 0; k < Family::kCols; ++k) row[k] = double(partials[r * Family::kCols + k]);
+  family.finish_row(row);
+}
+
 // Level 2 in one block: float64 sums over rows (thread i takes rows i,
 // i + kThreads, ...), then the fixed-order block reduction.
 template <typename Family, typename acc_t>
@@ -122,13 +131,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int k = 0; k < K + 2; ++k) acc[k] = 0.0;
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
-    const acc_t* part = partials + r * K;
+    double part[K];
+    load_row(family, partials, r, part);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       acc[k] = k == Family::kMaxCol ? max_value(acc[k], double(part[k])) : acc[k] + part[k];
     }
-    if (part[1] > acc_t(0)) {
-      acc[kMean] += double(part[0]) / double(part[1]);
+    if (part[1] > 0.0) {
+      acc[kMean] += part[0] / part[1];
       acc[kNonEmpty] += 1.0;
     }
   }
@@ -144,11 +154,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
-    const double row_tokens = double(partials[r * K + 1]);
-    double w = agg_row_weight(agg, row_tokens, tokens, acc[kNonEmpty], norm);
-    if (Family::kRowGradCol >= 0 && family.couples_rows()) {
-      w *= coupled_row_factor(double(partials[r * K + Family::kRowGradCol]), row_tokens);
-    }
+    double part[K];
+    load_row(family, partials, r, part);
+    const double w =
+        agg_row_weight(agg, part[1], tokens, acc[kNonEmpty], norm) * family.row_factor(part);
     row_weight[r] = static_cast<acc_t>(w);
   }
 }

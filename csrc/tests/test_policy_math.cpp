@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "check.h"
+#include "rlhf_ext/ppo_math.h"
 #include "rng.h"
 
 using rlhf_ext::exp_any;
@@ -153,6 +154,83 @@ void kind_flags_and_limits() {
   CHECK(std::isfinite(g.loss));
 }
 
+// verl's compute_policy_loss_geo_mean for one row, written from core_algos.py.
+double geo_mean_closed_form(const double* lp, const double* old, const double* adv, int n,
+                            double lo, double hi) {
+  double s = 0, q = 0;
+  for (int t = 0; t < n; ++t) {
+    const double d = lp[t] - old[t];
+    const double sign = adv[t] > 0 ? 1.0 : (adv[t] < 0 ? -1.0 : 0.0);
+    s += sign * std::min(sign * d, sign * clamp(d, -lo, hi));
+    q += adv[t];
+  }
+  return -(q / (n + 1e-8)) * std::exp(s / (n + 1e-8));
+}
+
+// geo_mean through the machinery: the tokens' sums, finish_policy_row's row loss and
+// grad_t * policy_row_factor against a finite difference of the closed form.
+void geo_mean_row_loss_and_gradient() {
+  constexpr int n = 9;
+  constexpr double lo = 0.05, hi = 0.08;
+  const PolicyParams<double> p{lo, hi, 0.0, 20.0, 1.0, 1.0, 0.0};
+  Rng rng(45);
+  for (int trial = 0; trial < 500; ++trial) {
+    double lp[n], old[n], adv[n], grad[n];
+    double row[8] = {};
+    for (int t = 0; t < n; ++t) {
+      old[t] = rng.uniform(-4.0, -0.05);
+      lp[t] = old[t] + rng.uniform(-0.2, 0.2);
+      adv[t] = rng.uniform(-2.0, 2.0);
+      double v[8];
+      grad[t] = rlhf_ext::write_policy_token(
+          policy_kind_token(PolicyKind::kGeoMean, lp[t], old[t], adv[t], 0.0, p), v);
+      for (int k = 0; k < 8; ++k) row[k] += v[k];
+    }
+    rlhf_ext::finish_policy_row(PolicyKind::kGeoMean, row);
+    const double want = geo_mean_closed_form(lp, old, adv, n, lo, hi);
+    TRACE("trial=", trial);
+    CHECK_NEAR(row[0], want, 1e-12 * (1 + std::fabs(want)));
+    CHECK_EQ(row[1], double(n));
+    const double factor = rlhf_ext::policy_row_factor(PolicyKind::kGeoMean, row);
+    for (int t = 0; t < n; ++t) {
+      const double h = 1e-7, keep = lp[t];
+      lp[t] = keep + h;
+      const double up = geo_mean_closed_form(lp, old, adv, n, lo, hi);
+      lp[t] = keep - h;
+      const double down = geo_mean_closed_form(lp, old, adv, n, lo, hi);
+      lp[t] = keep;
+      const double fd = (up - down) / (2 * h);
+      const double left = (want - down) / h, right = (up - want) / h;
+      if (std::fabs(left - right) < 1e-4 * (1 + std::fabs(fd))) {  // not at a clip kink
+        CHECK_NEAR(grad[t] * factor, fd, 1e-6 * (1 + std::fabs(fd)));
+      }
+    }
+  }
+  // An empty row: loss and ratio 0, row factor 0.
+  double empty[8] = {};
+  rlhf_ext::finish_policy_row(PolicyKind::kGeoMean, empty);
+  CHECK_EQ(empty[0], 0.0);
+  CHECK_EQ(empty[6], 0.0);
+  CHECK_EQ(rlhf_ext::policy_row_factor(PolicyKind::kGeoMean, empty), 0.0);
+  // A = 0 gives d~ = 0 and no gradient; an infinite d with A = 0 gives NaN (0 * inf).
+  auto t = policy_kind_token(PolicyKind::kGeoMean, -1.0, -1.5, 0.0, 0.0, p);
+  CHECK_EQ(t.loss, 0.0);
+  CHECK_EQ(t.grad, 0.0);
+  t = policy_kind_token(PolicyKind::kGeoMean, 0.0, -std::numeric_limits<double>::infinity(), 0.0,
+                        0.0, p);
+  CHECK(std::isnan(t.loss));
+  // A > 0 caps d at hi only; A < 0 floors it at -lo only.
+  t = policy_kind_token(PolicyKind::kGeoMean, -1.0, -1.5, 1.0, 0.0, p);
+  CHECK_EQ(t.loss, hi);
+  CHECK(t.clipped && !t.clipped_lower && t.grad == 0.0);
+  t = policy_kind_token(PolicyKind::kGeoMean, -1.5, -1.0, 1.0, 0.0, p);
+  CHECK_NEAR(t.loss, -0.5, 1e-15);
+  CHECK(t.clipped && t.grad == 1.0);
+  t = policy_kind_token(PolicyKind::kGeoMean, -1.5, -1.0, -1.0, 0.0, p);
+  CHECK_EQ(t.loss, -lo);
+  CHECK(t.clipped_lower && t.grad == 0.0);
+}
+
 void exp_any_covers_the_float_range() {
   for (float x = -110.f; x <= 90.f; x += 0.37f) {
     TRACE("x=", x);
@@ -177,6 +255,7 @@ int main() {
   RUN(token_kinds_match_closed_form_and_finite_difference);
   RUN(gspo_row_gradient_is_the_derivative_in_the_row_mean);
   RUN(kind_flags_and_limits);
+  RUN(geo_mean_row_loss_and_gradient);
   RUN(exp_any_covers_the_float_range);
   return rlhf_test::finish();
 }

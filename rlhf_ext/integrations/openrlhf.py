@@ -1,12 +1,18 @@
-"""OpenRLHF's log-prob, KL, masked-mean, PPO loss and GAE functions, backed by rlhf_ext's
-kernels.
+"""OpenRLHF's log-prob, KL, masked-mean, PPO / GSPO loss, GAE and REINFORCE-return
+functions, backed by rlhf_ext's kernels.
 
 Drop-in for ``openrlhf.models.utils`` (``log_probs_from_logits``, ``compute_approx_kl``,
 ``masked_mean``), the ``forward`` of ``openrlhf.models.loss.PolicyLoss`` / ``ValueLoss``, and
-``RemoteExperienceMaker.get_advantages_and_returns`` (its GAE) in
-``openrlhf.trainer.ppo_utils.experience_maker``, with OpenRLHF 0.11.2's names, arguments,
+``RemoteExperienceMaker.get_advantages_and_returns`` (its GAE) and
+``RemoteExperienceMaker.get_cumulative_returns`` (the returns of the critic-free estimators)
+in ``openrlhf.trainer.ppo_utils.experience_maker``, with OpenRLHF 0.11.2's names, arguments,
 defaults and semantics. ``PolicyLoss`` / ``ValueLoss`` here are ``nn.Module``s with
 OpenRLHF's constructor; ``patch()`` replaces only the peer classes' ``forward``.
+
+The group baseline of the critic-free estimators (rloo, reinforce_baseline, group_norm,
+dr_grpo, flash_reinforce) is inline in OpenRLHF's ``compute_advantages_and_returns``, so it
+cannot be patched; ``group_baseline`` is that step on ``rlhf_ext.group_advantages``, for a
+one-line use in a trainer's own copy of the method (docs/integrations.md).
 
 Importing this module does not import OpenRLHF; ``patch()`` does, and raises ImportError
 when OpenRLHF is not installed or does not import (it needs flash-attn and DeepSpeed).
@@ -20,9 +26,10 @@ from torch import nn
 from rlhf_ext.integrations._common import global_scale
 from rlhf_ext.integrations._patch import Patcher, Target
 from rlhf_ext.ops.gae import gae as _rlhf_gae
+from rlhf_ext.ops.group_advantages import group_advantages as _rlhf_group_advantages
 from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
 from rlhf_ext.ops.ppo_losses import kl_penalty as _rlhf_kl_penalty
-from rlhf_ext.ops.ppo_losses import ppo_policy_loss as _rlhf_policy_loss
+from rlhf_ext.ops.ppo_losses import policy_loss as _rlhf_policy_loss
 from rlhf_ext.ops.ppo_losses import value_loss as _rlhf_value_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs as _rlhf_token_logprobs
 
@@ -30,6 +37,12 @@ PREFIX = "rlhf_ext.integrations.openrlhf"
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_CLAMP = 10.0  # OpenRLHF clamps every estimator's value to [-10, 10]
 KL_IS_WEIGHT_CLIP = 10.0  # and the importance weight of its unbiased gradient to <= 10
+POLICY_LOSS_TYPES = ("ppo", "gspo")  # OpenRLHF's; both on the fused kernel without IS correction
+# OpenRLHF's estimators that take a group baseline (experience_maker.py:268-278), and those
+# that leave the rewards as they are there.
+GROUP_ESTIMATORS = ("rloo", "reinforce_baseline", "group_norm", "dr_grpo", "flash_reinforce")
+UNGROUPED_ESTIMATORS = ("gae", "reinforce")
+GROUP_NORM_EPS = 1e-9  # group_norm divides by std + 1e-9 (Bessel-corrected std)
 
 
 def log_probs_from_logits(
@@ -107,24 +120,31 @@ def policy_loss_forward(
     batch_num_tokens: float | None = None,
     global_batch_size: float | None = None,
 ):
-    """OpenRLHF's ``PolicyLoss.forward`` for ``policy_loss_type="ppo"`` without the
-    rollout importance-sampling correction: the clipped surrogate (``clip_eps_low`` /
-    ``clip_eps_high``, optional ``dual_clip``) aggregated per token (``token_level_loss``)
-    or per sequence, rescaled by the global counts. Returns ``(loss, clip_ratio, ppo_kl,
-    None, None)`` like OpenRLHF. ``ppo_kl`` is the masked mean of the unclamped
-    ``old - new``, as OpenRLHF. Differentiable w.r.t. ``log_probs``.
+    """OpenRLHF's ``PolicyLoss.forward`` for ``policy_loss_type`` "ppo" and "gspo" without
+    the rollout importance-sampling correction, aggregated per token (``token_level_loss``)
+    or per sequence and rescaled by the global counts. Returns ``(loss, clip_ratio, ppo_kl,
+    None, None)`` like OpenRLHF. Differentiable w.r.t. ``log_probs``.
 
-    GSPO and the IS correction (``is_correction_level != "off"``) are not served by the
-    fused kernel: when patched, those configurations run OpenRLHF's own forward; on the
-    standalone ``PolicyLoss`` they raise ValueError.
+    - "ppo": the clipped surrogate on ``exp(clamp(new - old, -20, 20))`` with the band
+      ``[1 - clip_eps_low, 1 + clip_eps_high]`` and the optional ``dual_clip``.
+    - "gspo": the same clipped surrogate on each sequence's ratio ``exp(mean_t(new - old))``
+      (the mean over the row's valid tokens, not clamped; the gradient flows through the
+      mean) times each token's advantage; OpenRLHF's constructor makes it per-sequence.
+
+    ``clip_ratio`` is the fraction of valid tokens whose clip won; ``ppo_kl`` the masked mean
+    of the unclamped ``old - new``, as OpenRLHF. The IS correction (``is_correction_level !=
+    "off"``) and "gspo" with ``dual_clip`` are not served by the fused kernel: when patched,
+    those configurations run OpenRLHF's own forward; on the standalone ``PolicyLoss`` they
+    raise ValueError.
     """
     if _needs_peer_policy_loss(self):
         peer_forward = _PATCHER.original(f"{LOSS}.PolicyLoss.forward") if _PATCHER.active else None
         if peer_forward is None or peer_forward is policy_loss_forward:
             raise ValueError(
                 f"{PREFIX}.PolicyLoss: policy_loss_type={self.policy_loss_type!r} with "
-                f"is_correction_level={getattr(self, 'is_correction_level', 'off')!r} is not "
-                "backed by rlhf_ext; only 'ppo' without IS correction is"
+                f"is_correction_level={getattr(self, 'is_correction_level', 'off')!r} and "
+                f"dual_clip={self.dual_clip!r} is not backed by rlhf_ext; only "
+                f"{POLICY_LOSS_TYPES} without IS correction are (gspo without dual_clip)"
             )
         return peer_forward(
             self,
@@ -137,27 +157,38 @@ def policy_loss_forward(
             batch_num_tokens,
             global_batch_size,
         )
+    gspo = self.policy_loss_type == "gspo"
     agg = "token-mean" if self.token_level_loss else "seq-mean-token-mean"
     loss, stats = _rlhf_policy_loss(
         log_probs,
         old_log_probs,
         advantages,
         action_mask,
+        kind=self.policy_loss_type,
         clip_eps=self.clip_eps_low,
         clip_eps_high=self.clip_eps_high,
-        dual_clip=self.dual_clip,
+        dual_clip=None if gspo else self.dual_clip,  # gspo with dual_clip runs the peer
         agg=agg,
     )
     scale = _global_scale(
         action_mask, log_probs, self.token_level_loss, dp_size, batch_num_tokens, global_batch_size
     )
-    ppo_kl = _rlhf_masked_mean((old_log_probs - log_probs).detach(), action_mask)
+    if gspo:  # the kernel's approx_kl is the unclamped mean of old - new for gspo
+        ppo_kl = stats["approx_kl"]
+    else:  # for ppo it clamps the log-ratio at +-20 first; OpenRLHF does not
+        ppo_kl = _rlhf_masked_mean((old_log_probs - log_probs).detach(), action_mask)
     return loss * scale, stats["clipfrac"], ppo_kl, None, None
 
 
 def _needs_peer_policy_loss(module) -> bool:
+    """Whether ``module``'s configuration is one the fused kernel does not serve: the IS
+    correction, a type other than ppo / gspo (OpenRLHF raises for it), or gspo with
+    ``dual_clip`` (rlhf_ext's gspo kind has no dual clip; OpenRLHF applies it)."""
+    kind = module.policy_loss_type
     return (
-        module.policy_loss_type != "ppo" or getattr(module, "is_correction_level", "off") != "off"
+        kind not in POLICY_LOSS_TYPES
+        or getattr(module, "is_correction_level", "off") != "off"
+        or (kind == "gspo" and getattr(module, "dual_clip", None) is not None)
     )
 
 
@@ -187,7 +218,7 @@ def value_loss_forward(
 
 class PolicyLoss(nn.Module):
     """OpenRLHF's ``PolicyLoss`` (same constructor and defaults), whose ``forward`` is
-    ``policy_loss_forward`` (the fused PPO loss kernel)."""
+    ``policy_loss_forward`` (the fused policy loss kernel: PPO and GSPO)."""
 
     def __init__(
         self,
@@ -203,10 +234,10 @@ class PolicyLoss(nn.Module):
     ) -> None:
         """OpenRLHF's arguments: clip range ``[1 - clip_eps_low, 1 + clip_eps_high]``,
         ``dual_clip`` (None or > 1), per-token (``token_level_loss``) or per-sequence
-        aggregation, ``policy_loss_type`` ("ppo"; "gspo" aggregates per sequence and runs
-        OpenRLHF's own forward when patched) and the rollout importance-sampling
-        correction settings (anything but ``is_correction_level="off"`` runs OpenRLHF's
-        own forward when patched, and raises ValueError on this standalone class)."""
+        aggregation, ``policy_loss_type`` ("ppo", or "gspo", which forces per-sequence
+        aggregation) and the rollout importance-sampling correction settings. Anything but
+        ``is_correction_level="off"``, and "gspo" with ``dual_clip``, run OpenRLHF's own
+        forward when patched, and raise ValueError in this standalone class's forward."""
         super().__init__()
         if dual_clip is not None and not dual_clip > 1.0:
             raise ValueError(f"{PREFIX}.PolicyLoss: `dual_clip` must be > 1.0, got {dual_clip}")
@@ -259,6 +290,71 @@ def get_advantages_and_returns(
     return advantages.to(values.dtype), returns.to(values.dtype)
 
 
+@torch.no_grad()
+def get_cumulative_returns(
+    self,
+    rewards: torch.Tensor,
+    action_mask: torch.Tensor | None,
+    gamma: float,
+) -> torch.Tensor:
+    """OpenRLHF's REINFORCE returns (``RemoteExperienceMaker.get_cumulative_returns``):
+    ``G_t = r_t m_t + gamma G_{t+1}`` right to left over every position, ``G = 0`` after the
+    last one (a masked position is *not* skipped: its reward is zeroed and the return runs
+    on through it). Used by every critic-free estimator (reinforce, rloo, ...), whose
+    advantages are these returns. One fused GAE kernel with zero values and ``lam=1``
+    (bit-identical to OpenRLHF's loop on CPU). Dtype of ``rewards``; ``self`` is unused (a
+    method in OpenRLHF)."""
+    masked = rewards if action_mask is None else action_mask * rewards
+    # values 0 and lam 1: delta_t = r_t, A_t = r_t + gamma * A_{t+1}, the same float ops
+    advantages, _ = _rlhf_gae(masked, torch.zeros_like(masked), None, gamma=gamma, lam=1.0)
+    return advantages.to(rewards.dtype)
+
+
+@torch.no_grad()
+def group_baseline(rewards: torch.Tensor, advantage_estimator: str) -> torch.Tensor:
+    """The group step of OpenRLHF's ``compute_advantages_and_returns`` (experience_maker.py
+    lines 268-278, inline there, so not patchable): ``rewards`` is the ``[num_prompts,
+    n_samples_per_prompt]`` score matrix in prompt order, as OpenRLHF reshapes it; returns
+    the shaped scores, same shape and dtype, one fused ``rlhf_ext.group_advantages`` pass:
+
+    - "rloo": ``r - (sum_group(r) - r) / (n - 1)`` (leave-one-out mean);
+    - "reinforce_baseline", "dr_grpo": ``r - mean_group(r)``;
+    - "group_norm": ``(r - mean_group(r)) / (std_group(r) + 1e-9)``, Bessel-corrected std;
+    - "flash_reinforce": ``r - mean(r)`` over the whole batch;
+    - "gae", "reinforce": ``rewards`` unchanged.
+
+    Use: in a copy of ``compute_advantages_and_returns``, replace that if/elif chain with
+    ``rewards = group_baseline(rewards, args.algo.advantage.estimator)``. With one sample
+    per prompt, "rloo" and "group_norm" give 0 (OpenRLHF: NaN, from 0/0 and a one-sample
+    std). Not differentiable.
+    """
+    name = f"{PREFIX}.group_baseline"
+    if advantage_estimator not in GROUP_ESTIMATORS + UNGROUPED_ESTIMATORS:
+        raise ValueError(
+            f"{name}: `advantage_estimator` must be one of "
+            f"{GROUP_ESTIMATORS + UNGROUPED_ESTIMATORS}, got {advantage_estimator!r}"
+        )
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2:
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards)
+        raise ValueError(
+            f"{name}: `rewards` must be a [num_prompts, n_samples_per_prompt] tensor "
+            f"(OpenRLHF's reshape), got {shape}"
+        )
+    if advantage_estimator in UNGROUPED_ESTIMATORS or rewards.numel() == 0:
+        return rewards
+    options = dict(baseline="mean", scale="none", group_size=rewards.shape[1])
+    if advantage_estimator == "rloo":
+        options["baseline"] = "leave_one_out"
+    elif advantage_estimator == "group_norm":
+        options.update(scale="group", unbiased=True, eps=GROUP_NORM_EPS, eps_mode="add")
+    elif advantage_estimator == "flash_reinforce":  # one group: the whole rollout batch
+        options["group_size"] = rewards.numel()
+    # validate=False: consecutive groups of an arange are never malformed, so skip the
+    # validation's device sync
+    shaped = _rlhf_group_advantages(rewards.reshape(-1), validate=False, **options)
+    return shaped.reshape(rewards.shape).to(rewards.dtype)
+
+
 UTILS = "openrlhf.models.utils"
 LOSS = "openrlhf.models.loss"
 EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
@@ -276,6 +372,11 @@ _PATCHER = Patcher(
             "RemoteExperienceMaker.get_advantages_and_returns",
             get_advantages_and_returns,
         ),
+        Target(
+            EXPERIENCE,
+            "RemoteExperienceMaker.get_cumulative_returns",
+            get_cumulative_returns,
+        ),
     ],
 )
 
@@ -283,7 +384,8 @@ _PATCHER = Patcher(
 def patch() -> list[str]:
     """Swap this module's functions into the installed OpenRLHF: ``openrlhf.models.utils``'s
     functions (and every loaded ``openrlhf.*`` module that imported them by name), the
-    ``forward`` of ``PolicyLoss`` and ``ValueLoss``, and the experience maker's GAE. Returns
+    ``forward`` of ``PolicyLoss`` and ``ValueLoss``, and the experience maker's GAE and
+    cumulative returns (not its inline group baseline: see ``group_baseline``). Returns
     the qualified names replaced. Idempotent; raises ImportError naming ``openrlhf`` when it
     is not installed or does not import."""
     return _PATCHER.patch(f"{PREFIX}.patch")

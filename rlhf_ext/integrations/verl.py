@@ -2,7 +2,7 @@
 
 Drop-in for ``verl.trainer.ppo.core_algos`` (``compute_gae_advantage_return``, ``agg_loss``,
 the policy losses of ``POLICY_LOSS_REGISTRY`` (vanilla, gpg, cispo, sapo, dppo_tv, dppo_kl,
-gspo, dro), ``compute_value_loss``, ``kl_penalty``, ``compute_rewards``,
+gspo, dro, geo_mean), ``compute_value_loss``, ``kl_penalty``, ``compute_rewards``,
 and the outcome advantage estimators of ``ADV_ESTIMATOR_REGISTRY``: GRPO and its vectorised
 version, GDPO, Pass@k, REINFORCE++ and REINFORCE++-baseline, RLOO and its vectorised
 version, OPO, ReMax, GPG) and ``verl.utils.torch_functional`` (``masked_whiten``,
@@ -419,6 +419,48 @@ def compute_policy_loss_dro(
     return loss, {"actor/ppo_kl": stats["approx_kl"].item()}
 
 
+def compute_policy_loss_geo_mean(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's ``compute_policy_loss_geo_mean`` ("geo_mean", GMPO; policy_loss kind
+    "geo_mean"): per row ``-mean_t(A) exp(mean_t d~)``, ``d~`` the unclamped log-ratio
+    clipped to ``[-clip_ratio_low, clip_ratio_high]`` on the side of A's sign, averaged
+    over all rows of the batch (empty ones count, with loss 0). As in verl,
+    ``loss_agg_mode`` and ``config.global_batch_info`` are not used, and
+    ``rollout_is_weights`` enter as each row's geometric mean
+    ``exp(sum_t m log(w + 1e-10) / (n + 1e-8))``, a positive row constant that the fused
+    kernel takes folded into the advantages (the signs of A, and so the clips and the
+    metrics, are unchanged). Metrics pg_clipfrac / pg_clipfrac_lower (tokens outside the
+    band with A > 0 / A < 0) and ppo_kl (unclamped), as Python floats."""
+    function = "compute_policy_loss_geo_mean"
+    if config is None:
+        raise ValueError(f"{PREFIX}.{function}: `config` is required (verl's actor config)")
+    low, high = _clip_band(config)
+    weighted = advantages
+    if rollout_is_weights is not None:
+        # verl's expression, term for term: a NaN or negative weight does what it does there
+        mask = response_mask.to(log_prob.dtype)
+        row_weight = torch.exp(
+            (torch.log(rollout_is_weights.detach() + 1e-10) * mask).sum(dim=-1)
+            / (mask.sum(dim=-1) + 1e-8)
+        )
+        weighted = advantages * (row_weight if advantages.dim() == 1 else row_weight[:, None])
+    loss, stats = _rlhf_policy_loss(
+        log_prob, old_log_prob, weighted, response_mask, kind="geo_mean",
+        agg="seq-mean-token-sum", clip_eps=low, clip_eps_high=high,
+    )  # fmt: skip
+    # rlhf_ext averages over the rows with a valid token; verl over all of them
+    rows = response_mask.shape[0]
+    nonempty = (response_mask != 0).any(dim=-1).sum()
+    return loss * (nonempty / max(rows, 1)), _clip_metrics(stats)
+
+
 # verl's POLICY_LOSS_REGISTRY names -> the adapters above
 POLICY_LOSSES = {
     "vanilla": compute_policy_loss_vanilla,
@@ -429,6 +471,7 @@ POLICY_LOSSES = {
     "dppo_kl": compute_policy_loss_dppo_kl,
     "gspo": compute_policy_loss_gspo,
     "dro": compute_policy_loss_dro,
+    "geo_mean": compute_policy_loss_geo_mean,
 }
 
 
@@ -967,7 +1010,7 @@ def patch() -> list[str]:
     ``verl.trainer.ppo.core_algos`` and ``verl.utils.torch_functional``, every loaded
     ``verl.*`` module that imported them by name, and verl's registries
     (in ``POLICY_LOSS_REGISTRY`` "vanilla", "gpg", "cispo", "sapo", "dppo_tv", "dppo_kl",
-    "gspo" and "dro", and in ``ADV_ESTIMATOR_REGISTRY`` "gae", "grpo",
+    "gspo", "dro" and "geo_mean", and in ``ADV_ESTIMATOR_REGISTRY`` "gae", "grpo",
     "grpo_vectorized", "gdpo", "grpo_passk", "reinforce_plus_plus",
     "reinforce_plus_plus_baseline", "remax", "rloo", "rloo_vectorized", "opo" and "gpg", so
     that ``get_adv_estimator_fn`` and ray_trainer's ``core_algos.<function>`` calls reach the

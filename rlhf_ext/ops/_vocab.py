@@ -56,6 +56,7 @@ POLICY_KIND_CODES = {
     "dro": 6,
     "gspo": 7,
     "gspo_token": 8,
+    "geo_mean": 9,
 }
 POLICY_KINDS = tuple(POLICY_KIND_CODES)
 _CLIP = ("clip_eps", "clip_eps_high")
@@ -69,13 +70,20 @@ POLICY_KIND_PARAMS = {
     "dro": ("beta",),
     "gspo": _CLIP,
     "gspo_token": _CLIP,
+    "geo_mean": _CLIP,
 }
 # The kinds whose clip_eps / clip_eps_high are divergence thresholds, not a ratio band.
 POLICY_DIVERGENCE_KINDS = ("dppo_tv", "dppo_kl")
+# The kinds whose clip_eps / clip_eps_high bound the log-ratio: d~ in [-clip_eps, clip_eps_high].
+POLICY_LOG_CLIP_KINDS = ("geo_mean",)
 # The kinds that read their row's mean log-ratio (policy_math.h uses_row_mean) and the
 # one whose gradient flows through it (row_coupled).
 POLICY_ROW_MEAN_KINDS = ("gspo", "gspo_token")
 POLICY_ROW_COUPLED_KINDS = ("gspo",)
+# The kinds whose row loss is a function of the row's sums (policy_math.h row_level):
+# level 2 computes it.
+POLICY_ROW_LEVEL_KINDS = ("geo_mean",)
+GEO_MEAN_EPS = 1e-8  # policy_math.h kGeoMeanEps
 GSPO_TOKEN_LOG_RATIO_MAX = 10.0  # policy_math.h kGSPOTokenLogRatioMax
 DPPO_KL_EPS = 1e-8  # policy_math.h kDPPOKLEps
 

@@ -39,6 +39,7 @@ from rlhf_ext.ops._vocab import (
     POLICY_DIVERGENCE_KINDS,
     POLICY_KIND_PARAMS,
     POLICY_KINDS,
+    POLICY_LOG_CLIP_KINDS,
     POLICY_STATS,
     VALUE_STATS,
 )
@@ -143,11 +144,12 @@ def _policy_params(op, kind, given: dict) -> dict:
 
 def _kernel_params(kind, params) -> dict:
     """The op schema's (lo, hi, dual_clip, ratio_cap, tau_pos, tau_neg, beta): the ratio
-    band [1 - clip_eps, 1 + clip_eps_high], or the dppo kinds' divergence thresholds."""
+    band [1 - clip_eps, 1 + clip_eps_high], or the dppo kinds' divergence thresholds and
+    geo_mean's log-ratio bounds as given."""
     lo = hi = 0.0
     if "clip_eps" in params:
         lo, hi = params["clip_eps"], params["clip_eps_high"]
-        if kind not in POLICY_DIVERGENCE_KINDS:
+        if kind not in POLICY_DIVERGENCE_KINDS + POLICY_LOG_CLIP_KINDS:
             lo, hi = 1.0 - lo, 1.0 + hi
     return dict(
         lo=lo,
@@ -236,7 +238,13 @@ def policy_loss(
       mean of ``d`` over its valid tokens, with the gradient through the mean (TRL's and
       OpenRLHF's GSPO);
     - ``"gspo_token"``: the same value with ``log r = min(s, 10)`` and the token-local
-      gradient of ``lp - sg(lp) + sg(s)`` (verl's "gspo", GSPO-token).
+      gradient of ``lp - sg(lp) + sg(s)`` (verl's "gspo", GSPO-token);
+    - ``"geo_mean"``: a loss per row, ``-mean_t(A) exp(mean_t d~)`` (GMPO, verl's
+      "geo_mean"), ``d~`` the unclamped ``d`` clipped in log space on the side of A's sign
+      (``A > 0``: ``min(d, clip_eps_high)``; ``A < 0``: ``max(d, -clip_eps)``; ``A = 0``:
+      0), the means over the row's valid tokens with verl's ``n + 1e-8``; the row's loss
+      takes the place of its token-loss sum in ``agg`` (verl averages it over all rows:
+      ``seq-mean-token-sum`` times non-empty rows / B).
 
     Args:
         logprobs: ``[B, T]`` policy log-probs (the only input with a gradient).
@@ -251,10 +259,11 @@ def policy_loss(
         agg, loss_scale_factor: as in ppo_policy_loss.
 
     Returns ``(loss, stats)`` like ppo_policy_loss: clipfrac (the tokens whose clip won;
-    cispo: whose weight was clipped; dppo: masked out), clipfrac_lower (ppo: dual-clipped;
-    dppo: ratio above ratio_cap), approx_kl (mean of old - new; clamped to +-20 except for
-    reinforce, dro and the gspo kinds), ratio_mean and ratio_max (the sequence ratio for the gspo
-    kinds).
+    cispo: whose weight was clipped; dppo: masked out; geo_mean: outside the band with
+    A > 0), clipfrac_lower (ppo: dual-clipped; dppo: ratio above ratio_cap; geo_mean:
+    outside the band with A < 0), approx_kl (mean of old - new; clamped to +-20 except for
+    reinforce, dro, geo_mean and the gspo kinds), ratio_mean and ratio_max (the sequence
+    ratio for the gspo kinds and geo_mean).
     """
     given = dict(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
                  ratio_cap=ratio_cap, tau_pos=tau_pos, tau_neg=tau_neg, beta=beta)  # fmt: skip

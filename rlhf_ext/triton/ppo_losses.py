@@ -8,7 +8,8 @@ gspo_token) first take the row's mean log-ratio in one more pass over the row
 (the row prologue, summed the same way). Level 2 is one program that reduces the
 rows in float64, in a fixed order, and writes the loss, the statistics and the
 per-row weights, into which it folds the row-coupled kind's (gspo's) row
-gradient. No atomics, no host synchronisation.
+gradient; for the row-level kind (geo_mean) it first turns each row's sums into
+the row's loss and ratio. No atomics, no host synchronisation.
 
 The per-token math is one @triton.jit function per family, as in the headers:
 policy_kind_token (policy_math.h's, the kind a POLICY_KIND constexpr, with its
@@ -32,6 +33,7 @@ from rlhf_ext.ops._vocab import (
     POLICY_KIND_CODES,
     POLICY_KIND_PARAMS,
     POLICY_ROW_COUPLED_KINDS,
+    POLICY_ROW_LEVEL_KINDS,
     POLICY_ROW_MEAN_KINDS,
     POLICY_STATS,
     VALUE_STATS,
@@ -39,6 +41,7 @@ from rlhf_ext.ops._vocab import (
     kl_straight_through,
 )
 from rlhf_ext.ops._vocab import DPPO_KL_EPS as _DPPO_KL_EPS
+from rlhf_ext.ops._vocab import GEO_MEAN_EPS as _GEO_MEAN_EPS
 from rlhf_ext.ops._vocab import GSPO_TOKEN_LOG_RATIO_MAX as _GSPO_TOKEN_LOG_RATIO_MAX
 from rlhf_ext.triton._common import (
     acc_tl_dtype,
@@ -47,6 +50,7 @@ from rlhf_ext.triton._common import (
     clamp_nan,
     max_nan,
     maximum_nan,
+    minimum_nan,
     next_power_of_2,
 )
 from rlhf_ext.triton._kl import kl_grad, kl_value
@@ -76,6 +80,8 @@ KIND_DPPO_KL = tl.constexpr(POLICY_KIND_CODES["dppo_kl"])
 KIND_DRO = tl.constexpr(POLICY_KIND_CODES["dro"])
 KIND_GSPO = tl.constexpr(POLICY_KIND_CODES["gspo"])
 KIND_GSPO_TOKEN = tl.constexpr(POLICY_KIND_CODES["gspo_token"])
+KIND_GEO_MEAN = tl.constexpr(POLICY_KIND_CODES["geo_mean"])
+GEO_MEAN_EPS = tl.constexpr(_GEO_MEAN_EPS)  # level 2 (float64)
 LOG_RATIO_CLAMP = tl.constexpr(20.0)  # kl.h kKLLogRatioClamp
 GSPO_TOKEN_LOG_RATIO_MAX = tl.constexpr(_GSPO_TOKEN_LOG_RATIO_MAX)
 # policy_math.h's kDPPOKLEps is a float: T(kDPPOKLEps) is the float32-rounded 1e-8 in
@@ -255,6 +261,22 @@ def policy_kind_token(
             )
             grad = tl.full(logprob.shape, 1.0, logprob.dtype)
             neg_log_ratio = -raw
+        elif POLICY_KIND == KIND_GEO_MEAN:
+            # verl's sign(A) * min(sign(A) d, sign(A) clamp(d, -lo, hi)) on the unclamped d;
+            # the token's d~ and A go to the row's sums (loss and row_grad columns), from
+            # which level 2 computes the row's loss and ratio.
+            sign = tl.where(advantage > 0, 1.0, tl.where(advantage < 0, -1.0, advantage * 0.0))
+            band = clamp_nan(raw, -lo, hi)
+            loss = sign * minimum_nan(sign * raw, sign * band)
+            row_grad = advantage
+            ratio = tl.zeros(logprob.shape, logprob.dtype)
+            neg_log_ratio = -raw
+            outside = raw != band
+            clipped = outside & (advantage > 0)
+            clipped_lower = outside & (advantage < 0)
+            # a NaN d is live (torch's minimum passes the gradient to a NaN input)
+            live = ((advantage > 0) & ~(raw >= hi)) | ((advantage < 0) & ~(raw <= -lo))
+            grad = tl.where(live, 1.0, 0.0).to(logprob.dtype)
         else:
             tl.static_assert(POLICY_KIND == KIND_GSPO_TOKEN, "a policy kind without its math")
             # verl's lp - sg(lp) + sg(s): s, and NaN for an infinite (or NaN) log-prob.
@@ -335,7 +357,7 @@ def _loss_rows_kernel(
     C_PER_ROW: tl.constexpr,
     POLICY_KIND: tl.constexpr,
     ROW_MEAN: tl.constexpr,
-    ROW_COUPLED: tl.constexpr,
+    ROW_SUMS: tl.constexpr,
     HAS_DUAL: tl.constexpr,
     HAS_CLIP: tl.constexpr,
     KL_KIND: tl.constexpr,
@@ -347,9 +369,9 @@ def _loss_rows_kernel(
     old_logprobs, advantages; with C_PER_ROW the advantages are [B], one per row),
     value (values, old_values, returns), KL (logprobs, ref_logprobs, unread).
     Policy: POLICY_KIND the kind; ROW_MEAN (its tokens read the row's mean log-ratio:
-    the row prologue) and ROW_COUPLED (its row_grad is summed into COL_ROW_GRAD)
-    follow from it. Writes grad[row] (0 where not valid) and the row's NCOLS partial
-    columns."""
+    the row prologue) and ROW_SUMS (its row_grad is summed into COL_ROW_GRAD: the
+    row-coupled and row-level kinds) follow from it. Writes grad[row] (0 where not
+    valid) and the row's NCOLS partial columns."""
     row = tl.program_id(0).to(tl.int64)
     base = row * cols
     lanes = tl.arange(0, BLOCK)
@@ -382,7 +404,7 @@ def _loss_rows_kernel(
     neg_log_ratio_sum = tl.zeros((BLOCK,), ACC)
     ratio_sum = tl.zeros((BLOCK,), ACC)
     ratio_max = tl.zeros((BLOCK,), ACC)  # ratios are > 0: 0 is the max's identity
-    row_grad_sum = tl.zeros((BLOCK,), ACC)  # ROW_COUPLED only
+    row_grad_sum = tl.zeros((BLOCK,), ACC)  # ROW_SUMS only
     for start in range(0, cols, BLOCK):
         pos = start + lanes
         inside = pos < cols
@@ -405,7 +427,7 @@ def _loss_rows_kernel(
             neg_log_ratio_sum += tl.where(valid, neg_log_ratio, 0.0)
             ratio_sum += tl.where(valid, ratio, 0.0)
             ratio_max = maximum_nan(ratio_max, tl.where(valid, ratio, 0.0))
-            if ROW_COUPLED:
+            if ROW_SUMS:
                 row_grad_sum += tl.where(valid, row_grad, 0.0)
         elif FAMILY == VALUE_FAMILY:
             ret = tl.load(c_ptr + base + pos, mask=inside, other=0.0).to(ACC)
@@ -428,7 +450,7 @@ def _loss_rows_kernel(
         tl.store(out + COL_APPROX_KL, tl.sum(neg_log_ratio_sum, axis=0))
         tl.store(out + COL_RATIO_MEAN, tl.sum(ratio_sum, axis=0))
         tl.store(out + COL_RATIO_MAX, max_nan(ratio_max, 0))
-        # 0 for the kinds whose row_grad is 0 (every kind but the row-coupled one).
+        # 0 for the kinds whose row_grad is 0 (all but the row-coupled and row-level ones).
         tl.store(out + COL_ROW_GRAD, tl.sum(row_grad_sum, axis=0))
 
 
@@ -462,9 +484,32 @@ def _agg_weight(agg: tl.constexpr, row_tokens, tokens, rows, norm):
 
 @triton.jit
 def _coupled_row_factor(row_grad_sum, row_tokens):
-    """ppo_math.h: coupled_row_factor (float64): d loss / d a[b, t] of a row-coupled
-    kind is the same for the row's valid tokens, (1 / n) * the row's row_grad sum."""
+    """ppo_math.h: policy_row_factor of the row-coupled kind (float64): d loss / d a[b, t]
+    is the same for the row's valid tokens, (1 / n) * the row's row_grad sum."""
     return tl.where(row_tokens > 0, row_grad_sum / tl.maximum(row_tokens, 1.0), 0.0)
+
+
+@triton.jit
+def _geo_mean_row(log_ratio_sum, advantage_sum, row_tokens):
+    """ppo_math.h: finish_geo_mean_row (float64): the row's loss -(Q / (n + eps)) *
+    exp(S / (n + eps)) and its ratio exp(S / (n + eps)) (0 and 0 for an empty row)."""
+    denom = row_tokens + GEO_MEAN_EPS
+    nonempty = row_tokens > 0
+    ratio = tl.where(nonempty, tl.exp(tl.where(nonempty, log_ratio_sum, 0.0) / denom), 0.0)
+    row_loss = tl.where(nonempty, -(advantage_sum / denom) * ratio, 0.0)
+    return row_loss, ratio
+
+
+@triton.jit
+def _load_row_loss(part, inside, row_count, ROW_LEVEL: tl.constexpr):
+    """A row's loss sum and ratio (ratio only for ROW_LEVEL, else 0): its loss column,
+    or, for the row-level kind, the loss finish_geo_mean_row computes from its sums."""
+    row_loss = tl.load(part + COL_LOSS, mask=inside, other=0.0).to(tl.float64)
+    ratio = tl.zeros(row_loss.shape, tl.float64)
+    if ROW_LEVEL:
+        advantage_sum = tl.load(part + COL_ROW_GRAD, mask=inside, other=0.0).to(tl.float64)
+        row_loss, ratio = _geo_mean_row(row_loss, advantage_sum, row_count)
+    return row_loss, ratio
 
 
 @triton.jit
@@ -484,12 +529,15 @@ def _loss_finish_kernel(
     NCOLS: tl.constexpr,
     AGG: tl.constexpr,
     ROW_COUPLED: tl.constexpr,
+    ROW_LEVEL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Level 2, one program: reduces the rows' partials in float64 and writes the
     loss, the statistics (stats[k]: column FIRST_STAT_COL + k, up to COL_RATIO_MAX)
     and row_weight; with ROW_COUPLED (the policy's row-coupled kind) each row's
-    weight is multiplied by its coupled_row_factor."""
+    weight is multiplied by its coupled_row_factor; with ROW_LEVEL (geo_mean) each
+    row's loss and ratio come from its sums first (finish_geo_mean_row) and its weight
+    is multiplied by row loss / (n + eps)."""
     lanes = tl.arange(0, BLOCK)
     norm = tl.load(params_ptr + PARAM_NORM).to(tl.float64)
     # Per-lane float64 sums over the rows: the partial columns (ratio_max a max),
@@ -507,8 +555,8 @@ def _loss_finish_kernel(
         r = start + lanes
         inside = r < rows
         part = partials_ptr + r.to(tl.int64) * NCOLS
-        row_loss = tl.load(part + COL_LOSS, mask=inside, other=0.0).to(tl.float64)
         row_count = tl.load(part + COL_COUNT, mask=inside, other=0.0).to(tl.float64)
+        row_loss, row_ratio = _load_row_loss(part, inside, row_count, ROW_LEVEL)
         loss_sum += row_loss
         token_count += row_count
         mean_sum += tl.where(row_count > 0, row_loss / tl.maximum(row_count, 1.0), 0.0)
@@ -520,8 +568,12 @@ def _loss_finish_kernel(
             neg_log_ratio_sum += tl.load(part + COL_APPROX_KL, mask=inside, other=0.0).to(
                 tl.float64
             )
-            ratio_sum += tl.load(part + COL_RATIO_MEAN, mask=inside, other=0.0).to(tl.float64)
-            row_ratio_max = tl.load(part + COL_RATIO_MAX, mask=inside, other=0.0).to(tl.float64)
+            if ROW_LEVEL:  # the row's ratio for each of its tokens
+                ratio_sum += row_count * row_ratio
+                row_ratio_max = row_ratio
+            else:
+                ratio_sum += tl.load(part + COL_RATIO_MEAN, mask=inside, other=0.0).to(tl.float64)
+                row_ratio_max = tl.load(part + COL_RATIO_MAX, mask=inside, other=0.0).to(tl.float64)
             ratio_max = maximum_nan(ratio_max, row_ratio_max)
     total = tl.sum(loss_sum, axis=0)
     tokens = tl.sum(token_count, axis=0)
@@ -545,6 +597,9 @@ def _loss_finish_kernel(
         if ROW_COUPLED:
             row_grad_sum = tl.load(part + COL_ROW_GRAD, mask=inside, other=0.0).to(tl.float64)
             w *= _coupled_row_factor(row_grad_sum, row_count)
+        if ROW_LEVEL:
+            row_loss, _ = _load_row_loss(part, inside, row_count, ROW_LEVEL)
+            w *= tl.where(row_count > 0, row_loss / (row_count + GEO_MEAN_EPS), 0.0)
         tl.store(row_weight_ptr + r, w.to(row_weight_ptr.dtype.element_ty), mask=inside)
 
 
@@ -570,6 +625,7 @@ def _run_loss(family, a, b, c, mask, agg, norm, params=(), *, policy_kind="ppo",
     params = torch.tensor(slots, dtype=torch.float64, device=device)
     policy = family == POLICY
     row_coupled = policy and policy_kind in POLICY_ROW_COUPLED_KINDS
+    row_level = policy and policy_kind in POLICY_ROW_LEVEL_KINDS
     block = min(next_power_of_2(cols), MAX_BLOCK)
     wide = policy and acc == torch.float64 and block >= POLICY_FLOAT64_WIDE_BLOCK
     if rows > 0:
@@ -588,7 +644,7 @@ def _run_loss(family, a, b, c, mask, agg, norm, params=(), *, policy_kind="ppo",
             C_PER_ROW=c is not None and c.dim() == 1,
             POLICY_KIND=POLICY_KIND_CODES[policy_kind],
             ROW_MEAN=policy and policy_kind in POLICY_ROW_MEAN_KINDS,
-            ROW_COUPLED=row_coupled,
+            ROW_SUMS=row_coupled or row_level,
             HAS_DUAL=dual,
             HAS_CLIP=clip,
             KL_KIND=kl_kind_code(kl_kind),
@@ -607,6 +663,7 @@ def _run_loss(family, a, b, c, mask, agg, norm, params=(), *, policy_kind="ppo",
         NCOLS=ncols,
         AGG=AGG_CODES[agg],
         ROW_COUPLED=row_coupled,
+        ROW_LEVEL=row_level,
         BLOCK=FINISH_BLOCK,
     )
     return loss, stats, grad, row_weight
@@ -630,9 +687,10 @@ def policy_loss_triton(
     loss_scale_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton policy loss with the signature of torch.ops.rlhf_ext.policy_loss: `kind`
-    a POLICY_KIND_CODES name, (lo, hi) the ratio band or the dppo kinds' divergence
-    thresholds, dual_clip <= 0 for none (ppo), ratio_cap the dppo kinds' detached-ratio
-    cap or ppo's TRL delta (inf for none), loss_scale_factor <= 0 for T.
+    a POLICY_KIND_CODES name, (lo, hi) the ratio band, the dppo kinds' divergence
+    thresholds or geo_mean's log-ratio bounds, dual_clip <= 0 for none (ppo), ratio_cap
+    the dppo kinds' detached-ratio cap or ppo's TRL delta (inf for none),
+    loss_scale_factor <= 0 for T.
     `advantages`: [B, T], or [B], broadcast over each row in the kernel."""
     if kind not in POLICY_KIND_CODES:
         raise ValueError(f"rlhf_ext.policy_loss: unknown `kind` {kind!r}")

@@ -47,7 +47,7 @@ inline constexpr PolicyKindName kPolicyKindNames[] = {
     {"cispo", PolicyKind::kCISPO},     {"sapo", PolicyKind::kSAPO},
     {"dppo_tv", PolicyKind::kDPPOTV},  {"dppo_kl", PolicyKind::kDPPOKL},
     {"dro", PolicyKind::kDRO},         {"gspo", PolicyKind::kGSPO},
-    {"gspo_token", PolicyKind::kGSPOToken},
+    {"gspo_token", PolicyKind::kGSPOToken}, {"geo_mean", PolicyKind::kGeoMean},
 };
 
 inline PolicyKind parse_policy_kind_or_throw(const char* op, const std::string& kind) {

@@ -20,6 +20,10 @@
 //               the gradient through the mean (TRL, OpenRLHF; the paper's GSPO)
 //   gspo_token  as gspo with log r = min(s, 10) and the gradient of lp - sg(lp) + sg(s)
 //               (verl "gspo"; the paper's GSPO-token)
+//   geo_mean    a row loss: -mean_t(A) exp(mean_t d~), d~ = the unclamped d clipped in
+//               log space on the side of sign(A) (A > 0: min(d, hi); A < 0: max(d, -lo))
+//               (verl "geo_mean", GMPO); its tokens yield the row's sums, and level 2
+//               (ppo_math.h finish_policy_row) turns them into the row's loss
 #pragma once
 
 #include <cmath>
@@ -41,6 +45,7 @@ enum class PolicyKind : int {
   kDRO = 6,
   kGSPO = 7,
   kGSPOToken = 8,
+  kGeoMean = 9,
 };
 
 // The kinds whose tokens read their row's mean log-ratio (a prologue pass per row).
@@ -56,16 +61,26 @@ RLHF_HD constexpr bool row_coupled(PolicyKind kind) {
   return kind == PolicyKind::kGSPO;
 }
 
+// The kinds whose row loss is a function of the row's sums, not a sum of token losses:
+// a token writes its share of those sums into the loss and row_grad columns, and
+// level 2 computes the row's loss from them (ppo_math.h finish_policy_row).
+RLHF_HD constexpr bool row_level(PolicyKind kind) {
+  return kind == PolicyKind::kGeoMean;
+}
+
 // gspo_token's upper clamp of the log-ratio (verl's, for numerical stability).
 constexpr float kGSPOTokenLogRatioMax = 10.f;
 // DPPO-KL's epsilon inside log((1 - p_old + eps) / (1 - p + eps)) (verl's).
 constexpr float kDPPOKLEps = 1e-8f;
+// geo_mean's row means divide by (valid tokens + eps) (verl's).
+constexpr double kGeoMeanEps = 1e-8;
 
 // The scalar parameters of every kind; a kind reads only its own.
 template <typename T>
 struct PolicyParams {
   T lo, hi;       // ratio kinds: the clip band [lo, hi] of the ratio;
-                  // dppo kinds: the divergence thresholds (low for A <= 0, high for A > 0)
+                  // dppo kinds: the divergence thresholds (low for A <= 0, high for A > 0);
+                  // geo_mean: the log-ratio bounds, d~ in [-lo, hi]
   T dual_clip;    // ppo: c > 1 for the dual clip, 0 for none
   T ratio_cap;    // dppo kinds: the truncation of the detached ratio; ppo: the cap of the
                   // unclipped ratio (TRL's delta; +inf for none)
@@ -79,7 +94,8 @@ struct PolicyToken {
   T grad;           // d loss / d logprob (row_coupled kinds: 1, see row_grad)
   T ratio;          // the ratio the loss uses (the sequence ratio for the gspo kinds)
   T neg_log_ratio;  // old - new (the approx_kl term), clamped as the kind clamps it
-  T row_grad;       // row_coupled kinds: d loss / d (row mean log-ratio); else 0
+  T row_grad;       // row_coupled kinds: d loss / d (row mean log-ratio); geo_mean: the
+                    // advantage (level 2 takes the row's mean); else 0
   bool clipped;     // ppo / gspo kinds: the clipped surrogate won; cispo: the weight was
                     // clipped; dppo kinds: the token was masked out
   bool clipped_lower;  // ppo: the dual clip won; dppo kinds: the ratio exceeded the cap
@@ -90,6 +106,12 @@ struct PolicyToken {
 template <typename T>
 RLHF_HD T max_value(T a, T b) {
   return select_value(a < b || b != b, b, a);
+}
+
+// min(a, b) that propagates NaN from either side (as torch.min does).
+template <typename T>
+RLHF_HD T min_value(T a, T b) {
+  return select_value(b < a || b != b, b, a);
 }
 
 // exp over the whole float range (host: exp(x / 2)^2 from the vectorising exp_small,
@@ -247,6 +269,27 @@ RLHF_HD PolicyToken<T> policy_kind_token(T logprob, T old_logprob, T advantage, 
       out.row_grad = out.grad;
       out.grad = T(1);
       out.neg_log_ratio = -raw;
+    } else if constexpr (K == PolicyKind::kGeoMean) {
+      // verl's sign(A) * min(sign(A) d, sign(A) clamp(d, -lo, hi)) on the unclamped d:
+      // A > 0 clips d from above only, A < 0 from below only, A = 0 gives 0 (NaN for an
+      // infinite d, as 0 * inf in torch); sign(NaN) is NaN.
+      const T sign = select_value(advantage > T(0), T(1),
+                                  select_value(advantage < T(0), T(-1), advantage * T(0)));
+      const T band = clamp_value(raw, -p.lo, p.hi);
+      out.loss = sign * min_value(sign * raw, sign * band);  // the row's sum: level 2
+      out.row_grad = advantage;                              // likewise
+      out.ratio = T(0);  // level 2 writes the row's ratio
+      out.neg_log_ratio = -raw;  // unclamped, as verl's ppo_kl
+      // verl's clipfrac: outside the band (whichever side binds), split by sign(A).
+      const bool outside = raw != band;
+      out.clipped = outside & (advantage > T(0));
+      out.clipped_lower = outside & (advantage < T(0));
+      // d d~ / d lp: 1 where the clip on A's side does not bind, and for a NaN d (torch's
+      // minimum passes the gradient to a NaN input); level 2's row weight carries the row
+      // factor L / (n + eps).
+      const bool live =
+          ((advantage > T(0)) & !(raw >= p.hi)) | ((advantage < T(0)) & !(raw <= -p.lo));
+      out.grad = select_value(live, T(1), T(0));
     } else {
       static_assert(K == PolicyKind::kGSPOToken, "a PolicyKind without its math");
       // verl's lp - sg(lp) + sg(s): s, and NaN for an infinite (or NaN) log-prob (inf - inf).
@@ -278,6 +321,7 @@ RLHF_HD PolicyToken<T> policy_kind_token(PolicyKind kind, T logprob, T old_logpr
     RLHF_EXT_POLICY_CASE(kDRO)
     RLHF_EXT_POLICY_CASE(kGSPO)
     RLHF_EXT_POLICY_CASE(kGSPOToken)
+    RLHF_EXT_POLICY_CASE(kGeoMean)
     case PolicyKind::kPPO:
     default:
       return policy_kind_token<PolicyKind::kPPO>(logprob, old_logprob, advantage, row_log_ratio,

@@ -11,7 +11,9 @@
 //   (sums, except Family::kMaxCol, which is a max).
 // Level 2 reduces the rows in a fixed order and gives the loss, each
 // statistic's mean over valid tokens, and a per-row weight such that
-// d loss / d input[b, t] = grad[b, t] * row_weight[b].
+// d loss / d input[b, t] = grad[b, t] * row_weight[b]. Before it sums a row, a
+// family's finish_row() may turn the row's partials into its loss (the row-level
+// policy kinds), and row_factor() is the row weight's factor beyond the aggregation.
 #pragma once
 
 #include "rlhf_ext/kl.h"
@@ -97,13 +99,40 @@ RLHF_HD T kl_value_and_grad(KLKind kind, bool straight_through, T logprob, T ref
   return clamp_value(raw_value, T(-kKLValueClamp), T(kKLValueClamp));
 }
 
+// geo_mean's level 2 on one row's partials (float64, kCols of them): from the sums
+// S = sum d~ (the loss column), Q = sum A (the row-gradient column) and n (count),
+// the row's loss -(Q / (n + eps)) exp(S / (n + eps)) into the loss column and its ratio
+// exp(S / (n + eps)) into the ratio columns (n times it into the ratio sum, so the
+// ratio_mean statistic stays a mean over tokens). An empty row's loss and ratio are 0.
+RLHF_HD void finish_geo_mean_row(double* row) {
+  const double n = row[1];
+  const double denom = n + kGeoMeanEps;
+  const double ratio = n > 0 ? exp_any(row[0] / denom) : 0.0;
+  row[0] = n > 0 ? -(row[7] / denom) * ratio : 0.0;
+  row[5] = n * ratio;
+  row[6] = ratio;
+}
+
+// finish_row of the policy kinds: geo_mean's row loss; a no-op for the others.
+RLHF_HD void finish_policy_row(PolicyKind kind, double* row) {
+  if (row_level(kind)) finish_geo_mean_row(row);
+}
+
+// row_factor of the policy kinds (after finish_policy_row): gspo's coupled row term
+// (1 / n) * sum_t d loss_t / d s; geo_mean's d L / d (sum d~) = L / (n + eps); else 1.
+RLHF_HD double policy_row_factor(PolicyKind kind, const double* row) {
+  if (row_coupled(kind)) return row[1] > 0 ? row[7] / row[1] : 0.0;
+  if (row_level(kind)) return row[1] > 0 ? row[0] / (row[1] + kGeoMeanEps) : 0.0;
+  return 1.0;
+}
+
 // Level-1 families: `kCols` partial columns per row, the first 2 + kStats of them
 // loss, count and the statistics. token() writes one valid token's contribution
 // to each column into `v` and returns its un-aggregated derivative; callers add
 // the contributions of valid tokens (max for kMaxCol) with combine(). `row` is
 // the row's mean of a - b over its valid tokens when needs_row_mean(), else 0.
-// With couples_rows(), column kRowGradCol holds the row's sum of
-// d loss_t / d row, which level 2 folds into the row weight (coupled_row_factor).
+// For the row-coupled policy kind, column kRowGradCol holds the row's sum of
+// d loss_t / d row, which level 2 folds into the row weight (policy_row_factor).
 
 // Writes a policy token's columns: loss, count, clipfrac, clipfrac_lower,
 // approx_kl, ratio_mean, ratio_max (kMaxCol) and the row gradient.
@@ -133,7 +162,8 @@ struct PolicyFamily {
   PolicyParams<T> params;
 
   RLHF_HD bool needs_row_mean() const { return uses_row_mean(kind); }
-  RLHF_HD bool couples_rows() const { return row_coupled(kind); }
+  RLHF_HD void finish_row(double* row) const { finish_policy_row(kind, row); }
+  RLHF_HD double row_factor(const double* row) const { return policy_row_factor(kind, row); }
   RLHF_HD T token(T logprob, T old_logprob, T advantage, T row, T* v) const {
     return write_policy_token(policy_kind_token(kind, logprob, old_logprob, advantage, row, params),
                               v);
@@ -152,7 +182,8 @@ struct PolicyFixedFamily {
   PolicyParams<T> params;
 
   RLHF_HD bool needs_row_mean() const { return uses_row_mean(K); }
-  RLHF_HD bool couples_rows() const { return row_coupled(K); }
+  RLHF_HD void finish_row(double* row) const { finish_policy_row(K, row); }
+  RLHF_HD double row_factor(const double* row) const { return policy_row_factor(K, row); }
   RLHF_HD T token(T logprob, T old_logprob, T advantage, T row, T* v) const {
     return write_policy_token(policy_kind_token<K>(logprob, old_logprob, advantage, row, params),
                               v);
@@ -168,13 +199,6 @@ RLHF_HD T backward_value(T grad, T grad_loss, T scale) {
   return select_value(grad != T(0), grad * scale, grad * grad_loss);
 }
 
-// The row weight's factor for a couples_rows() family: d loss / d a[b, t] is the
-// same for the row's valid tokens, (1 / n) * sum_t d loss_t / d row.
-template <typename T>
-RLHF_HD T coupled_row_factor(T row_grad_sum, T row_tokens) {
-  return row_tokens > T(0) ? row_grad_sum / row_tokens : T(0);
-}
-
 template <typename T>
 struct ValueFamily {
   static constexpr int kInputs = 3;
@@ -185,7 +209,8 @@ struct ValueFamily {
   T clip_eps;
 
   RLHF_HD bool needs_row_mean() const { return false; }
-  RLHF_HD bool couples_rows() const { return false; }
+  RLHF_HD void finish_row(double* /*row*/) const {}
+  RLHF_HD double row_factor(const double* /*row*/) const { return 1.0; }
   RLHF_HD T token(T value, T old_value, T ret, T /*row*/, T* v) const {
     const ValueToken<T> t = value_token(value, old_value, ret, clip_eps);
     v[0] = t.loss;
@@ -206,7 +231,8 @@ struct KLFamily {
   bool straight_through;
 
   RLHF_HD bool needs_row_mean() const { return false; }
-  RLHF_HD bool couples_rows() const { return false; }
+  RLHF_HD void finish_row(double* /*row*/) const {}
+  RLHF_HD double row_factor(const double* /*row*/) const { return 1.0; }
   RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T /*row*/, T* v) const {
     T grad;
     v[0] = kl_value_and_grad(kind, straight_through, logprob, ref_logprob, &grad);
@@ -226,7 +252,8 @@ struct KLFixedFamily {
   static constexpr int kRowGradCol = -1;
 
   RLHF_HD bool needs_row_mean() const { return false; }
-  RLHF_HD bool couples_rows() const { return false; }
+  RLHF_HD void finish_row(double* /*row*/) const {}
+  RLHF_HD double row_factor(const double* /*row*/) const { return 1.0; }
   RLHF_HD T token(T logprob, T ref_logprob, T /*unused*/, T /*row*/, T* v) const {
     T grad;
     v[0] = kl_value_and_grad(kKind, kStraightThrough, logprob, ref_logprob, &grad);
