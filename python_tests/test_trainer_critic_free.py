@@ -20,6 +20,7 @@ GROUPED = [name for name, e in ADVANTAGE_ESTIMATORS.items() if e.grouped]
 CRITIC_FREE = [name for name, e in ADVANTAGE_ESTIMATORS.items() if not e.needs_critic]
 # what each kind needs beyond the trainer's defaults
 KIND_OPTIONS = {"dro": {"beta": 0.1}, "sapo": {"tau_pos": 1.0, "tau_neg": 1.05}}
+KIND_FIELDS = {"geo_mean": {"loss_agg": "seq-mean-token-sum"}}
 
 
 def _rollout(rows=12, width=7, seed=0):
@@ -107,6 +108,11 @@ def test_gae_estimator_is_the_gae_op():
         (dict(policy_loss_options={"beta": 1.0}), "`policy_loss_options` for policy_loss='ppo'"),
         (dict(policy_loss_options={"clip_eps": 0.1}), ".*are fields of their own"),
         (dict(policy_loss="reinforce", dual_clip=3.0), "`dual_clip` must be None with"),
+        (
+            dict(policy_loss="dro", clip_eps_high=0.28, policy_loss_options={"beta": 0.1}),
+            "`clip_eps_high` must be None with policy_loss='dro'",
+        ),
+        (dict(policy_loss="geo_mean"), "`loss_agg` must be 'seq-mean-token-sum' with "),
         (dict(policy_loss="dro"), "`policy_loss` / its parameters: .*beta"),
         (
             dict(policy_loss="sapo", policy_loss_options={"tau_pos": -1.0}),
@@ -192,7 +198,12 @@ def test_group_advantages_reach_the_loss_per_row(tmp_path):
 
 @pytest.mark.parametrize("kind", POLICY_KINDS)
 def test_every_policy_loss_kind_trains(tmp_path, kind):
-    trainer = _grpo(tmp_path, policy_loss=kind, policy_loss_options=KIND_OPTIONS.get(kind, {}))
+    trainer = _grpo(
+        tmp_path,
+        policy_loss=kind,
+        policy_loss_options=KIND_OPTIONS.get(kind, {}),
+        **KIND_FIELDS.get(kind, {}),
+    )
     before = [p.detach().clone() for p in trainer.all_parameters()]
     history = trainer.train(th.prompts(), iterations=1)
     assert math.isfinite(history[-1]["loss/policy_avg"])
@@ -245,9 +256,32 @@ def test_grpo_resume_equals_uninterrupted_run(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
-def test_resume_refuses_another_estimator_or_group_size(tmp_path):
+def test_resume_checks_the_critic_and_the_group_size(tmp_path):
     _grpo(tmp_path).save_checkpoint()
-    with pytest.raises(ValueError, match="`advantage_estimator` \\(checkpoint 'grpo'"):
-        th.tiny_trainer(tmp_path).load_checkpoint()
+    with pytest.raises(ValueError, match="`advantage_estimator` \\(checkpoint 'grpo', which "
+                       "trains no critic; this run 'gae', which trains a critic\\)"):  # fmt: skip
+        th.tiny_trainer(tmp_path, num_generations=4).load_checkpoint()
     with pytest.raises(ValueError, match="`num_generations` \\(checkpoint 4, this run 8\\)"):
         _grpo(tmp_path, num_generations=8).load_checkpoint()
+    # another critic-free estimator over the same models may continue the run
+    _grpo(tmp_path, advantage_estimator="rloo").load_checkpoint()
+
+
+def test_a_checkpoint_from_before_the_estimators_is_a_gae_one(tmp_path):
+    from rlhf_ext.trainer.checkpoint import atomic_torch_save, load_checkpoint
+
+    th.tiny_trainer(tmp_path).save_checkpoint()
+    path = str(tmp_path / "checkpoint.pt")
+    state = load_checkpoint(path)
+    for name in ("advantage_estimator", "num_generations"):
+        del state["config"][name]
+    atomic_torch_save(state, path)
+    th.tiny_trainer(tmp_path).load_checkpoint()
+    with pytest.raises(ValueError, match="`num_generations` \\(checkpoint 1, this run 4\\)"):
+        _grpo(tmp_path).load_checkpoint()
+
+
+def test_the_policy_as_its_own_reference_is_refused(tmp_path):
+    policy = th.tiny_gpt()
+    with pytest.raises(ValueError, match="PPOTrainer: `ref_policy` is `policy` itself"):
+        PPOTrainer(th.tiny_config(tmp_path), policy, policy, th.a_fraction, th.DemoTokenizer())

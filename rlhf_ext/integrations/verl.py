@@ -458,7 +458,7 @@ def compute_policy_loss_geo_mean(
     # rlhf_ext averages over the rows with a valid token; verl over all of them
     rows = response_mask.shape[0]
     nonempty = (response_mask != 0).any(dim=-1).sum()
-    return loss * (nonempty / max(rows, 1)), _clip_metrics(stats)
+    return loss * (nonempty.to(loss.dtype) / max(rows, 1)), _clip_metrics(stats)
 
 
 # verl's POLICY_LOSS_REGISTRY names -> the adapters above

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from rlhf_ext.trainer import distributed as dist
+from rlhf_ext.trainer.advantages import ADVANTAGE_ESTIMATORS
 
 if TYPE_CHECKING:  # the trainer imports this module
     from rlhf_ext.trainer.config import PPOConfig
@@ -29,8 +30,9 @@ RESUME_FIELDS = (
     "mini_batch_size",
     "micro_batch_size",
     "num_generations",
-    "advantage_estimator",  # the models: a critic or none
 )
+# what a checkpoint from before a field existed was written with (PPOConfig's defaults)
+RESUME_DEFAULTS = {"num_generations": 1, "advantage_estimator": "gae"}
 # atomic_torch_save's temporaries: mkstemp's prefix, 8 random name characters, suffix
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
 TMP_PATTERN = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
@@ -109,12 +111,25 @@ def check_resumable(state: dict, config: PPOConfig, world_size: int, path: str) 
             f"{TRAINER}.load_checkpoint: {path} was written by {written_by} rank(s), "
             f"this run has {world_size}"
         )
-    stored = state.get("config", {})  # a checkpoint without a config is not checked
+    stored = state.get("config")
+    if not stored:  # a checkpoint without a config is not checked
+        return
+    stored = {**RESUME_DEFAULTS, **stored}
     mismatched = [
         f"`{name}` (checkpoint {stored[name]!r}, this run {getattr(config, name)!r})"
         for name in RESUME_FIELDS
         if name in stored and stored[name] != getattr(config, name)
     ]
+    # the models: a critic (value head or value_model) or none; estimators that agree on
+    # that may follow each other (grpo -> rloo)
+    written = ADVANTAGE_ESTIMATORS.get(stored["advantage_estimator"])
+    if written is not None and written.needs_critic != config.needs_critic:
+        has = {True: "trains a critic", False: "trains no critic"}
+        mismatched.append(
+            f"`advantage_estimator` (checkpoint {stored['advantage_estimator']!r}, which "
+            f"{has[written.needs_critic]}; this run {config.advantage_estimator!r}, which "
+            f"{has[config.needs_critic]})"
+        )
     if mismatched:
         raise ValueError(
             f"{TRAINER}.load_checkpoint: {path} was written with a different "

@@ -8,7 +8,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from rlhf_ext.ops._vocab import AGG_MODES, KL_KINDS, POLICY_KIND_PARAMS, POLICY_KINDS
+from rlhf_ext.ops._vocab import (
+    AGG_MODES,
+    KL_KINDS,
+    POLICY_KIND_PARAMS,
+    POLICY_KINDS,
+    POLICY_ROW_LEVEL_KINDS,
+)
 from rlhf_ext.trainer.advantages import ADVANTAGE_ESTIMATORS
 
 NAME = "rlhf_ext.trainer.PPOConfig"
@@ -18,6 +24,8 @@ MIN_TEMPERATURE = 1e-6
 BOOL_FIELDS = ("whiten_advantages", "adaptive_kl", "normalize_reward", "progress_bar", "overwrite")
 # the policy-loss parameters that are fields of their own; the others go in policy_loss_options
 POLICY_LOSS_FIELDS = ("clip_eps", "clip_eps_high", "dual_clip")
+# the loss_agg of the row-level kinds (geo_mean): the mean of the row losses, as verl's GMPO
+ROW_LEVEL_AGG = "seq-mean-token-sum"
 
 
 @dataclass
@@ -248,8 +256,18 @@ class PPOConfig:
                 f"{allowed} (clip_eps, clip_eps_high and dual_clip are fields of their own), "
                 f"got {unread}"
             )
-        if self.dual_clip is not None and "dual_clip" not in takes:
-            self._fail("dual_clip", f"None with policy_loss={self.policy_loss!r}", self.dual_clip)
+        for name in ("clip_eps_high", "dual_clip"):  # clip_eps has a default: not checked
+            if getattr(self, name) is not None and name not in takes:
+                self._fail(name, f"None with policy_loss={self.policy_loss!r}", getattr(self, name))
+        if self.policy_loss in POLICY_ROW_LEVEL_KINDS and self.loss_agg != ROW_LEVEL_AGG:
+            # token-mean would divide the row losses by the token count: not GMPO, and it
+            # would reweigh them against the KL and entropy terms
+            self._fail(
+                "loss_agg",
+                f"{ROW_LEVEL_AGG!r} with policy_loss={self.policy_loss!r} (a loss per row: "
+                "the mean of the row losses)",
+                self.loss_agg,
+            )
         import torch
 
         from rlhf_ext.ops.ppo_losses import policy_loss

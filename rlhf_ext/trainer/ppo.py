@@ -120,6 +120,11 @@ class PPOTrainer:
     # ----------------------------------------------------------- building
     def _build_models(self, policy, ref_policy, value_model) -> None:
         self.device = next(policy.parameters()).device
+        if ref_policy is policy:  # freezing the reference would freeze the policy
+            raise ValueError(
+                f"{NAME}: `ref_policy` is `policy` itself; pass None (a frozen copy is made) "
+                "or a separate model"
+            )
         if not any(p.requires_grad for p in policy.parameters()):
             raise ValueError(
                 f"{NAME}: `policy` has no parameter that requires grad (a frozen copy of a "
