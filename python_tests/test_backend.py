@@ -206,6 +206,31 @@ else:
     assert "rlhf_ext._C is not built or failed to load" in error
 
 
+def test_missing_extension_note_says_which_install_it_is():
+    error = ImportError("cannot import name '_C' from partially initialized module 'rlhf_ext'")
+    pure = _backend.missing_extension_message(error, file_present=False)
+    assert "pure-Python install" in pure and "'torch' backend" in pure
+    assert "RLHF_EXT_QUIET=1" in pure and "partially initialized" not in pure
+    broken = _backend.missing_extension_message(ImportError("undefined symbol: x"), True)
+    assert "undefined symbol: x" in broken and "Reinstall" in broken
+    assert "RLHF_EXT_QUIET=1" in broken
+    assert _backend._extension_file_present() == COMPILED
+
+
+def test_command_line_names_itself_and_has_a_version(capsys, monkeypatch):
+    from rlhf_ext.__main__ import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rlhf_ext {rlhf_ext.__version__}"
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/rlhf-ext", "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: rlhf-ext ") and "``" not in text
+
+
 def test_import_without_compiled_extension_quiet():
     code = f"""
 import sys, warnings

@@ -1,4 +1,5 @@
-"""Command line: ``python -m rlhf_ext info | bench [args] | demo | train --config FILE``."""
+"""Command line: ``python -m rlhf_ext info | bench [args] | demo | train --config FILE``
+(also installed as ``rlhf-ext``)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,27 @@ def _triton_version() -> str:
     return triton.__version__
 
 
+DESCRIPTION = (
+    "rlhf_ext: fused RLHF ops for PyTorch. Subcommands: info (what this install can run), "
+    "bench (the microbenchmarks), demo (the offline RLHF demo), train (the trainer from a "
+    "config file)."
+)
+CONSOLE_SCRIPT = "rlhf-ext"  # pyproject.toml [project.scripts]
+
+
+def _prog() -> str:
+    """What the user typed: the console script's name, else ``python -m rlhf_ext``."""
+    if os.path.basename(sys.argv[0] or "") == CONSOLE_SCRIPT:
+        return CONSOLE_SCRIPT
+    return "python -m rlhf_ext"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf_ext", description=__doc__)
+    """Parse ``argv`` (default: the command line) and run the subcommand; its exit status."""
+    from rlhf_ext._version import __version__
+
+    parser = argparse.ArgumentParser(prog=_prog(), description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"rlhf_ext {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, torch, CUDA, compiled archs, triton, backends")
     bench = sub.add_parser("bench", help="run a microbenchmark (same as python -m bench)")

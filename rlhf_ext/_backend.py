@@ -10,6 +10,7 @@ the other backends serve.
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import importlib.util
 import os
 import warnings
@@ -32,13 +33,38 @@ def _compiled():
         return _C
     except ImportError as error:
         if os.environ.get("RLHF_EXT_QUIET") != "1":
-            warnings.warn(
-                f"rlhf_ext: compiled kernels unavailable ({error}); using the Triton / torch "
-                "backends. Reinstall with `pip install --no-build-isolation .` to build them.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            message = missing_extension_message(error, _extension_file_present())
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
         return None
+
+
+def _extension_file_present() -> bool:
+    """Whether the package folder holds a compiled rlhf_ext._C at all (a pure-Python
+    install, RLHF_EXT_NO_EXT=1, has none)."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any(name.startswith("_C") and name.endswith(suffixes) for name in names)
+
+
+def missing_extension_message(error: Exception, file_present: bool) -> str:
+    """The one import-time note without rlhf_ext._C: a pure-Python install says so and
+    which backends serve; a compiled part that is there but does not load says why."""
+    if not file_present:
+        return (
+            "rlhf_ext: a pure-Python install (no compiled kernels: built with RLHF_EXT_NO_EXT=1 "
+            "or without a C++ compiler). Every op runs on the 'torch' backend, and on "
+            "'triton' for CUDA tensors when Triton is installed. RLHF_EXT_QUIET=1 silences "
+            "this note."
+        )
+    return (
+        f"rlhf_ext: compiled kernels unavailable ({error}); using the Triton / torch "
+        "backends. Reinstall with `pip install --no-build-isolation .` to build them "
+        "(RLHF_EXT_QUIET=1 silences this warning)."
+    )
 
 
 def compiled_available() -> bool:
