@@ -5,12 +5,15 @@ nvcc is found (no GPU is needed to build them). Knobs (environment variables):
 
   RLHF_EXT_CUDA=0|1        force the CUDA kernels off / on (on fails loudly if impossible)
   RLHF_EXT_NO_EXT=1        pure-Python install (torch and Triton backends only)
+  RLHF_EXT_DEBUG=1         keep host debug info (release builds are stripped: -g0, -s)
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0+PTX")
   MAX_JOBS                 parallel compile jobs (torch's ninja builder reads it)
   CUDA_HOME                the CUDA toolkit; found from nvcc on PATH otherwise
 
 Install with `pip install --no-build-isolation .` after torch: build isolation
-would compile against a different torch than the one you run.
+would compile against a different torch than the one you run. A build with the
+compiled part requires exactly that torch version (its metadata pins it, and
+rlhf_ext._C refuses to load under another torch with a message saying which).
 """
 
 import glob
@@ -129,10 +132,31 @@ def want_cuda(torch):
     return cuda_home
 
 
+# A pure-Python install runs on any torch with matmul out_dtype (2.8).
+PURE_PYTHON_REQUIREMENTS = ["torch>=2.8", "numpy"]
+
+
+def torch_requirement(torch_version):
+    """The requirement of a wheel compiled against `torch_version`: that public version
+    exactly (torch's C++ ABI is not stable across releases). The local label (+cu130)
+    is dropped, as a requirement cannot carry one; the CPU/CUDA variant is checked at
+    load time instead (rlhf_ext._C names the torch it was built against)."""
+    return f"torch=={torch_version.split('+')[0]}"
+
+
+def release_flags():
+    """(compile, link) flags that keep host debug info out of a release build: the .so
+    is ~4x smaller; RLHF_EXT_DEBUG=1 keeps it."""
+    if env_flag("RLHF_EXT_DEBUG") or sys.platform == "darwin":
+        return [], []
+    return ["-g0"], ["-s"]
+
+
 def extension_modules(version):
+    """(ext_modules, cmdclass, install_requires) of this build."""
     if env_flag("RLHF_EXT_NO_EXT"):
         print("rlhf_ext setup: RLHF_EXT_NO_EXT=1, pure-Python install")
-        return [], {}
+        return [], {}, PURE_PYTHON_REQUIREMENTS
     try:
         import torch
     except ImportError:
@@ -157,9 +181,10 @@ def extension_modules(version):
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     # -fno-trapping-math: lets GCC if-convert (vectorise) the selects of the CPU
     # softmax loops; nothing here reads floating-point exception flags.
-    cxx_flags = ["-O3", "-fno-trapping-math"] + openmp
+    no_debug, strip = release_flags()
+    cxx_flags = ["-O3", "-fno-trapping-math"] + openmp + no_debug
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    kwargs = dict(include_dirs=include_dirs, extra_link_args=openmp)
+    kwargs = dict(include_dirs=include_dirs, extra_link_args=openmp + strip)
     if cuda_home:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         defines += [
@@ -192,15 +217,20 @@ def extension_modules(version):
             extra_compile_args={"cxx": cxx_flags},
             **kwargs,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass, [torch_requirement(torch.__version__), "numpy"]
 
 
 version = read_version()
-ext_modules, cmdclass = extension_modules(version)
+ext_modules, cmdclass, install_requires = extension_modules(version)
 
 setup(
     version=version,
-    packages=find_packages(include=["rlhf_ext", "rlhf_ext.*"]),
+    # The benchmarks ship as rlhf_ext.bench (python -m rlhf_ext bench); their source folder
+    # stays bench/ at the top of the checkout, where python -m bench runs them too.
+    packages=find_packages(include=["rlhf_ext", "rlhf_ext.*"]) + ["rlhf_ext.bench"],
+    package_dir={"rlhf_ext.bench": "bench"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    install_requires=install_requires,
 )

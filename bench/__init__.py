@@ -1,8 +1,30 @@
 """rlhf_ext microbenchmarks.
 
-``python -m bench <op> [--quick] [--device cpu|cuda] [--csv PATH] [--no-save]`` runs
-``bench/bench_<op>.py``; ``python -m bench list`` names the ops; ``python -m bench all``
-runs every one. The timing and reporting machinery is in :mod:`bench.harness`; the
-peers' implementations (TRL / verl / TorchRL) that the benchmarks and the test suite
-compare against are in python_tests/peers.py (shared with the tests). See bench/README.md.
+In a source checkout this folder is the package ``bench``: ``python -m bench <op> [--quick]
+[--device cpu|cuda] [--results-dir DIR | --csv PATH] [--no-save]`` runs
+``bench/bench_<op>.py``, ``python -m bench list`` names the ops, ``python -m bench all`` runs
+every one and ``python -m bench plot`` draws the results. The wheel ships the same files as
+``rlhf_ext.bench`` (setup.py maps the folder into the package), so an installed rlhf_ext
+runs them as ``python -m rlhf_ext bench <op>``; every import between them is relative, so
+the files work under either name.
+
+Results go to ``./bench-results/<device-slug>.csv`` under the current directory unless
+``--results-dir`` or ``--csv`` says otherwise: never into the installed package or the
+checkout's committed ``bench/results/`` (``make bench`` names that folder explicitly).
+
+The timing and reporting machinery is in ``harness.py``; the peers' implementations (TRL /
+verl / TorchRL) that the benchmarks time as baselines are in ``peers.py``, which the test
+suite imports too (as ``bench.peers``). See bench/README.md.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS_DIRNAME = "bench-results"
+
+
+def default_results_dir() -> Path:
+    """Where results go when no folder is named: ``./bench-results`` under the current
+    directory (never inside the package, which may be an installed, read-only folder)."""
+    return Path.cwd() / RESULTS_DIRNAME

@@ -6,7 +6,7 @@ Implementations (each verified against a float64 reference before it is timed):
   with a mask (``+mask``: an all-valid bool mask, so the masked path does the same math);
 - ``rlhf_ext.gae[triton]`` (and ``+mask``): on CUDA only (on CPU Triton runs only under
   its interpreter, a test tool, so it is not timed there);
-- ``python loop (TRL)``: the per-timestep loop TRL and verl use (python_tests/peers.py: trl_gae),
+- ``python loop (TRL)``: the per-timestep loop TRL and verl use (bench/peers.py: trl_gae),
   the speedup baseline;
 - ``python loop+mask (verl)``: verl's loop with its multi-turn mask (float mask);
 - ``torch.compile(TRL loop)``: the same loop compiled (the loop is unrolled, so compile
@@ -26,9 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from bench import harness
-from bench.harness import Impl
-from python_tests import peers
+from . import harness, peers
+from .harness import Impl
 
 OP = "gae"
 GAMMA, LAM = 1.0, 0.95
@@ -187,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=args.only,
         save=not args.no_save,
         csv_path=args.csv,
+        results_dir=args.results_dir,
     )
 
 

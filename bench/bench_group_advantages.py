@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from bench import harness
-from bench.harness import Impl
+from . import harness
+from .harness import Impl
 
 OP = "group_advantages"
 GROUP = 8
@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=args.only,
         save=not args.no_save,
         csv_path=args.csv,
+        results_dir=args.results_dir,
     )
 
 

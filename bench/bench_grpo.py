@@ -31,10 +31,10 @@ from collections.abc import Sequence
 
 import torch
 
-from bench import harness
-from bench.bench_group_advantages import EPS
-from bench.bench_group_advantages import make_inputs as group_inputs
-from bench.harness import Impl
+from . import harness
+from .bench_group_advantages import EPS
+from .bench_group_advantages import make_inputs as group_inputs
+from .harness import Impl
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP = 0.2, 0.28, 3.0
 GSPO_LOW, GSPO_HIGH = 3e-3, 4e-3  # the GSPO paper's band for the sequence ratio
@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             set_count=functools.partial(harness.input_set_count, device=device, limit=2),
             save=not args.no_save,
             csv_path=args.csv,
+            results_dir=args.results_dir,
         ))  # fmt: skip
     return status
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import harness
-from bench.harness import Impl
+from . import harness
+from .harness import Impl
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 # (rows, tokens, vocab): a small policy's micro-batch on a CPU

@@ -31,9 +31,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from bench import harness
-from bench.harness import Impl
-from python_tests import peers
+from . import harness, peers
+from .harness import Impl
 
 OP = "logprobs"
 MODES = ("fwd", "fwd+ent", "fwd+bwd", "fwd+bwd+ent")
@@ -225,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_count=input_set_count,
         save=not args.no_save,
         csv_path=args.csv,
+        results_dir=args.results_dir,
     )
 
 

@@ -9,7 +9,7 @@ before it is timed. One timed call = forward (loss and statistics) + backward
 - ``rlhf_ext[cpu]`` / ``rlhf_ext[cuda]``: the compiled kernels for the device;
 - ``rlhf_ext[triton]``: on CUDA only (on CPU Triton runs only under its interpreter);
 - ``eager (verl)``: verl's compute_policy_loss / compute_value_loss / kl_penalty +
-  agg_loss as eager PyTorch (python_tests/peers.py), the speedup baseline;
+  agg_loss as eager PyTorch (bench/peers.py), the speedup baseline;
 - ``torch.compile(verl)``: the same function under torch.compile (forward and backward
   compiled by AOTAutograd).
 
@@ -29,9 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import harness
-from bench.harness import Impl
-from python_tests import peers
+from . import harness, peers
+from .harness import Impl
 
 DTYPE = torch.float32
 BASELINE = "eager (verl)"
@@ -241,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             set_count=functools.partial(harness.input_set_count, device=device, limit=8),
             save=not args.no_save,
             csv_path=args.csv,
+            results_dir=args.results_dir,
         )
         status = max(status, spec_status)
     return status

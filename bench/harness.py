@@ -7,7 +7,9 @@ implementations (:class:`Impl`), several input sets and the expected outputs;
 repeats after warm-up, rotating among the input sets), measures its peak extra memory,
 and computes GB/s, the fraction of the copy bandwidth measured in the same run, and the
 speedup over a named baseline. :meth:`Runner.finish` prints the table and appends the
-rows to ``bench/results/<device-slug>.csv``. :func:`sweep` is the loop every script runs:
+rows to ``<results dir>/<device-slug>.csv`` (``--results-dir``, default ``./bench-results``
+under the current directory; ``--csv`` names the file itself). :func:`sweep` is the loop
+every script runs:
 over shapes x dtypes x modes, it builds each point's inputs and implementations from the
 script's factories and hands them to the runner, then prints (and saves) the results.
 """
@@ -33,7 +35,11 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from . import default_results_dir
+
+# The command that runs these scripts, for their usage lines: bench/__main__.py sets it to
+# what the user typed (python -m bench, python -m rlhf_ext bench, rlhf-ext bench).
+PROG = "python -m rlhf_ext bench" if __package__ == "rlhf_ext.bench" else "python -m bench"
 
 # CSV columns, in order (bench/README.md explains each).
 COLUMNS = [
@@ -142,7 +148,10 @@ def parse_args(
 ) -> argparse.Namespace:
     """The options every ``bench_<op>.py`` takes (see bench/README.md); `extra` may add
     the script's own."""
-    parser = argparse.ArgumentParser(prog=f"python -m bench {op}", description=description)
+    # A script's first docstring line names its command (``python -m bench gae``: ...); the
+    # usage line already shows the command as typed, so the description drops it.
+    description = re.sub(r"^``python -m bench [^`]*``:\s*", "", description)
+    parser = argparse.ArgumentParser(prog=f"{PROG} {op}", description=description)
     parser.add_argument("--quick", action="store_true", help="small shapes and a short time budget")
     parser.add_argument(
         "--device",
@@ -150,11 +159,21 @@ def parse_args(
         default=None,
         help="default: cuda when available, else cpu",
     )
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="append rows to DIR/<device-slug>.csv (default: ./bench-results under the "
+        "current directory)",
+    )
+    where.add_argument(
         "--csv",
         type=Path,
         default=None,
-        help="append rows here (default bench/results/<device-slug>.csv)",
+        metavar="PATH",
+        help="append rows to this file instead",
     )
     parser.add_argument("--no-save", action="store_true", help="print the table only")
     parser.add_argument(
@@ -727,15 +746,23 @@ class Runner:
         return (
             f"op: {self.op}   device: {self.device_name}   threads: {self.threads}\n"
             f"copy bandwidth (clone, read+write): {self.copy_gbps:.1f} GB/s   "
-            f"speedup baseline: {self.rows[0].baseline if self.rows else '-'}\n"
+            f"speedup baseline: {self.rows[-1].baseline if self.rows else '-'}\n"
             f"torch {v['torch']}  triton {v['triton'] or '-'}  rlhf_ext {v['rlhf_ext'] or '-'}  "
             f"CUDA {v['cuda'] or '-'}   {self.date}"
         )
 
-    def save(self, path: Path | None = None) -> Path:
-        """Append the rows to `path` (default bench/results/<device-slug>.csv), writing
-        the header when the file is new."""
-        path = Path(path) if path is not None else RESULTS_DIR / f"{device_slug(self.device)}.csv"
+    def csv_path(self, path: Path | None = None, results_dir: Path | None = None) -> Path:
+        """The file rows go to: `path` when given, else ``<results_dir>/<device-slug>.csv``
+        (`results_dir` defaulting to ``./bench-results`` under the current directory)."""
+        if path is not None:
+            return Path(path)
+        folder = Path(results_dir) if results_dir is not None else default_results_dir()
+        return folder / f"{device_slug(self.device)}.csv"
+
+    def save(self, path: Path | None = None, results_dir: Path | None = None) -> Path:
+        """Append the rows to :meth:`csv_path` (`path`, else the device's CSV in
+        `results_dir`), writing the header when the file is new; returns the file."""
+        path = self.csv_path(path, results_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = COLUMNS
         if path.exists() and path.stat().st_size > 0:
@@ -760,8 +787,11 @@ class Runner:
                 writer.writerow(record)
         return path
 
-    def finish(self, *, save: bool = True, csv_path: Path | None = None) -> int:
-        """Print the header, the table, the notes and failures; save unless told not to.
+    def finish(
+        self, *, save: bool = True, csv_path: Path | None = None, results_dir: Path | None = None
+    ) -> int:
+        """Print the header, the table, the notes and failures; save (to `csv_path`, else
+        the device's CSV in `results_dir`, see :meth:`csv_path`) unless told not to.
         Returns the exit status: 1 when an implementation failed verification."""
         print()
         print(self.header())
@@ -769,7 +799,8 @@ class Runner:
         print(self.table())
         status = self.print_notes()
         if save and self.rows:
-            print(f"appended {len(self.rows)} rows to {self.save(csv_path)}")
+            path = self.save(csv_path, results_dir)
+            print(f"appended {len(self.rows)} rows to {path.resolve()}")
         return status
 
     def print_notes(self) -> int:
@@ -822,6 +853,7 @@ def sweep(
     set_count: Callable[[int], int] | None = None,
     save: bool = True,
     csv_path: Path | None = None,
+    results_dir: Path | None = None,
     report: Callable[[Runner], int] | None = None,
 ) -> int:
     """Verify and time `implementations` at every point of shapes x dtypes x modes, then
@@ -837,7 +869,8 @@ def sweep(
     :class:`Floor`). With several modes, each point starts a table section and every
     implementation is named "<name> <mode>". `report(runner)` prints the results and
     returns the status; by default :meth:`Runner.finish` prints the table and appends
-    the rows to `csv_path` (the device's CSV when None) unless `save` is False.
+    the rows to `csv_path` (when None, the device's CSV in `results_dir`, by default
+    ``./bench-results``) unless `save` is False.
     """
     count_sets = set_count or functools.partial(input_set_count, device=runner.device)
     for shape, dtype, mode in itertools.product(shapes, dtypes, modes):
@@ -863,7 +896,7 @@ def sweep(
         del sets
     if report is not None:
         return report(runner)
-    return runner.finish(save=save, csv_path=csv_path)
+    return runner.finish(save=save, csv_path=csv_path, results_dir=results_dir)
 
 
 def _input_sets(make_inputs: Callable[[Point, int], Any], point: Point, count_sets) -> list:

@@ -1,8 +1,16 @@
-"""``python -m bench.plot [--csv PATH ...] [--out DIR]``: bar charts of the results.
+"""``python -m bench plot [--results-dir DIR | --csv PATH ...] [--out DIR]``: charts of the results.
 
-One PNG per (device, op, dtype): median time per implementation, grouped by shape, on a
-log scale. For each (implementation, shape) the latest row in the CSVs is drawn. Reads
-every ``bench/results/*.csv`` unless ``--csv`` names files. Needs matplotlib.
+One PNG per (device, op, dtype), one panel per shape (and per mode, for the ops timed in
+several: fwd, fwd+bwd, ...): a horizontal bar per implementation, named on the left, its
+median time per call on a log axis, the time and the speedup over the panel's baseline at
+the bar's end. Colours say what a bar is (rlhf_ext, the baseline, another peer, a floor
+timed on its own), not which implementation, so any number of bars stays readable. For each
+(implementation, shape) the newest row in the CSVs is drawn.
+
+Reads every ``*.csv`` in the results folder (``--results-dir``, default ``./bench-results``
+under the current directory, where the benchmarks write) unless ``--csv`` names files, and
+writes the PNGs to ``--out`` (default ``<results folder>/plots``). Needs matplotlib.
+The command is also ``python -m rlhf_ext bench plot`` and ``python -m bench.plot``.
 """
 
 from __future__ import annotations
@@ -11,11 +19,32 @@ import argparse
 import csv
 import re
 import sys
-from collections import defaultdict
+import textwrap
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.harness import RESULTS_DIR
+from . import default_results_dir
+
+# Names an implementation had in older CSVs -> the name it has now (the committed rows of
+# bench/results/ predate the rename; see bench_linear_logprobs.FLOOR).
+RENAMED = {"GEMM floor": "GEMMs alone"}
+
+# What the dimensions of each op's shape are (the column holds e.g. "2048x32000").
+SHAPE_NAMES = {"logprobs": "N x V", "linear_logprobs": "N x H x V", "integrations": "B x T x V"}
+
+COLOURS = {
+    "ours": "#1f77b4",  # rlhf_ext, in any form
+    "baseline": "#ff7f0e",  # the peer the speedups are relative to
+    "peer": "#8c8c8c",  # the other peers (eager, torch.compile, TorchRL, Liger, ...)
+    "floor": "#ffffff",  # timed on its own (e.g. the bare GEMMs), hatched
+}
+LEGEND = {
+    "ours": "rlhf_ext",
+    "baseline": "baseline (speedups are over it)",
+    "peer": "other peers",
+    "floor": "floor: timed on its own, the work no implementation can skip",
+}
 
 
 def load_rows(paths: Sequence[Path]) -> list[dict]:
@@ -45,37 +74,182 @@ def _shape_size(shape: str) -> int:
     return size
 
 
+def _renamed(name: str) -> str:
+    for old, new in RENAMED.items():
+        if name == old or name.startswith(old + " "):
+            return new + name[len(old) :]
+    return name
+
+
+def split_modes(rows: Sequence[dict]) -> list[tuple[str, str, dict]]:
+    """(mode, name without the mode, row) per row. A script that times several modes names
+    every implementation, and its baseline, "<name> <mode>" (harness.mode_name): the mode is
+    the last word of the baseline column, where the rows hold more than one; else ""."""
+    modes = {row["baseline"].rsplit(" ", 1)[-1] for row in rows if row["baseline"]}
+    out = []
+    for row in rows:
+        mode = row["baseline"].rsplit(" ", 1)[-1] if len(modes) > 1 and row["baseline"] else ""
+        name = row["impl"]
+        if mode and name.endswith(" " + mode):
+            name = name[: -len(mode) - 1]
+        out.append((mode, _renamed(name), row))
+    return out
+
+
+def category(name: str, row: dict, baseline: str) -> str:
+    """ours / baseline / floor / peer (see COLOURS)."""
+    if row["impl"] == baseline:
+        return "baseline"
+    if row["baseline"] == row["impl"]:  # its own baseline, not the panel's: a floor
+        return "floor"
+    return "ours" if "rlhf_ext" in name else "peer"
+
+
+def describe_mode(mode: str) -> str:
+    """fwd+bwd+ent -> forward + backward + entropy."""
+    words = {"fwd": "forward", "bwd": "backward", "ent": "entropy"}
+    return " + ".join(words.get(part, part) for part in mode.split("+"))
+
+
+def format_ms(ms: float) -> str:
+    """A time with its unit: 12.3 us, 4.56 ms, 1.23 s."""
+    if ms < 1:
+        return f"{ms * 1e3:.3g} us"
+    if ms < 1000:
+        return f"{ms:.3g} ms"
+    return f"{ms / 1e3:.3g} s"
+
+
+def _panels(group: dict[tuple, dict]) -> list[tuple[str, str, list[tuple[str, dict]]]]:
+    """[(shape, mode, [(name, row), ...])], shapes by size, modes in the order they ran."""
+    by_panel: dict[tuple[str, str], list[tuple[str, dict]]] = defaultdict(list)
+    mode_order: dict[str, int] = {}
+    for mode, name, row in split_modes(list(group.values())):
+        mode_order.setdefault(mode, len(mode_order))
+        by_panel[(row["shape"], mode)].append((name, row))
+    keys = sorted(by_panel, key=lambda k: (_shape_size(k[0]), mode_order[k[1]]))
+    return [(shape, mode, by_panel[(shape, mode)]) for shape, mode in keys]
+
+
+def _subtitle(rows: Sequence[dict], gpu: bool) -> str:
+    """Versions, threads and dates of the drawn rows."""
+
+    def values(key):
+        return ", ".join(sorted({r[key] for r in rows if r.get(key)})) or "-"
+
+    parts = [f"torch {values('torch')}", f"rlhf_ext {values('rlhf_ext')}"]
+    if gpu:
+        parts += [f"triton {values('triton')}", f"CUDA {values('cuda')}"]
+    else:  # torch's CUDA version says nothing about a CPU run; the thread count does
+        parts.append(f"{values('threads')} threads")
+    parts.append(f"run {', '.join(sorted({r['date'][:10] for r in rows}))}")
+    return "   ".join(parts)
+
+
+def format_speed(base_ms: float, ms: float) -> str:
+    """The speedup over the baseline as a label: (4.47x faster), (1.66x slower), (1,570x faster)."""
+    speed = base_ms / ms
+    ratio = speed if speed >= 1 else 1 / speed
+    text = f"{ratio:,.0f}x" if ratio >= 100 else f"{ratio:.3g}x"
+    return f"({text} {'faster' if speed >= 1 else 'slower'})"
+
+
 def plot_group(
     plt, device: str, op: str, dtype: str, rows: dict[tuple, dict], out_dir: Path
 ) -> Path:
-    """Draw one grouped bar chart (x: shape, bars: implementation) and save it as PNG."""
-    shapes = sorted({shape for _, shape in rows}, key=_shape_size)
-    impls = list(dict.fromkeys(impl for impl, _ in rows))
-    width = 0.8 / max(len(impls), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(shapes) * max(len(impls), 1) * 0.5), 4.5))
-    for k, impl in enumerate(impls):
-        xs, ys = [], []
-        for i, shape in enumerate(shapes):
-            row = rows.get((impl, shape))
-            if row is not None:
-                xs.append(i - 0.4 + width * (k + 0.5))
-                ys.append(float(row["median_ms"]))
-        bars = ax.bar(xs, ys, width=width, label=impl)
-        for bar, y in zip(bars, ys, strict=True):
-            ax.annotate(
-                f"{y:.3g}",
-                (bar.get_x() + bar.get_width() / 2, y),
-                ha="center",
-                va="bottom",
-                fontsize=6,
-                rotation=90,
-            )
-    ax.set_xticks(range(len(shapes)), [f"{s}\n{dtype}" for s in shapes])
-    ax.set_yscale("log")
-    ax.set_ylabel("median time per call (ms, log scale)")
-    ax.set_title(f"{op} on {device}")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
+    """Draw one figure (a panel per shape and mode, a bar per implementation); save a PNG."""
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    panels = _panels(rows)
+    shape_names = SHAPE_NAMES.get(op, "B x T" if panels and "x" in panels[0][0] else "shape")
+    # Per panel: its title, and its bars top to bottom as (name, row, kind); footnotes.
+    drawn, footnotes = [], []
+    rank = {"floor": 0, "ours": 1, "baseline": 2, "peer": 3}
+    for shape, mode, items in panels:
+        baseline = Counter(r["baseline"] for _, r in items).most_common(1)[0][0]
+        bars = [(name, r, category(name, r, baseline)) for name, r in items]
+        bars.sort(key=lambda bar: rank[bar[2]])  # stable: each kind in the order it ran
+        title = f"{shape_names} = {shape}" + (f",  {mode} ({describe_mode(mode)})" if mode else "")
+        floor = next((b for b in bars if b[2] == "floor"), None)
+        if floor is not None:
+            floor_ms = float(floor[1]["median_ms"])
+            faster = [
+                n for n, r, k in bars if k != "floor" and float(r["median_ms"]) < 0.95 * floor_ms
+            ]
+            if faster:
+                where = f"{mode} {shape}" if mode else shape
+                footnotes += textwrap.wrap(
+                    f"* {where}: {' and '.join(faster)} ran faster than the floor "
+                    f"'{floor[0]}', which times the same work alone: the timings are noisy "
+                    "(e.g. a shared CPU; compare runs), or that work ran another way there "
+                    "(e.g. GEMMs of another layout or output dtype).",
+                    width=190,
+                    subsequent_indent="   ",
+                )
+        drawn.append((title, baseline, bars, bool(floor is not None and faster)))
+    # Layout in inches: the title block, the panels (a title line and 0.3 in per bar), the
+    # x axis, the footnotes, the legend.
+    top, bottom = 0.95, 0.95 + 0.16 * len(footnotes)
+    panel_in = [0.45 + 0.3 * len(bars) for _, _, bars, _ in drawn]
+    height = top + bottom + sum(panel_in)
+    longest = max(len(name) for _, _, bars, _ in drawn for name, _, _ in bars)
+    left = min(4.5, 0.3 + 0.068 * longest)
+    # The x range: from half the fastest time, to where the slowest bar's label fits.
+    times = [float(r["median_ms"]) for _, _, bars, _ in drawn for _, r, _ in bars]
+    lo = min(times) / 2
+    label_share = min(0.6, 2.1 / (11 * 0.98 - left))  # of the axis width, for ~25 characters
+    hi = lo * (1.08 * max(times) / lo) ** (1 / (1 - label_share))
+    fig, axes = plt.subplots(
+        len(drawn), 1, figsize=(11, height), sharex=True, squeeze=False,
+        gridspec_kw={"height_ratios": panel_in},
+    )  # fmt: skip
+    fig.subplots_adjust(left=left / 11, right=0.98, top=1 - top / height, bottom=bottom / height,
+                        hspace=0.45 / (sum(panel_in) / len(panel_in)))  # fmt: skip
+    used = set()
+    for ax, (title, baseline, bars, flagged) in zip(axes[:, 0], drawn, strict=True):
+        base_ms = next((float(r["median_ms"]) for _, r, _ in bars if r["impl"] == baseline), None)
+        for y, (_, row, kind) in enumerate(bars):
+            ms = float(row["median_ms"])
+            used.add(kind)
+            ax.barh(y, ms - lo, left=lo, height=0.7, color=COLOURS[kind], edgecolor="black",
+                    linewidth=0.6, hatch="///" if kind == "floor" else None)  # fmt: skip
+            label = format_ms(ms)
+            if kind == "baseline":
+                label += "  (baseline)"
+            elif base_ms is not None:
+                label += "  " + format_speed(base_ms, ms)
+            if kind == "floor" and flagged:
+                label += "  *"
+            ax.text(ms * 1.08, y, label, va="center", fontsize=8)
+        ax.set_yticks(range(len(bars)), [name for name, _, _ in bars], fontsize=8)
+        ax.set_ylim(len(bars) - 0.4, -0.6)  # first bar on top
+        if base_ms is None:
+            title += f"   (no row of the baseline, {baseline}: no speedups)"
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.grid(axis="x", which="major", linewidth=0.4, alpha=0.5)
+    ax = axes[-1, 0]
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.01 ... 100, not 10^-2 ... 10^2
+    ax.xaxis.set_major_formatter(plain)
+    # Minor labels only at 2x and 5x a decade: every one of 2..9 runs into its neighbours.
+    sparse = FuncFormatter(lambda value, _: f"{value:g}" if f"{value:e}"[0] in "25" else "")
+    ax.xaxis.set_minor_formatter(sparse if hi / lo < 30 else NullFormatter())
+    ax.set_xlabel("median time per call (ms, log scale; lower is faster)")
+    all_rows = [r for _, _, bars, _ in drawn for _, r, _ in bars]
+    gpu = not re.search(r"\(\d+ cores\)$", device)  # harness.device_name: "<CPU> (N cores)"
+    fig.text(0.01, 1 - 0.12 / height, f"{op} on {device}, {dtype}", fontsize=12, ha="left",
+             va="top")  # fmt: skip
+    fig.text(0.01, 1 - 0.45 / height, _subtitle(all_rows, gpu), fontsize=8, ha="left",
+             va="top", color="#444444")  # fmt: skip
+    for k, note in enumerate(footnotes):
+        fig.text(0.01, (0.3 + 0.16 * (len(footnotes) - k)) / height, note, fontsize=7,
+                 ha="left", va="center", style="italic", color="#a00000")  # fmt: skip
+    handles = [Patch(facecolor=COLOURS[k], edgecolor="black", hatch="///" if k == "floor" else None,
+                     label=LEGEND[k]) for k in COLOURS if k in used]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "-", f"{op}-{device}-{dtype}".lower()).strip("-")
     path = out_dir / f"{slug}.png"
     fig.savefig(path, dpi=120)
@@ -83,15 +257,21 @@ def plot_group(
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench plot") -> int:
     """Draw every (device, op, dtype) group found in the CSVs; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.plot", description=__doc__.splitlines()[0]
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="read DIR/*.csv (default: ./bench-results under the current directory)",
     )
-    parser.add_argument(
-        "--csv", type=Path, nargs="*", default=None, help="CSV files (default: bench/results/*.csv)"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "plots", help="output folder")
+    where.add_argument("--csv", type=Path, nargs="+", default=None, metavar="PATH",
+                       help="read these CSV files instead")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="write the PNGs here (default: <results folder>/plots)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         import matplotlib
@@ -99,19 +279,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("bench.plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+        print("bench plot needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
-    paths = args.csv if args.csv else sorted(RESULTS_DIR.glob("*.csv"))
+    folder = args.results_dir if args.results_dir is not None else default_results_dir()
+    paths = args.csv if args.csv else sorted(folder.glob("*.csv"))
     rows = load_rows(paths)
     if not rows:
-        print(
-            f"bench.plot: no result rows in {[str(p) for p in paths] or str(RESULTS_DIR)}",
-            file=sys.stderr,
-        )
+        where = [str(p) for p in paths] if paths else f"{folder}/*.csv"
+        print(f"bench plot: no result rows in {where} (run a benchmark first, or name the "
+              "CSVs with --results-dir / --csv)", file=sys.stderr)  # fmt: skip
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out if args.out is not None else folder / "plots"
+    out.mkdir(parents=True, exist_ok=True)
     for (device, op, dtype), group in sorted(latest(rows).items()):
-        print(plot_group(plt, device, op, dtype, group, args.out))
+        print(plot_group(plt, device, op, dtype, group, out).resolve())
     return 0
 
 

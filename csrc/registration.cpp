@@ -110,6 +110,29 @@ TORCH_LIBRARY(rlhf_ext, m) {
 
 namespace {
 
+// The torch this file was compiled against, as a marker Python can find in the .so's
+// bytes when the module does not even load (a torch with another C++ ABI leaves
+// undefined symbols): rlhf_ext/_backend.py reads it to say which torch to install.
+[[gnu::used]] constexpr char kBuiltAgainstTorch[] = "rlhf_ext-built-against-torch=" RLHF_EXT_TORCH_VERSION ";";
+
+// "2.14.1+cu130" -> "2.14.1": the part a pip requirement pins (setup.py torch_requirement).
+std::string public_version(const std::string& version) { return version.substr(0, version.find('+')); }
+
+// torch's C++ API has no stable ABI across releases: a build loaded under another torch
+// may load and then crash or compute garbage, so refuse it with a message that says what
+// to do. Only the public version is compared; the variant (+cpu, +cu130) of a torch that
+// loads shares its ABI.
+void check_torch_version() {
+  const std::string running = pybind11::str(pybind11::module_::import("torch").attr("__version__"));
+  const std::string built = RLHF_EXT_TORCH_VERSION;
+  if (built.empty() || public_version(running) == public_version(built)) return;
+  throw pybind11::import_error(
+      "rlhf_ext._C was compiled against torch " + built + " but this is torch " + running +
+      ": install torch==" + public_version(built) +
+      ", or rebuild rlhf_ext against this torch (pip install --no-build-isolation --no-deps "
+      "--force-reinstall <rlhf_ext source>)");
+}
+
 pybind11::dict build_info() {
   pybind11::dict info;
   info["version"] = RLHF_EXT_VERSION;
@@ -160,6 +183,7 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, module) {
+  check_torch_version();
   module.doc() = "rlhf_ext compiled kernels: importing this module registers the ops.";
   module.def("build_info", &build_info,
              "Versions and options this extension was compiled with (dict).");

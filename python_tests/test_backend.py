@@ -217,6 +217,62 @@ def test_missing_extension_note_says_which_install_it_is():
     assert _backend._extension_file_present() == COMPILED
 
 
+@requires_compiled
+def test_compiled_part_names_its_torch_and_is_stripped():
+    """The .so carries the torch it was built against (readable without loading it), the
+    install's metadata pins that torch, and a release build has no host debug info."""
+    import importlib.metadata
+    import shutil
+
+    built = rlhf_ext.build_info()["torch_version"]
+    for path in _backend._extension_files():
+        assert _backend.built_against_torch(path) == built, path
+        if shutil.which("readelf") and os.environ.get("RLHF_EXT_DEBUG") != "1":
+            sections = subprocess.run(
+                ["readelf", "-S", "-W", path], capture_output=True, text=True
+            ).stdout
+            assert ".debug_info" not in sections, f"{path} carries debug info"
+    requires = importlib.metadata.requires("rlhf_ext") or []
+    assert f"torch=={built.split('+')[0]}" in requires, requires
+
+
+def test_torch_mismatch_note_says_which_torch(monkeypatch, tmp_path):
+    """A compiled part that cannot load under this torch (undefined symbols) is named
+    with the torch it was built against, read from the marker in its bytes."""
+    fake = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
+    fake.write_bytes(b"\x7fELF junk rlhf_ext-built-against-torch=1.0.0+cpu; more junk")
+    assert _backend.built_against_torch(str(fake)) == "1.0.0+cpu"
+    unmarked = tmp_path / "_C.other.so"
+    unmarked.write_bytes(b"\x7fELF no marker")
+    assert _backend.built_against_torch(str(unmarked)) is None
+    monkeypatch.setattr(_backend, "_extension_files", lambda: [str(fake)])
+    note = _backend.missing_extension_message(ImportError("undefined symbol: _ZN3c10"), True)
+    assert "undefined symbol" in note and "compiled against torch 1.0.0+cpu" in note
+    assert "install torch==1.0.0" in note and torch.__version__ in note
+    # The C++ check's own message already says it: not repeated.
+    own = ImportError("rlhf_ext._C was compiled against torch 1.0.0 but this is torch 9")
+    assert _backend.missing_extension_message(own, True).count("compiled against") == 1
+
+
+def test_build_progress_prints_one_short_line_per_file():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import build_progress
+    finally:
+        sys.path.pop(0)
+    compile_line = (
+        "[3/24] /usr/bin/c++ -MMD -MF x.o.d -O3 -I/work/csrc/include "
+        "-c /work/main/csrc/cpu/gae.cpp -o /work/build/gae.o -fPIC\n"
+    )
+    short = build_progress.describe(compile_line, start=0.0)
+    assert short.startswith("  [3/24] csrc/cpu/gae.cpp  (")
+    link = build_progress.describe("[24/24] c++ a.o b.o -shared -o _C.so\n", start=0.0)
+    assert link.startswith("  [24/24] link")
+    assert build_progress.describe("  copying rlhf_ext/ops/gae.py\n", start=0.0) is None
+    error = build_progress.describe("csrc/cpu/gae.cpp:3:1: error: expected ';'\n", 0.0)
+    assert "error: expected" in error
+
+
 def test_command_line_names_itself_and_has_a_version(capsys, monkeypatch):
     from rlhf_ext.__main__ import main
 

@@ -27,7 +27,7 @@ from conftest import (
 )
 
 import rlhf_ext
-from python_tests import peers
+from bench import peers
 from rlhf_ext import reference
 
 OP = "rlhf_ext.gae"
@@ -540,7 +540,7 @@ def test_gae_cpu_batch_invariant_packed(inputs):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("peer", ["trl_gae", "verl_gae", "torchrl_gae"])
 def test_gae_matches_peers(inputs, backend, peer):
-    """The peers' GAE as they write it (python_tests/peers.py), unmasked, then verl masked."""
+    """The peers' GAE as they write it (bench/peers.py), unmasked, then verl masked."""
     if peer == "torchrl_gae" and not peers.torchrl_available():
         pytest.skip("torchrl is not installed")
     B, T = 3, 40

@@ -11,7 +11,7 @@ from conftest import CPU_BACKENDS, assert_close_ref
 from test_ppo_losses import POLICY_STATS, check_stats, policy_inputs, sample_masks, up, with_grad
 
 import rlhf_ext
-from python_tests import peers
+from bench import peers
 from rlhf_ext.ops import _vocab
 
 AGGS = list(_vocab.AGG_MODES)

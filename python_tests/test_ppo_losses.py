@@ -18,7 +18,7 @@ from conftest import (
 )
 
 import rlhf_ext
-from python_tests import peers
+from bench import peers
 from rlhf_ext import reference
 
 AGGS = list(reference.AGG_MODES)

@@ -75,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"rlhf_ext {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, torch, CUDA, compiled archs, triton, backends")
-    bench = sub.add_parser("bench", help="run a microbenchmark (same as python -m bench)")
+    bench = sub.add_parser(
+        "bench",
+        help="the microbenchmarks: bench list | all | plot | <op> [options] (bench --help)",
+        # Every argument, --help included, goes to the benchmarks (bench/__main__.py):
+        # no options of its own, and no "-" prefix, so that REMAINDER takes a leading one.
+        add_help=False,
+        prefix_chars="+",
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER)
     from rlhf_ext.trainer.cli import add_subcommands, run_demo_command, run_train_command
 
@@ -88,12 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         return info()
     if args.command == "bench":
+        # The benchmarks ship in the wheel as rlhf_ext.bench (setup.py maps bench/ there).
         try:
-            from bench.__main__ import main as bench_main
-        except ImportError:
-            print("rlhf_ext bench: run from a source checkout (the bench/ folder)", file=sys.stderr)
+            from rlhf_ext.bench.__main__ import main as bench_main
+        except ModuleNotFoundError as error:
+            if error.name != "rlhf_ext.bench":
+                raise
+            print(
+                "rlhf_ext bench: this install has no benchmarks (rlhf_ext.bench is missing: "
+                "an install made before they shipped); reinstall rlhf_ext, or run "
+                "python -m bench in a source checkout",
+                file=sys.stderr,
+            )
             return 2
-        return bench_main(args.args)
+        return bench_main(args.args, prog=f"{_prog()} bench")
     return 2
 
 

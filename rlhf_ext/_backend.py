@@ -38,21 +38,66 @@ def _compiled():
         return None
 
 
-def _extension_file_present() -> bool:
-    """Whether the package folder holds a compiled rlhf_ext._C at all (a pure-Python
-    install, RLHF_EXT_NO_EXT=1, has none)."""
+def _extension_files() -> list[str]:
+    """The compiled rlhf_ext._C files in the package folder (a pure-Python install,
+    RLHF_EXT_NO_EXT=1, has none)."""
     folder = os.path.dirname(os.path.abspath(__file__))
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     try:
-        names = os.listdir(folder)
+        names = sorted(os.listdir(folder))
     except OSError:
-        return False
-    return any(name.startswith("_C") and name.endswith(suffixes) for name in names)
+        return []
+    return [
+        os.path.join(folder, name)
+        for name in names
+        if name.startswith("_C") and name.endswith(suffixes)
+    ]
+
+
+def _extension_file_present() -> bool:
+    """Whether the package folder holds a compiled rlhf_ext._C at all."""
+    return bool(_extension_files())
+
+
+# csrc/registration.cpp kBuiltAgainstTorch: the marker and its terminator.
+_BUILT_AGAINST_MARKER = b"rlhf_ext-built-against-torch="
+
+
+def built_against_torch(path: str) -> str | None:
+    """The torch version a compiled rlhf_ext._C file was built against, read from the
+    marker in its bytes (it works when the module cannot load, e.g. undefined symbols
+    under another torch); None when the file has no marker."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    start = data.find(_BUILT_AGAINST_MARKER)
+    if start < 0:
+        return None
+    start += len(_BUILT_AGAINST_MARKER)
+    end = data.find(b";", start, start + 128)
+    return data[start:end].decode("ascii", "replace") if end > start else None
+
+
+def _torch_mismatch_hint() -> str:
+    """' (built against torch X, this is torch Y: ...)' when the compiled file names
+    another torch than the running one, else ''."""
+    running = torch.__version__.split("+")[0]
+    for path in _extension_files():
+        built = built_against_torch(path)
+        if built and built.split("+")[0] != running:
+            return (
+                f"; it was compiled against torch {built} and this is torch {torch.__version__}"
+                f": install torch=={built.split('+')[0]} or rebuild rlhf_ext against this torch"
+            )
+    return ""
 
 
 def missing_extension_message(error: Exception, file_present: bool) -> str:
     """The one import-time note without rlhf_ext._C: a pure-Python install says so and
-    which backends serve; a compiled part that is there but does not load says why."""
+    which backends serve; a compiled part that is there but does not load says why
+    (and, when it was built against another torch, which one)."""
     if not file_present:
         return (
             "rlhf_ext: a pure-Python install (no compiled kernels: built with RLHF_EXT_NO_EXT=1 "
@@ -60,8 +105,9 @@ def missing_extension_message(error: Exception, file_present: bool) -> str:
             "'triton' for CUDA tensors when Triton is installed. RLHF_EXT_QUIET=1 silences "
             "this note."
         )
+    hint = "" if "compiled against torch" in str(error) else _torch_mismatch_hint()
     return (
-        f"rlhf_ext: compiled kernels unavailable ({error}); using the Triton / torch "
+        f"rlhf_ext: compiled kernels unavailable ({error}{hint}); using the Triton / torch "
         "backends. Reinstall with `pip install --no-build-isolation .` to build them "
         "(RLHF_EXT_QUIET=1 silences this warning)."
     )

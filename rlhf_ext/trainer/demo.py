@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import rlhf_ext
 from rlhf_ext.trainer.config import PPOConfig
-from rlhf_ext.trainer.metrics import plot_comparison
+from rlhf_ext.trainer.metrics import KL_UNITS, Panel, plot_comparison
 from rlhf_ext.trainer.model import GPTConfig, PooledRewardModel, TinyGPT
 from rlhf_ext.trainer.ppo import PPOTrainer
 from rlhf_ext.trainer.rollout import (
@@ -45,13 +45,36 @@ WORLD_SEED = 1234  # the corpus and the rule are the same for every run seed
 ALGORITHMS = ("ppo", "grpo")
 GRPO_GENERATIONS = 8  # responses per prompt: a GRPO group
 FIGURE = "ppo_vs_grpo.png"
-# the combined figure: one panel per (title, metric), one line per algorithm and seed
-COMPARED = (
-    ("hidden rule (rollouts)", "demo/hidden_rule"),
-    ("reward-model score", "objective/scores"),
-    ("KL to the reference (nats / sequence)", "objective/kl"),
-    ("entropy (nats / sequence)", "objective/entropy"),
-)
+# the combined figure's name for each algorithm
+ALGORITHM_NAMES = {
+    "ppo": "PPO (GAE, value head)",
+    "grpo": f"GRPO (groups of {GRPO_GENERATIONS}, no critic)",
+}
+
+
+def comparison_panels(kl_target: float) -> tuple[Panel, ...]:
+    """The combined figure: one panel per metric, one line per algorithm and seed."""
+    return (
+        Panel(
+            "hidden rule: the true goal (the policy sees only the RM)",
+            ("demo/hidden_rule",),
+            "fraction of a-class tokens (0 to 1)",
+        ),
+        Panel(
+            "reward-model score: what the policy maximises",
+            ("objective/scores",),
+            "RM output (Bradley-Terry logit), mean",
+        ),
+        Panel(
+            "KL to the reference",
+            ("objective/kl",),
+            KL_UNITS,
+            target=kl_target,
+            target_label=f"KL target {kl_target:g} (adaptive controller)",
+        ),
+        Panel("KL coefficient kl_coef (adaptive)", ("kl_coef",), "coefficient (reward per nat)"),
+        Panel("entropy of the policy", ("objective/entropy",), "nats / sequence (sum)"),
+    )
 
 
 @dataclass
@@ -388,12 +411,28 @@ def run_demo(
             log(format_result(run))
         results.extend(runs)
     os.makedirs(output_dir, exist_ok=True)
-    histories = {(r["algorithm"], r["seed"]): r.pop("history") for r in results}
-    with open(os.path.join(output_dir, "summary.json"), "w") as fh:
+    histories = {(ALGORITHM_NAMES[r["algorithm"]], r["seed"]): r.pop("history") for r in results}
+    summary = os.path.join(output_dir, "summary.json")
+    with open(summary, "w") as fh:
         json.dump(results, fh, indent=2)
     figure = os.path.join(output_dir, FIGURE)
-    problem = plot_comparison(histories, figure, COMPARED)
-    log(f"no figure: {problem}" if problem else f"training curves: {figure}")
+    kl_target = _ppo_config(scale, 0, output_dir).kl_target
+    title = (
+        f"{' vs '.join(a.upper() for a in algorithms)} on the offline demo, "
+        f"{'seed' if len(seeds) == 1 else 'seeds'} {', '.join(str(s) for s in seeds)}: "
+        "each run from the same pretrained model, against the same reward model"
+    )
+    note = (
+        f"Each point: the mean over one iteration's {scale.rollout_batch} rollouts.\n"
+        "KL: log-ratio to the reference (k1) summed over the response.\n"
+        "The controller raises kl_coef while the KL is above its target."
+    )
+    panels = comparison_panels(kl_target)
+    problem = plot_comparison(histories, figure, panels, title=title, note=note)
+    log(
+        f"summary: {summary}; "
+        + (f"no figure: {problem}" if problem else f"training curves: {figure}")
+    )
     log(format_summary(results))
     return results
 

@@ -113,6 +113,8 @@ class PPOTrainer:
         self.writer = MetricsWriter(config.output_dir) if self.rank == 0 else None
         self._log_stream = log if log is not None else sys.stdout
         self._stop_signal = None
+        self._bar = None  # the progress bar while train() runs
+        self.outputs: dict = {}  # what the last train() wrote, see _report_outputs
         if self.rank == 0:  # a checkpoint write killed mid-way leaves its temporary behind
             for path in remove_stale_temporaries(config.output_dir):
                 self.log(f"{NAME}: removed a stale checkpoint temporary {path}")
@@ -552,9 +554,10 @@ class PPOTrainer:
         token-id sequences), each answered ``num_generations`` times.
 
         Writes ``metrics.jsonl``, a checkpoint every ``checkpoint_interval``
-        iterations and at the end, and ``metrics.png``. SIGINT / SIGTERM write a
-        checkpoint after the current iteration and return. Returns this call's
-        metrics, one dict per iteration.
+        iterations and at the end, and ``metrics.png``, then logs one line naming the
+        folder and those files (also in :attr:`outputs`). SIGINT / SIGTERM write a
+        checkpoint and the plot after the current iteration and return. Returns this
+        call's metrics, one dict per iteration.
         """
         cfg = self.config
         total = iterations if iterations is not None else cfg.total_iterations
@@ -564,27 +567,52 @@ class PPOTrainer:
             raise ValueError(f"{NAME}.train: `prompts` is empty")
         self._sync_metrics_log()
         self.log(cfg.batch_arithmetic(self.world_size))
-        bar = ProgressBar(total, enabled=cfg.progress_bar and self.rank == 0)
-        history = []
-        with self._signals_caught():
-            while self.iteration < total:
-                metrics = self._train_iteration(encoded)
-                history.append(metrics)
-                bar.update(self.iteration, metrics)
-                if dist.any_rank(self._stop_signal is not None):
-                    self.save_checkpoint()
-                    bar.close()
-                    self.log(
-                        f"{NAME}.train: stopped by signal at iteration "
-                        f"{self.iteration}; checkpoint in {self.checkpoint_path}"
-                    )
-                    return history
-                if self.iteration % cfg.checkpoint_interval == 0:
-                    self.save_checkpoint()
-        bar.close()
-        self.save_checkpoint()
-        self.plot()
+        # the rate and ETA count the iterations of this call, not those before a resume
+        bar = ProgressBar(
+            total, enabled=cfg.progress_bar and self.rank == 0, initial=self.iteration
+        )
+        self._bar = bar
+        history, stopped = [], False
+        try:
+            with self._signals_caught():
+                while self.iteration < total:
+                    metrics = self._train_iteration(encoded)
+                    history.append(metrics)
+                    bar.update(self.iteration, metrics)
+                    if dist.any_rank(self._stop_signal is not None):
+                        stopped = True
+                        break
+                    if self.iteration % cfg.checkpoint_interval == 0:
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+            self._bar = None
+        checkpoint = self.save_checkpoint()
+        if stopped:
+            self.log(
+                f"{NAME}.train: stopped by signal at iteration {self.iteration}; "
+                f"checkpoint in {checkpoint}"
+            )
+        self._report_outputs(checkpoint, self.plot())
         return history
+
+    def _report_outputs(self, checkpoint: str, plot: str | None) -> None:
+        """Keep in :attr:`outputs` and log in one line the folder and the files
+        ``train()`` wrote (rank 0)."""
+        if self.writer is None:
+            return
+        records = self.writer.read()
+        self.outputs = {
+            "output_dir": self.config.output_dir,
+            "metrics": self.writer.path,
+            "plot": plot,
+            "checkpoint": checkpoint,
+        }
+        steps = f"iterations {records[0]['step']}-{records[-1]['step']}" if records else "empty"
+        files = [f"{os.path.basename(self.writer.path)} ({steps})"]
+        files.append(os.path.basename(plot) if plot else "no plot")
+        files.append(f"{os.path.basename(checkpoint)} (iteration {self.iteration})")
+        self.log(f"{NAME}.train: wrote {', '.join(files)} in {self.config.output_dir}")
 
     def _train_iteration(self, encoded: list) -> dict:
         cfg = self.config
@@ -708,16 +736,56 @@ class PPOTrainer:
         """Write ``metrics.png`` from ``metrics.jsonl`` (rank 0); the path, or None."""
         if self.writer is None:
             return None
-        path = os.path.join(self.config.output_dir, "metrics.png")
-        problem = plot_metrics(self.writer.read(), path)
+        cfg = self.config
+        path = os.path.join(cfg.output_dir, "metrics.png")
+        problem = plot_metrics(
+            self.writer.read(),
+            path,
+            title=self._plot_title(),
+            kl_target=cfg.kl_target if cfg.adaptive_kl else None,
+            score_shaping=self._score_shaping(),
+            kl_in_reward=cfg.kl_placement == "reward",
+        )
         if problem:
             self.log(f"{NAME}.plot: {problem}")
             return None
         return path
 
+    def _plot_title(self) -> str:
+        """The algorithm, its settings that matter most, the seed and the folder."""
+        cfg = self.config
+        if cfg.needs_critic:
+            algorithm = f"PPO ({cfg.advantage_estimator}, with a critic)"
+        else:
+            algorithm = (
+                f"{cfg.advantage_estimator} (no critic, {cfg.num_generations} responses per prompt)"
+            )
+        if cfg.adaptive_kl:
+            kl = f"adaptive kl_coef from {cfg.kl_coef:g} (KL target {cfg.kl_target:g})"
+        else:
+            kl = f"fixed kl_coef {cfg.kl_coef:g}"
+        return (
+            f"{algorithm}, policy_loss {cfg.policy_loss!r}, KL in the {cfg.kl_placement}, "
+            f"{kl}; seed {cfg.seed}; {cfg.output_dir}"
+        )
+
+    def _score_shaping(self) -> str:
+        """What turns a raw score into the shaped one, in a few words."""
+        cfg = self.config
+        steps = []
+        if cfg.missing_eos_penalty:
+            steps.append(f"-{cfg.missing_eos_penalty:g} without EOS")
+        if cfg.normalize_reward:
+            steps.append("minus the running mean, over the running std")
+        if cfg.reward_clip is not None:
+            steps.append(f"clipped at ±{cfg.reward_clip:g}")
+        return ", ".join(steps) or "the raw score"
+
     def log(self, message: str) -> None:
-        """Print ``message`` on rank 0."""
+        """Print ``message`` on rank 0 (on a line of its own under a progress bar)."""
         if self.rank == 0:
+            if self._bar is not None:
+                self._bar.break_line()
             print(message, file=self._log_stream, flush=True)
 
 

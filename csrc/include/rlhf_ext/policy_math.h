@@ -296,7 +296,9 @@ RLHF_HD PolicyToken<T> policy_kind_token(T logprob, T old_logprob, T advantage, 
       const T log_ratio_t = (logprob - logprob) + row_log_ratio;
       const T capped = select_value(log_ratio_t > T(kGSPOTokenLogRatioMax),
                                     T(kGSPOTokenLogRatioMax), log_ratio_t);
-      // torch.clamp's gradient passes where x <= max: not above the cap, nor for a NaN.
+      // The gradient passes where x <= max (not above the cap, nor for a NaN). At the tie
+      // x == max torch 2.14.1's clamp passes 0 instead; s is a sum of float log-ratios,
+      // so the tie has measure zero and the kernels keep one rule on every torch.
       sequence_surrogate(capped, log_ratio_t <= T(kGSPOTokenLogRatioMax), advantage, p.lo,
                          p.hi, &out);
       out.neg_log_ratio = -raw;

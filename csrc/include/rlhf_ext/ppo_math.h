@@ -99,18 +99,33 @@ RLHF_HD T kl_value_and_grad(KLKind kind, bool straight_through, T logprob, T ref
   return clamp_value(raw_value, T(-kKLValueClamp), T(kKLValueClamp));
 }
 
+// The policy family's partial columns per row: loss, count, the five statistics
+// (clipfrac, clipfrac_lower, approx_kl, ratio_mean, ratio_max) and the row column
+// (gspo: sum of d loss_t / d row; geo_mean: sum of A). One home for the indices.
+namespace policy_col {
+constexpr int kLoss = 0;
+constexpr int kCount = 1;
+constexpr int kClipfrac = 2;
+constexpr int kClipfracLower = 3;
+constexpr int kApproxKL = 4;
+constexpr int kRatioSum = 5;
+constexpr int kRatioMax = 6;
+constexpr int kRow = 7;
+constexpr int kCols = 8;
+}  // namespace policy_col
+
 // geo_mean's level 2 on one row's partials (float64, kCols of them): from the sums
 // S = sum d~ (the loss column), Q = sum A (the row-gradient column) and n (count),
 // the row's loss -(Q / (n + eps)) exp(S / (n + eps)) into the loss column and its ratio
 // exp(S / (n + eps)) into the ratio columns (n times it into the ratio sum, so the
 // ratio_mean statistic stays a mean over tokens). An empty row's loss and ratio are 0.
 RLHF_HD void finish_geo_mean_row(double* row) {
-  const double n = row[1];
+  const double n = row[policy_col::kCount];
   const double denom = n + kGeoMeanEps;
-  const double ratio = n > 0 ? exp_any(row[0] / denom) : 0.0;
-  row[0] = n > 0 ? -(row[7] / denom) * ratio : 0.0;
-  row[5] = n * ratio;
-  row[6] = ratio;
+  const double ratio = n > 0 ? exp_any(row[policy_col::kLoss] / denom) : 0.0;
+  row[policy_col::kLoss] = n > 0 ? -(row[policy_col::kRow] / denom) * ratio : 0.0;
+  row[policy_col::kRatioSum] = n * ratio;
+  row[policy_col::kRatioMax] = ratio;
 }
 
 // finish_row of the policy kinds: geo_mean's row loss; a no-op for the others.
@@ -121,8 +136,9 @@ RLHF_HD void finish_policy_row(PolicyKind kind, double* row) {
 // row_factor of the policy kinds (after finish_policy_row): gspo's coupled row term
 // (1 / n) * sum_t d loss_t / d s; geo_mean's d L / d (sum d~) = L / (n + eps); else 1.
 RLHF_HD double policy_row_factor(PolicyKind kind, const double* row) {
-  if (row_coupled(kind)) return row[1] > 0 ? row[7] / row[1] : 0.0;
-  if (row_level(kind)) return row[1] > 0 ? row[0] / (row[1] + kGeoMeanEps) : 0.0;
+  const double n = row[policy_col::kCount];
+  if (row_coupled(kind)) return n > 0 ? row[policy_col::kRow] / n : 0.0;
+  if (row_level(kind)) return n > 0 ? row[policy_col::kLoss] / (n + kGeoMeanEps) : 0.0;
   return 1.0;
 }
 
@@ -138,14 +154,14 @@ RLHF_HD double policy_row_factor(PolicyKind kind, const double* row) {
 // approx_kl, ratio_mean, ratio_max (kMaxCol) and the row gradient.
 template <typename T>
 RLHF_HD T write_policy_token(const PolicyToken<T>& p, T* v) {
-  v[0] = p.loss;
-  v[1] = T(1);
-  v[2] = indicator<T>(p.clipped);
-  v[3] = indicator<T>(p.clipped_lower);
-  v[4] = p.neg_log_ratio;
-  v[5] = p.ratio;
-  v[6] = p.ratio;  // ratios are > 0, so 0 is the identity of the max
-  v[7] = p.row_grad;
+  v[policy_col::kLoss] = p.loss;
+  v[policy_col::kCount] = T(1);
+  v[policy_col::kClipfrac] = indicator<T>(p.clipped);
+  v[policy_col::kClipfracLower] = indicator<T>(p.clipped_lower);
+  v[policy_col::kApproxKL] = p.neg_log_ratio;
+  v[policy_col::kRatioSum] = p.ratio;
+  v[policy_col::kRatioMax] = p.ratio;  // ratios are > 0, so 0 is the identity of the max
+  v[policy_col::kRow] = p.row_grad;
   return p.grad;
 }
 
@@ -154,10 +170,10 @@ RLHF_HD T write_policy_token(const PolicyToken<T>& p, T* v) {
 template <typename T>
 struct PolicyFamily {
   static constexpr int kInputs = 3;
-  static constexpr int kCols = 8;
+  static constexpr int kCols = policy_col::kCols;
   static constexpr int kStats = 5;
-  static constexpr int kMaxCol = 6;
-  static constexpr int kRowGradCol = 7;
+  static constexpr int kMaxCol = policy_col::kRatioMax;
+  static constexpr int kRowGradCol = policy_col::kRow;
   PolicyKind kind;
   PolicyParams<T> params;
 
@@ -175,10 +191,10 @@ struct PolicyFamily {
 template <typename T, PolicyKind K>
 struct PolicyFixedFamily {
   static constexpr int kInputs = 3;
-  static constexpr int kCols = 8;
+  static constexpr int kCols = policy_col::kCols;
   static constexpr int kStats = 5;
-  static constexpr int kMaxCol = 6;
-  static constexpr int kRowGradCol = 7;
+  static constexpr int kMaxCol = policy_col::kRatioMax;
+  static constexpr int kRowGradCol = policy_col::kRow;
   PolicyParams<T> params;
 
   RLHF_HD bool needs_row_mean() const { return uses_row_mean(K); }

@@ -1,7 +1,9 @@
 """The peers' own implementations, written as the peers write them.
 
-The test suite checks rlhf_ext against them and the benchmarks (bench/) import them from
-here as their baselines. Only torch is imported at module level; TorchRL is optional.
+The benchmarks time them as their baselines (``from . import peers``, so they ship with
+the benchmarks as rlhf_ext.bench.peers) and the test suite checks rlhf_ext against them,
+importing them as ``bench.peers`` (python_tests/test_peers_home.py checks the one name).
+Only torch is imported at module level; TorchRL is optional.
 """
 
 from __future__ import annotations
