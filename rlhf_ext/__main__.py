@@ -1,5 +1,5 @@
-"""Command line: ``python -m rlhf_ext info | bench [args] | demo | train --config FILE``
-(also installed as ``rlhf-ext``)."""
+"""Command line: ``python -m rlhf_ext info | bench [args] | demo | train --config FILE |
+export CHECKPOINT DIR`` (also installed as ``rlhf-ext``)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _triton_version() -> str:
 DESCRIPTION = (
     "rlhf_ext: fused RLHF ops for PyTorch. Subcommands: info (what this install can run), "
     "bench (the microbenchmarks), demo (the offline RLHF demo), train (the trainer from a "
-    "config file)."
+    "config file), export (a trained policy for other tools)."
 )
 CONSOLE_SCRIPT = "rlhf-ext"  # pyproject.toml [project.scripts]
 
@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         prefix_chars="+",
     )
     bench.add_argument("args", nargs=argparse.REMAINDER)
-    from rlhf_ext.trainer.cli import add_subcommands, run_demo_command, run_train_command
+    from rlhf_ext.trainer.cli import (
+        add_subcommands,
+        run_demo_command,
+        run_export_command,
+        run_train_command,
+    )
 
     add_subcommands(sub)
     args = parser.parse_args(argv)
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo_command(args)
     if args.command == "train":
         return run_train_command(args)
+    if args.command == "export":
+        return run_export_command(args)
     if args.command == "info":
         return info()
     if args.command == "bench":

@@ -5,6 +5,13 @@ Every log-prob, advantage, KL and loss in it goes through rlhf_ext's own ops.
 """
 
 from rlhf_ext.trainer.config import PPOConfig
+from rlhf_ext.trainer.export import (
+    Export,
+    export_checkpoint,
+    export_policy,
+    load_export,
+    load_weights,
+)
 from rlhf_ext.trainer.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_ext.trainer.model import (
     ByteTokenizer,
@@ -20,6 +27,7 @@ from rlhf_ext.trainer.rewards import RunningMoments
 __all__ = [
     "AdaptiveKLController",
     "ByteTokenizer",
+    "Export",
     "FixedKLController",
     "GPTConfig",
     "HFCausalLM",
@@ -30,4 +38,8 @@ __all__ = [
     "RunningMoments",
     "TinyGPT",
     "ValueHeadModel",
+    "export_checkpoint",
+    "export_policy",
+    "load_export",
+    "load_weights",
 ]

@@ -16,6 +16,7 @@ import torch
 
 from rlhf_ext.trainer import distributed as dist
 from rlhf_ext.trainer.advantages import ADVANTAGE_ESTIMATORS
+from rlhf_ext.trainer.export import describe_lm, describe_tokenizer
 
 if TYPE_CHECKING:  # the trainer imports this module
     from rlhf_ext.trainer.config import PPOConfig
@@ -47,6 +48,12 @@ def trainer_state(trainer: PPOTrainer) -> dict:
         "episodes": trainer.episodes,
         "config": trainer.config.to_dict(),
         "model": trainer.model.state_dict(),
+        # how to rebuild the models without the run's code (python -m rlhf_ext export)
+        "models": {
+            "policy": describe_lm(trainer.policy_lm),
+            "critic": describe_lm(trainer.critic.lm) if trainer.critic is not None else None,
+            "tokenizer": describe_tokenizer(trainer.tokenizer),
+        },
         "critic": trainer.critic.state_dict() if trainer.critic is not None else None,
         "optimizer": trainer.optimizer.state_dict(),
         "kl_controller": trainer.kl_controller.state_dict(),

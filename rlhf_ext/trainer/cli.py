@@ -29,6 +29,7 @@ from rlhf_ext.trainer.config import PPOConfig, load_config_file, ppo_section
 from rlhf_ext.trainer.demo import ALGORITHMS
 
 NAME = "python -m rlhf_ext train"
+EXPORT_NAME = "python -m rlhf_ext export"
 # a typo ("ref_polcy") must not quietly fall back to a default
 TOP_LEVEL_KEYS = ("policy", "ref_policy", "value_model", "reward", "prompts", "ppo")
 
@@ -53,6 +54,15 @@ def add_subcommands(sub) -> None:
     )
     train.add_argument("--output-dir", default=None, help="overrides ppo.output_dir")
     train.add_argument("--iterations", type=int, default=None, help="overrides total_iterations")
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's policy (and value head or critic) as an export folder",
+        description="Write the policy of a trainer checkpoint.pt (and its value head or "
+        "critic) to OUTPUT_DIR: save_pretrained files for a Hugging Face model, model.pt for "
+        "the built-in GPT, and rlhf_ext_export.json (docs/trainer.md, Export and formats).",
+    )
+    export.add_argument("checkpoint", help="a checkpoint.pt written by the trainer")
+    export.add_argument("output_dir", help="the folder to write (created if missing)")
 
 
 def run_demo_command(args) -> int:
@@ -65,6 +75,17 @@ def run_demo_command(args) -> int:
     if args.iterations is not None:
         scale = dataclasses.replace(scale, ppo_iterations=args.iterations)
     run_demo(args.output_dir, seeds=args.seeds, scale=scale, algorithms=tuple(args.algorithms))
+    return 0
+
+
+def run_export_command(args) -> int:
+    """Entry point of ``export``."""
+    from rlhf_ext.trainer.export import export_checkpoint
+
+    manifest = export_checkpoint(args.checkpoint, args.output_dir)
+    print(f"{EXPORT_NAME}: wrote {', '.join(manifest['files'])} in {args.output_dir}")
+    if manifest["tokenizer"] is None:
+        print(f"{EXPORT_NAME}: no tokenizer saved (the model's original one was not found)")
     return 0
 
 
@@ -128,19 +149,26 @@ def _init_distributed() -> torch.device:
 
 
 def load_policy(spec, device):
-    """A model and its tokenizer: ``{"builtin": {...}}`` or a transformers name/path."""
+    """A model and its tokenizer: ``{"builtin": {...}, "weights": ...}``, an export
+    folder (rlhf_ext/trainer/export.py), or a transformers name/path."""
+    from rlhf_ext.trainer.export import MANIFEST, load_export, load_weights
+
     if isinstance(spec, dict) and "builtin" in spec:
         from rlhf_ext.trainer.model import ByteTokenizer, GPTConfig, TinyGPT
 
         tokenizer = ByteTokenizer()
         fields = {"vocab_size": tokenizer.vocab_size, **spec["builtin"]}
         model = TinyGPT(GPTConfig(**fields))
-        if spec.get("weights"):
-            weights = torch.load(spec["weights"], map_location="cpu", weights_only=True)
-            model.load_state_dict(weights)
+        if spec.get("weights"):  # a state dict, an export folder or a trainer checkpoint.pt
+            load_weights(model, spec["weights"])
         return model.to(device), tokenizer
     if not isinstance(spec, str):
         raise ValueError(f"{NAME}: a model must be a name/path or {{'builtin': ...}}, got {spec!r}")
+    if os.path.isfile(os.path.join(spec, MANIFEST)):
+        exported = load_export(spec)
+        if exported.tokenizer is None:
+            raise ValueError(f"{NAME}: the export {spec} holds no tokenizer")
+        return exported.policy.to(device), exported.tokenizer
     transformers = _transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(spec).to(device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(spec)

@@ -26,6 +26,7 @@ from rlhf_ext.trainer.checkpoint import (
     trainer_state,
 )
 from rlhf_ext.trainer.config import PPOConfig
+from rlhf_ext.trainer.export import export_policy
 from rlhf_ext.trainer.kl_control import build_kl_controller
 from rlhf_ext.trainer.metrics import MetricsWriter, ProgressBar, format_sample_table, plot_metrics
 from rlhf_ext.trainer.model import ValueHeadModel, as_causal_lm
@@ -730,6 +731,12 @@ class PPOTrainer:
         self._owns_output_dir = True  # a resumed run continues the files in output_dir
         self._log_synced = False
         self._sync_metrics_log()
+
+    def export(self, output_dir: str) -> dict:
+        """Write the policy (and value head or critic) to ``output_dir`` for other tools:
+        ``save_pretrained`` files for a Hugging Face policy, ``model.pt`` for the built-in
+        GPT, and a manifest (:func:`rlhf_ext.trainer.export.export_policy`); the manifest."""
+        return export_policy(self, output_dir)
 
     # ------------------------------------------------------------ outputs
     def plot(self) -> str | None:
