@@ -187,9 +187,23 @@ def parse_args(
         help="comma-separated substrings; time only implementations whose name "
         "contains one (the baseline always runs)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (torch.set_num_threads) for the run; default torch's, one per "
+        "core. On a machine shared with other work, the number of idle cores "
+        "(docs/trainer.md, CPU threads)",
+    )
     if extra is not None:
         extra(parser)
-    return parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def add_mode_dtype_args(parser: argparse.ArgumentParser, modes: Sequence[str]) -> None:

@@ -1,21 +1,16 @@
 // GAE on the CPU: the sequential right-to-left loop of gae_math.h, rows in
-// parallel (OpenMP through at::parallel_for).
+// parallel (cpu_parallel.h: OpenMP through at::parallel_for, above a minimum task size).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_parallel.h"
 #include "rlhf_ext/gae_host.h"
 #include "rlhf_ext/gae_math.h"
 
 namespace rlhf_ext {
 namespace {
-
-// Rows per parallel task: enough elements per task to amortise scheduling.
-int64_t rows_per_task(int64_t row_len) {
-  constexpr int64_t kElementsPerTask = 1 << 15;
-  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(row_len, 1));
-}
 
 template <typename scalar_t, typename acc_t>
 void gae_rows_cpu(const GaeProblem& p, acc_t* advantages, acc_t* returns) {
@@ -26,8 +21,9 @@ void gae_rows_cpu(const GaeProblem& p, acc_t* advantages, acc_t* returns) {
   const acc_t* last_value = data_or_null<acc_t>(p.last_value);
   const acc_t* gamma_rows = data_or_null<acc_t>(p.gamma_rows);
   const acc_t* lam_rows = data_or_null<acc_t>(p.lam_rows);
-  const int64_t grain = cu ? 1 : rows_per_task(p.row_len);
-  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+  // packed rows: chunks of rows by their mean length
+  const int64_t row_elements = cu ? p.total / std::max<int64_t>(p.rows, 1) : p.row_len;
+  parallel_over(p.rows, row_elements, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t start = cu ? cu[row] : row * p.row_len;
       const int64_t stop = cu ? cu[row + 1] : start + p.row_len;

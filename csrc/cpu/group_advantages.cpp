@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "rlhf_ext/group_host.h"
 #include "rlhf_ext/group_math.h"
 
@@ -28,10 +29,9 @@ void group_component_cpu(const GroupProblem& p, int64_t k, scalar_t* out) {
   }
   starts.push_back(rows);
   const int64_t segments = static_cast<int64_t>(starts.size()) - 1;
-  // A batch of a few thousand rows is ~0.1 ms of work on one thread: splitting it costs
-  // more (a thread pool wake-up, a scheduler slice when a core is busy) than it saves.
-  const int64_t grain = rows < (int64_t(1) << 16) ? std::max<int64_t>(segments, 1) : 64;
-  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
+  // a segment (group) costs about its rows: batches of fewer rows than a task's minimum
+  // (any batch short of 2^18 rows) run on this thread
+  parallel_over(segments, rows / std::max<int64_t>(segments, 1), [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       group_segment(scores, data_or_null<scalar_t>(p.lengths), data_or_null<scalar_t>(p.baselines),
                     order, starts[g], starts[g + 1], batch, p.options, out + k * rows);

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_parallel.h"
 #include "rlhf_ext/kl.h"
 #include "rlhf_ext/stats_host.h"
 
@@ -17,8 +18,7 @@ void shaped_rewards_rows_cpu(const ShapedRewardsProblem& p, acc_t kl_coef, acc_t
   const scalar_t* ref = p.ref_logprobs.data_ptr<scalar_t>();
   const acc_t* scores = p.scores.data_ptr<acc_t>();
   const bool* mask = p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(p.cols, 1));
-  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_over(p.rows, p.cols, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * p.cols;
       int64_t last = -1;

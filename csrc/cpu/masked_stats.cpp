@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "rlhf_ext/moments.h"
 #include "rlhf_ext/stats_host.h"
 
@@ -23,7 +24,8 @@ std::vector<Moments<double>> row_moments_cpu(const RowsProblem& p) {
   std::vector<Moments<acc_t>> partial(p.rows * chunks, moments_empty<acc_t>());
   const scalar_t* x = p.x.data_ptr<scalar_t>();
   const bool* mask = p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, p.rows * chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t chunk_elements = std::min(p.cols, kMomentsChunk);
+  parallel_over(p.rows * chunks, chunk_elements, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / chunks;
       const int64_t lo = (task % chunks) * kMomentsChunk;
@@ -84,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
     const acc_t inv_std = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
     const scalar_t* in = p.x.data_ptr<scalar_t>();
     acc_t* dst = out.data_ptr<acc_t>();
-    at::parallel_for(0, p.cols, 1 << 14, [&](int64_t begin, int64_t end) {
+    parallel_over(p.cols, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         dst[i] = whiten_value(static_cast<acc_t>(in[i]), mean, inv_std, shift_mean);
       }

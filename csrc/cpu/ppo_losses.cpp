@@ -16,15 +16,11 @@
 #include <type_traits>
 
 #include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "rlhf_ext/loss_host.h"
 
 namespace rlhf_ext {
 namespace {
-
-// Rows per parallel task: about 32k tokens.
-int64_t row_grain(int64_t cols) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
-}
 
 constexpr int64_t kBlock = 512;  // tokens per block: the buffers stay in L1
 constexpr int64_t kLanes = 16;   // accumulators per column, a multiple of any SIMD width
@@ -195,8 +191,7 @@ void loss_rows_cpu(const Family& family, const LossProblem& p, acc_t* grad, acc_
                   partials};
   const RangeLoop<Args> loop =
       best_loop<Args>(&process_rows, &process_rows_avx2<Args>, &process_rows_avx512<Args>);
-  at::parallel_for(0, p.rows, row_grain(p.cols),
-                   [&](int64_t begin, int64_t end) { loop(args, begin, end); });
+  parallel_over(p.rows, p.cols, [&](int64_t begin, int64_t end) { loop(args, begin, end); });
 }
 
 // Row r's partials in float64, after the family's finish_row.
@@ -410,8 +405,7 @@ std::tuple<at::Tensor, at::Tensor> kl_penalty_cpu(const at::Tensor& logprobs,
                       grad.data_ptr<acc_t>()};
       const RangeLoop<Args> loop = best_loop<Args>(
           &kl_penalty_range, &kl_penalty_range_avx2<Args>, &kl_penalty_range_avx512<Args>);
-      at::parallel_for(0, lp.numel(), 1 << 14,
-                       [&](int64_t begin, int64_t end) { loop(args, begin, end); });
+      parallel_over(lp.numel(), 1, [&](int64_t begin, int64_t end) { loop(args, begin, end); });
       return 0;
     });
   });
@@ -434,7 +428,7 @@ at::Tensor loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& grad
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rlhf_ext.loss_backward",
                                     [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      parallel_over(rows, cols, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const acc_t scale = up * wp[r];
           for (int64_t t = 0; t < cols; ++t) {

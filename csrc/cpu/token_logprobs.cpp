@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "cpu_isa.h"
+#include "cpu_parallel.h"
 #include "rlhf_ext/logprobs_host.h"
 #include "rlhf_ext/softmax_math.h"
 
@@ -171,18 +172,12 @@ RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t be
 // The ISA-specific copies of the row loops (see cpu_isa.h).
 RLHF_EXT_ISA_CLONES(process_rows)
 
-// Rows per task: enough elements that scheduling costs nothing.
-int64_t row_grain(int64_t vocab) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(vocab, 1));
-}
-
 // All rows in parallel, through the copy of the row loop this CPU can run best.
 template <typename Args>
 void parallel_rows(const Args& args, int64_t rows, int64_t vocab) {
   const RangeLoop<Args> loop =
       best_loop<Args>(&process_rows, &process_rows_avx2<Args>, &process_rows_avx512<Args>);
-  at::parallel_for(0, rows, row_grain(vocab),
-                   [&](int64_t begin, int64_t end) { loop(args, begin, end); });
+  parallel_over(rows, vocab, [&](int64_t begin, int64_t end) { loop(args, begin, end); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(

@@ -34,6 +34,25 @@ EXPORT_NAME = "python -m rlhf_ext export"
 TOP_LEVEL_KEYS = ("policy", "ref_policy", "value_model", "reward", "prompts", "ppo")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (``--threads``)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+THREADS_HELP = (
+    "CPU threads (torch.set_num_threads) per process; on a machine shared with other work, "
+    "at most the idle cores (docs/trainer.md, CPU threads)"
+)
+
+
 def add_subcommands(sub) -> None:
     """Register ``demo`` and ``train`` on an argparse subparsers object."""
     demo = sub.add_parser(
@@ -46,6 +65,9 @@ def add_subcommands(sub) -> None:
     )
     demo.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     demo.add_argument("--quick", action="store_true", help="a tiny scale, for smoke tests")
+    demo.add_argument(
+        "--threads", type=positive_int, default=1, metavar="N", help=THREADS_HELP + "; default 1"
+    )
     train = sub.add_parser("train", help="PPO from a config file")
     train.add_argument("--config", required=True, help="JSON or TOML file")
     train.add_argument("--resume", action="store_true", help="continue from output_dir")
@@ -54,6 +76,13 @@ def add_subcommands(sub) -> None:
     )
     train.add_argument("--output-dir", default=None, help="overrides ppo.output_dir")
     train.add_argument("--iterations", type=int, default=None, help="overrides total_iterations")
+    train.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=THREADS_HELP + "; default torch's",
+    )
     export = sub.add_parser(
         "export",
         help="write a checkpoint's policy (and value head or critic) as an export folder",
@@ -74,7 +103,13 @@ def run_demo_command(args) -> int:
     scale = QUICK if args.quick else DemoScale()
     if args.iterations is not None:
         scale = dataclasses.replace(scale, ppo_iterations=args.iterations)
-    run_demo(args.output_dir, seeds=args.seeds, scale=scale, algorithms=tuple(args.algorithms))
+    run_demo(
+        args.output_dir,
+        seeds=args.seeds,
+        scale=scale,
+        algorithms=tuple(args.algorithms),
+        threads=args.threads,
+    )
     return 0
 
 
@@ -93,6 +128,8 @@ def run_train_command(args) -> int:
     """Entry point of ``train``: build everything from the file, then train."""
     from rlhf_ext.trainer.ppo import PPOTrainer
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     spec = load_config_file(args.config)
     unknown = sorted(set(spec) - set(TOP_LEVEL_KEYS))
     if unknown:

@@ -390,10 +390,12 @@ def run_demo(
     scale: DemoScale | None = None,
     log=_print,
     algorithms=ALGORITHMS,
+    threads: int = 1,
 ) -> list[dict]:
     """Run the demo for each seed under ``output_dir/seed<N>/<algorithm>``; print and
     write ``summary.json`` (start and end figures per seed and algorithm) and
-    ``ppo_vs_grpo.png`` (every run's training curves)."""
+    ``ppo_vs_grpo.png`` (every run's training curves). ``threads``: CPU threads
+    (``torch.set_num_threads``; default 1, the fastest at this scale)."""
     scale = scale or DemoScale()
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown or not algorithms:
@@ -401,9 +403,13 @@ def run_demo(
             f"rlhf_ext.trainer.demo.run_demo: `algorithms` must be a non-empty subset of "
             f"{ALGORITHMS}, got {list(algorithms)}"
         )
-    # One thread: at this scale OpenMP's barriers cost more than the math (20x on a busy
-    # 2-core machine: 7 ms against 140 ms for one GPT forward).
-    torch.set_num_threads(1)
+    # One thread by default: at this scale OpenMP's barriers cost more than the math (20x
+    # on a busy 2-core machine: 7 ms against 140 ms for one GPT forward).
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(
+            f"rlhf_ext.trainer.demo.run_demo: `threads` must be an int >= 1, got {threads!r}"
+        )
+    torch.set_num_threads(threads)
     results = []
     for seed in seeds:
         runs = run_seed(seed, os.path.join(output_dir, f"seed{seed}"), scale, log, algorithms)
