@@ -125,21 +125,11 @@ def test_old_checkpoint_without_models_entry_is_refused_clearly(tmp_path):
 
 
 def test_hugging_face_export_is_save_pretrained(tmp_path):
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
-    )
-
-    def gpt2(seed):
-        torch.manual_seed(seed)
-        config = transformers.GPT2Config(
-            vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2
-        )
-        return transformers.AutoModelForCausalLM.from_config(config)
-
-    for critic in (None, gpt2(1)):
+    transformers = th.transformers_or_skip()
+    for critic in (None, th.hf_gpt2(1)):
         out = tmp_path / ("shared" if critic is None else "separate")
         config = th.tiny_config(out / "run", total_iterations=1)
-        trainer = PPOTrainer(config, gpt2(0), None, th.byte_reward, ByteTokenizer(), critic)
+        trainer = PPOTrainer(config, th.hf_gpt2(0), None, th.byte_reward, ByteTokenizer(), critic)
         trainer.train(["abc", "hello"])
         trainer.export(str(out / "export"))
         # what any transformers user does with it

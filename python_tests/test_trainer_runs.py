@@ -140,21 +140,11 @@ def test_demo_command_quick(tmp_path, capsys):
 
 
 def test_hugging_face_causal_lm_from_config(tmp_path):
-    transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
-    )
     from rlhf_ext.trainer import ByteTokenizer
 
-    def gpt2(seed):
-        torch.manual_seed(seed)
-        config = transformers.GPT2Config(
-            vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2
-        )
-        return transformers.AutoModelForCausalLM.from_config(config)
-
-    for critic in (None, gpt2(1)):
+    for critic in (None, th.hf_gpt2(1)):
         config = th.tiny_config(tmp_path / str(critic is None), total_iterations=2)
-        trainer = PPOTrainer(config, gpt2(0), None, th.byte_reward, ByteTokenizer(), critic)
+        trainer = PPOTrainer(config, th.hf_gpt2(0), None, th.byte_reward, ByteTokenizer(), critic)
         before = [p.detach().clone() for p in trainer.all_parameters()]
         history = trainer.train(["abc", "hello"])
         assert len(history) == 2

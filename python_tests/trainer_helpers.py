@@ -73,6 +73,22 @@ class _Sink:
         pass
 
 
+def transformers_or_skip():
+    """The transformers module, or a skip of the calling test."""
+    return pytest.importorskip(
+        "transformers", reason="transformers is not installed (the optional `trainer` extra)"
+    )
+
+
+def hf_gpt2(seed: int):
+    """A tiny randomly initialised transformers GPT-2 over the ByteTokenizer's vocabulary
+    (built from a config: no download). Skips the test without transformers."""
+    transformers = transformers_or_skip()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
 def byte_reward(prompts, completions):
     """Fraction of the letter "a" in each completion (for ByteTokenizer runs)."""
     return [c.count("a") / max(len(c), 1) for c in completions]
