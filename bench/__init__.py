@@ -19,6 +19,7 @@ suite imports too (as ``bench.peers``). See bench/README.md.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 RESULTS_DIRNAME = "bench-results"
@@ -28,3 +29,15 @@ def default_results_dir() -> Path:
     """Where results go when no folder is named: ``./bench-results`` under the current
     directory (never inside the package, which may be an installed, read-only folder)."""
     return Path.cwd() / RESULTS_DIRNAME
+
+
+def add_results_dir_option(group: argparse._ActionsContainer, what: str) -> None:
+    """``--results-dir DIR`` on `group` (the benchmarks' and plot's one definition); `what`
+    says what is done with DIR, e.g. "read DIR/*.csv"."""
+    group.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"{what} (default: ./{RESULTS_DIRNAME} under the current directory)",
+    )

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import default_results_dir
+from . import add_results_dir_option, default_results_dir
 
 # The command that runs these scripts, for their usage lines: bench/__main__.py sets it to
 # what the user typed (python -m bench, python -m rlhf_ext bench, rlhf-ext bench).
@@ -160,14 +160,7 @@ def parse_args(
         help="default: cuda when available, else cpu",
     )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--results-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="append rows to DIR/<device-slug>.csv (default: ./bench-results under the "
-        "current directory)",
-    )
+    add_results_dir_option(where, "append rows to DIR/<device-slug>.csv")
     where.add_argument(
         "--csv",
         type=Path,

@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import default_results_dir
+from . import add_results_dir_option, default_results_dir
 
 # Names an implementation had in older CSVs -> the name it has now (the committed rows of
 # bench/results/ predate the rename; see bench_linear_logprobs.FLOOR).
@@ -261,13 +261,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench plot") 
     """Draw every (device, op, dtype) group found in the CSVs; returns the exit status."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
     where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--results-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="read DIR/*.csv (default: ./bench-results under the current directory)",
-    )
+    add_results_dir_option(where, "read DIR/*.csv")
     where.add_argument("--csv", type=Path, nargs="+", default=None, metavar="PATH",
                        help="read these CSV files instead")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",

@@ -311,8 +311,7 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
 
 def _policy_part(model_state: dict) -> dict:
     """The policy's own weights in a checkpoint's ``model`` entry: without the value
-    head and its wrapper prefix when the policy carried one (``lm.`` of
-    ValueHeadModel); a transformers policy keeps its ``model.`` prefix off too."""
+    head and its wrapper prefix (``lm.`` of ValueHeadModel) when the policy carried one."""
     if f"{VALUE_HEAD_PREFIX}weight" in model_state:
         model_state = {
             k.removeprefix("lm."): v
