@@ -36,9 +36,10 @@ $(VENV)/.deps-build: pyproject.toml
 
 # The test stack on top: pytest, ruff, and the peers the integration tests run against.
 $(VENV)/.deps-test: $(VENV)/.deps-build
-	@echo "installing the test stack (pytest, ruff, trl, verl, ray) into $(VENV)"
+	@echo "installing the test stack (pytest, ruff, trl, peft, tensorboard, verl, ray) into $(VENV)"
 	$(PIP) "pytest>=8" pytest-timeout "hypothesis>=6" expecttest ruff
 	$(PIP) "trl>=1.10,<1.13"  # the `peers` extra: python_tests/test_integrations_trl.py
+	$(PIP) "peft>=0.13" tensorboard  # the `lora` and `tensorboard` extras (trainer tests)
 	# verl for python_tests/test_integrations_verl.py: its full install pulls vLLM-era pins,
 	# so verl itself without dependencies, plus what its core_algos imports
 	# (docs/integrations.md). verl goes last: pip then has no resolver complaint to print.

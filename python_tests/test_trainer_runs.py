@@ -39,6 +39,23 @@ def test_two_process_ddp_run(tmp_path):
     assert len(load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["rng"]) == 2
 
 
+def test_two_process_ddp_run_with_the_memory_features(tmp_path):
+    """The fused LM head uses the tied head outside DDP's forward, checkpointing recomputes
+    inside it, LoRA trains a subset (when peft is installed): the replicas stay equal."""
+    import importlib.util
+
+    import torch.multiprocessing as mp
+
+    overrides = {"fused_lm_head": True, "gradient_checkpointing": True, "bf16": True}
+    if importlib.util.find_spec("peft") is not None:
+        overrides["lora_rank"] = 4
+    mp.spawn(th.ddp_worker, args=(2, str(tmp_path), overrides), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0["params"], rank1["params"])
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_updates"] for r in records] == [0, 0]
+
+
 def test_torchrun_cli_two_cpu_processes(tmp_path):
     config = _train_config(tmp_path, iterations=2)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREADS="1")

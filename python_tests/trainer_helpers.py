@@ -109,18 +109,26 @@ class Malicious:
         return (pickle_marker, ())
 
 
-def ddp_worker(rank: int, world_size: int, folder: str) -> None:
-    """One rank of the 2-process gloo test: train 2 iterations, save the weights."""
+def ddp_worker(rank: int, world_size: int, folder: str, overrides: dict | None = None) -> None:
+    """One rank of the 2-process gloo test: train 2 iterations (PPOConfig ``overrides``),
+    save the weights."""
+    import datetime
     import os
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size
+        "gloo",
+        init_method=f"file://{folder}/store",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),  # a lost rank fails the test, never hangs it
     )
     try:
-        trainer = tiny_trainer(os.path.join(folder, "run"), seed=0, total_iterations=2)
+        trainer = tiny_trainer(
+            os.path.join(folder, "run"), seed=0, total_iterations=2, **(overrides or {})
+        )
         trainer.train(prompts())
         flat = torch.cat([p.detach().flatten() for p in trainer.all_parameters()])
         torch.save(

@@ -31,9 +31,19 @@ RESUME_FIELDS = (
     "mini_batch_size",
     "micro_batch_size",
     "num_generations",
+    # the LoRA layout: which weights the state dicts hold
+    "lora_rank",
+    "lora_alpha",
+    "lora_target_modules",
 )
 # what a checkpoint from before a field existed was written with (PPOConfig's defaults)
-RESUME_DEFAULTS = {"num_generations": 1, "advantage_estimator": "gae"}
+RESUME_DEFAULTS = {
+    "num_generations": 1,
+    "advantage_estimator": "gae",
+    "lora_rank": 0,
+    "lora_alpha": 16.0,
+    "lora_target_modules": "all-linear",
+}
 # atomic_torch_save's temporaries: mkstemp's prefix, 8 random name characters, suffix
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
 TMP_PATTERN = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))

@@ -21,7 +21,18 @@ NAME = "rlhf_ext.trainer.PPOConfig"
 KL_PLACEMENTS = ("reward", "loss")
 # below this, logits / temperature overflow float32 and sampling gets NaN probabilities
 MIN_TEMPERATURE = 1e-6
-BOOL_FIELDS = ("whiten_advantages", "adaptive_kl", "normalize_reward", "progress_bar", "overwrite")
+BOOL_FIELDS = (
+    "whiten_advantages",
+    "adaptive_kl",
+    "normalize_reward",
+    "progress_bar",
+    "overwrite",
+    "bf16",
+    "gradient_checkpointing",
+    "fused_lm_head",
+)
+# where the metrics go besides metrics.jsonl (always written): TRL's `report_to` names
+REPORT_TARGETS = ("tensorboard",)
 # the policy-loss parameters that are fields of their own; the others go in policy_loss_options
 POLICY_LOSS_FIELDS = ("clip_eps", "clip_eps_high", "dual_clip")
 # the loss_agg of the row-level kinds (geo_mean): the mean of the row losses, as verl's GMPO
@@ -102,6 +113,15 @@ class PPOConfig:
     top_k: int | None = None
     top_p: float | None = None
     max_new_tokens: int = 32
+    # memory and precision
+    bf16: bool = False  # forward passes under bfloat16 autocast (TRL's `bf16`)
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward
+    fused_lm_head: bool = False  # log-probs from hidden states + LM head (no [B, T, V] logits)
+    # LoRA (needs peft): adapters on the policy only; 0 trains every policy weight
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list = "all-linear"
     # run
     seed: int = 0
     log_interval: int = 1
@@ -110,6 +130,7 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     max_nonfinite_updates: int = 3  # iterations in a row with a skipped (non-finite) update
     progress_bar: bool = True
+    report_to: str | list = field(default_factory=list)  # "tensorboard", a list, or "none"
     overwrite: bool = False  # a fresh run may replace metrics.jsonl / checkpoint.pt in output_dir
     extra: dict = field(default_factory=dict)  # free-form, carried into checkpoints
 
@@ -137,6 +158,8 @@ class PPOConfig:
             self._fail("top_p", "None or a float in (0, 1]", self.top_p)
         self._check_estimator()
         self._check_policy_loss()
+        self._check_lora()
+        self.report_targets  # noqa: B018 (raises on a bad `report_to`)
 
     def _fail(self, name: str, expected: str, got) -> None:
         raise ValueError(f"{NAME}: `{name}` must be {expected}, got {got!r}")
@@ -277,6 +300,34 @@ class PPOConfig:
             policy_loss(one, one, one, kind=self.policy_loss, **self.policy_loss_arguments())
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{NAME}: `policy_loss` / its parameters: {exc}") from None
+
+    def _check_lora(self) -> None:
+        rank = self.lora_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            self._fail("lora_rank", "an int >= 0 (0: no LoRA)", rank)
+        if self._number("lora_alpha", self.lora_alpha) <= 0:
+            self._fail("lora_alpha", "a float > 0", self.lora_alpha)
+        if not 0.0 <= self._number("lora_dropout", self.lora_dropout) < 1.0:
+            self._fail("lora_dropout", "a float in [0, 1)", self.lora_dropout)
+        targets = self.lora_target_modules
+        names = [targets] if isinstance(targets, str) else targets
+        if not isinstance(names, list | tuple) or not names:
+            self._fail("lora_target_modules", '"all-linear" or a list of module names', targets)
+        if not all(isinstance(name, str) and name for name in names):
+            self._fail("lora_target_modules", '"all-linear" or a list of module names', targets)
+
+    @property
+    def report_targets(self) -> tuple[str, ...]:
+        """``report_to`` as a tuple of :data:`REPORT_TARGETS` names ("none": empty)."""
+        value = self.report_to
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+            self._fail("report_to", f"a name or a list of names among {REPORT_TARGETS}", value)
+        names = [n for n in names if n != "none"]
+        unknown = [n for n in names if n not in REPORT_TARGETS]
+        if unknown:
+            self._fail("report_to", f'"none" or names among {REPORT_TARGETS}', value)
+        return tuple(dict.fromkeys(names))
 
     def policy_loss_arguments(self) -> dict:
         """The keyword arguments of :func:`rlhf_ext.policy_loss` for ``policy_loss``:

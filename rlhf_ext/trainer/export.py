@@ -12,11 +12,14 @@ An export folder (docs/trainer.md, "Export and formats") holds:
   ``save_pretrained`` files (``config.json``, ``model.safetensors``) and its tokenizer's;
 - ``value_head.pt`` (``{"weight": [1, H], "bias": [1]}``) when the policy carries the
   value head (PPO with GAE and no separate critic), or ``critic/`` (an export folder of
-  its own, value head included) for a separate ``value_model``.
+  its own, value head included) for a separate ``value_model``;
+- ``lora_adapter/`` (peft's ``save_pretrained`` of the adapter) when the run trained LoRA
+  adapters; the policy files above then hold the merged weights, which load without peft.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from rlhf_ext.trainer import distributed as dist
+from rlhf_ext.trainer.lora import apply_lora, merged_copy
 from rlhf_ext.trainer.model import (
     GPTConfig,
     TinyGPT,
@@ -39,6 +43,7 @@ MANIFEST = "rlhf_ext_export.json"
 FORMAT = "rlhf_ext.trainer.export"
 FORMAT_VERSION = 1
 BUILTIN_WEIGHTS = "model.pt"
+ADAPTER_DIR = "lora_adapter"
 VALUE_HEAD = "value_head.pt"
 CRITIC_DIR = "critic"
 VALUE_HEAD_PREFIX = "value_head."  # its keys in a ValueHeadModel state dict
@@ -104,8 +109,10 @@ def export_policy(trainer, output_dir: str) -> dict:
     extra = {"iteration": trainer.iteration, "ppo_config": trainer.config.to_dict()}
     manifest = {}
     if trainer.rank == 0:
+        adapter = trainer.peft_model
+        policy = trainer.policy_lm if adapter is None else merged_copy(adapter)
         manifest = write_export(
-            output_dir, trainer.policy_lm, trainer.tokenizer, value_head, trainer.critic, extra
+            output_dir, policy, trainer.tokenizer, value_head, trainer.critic, extra, adapter
         )
     dist.barrier()  # no rank reads the folder before it is complete
     return manifest
@@ -127,13 +134,17 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, tokenizer=None) -> 
             "output_dir) instead"
         )
     lm = build_lm(models["policy"], checkpoint_path)
+    adapter = _lora_for(lm, state, checkpoint_path)
+    trained = lm if adapter is None else adapter.get_base_model()
     value_head = None
     if f"{VALUE_HEAD_PREFIX}weight" in state["model"]:
-        shared = ValueHeadModel(lm)
+        shared = ValueHeadModel(trained)
         shared.load_state_dict(state["model"])
         value_head = shared.value_head
     else:
-        as_causal_lm(lm).load_state_dict(state["model"])
+        as_causal_lm(trained).load_state_dict(state["model"])
+    if adapter is not None:
+        lm = merged_copy(adapter)
     critic = None
     if state.get("critic") is not None:
         critic = ValueHeadModel(build_lm(models["critic"], checkpoint_path), with_logits=False)
@@ -141,12 +152,24 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, tokenizer=None) -> 
     if tokenizer is None:
         tokenizer = _tokenizer_for(models.get("tokenizer"))
     extra = {"iteration": state["iteration"], "ppo_config": state.get("config")}
-    return write_export(output_dir, lm, tokenizer, value_head, critic, extra)
+    return write_export(output_dir, lm, tokenizer, value_head, critic, extra, adapter)
 
 
-def write_export(output_dir, lm, tokenizer, value_head, critic, extra: dict) -> dict:
+def _lora_for(model: nn.Module, state: dict, where: str):
+    """The peft model around ``model`` with the LoRA layout of a checkpoint's run
+    (None when it trained without LoRA), ready for its state dict."""
+    config = state.get("config") or {}
+    if not config.get("lora_rank"):
+        return None
+    return apply_lora(model, config, where)
+
+
+def write_export(
+    output_dir, lm, tokenizer, value_head, critic, extra: dict, lora_adapter=None
+) -> dict:
     """Write one export folder (the policy ``lm`` with its ``tokenizer`` and
-    ``value_head``, and ``critic`` in a subfolder); its manifest."""
+    ``value_head``, ``critic`` in a subfolder, and a LoRA policy's peft adapter in
+    ``lora_adapter/``; ``lm`` is then the merged model); its manifest."""
     os.makedirs(output_dir, exist_ok=True)
     lm = as_causal_lm(lm, "policy", EXPORT)
     files = []
@@ -166,6 +189,7 @@ def write_export(output_dir, lm, tokenizer, value_head, critic, extra: dict) -> 
         "tokenizer": tokenizer_saved,
         "value_head": None,
         "critic": None,
+        "lora_adapter": None,
         **extra,
     }
     if value_head is not None:
@@ -177,6 +201,10 @@ def write_export(output_dir, lm, tokenizer, value_head, critic, extra: dict) -> 
         write_export(critic_dir, critic.lm, None, critic.value_head, None, {})  # no tokenizer
         manifest["critic"] = CRITIC_DIR
         files.append(CRITIC_DIR + "/")
+    if lora_adapter is not None:  # peft's adapter_config.json + adapter_model.safetensors
+        lora_adapter.save_pretrained(os.path.join(output_dir, ADAPTER_DIR))
+        manifest["lora_adapter"] = ADAPTER_DIR
+        files.append(ADAPTER_DIR + "/")
     manifest["files"] = [MANIFEST, *files]
     with open(os.path.join(output_dir, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=2)
@@ -295,7 +323,7 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
             path = os.path.join(path, json.load(fh)["policy"].get("weights", BUILTIN_WEIGHTS))
     state = _torch_load(path, LOAD_WEIGHTS)
     if isinstance(state, dict) and CHECKPOINT_KEYS <= set(state):  # a trainer checkpoint
-        state = _policy_part(state["model"])
+        state = _checkpoint_policy_weights(model, state, path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(
             f"{LOAD_WEIGHTS}: {path} holds neither a state dict nor a trainer checkpoint"
@@ -307,6 +335,23 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
             f"{LOAD_WEIGHTS}: the weights in {path} do not fit {type(model).__name__}: {exc}"
         ) from exc
     return model
+
+
+def _checkpoint_policy_weights(model: nn.Module, checkpoint: dict, path: str) -> dict:
+    """The policy's plain state dict in a trainer checkpoint: its own weights, with the
+    LoRA updates merged in when the run trained adapters (built on a copy of
+    ``model``)."""
+    weights = _policy_part(checkpoint["model"])
+    adapter = _lora_for(copy.deepcopy(model), checkpoint, path)
+    if adapter is None:
+        return weights
+    try:
+        adapter.get_base_model().load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{LOAD_WEIGHTS}: the weights in {path} do not fit {type(model).__name__}: {exc}"
+        ) from exc
+    return merged_copy(adapter).state_dict()
 
 
 def _policy_part(model_state: dict) -> dict:

@@ -12,17 +12,51 @@ from dataclasses import dataclass
 NAME = "rlhf_ext.trainer.MetricsWriter"
 
 
-class MetricsWriter:
-    """Appends one JSON object per iteration to ``<output_dir>/metrics.jsonl``."""
+TENSORBOARD_DIR = "tensorboard"  # under output_dir: `tensorboard --logdir <output_dir>`
 
-    def __init__(self, output_dir: str, filename: str = "metrics.jsonl") -> None:
+
+class MetricsWriter:
+    """Appends one JSON object per iteration to ``<output_dir>/metrics.jsonl`` and,
+    with ``report_to=("tensorboard",)``, the same numbers as TensorBoard scalars
+    (``torch.utils.tensorboard``; needs the ``tensorboard`` package) in
+    ``<output_dir>/tensorboard``, at the record's ``step``."""
+
+    def __init__(
+        self, output_dir: str, filename: str = "metrics.jsonl", report_to: tuple = ()
+    ) -> None:
         """Log to ``output_dir/filename`` (the folder is created)."""
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, filename)
+        self.tensorboard_dir = None
+        self._tensorboard = None  # opened at the first record: one event file per run
+        self._purge_step = None
+        if "tensorboard" in report_to:
+            self.tensorboard_dir = os.path.join(output_dir, TENSORBOARD_DIR)
+            _summary_writer_class()  # a missing package fails now, not at iteration 1
 
     def append(self, record: dict) -> None:
-        """Write ``record`` as one line (non-finite floats as null). A failed write
-        (a full disk) is an OSError naming the file; the torn line is cut off."""
+        """Write ``record`` as one line (non-finite floats as null), and its numbers to
+        TensorBoard when enabled. A failed write (a full disk) is an OSError naming the
+        file; the torn line is cut off."""
+        self._append_line(record)
+        if self.tensorboard_dir is not None:
+            if self._tensorboard is None:
+                self._tensorboard = _summary_writer_class()(
+                    log_dir=self.tensorboard_dir, purge_step=self._purge_step
+                )
+            step = int(record.get("step", 0))
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (the JSONL file is closed after every line)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+    def _append_line(self, record: dict) -> None:
         clean = {k: (None if _nonfinite(v) else v) for k, v in record.items()}
         size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
         try:
@@ -35,10 +69,14 @@ class MetricsWriter:
             ) from exc
 
     def truncate_after(self, step: int) -> None:
-        """Drop records beyond ``step`` (a resumed run rewrites them)."""
+        """Drop records beyond ``step`` (a resumed run rewrites them); TensorBoard's
+        events after ``step`` are purged when the next one is written."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         with open(self.path, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in kept)
+        if self.tensorboard_dir is not None:
+            self.close()
+            self._purge_step = step + 1  # the next writer drops the events after `step`
 
     def read(self) -> list[dict]:
         """Every record written so far. A torn last line (a write cut short: no
@@ -58,6 +96,19 @@ class MetricsWriter:
                     break  # torn: truncate_after rewrites the file without it
                 raise ValueError(f"{NAME}.read: {self.path} line {number}: {exc}") from exc
         return records
+
+
+def _summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``; an ImportError that says what to
+    install when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module imports the tensorboard package
+        raise ImportError(
+            f"{NAME}: report_to=['tensorboard'] needs the tensorboard package: "
+            "pip install tensorboard (or pip install 'rlhf_ext[tensorboard]')"
+        ) from None
+    return SummaryWriter
 
 
 def _cut_back(path: str, size: int) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -103,6 +104,7 @@ class TinyGPT(nn.Module):
             _Block(config.d_model, config.n_head) for _ in range(config.n_layer)
         )
         self.ln_f = nn.LayerNorm(config.d_model)
+        self.gradient_checkpointing = False  # see enable_gradient_checkpointing
         self.apply(self._init_weights)
 
     @staticmethod
@@ -142,8 +144,14 @@ class TinyGPT(nn.Module):
         x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
         allowed = attention_bias(attention_mask, new)
         cache = []
+        # checkpointing drops a block's activations and recomputes them in the backward:
+        # only with grad and without a cache (the recomputation would extend it again)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled() and past is None
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, allowed, None if past is None else past[i])
+            if checkpointed:
+                x, kv = checkpoint(block, x, allowed, None, use_reentrant=False)
+            else:
+                x, kv = block(x, allowed, None if past is None else past[i])
             cache.append(kv)
         hidden = self.ln_f(x)
         logits = F.linear(hidden, self.tok_emb.weight) if return_logits else None
@@ -176,7 +184,10 @@ class HFCausalLM(nn.Module):
             position_ids = default_position_ids(attention_mask)[:, -input_ids.shape[1] :]
         if not return_logits:  # critic: the backbone only, so the LM head gets no gradient
             out = self.model.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,  # (a cache under checkpointing would be extended twice)
             )
             return None, out.last_hidden_state, None
         cache = {} if past is None else {self._cache_name: past}
@@ -190,6 +201,93 @@ class HFCausalLM(nn.Module):
         )
         new_cache = out.get(self._cache_name) if use_cache else None
         return out.logits, out.hidden_states[-1], new_cache
+
+
+def lm_head(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of the LM head of a TinyGPT or an
+    HFCausalLM: ``logits = hidden @ weight.T + bias`` (checked by
+    :func:`check_plain_lm_head`)."""
+    if isinstance(lm, TinyGPT):
+        return lm.tok_emb.weight, None  # tied
+    head = lm.model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"rlhf_ext.trainer.lm_head: the output embeddings of {type(lm.model).__name__} are "
+            f"a {type(head).__name__}, not an nn.Linear"
+        )
+    return head.weight, head.bias
+
+
+# the config attributes of heads that do more than a Linear: the fused head cannot serve them
+# (yet: Gemma's final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling)
+NONLINEAR_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@torch.no_grad()
+def check_plain_lm_head(lm: nn.Module, token_id: int, owner: str) -> None:
+    """ValueError (naming ``owner``) unless ``lm``'s logits are ``hidden @ W.T + b`` of the
+    hidden states it returns without logits (what ``fused_lm_head`` computes from): one
+    forward of two tokens, in float32, compared to 1e-4 of the logits' scale."""
+    config = getattr(getattr(lm, "model", None), "config", None)
+    for name in NONLINEAR_HEAD_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"{owner}: `fused_lm_head` needs a plain linear LM head; the model's config "
+                f"sets {name}={value!r}"
+            )
+    device = next(lm.parameters()).device
+    ids = torch.full((1, 2), int(token_id), dtype=torch.long, device=device)
+    logits, _, _ = lm(ids)
+    _, hidden, _ = lm(ids, return_logits=False)
+    weight, bias = lm_head(lm)
+    recomputed = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    scale = float(logits.float().abs().max()) + 1e-6
+    if not torch.allclose(recomputed, logits.float(), rtol=1e-4, atol=1e-4 * scale):
+        raise ValueError(
+            f"{owner}: `fused_lm_head`: {type(getattr(lm, 'model', lm)).__name__}'s logits "
+            "are not its LM head applied to its last hidden state (a head that scales or caps "
+            "the logits); set fused_lm_head=False"
+        )
+
+
+def enable_gradient_checkpointing(lm: nn.Module, owner: str) -> None:
+    """Recompute each transformer block in the backward instead of keeping its
+    activations (TinyGPT: torch.utils.checkpoint per block; transformers:
+    ``gradient_checkpointing_enable``, non-reentrant).
+
+    transformers checkpoints a layer only while the layer is in training mode; the
+    trainer keeps its models in eval mode (dropout off), so only the checkpointed
+    layers' own flag is set, never their children's (dropout stays off)."""
+    if isinstance(lm, TinyGPT):
+        lm.gradient_checkpointing = True
+        return
+    model = lm.model
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{owner}: `gradient_checkpointing`: {type(model).__name__} does not support it"
+        )
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers < 4.52 checkpoints in the model's own loop
+        raise ValueError(
+            f"{owner}: `gradient_checkpointing` needs transformers >= 4.52 "
+            "(GradientCheckpointingLayer)"
+        ) from None
+    # transformers 5.2x renamed it activation_checkpointing_enable (the old name warns)
+    non_reentrant = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+    # only the layers: a model that sees its own flag in training mode drops the KV cache
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.training = True  # the flag transformers reads; children stay in eval mode
+    if not layers:
+        raise ValueError(
+            f"{owner}: `gradient_checkpointing`: no layer of {type(model).__name__} took it"
+        )
 
 
 def as_causal_lm(
@@ -235,13 +333,17 @@ class ValueHeadModel(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        """``(logits or None, values [B, T] float32)``."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, return_hidden=False):
+        """``(logits or None, values [B, T] float32)``; with ``return_hidden`` the LM's
+        last hidden states ``[B, T, H]`` in place of the logits (none computed)."""
         logits, hidden, _ = self.lm(
-            input_ids, attention_mask, position_ids, return_logits=self.with_logits
+            input_ids,
+            attention_mask,
+            position_ids,
+            return_logits=self.with_logits and not return_hidden,
         )
         values = self.value_head(hidden).squeeze(-1).float()
-        return logits, values
+        return (hidden if return_hidden else logits), values
 
 
 def _freeze_untied_lm_head(lm: nn.Module) -> None:

@@ -4,6 +4,7 @@ log-prob, advantage, KL and loss is an rlhf_ext op."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -28,8 +29,15 @@ from rlhf_ext.trainer.checkpoint import (
 from rlhf_ext.trainer.config import PPOConfig
 from rlhf_ext.trainer.export import export_policy
 from rlhf_ext.trainer.kl_control import build_kl_controller
+from rlhf_ext.trainer.lora import apply_lora
 from rlhf_ext.trainer.metrics import MetricsWriter, ProgressBar, format_sample_table, plot_metrics
-from rlhf_ext.trainer.model import ValueHeadModel, as_causal_lm
+from rlhf_ext.trainer.model import (
+    ValueHeadModel,
+    as_causal_lm,
+    check_plain_lm_head,
+    enable_gradient_checkpointing,
+    lm_head,
+)
 from rlhf_ext.trainer.rewards import RewardSource, RunningMoments, shape_scores
 from rlhf_ext.trainer.rollout import (
     Batch,
@@ -38,6 +46,7 @@ from rlhf_ext.trainer.rollout import (
     left_pad,
     response_logits,
     response_logprobs,
+    response_logprobs_from_hidden,
     right_pad,
     token_rows,
 )
@@ -111,7 +120,11 @@ class PPOTrainer:
         self._skipped_this_iteration = 0
         self._log_synced = False  # metrics.jsonl cut back to self.iteration yet?
         self._owns_output_dir = False  # checked that writing there destroys nothing?
-        self.writer = MetricsWriter(config.output_dir) if self.rank == 0 else None
+        self.writer = (
+            MetricsWriter(config.output_dir, report_to=config.report_targets)
+            if self.rank == 0
+            else None
+        )
         self._log_stream = log if log is not None else sys.stdout
         self._stop_signal = None
         self._bar = None  # the progress bar while train() runs
@@ -133,6 +146,12 @@ class PPOTrainer:
                 f"{NAME}: `policy` has no parameter that requires grad (a frozen copy of a "
                 "reference? call .requires_grad_(True) on it)"
             )
+        self._check_bf16()
+        # LoRA adapters go into the policy's own modules; with no ref_policy the reference
+        # is the policy with its adapters switched off (no copy of the weights)
+        self.peft_model = apply_lora(policy, self.config, NAME) if self.config.lora_rank else None
+        if self.peft_model is not None:
+            policy = self.peft_model.get_base_model()
         if not self.config.needs_critic:
             if value_model is not None:
                 raise ValueError(
@@ -150,15 +169,49 @@ class PPOTrainer:
             self.critic = ValueHeadModel(
                 value_model, with_logits=False, name="value_model", owner=NAME
             ).to(self.device)
-        ref = ref_policy if ref_policy is not None else copy.deepcopy(self.policy_lm)
-        self.ref_lm = (
-            as_causal_lm(ref, "ref_policy", NAME).to(self.device).eval().requires_grad_(False)
-        )
+        self.ref_is_policy_without_adapters = ref_policy is None and self.peft_model is not None
+        if self.ref_is_policy_without_adapters:
+            self.ref_lm = self.policy_lm
+        else:
+            ref = ref_policy if ref_policy is not None else copy.deepcopy(self.policy_lm)
+            self.ref_lm = (
+                as_causal_lm(ref, "ref_policy", NAME).to(self.device).eval().requires_grad_(False)
+            )
         for module in (self.model, self.critic):
             if module is not None:
                 module.eval()  # dropout off during RL, also while training
+        self._prepare_memory_features()
         self.train_model = _maybe_ddp(self.model)
         self.train_critic = _maybe_ddp(self.critic) if self.critic is not None else None
+
+    def _check_bf16(self) -> None:
+        if not self.config.bf16 or self.device.type != "cuda":
+            return
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{NAME}: `bf16`: this GPU ({self.device}) has no bfloat16 support")
+
+    def _prepare_memory_features(self) -> None:
+        """Gradient checkpointing on the trained LMs; the fused LM head's check that each
+        LM's logits are its head applied to its hidden states."""
+        cfg = self.config
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy_lm, NAME)
+            if self.critic is not None:
+                enable_gradient_checkpointing(self.critic.lm, NAME)
+        if cfg.fused_lm_head:
+            for lm in {id(lm): lm for lm in (self.policy_lm, self.ref_lm)}.values():
+                check_plain_lm_head(lm, self.eos_token_id, NAME)
+
+    def autocast(self):
+        """The context the forward passes run in: bfloat16 autocast with ``bf16``."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _reference_context(self):
+        """What the reference's forward runs in: the policy's adapters off when the
+        reference is the LoRA policy's base weights."""
+        if self.ref_is_policy_without_adapters:
+            return self.peft_model.disable_adapter()
+        return contextlib.nullcontext()
 
     def _value_parameters(self) -> list[nn.Parameter]:
         """The critic's trained parameters (none without a critic: the optimizer's value
@@ -172,7 +225,10 @@ class PPOTrainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         value_params = self._value_parameters()
         value_ids = {id(p) for p in value_params}
-        policy_params = [p for p in self.model.parameters() if id(p) not in value_ids]
+        # trained weights only: a LoRA policy's frozen base gets no optimizer state
+        policy_params = [
+            p for p in self.model.parameters() if id(p) not in value_ids and p.requires_grad
+        ]
         cfg = self.config
         groups = [
             {"params": policy_params, "lr": cfg.learning_rate},
@@ -207,15 +263,16 @@ class PPOTrainer:
     def generate(self, queries) -> Batch:
         """Sample responses for ``queries`` (token-id sequences) with the KV cache."""
         ids, mask = left_pad(queries, self.pad_token_id, self.device)
-        return generate(
-            self.policy_lm,
-            ids,
-            mask,
-            config=self.config,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            generator=self.generator,
-        )
+        with self.autocast():
+            return generate(
+                self.policy_lm,
+                ids,
+                mask,
+                config=self.config,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                generator=self.generator,
+            )
 
     def score(self, batch: Batch) -> torch.Tensor:
         """Raw scores of a rollout from the reward function or model."""
@@ -312,22 +369,38 @@ class PPOTrainer:
     @torch.no_grad()
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """The frozen reference's log-probs ``[B, R]`` of the responses."""
-        ref_logits, _ = response_logits(self.ref_lm, batch)
-        return response_logprobs(ref_logits, batch, self.config.temperature)
+        with self._reference_context():
+            return self._logprobs(self.ref_lm, self.ref_lm, batch)[0]
+
+    def _logprobs(self, model, lm, batch: Batch, value_model=False, return_entropy=False):
+        """``(logprobs, entropy or None, values or None)`` of the responses from ``model``
+        (``lm`` or a value-head model around it), under :meth:`autocast`; with
+        ``fused_lm_head`` from its hidden states and ``lm``'s head, without logits."""
+        fused = self.config.fused_lm_head
+        temperature = self.config.temperature
+        with self.autocast():
+            outputs, values = response_logits(model, batch, value_model=value_model, hidden=fused)
+            if fused:
+                result = response_logprobs_from_hidden(
+                    outputs, lm_head(lm), batch, temperature, return_entropy
+                )
+            else:
+                result = response_logprobs(outputs, batch, temperature, return_entropy)
+        logprobs, entropy = result if return_entropy else (result, None)
+        return logprobs, entropy, values
 
     def _forward(self, model, critic, batch: Batch):
         """``(logprobs, entropy, values)`` of the responses from ``model`` (a
         ValueHeadModel when ``critic`` is None and the estimator needs a critic) and
         ``critic``: no grad for the experience, DDP-wrapped with grad for the loss.
         Values are None without a critic."""
-        if not self.config.needs_critic:
-            logits, values = response_logits(model, batch)
-        elif critic is None:
-            logits, values = response_logits(model, batch, value_model=True)
-        else:
-            logits, _ = response_logits(model, batch)
-            _, values = response_logits(critic, batch, value_model=True)
-        logprobs, entropy = response_logprobs(logits, batch, self.config.temperature, True)
+        shared = self.config.needs_critic and critic is None
+        logprobs, entropy, values = self._logprobs(
+            model, self.policy_lm, batch, value_model=shared, return_entropy=True
+        )
+        if critic is not None:
+            with self.autocast():
+                _, values = response_logits(critic, batch, value_model=True)
         return logprobs, entropy, values
 
     def _shaped_scores(self, raw_scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:

@@ -182,25 +182,55 @@ def generate(lm, queries, query_mask, *, config, eos_token_id, pad_token_id, gen
     return Batch(queries, query_mask, responses, mask, has_eos)
 
 
-def response_logits(lm_or_model, batch: Batch, value_model=False):
+def response_logits(lm_or_model, batch: Batch, value_model=False, hidden=False):
     """Run the full sequence; return the logits that predict each response token
-    ``[B, R, V]`` and, for a value-head model, the values ``[B, R]`` of the states
+    ``[B, R, V]`` (with ``hidden``: the last hidden states there ``[B, R, H]``, no
+    logits computed) and, for a value-head model, the values ``[B, R]`` of the states
     before each response token."""
     q = batch.queries.shape[1]
     r = batch.responses.shape[1]
     if value_model:
-        logits, values = lm_or_model(batch.input_ids, batch.attention_mask)
+        outputs, values = lm_or_model(batch.input_ids, batch.attention_mask, return_hidden=hidden)
         values = values[:, q - 1 : q + r - 1]
     else:
-        logits, _, _ = lm_or_model(batch.input_ids, batch.attention_mask)
-        values = None
-    logits = None if logits is None else logits[:, q - 1 : q + r - 1]
-    return logits, values
+        logits, states, _ = lm_or_model(
+            batch.input_ids, batch.attention_mask, return_logits=not hidden
+        )
+        outputs, values = (states if hidden else logits), None
+    outputs = None if outputs is None else outputs[:, q - 1 : q + r - 1]
+    return outputs, values
+
+
+def response_targets(batch: Batch) -> torch.Tensor:
+    """The response tokens, -100 (ignored) outside the response mask."""
+    return batch.responses.masked_fill(~batch.response_mask, -100)
 
 
 def response_logprobs(logits, batch: Batch, temperature: float, return_entropy=False):
     """rlhf_ext.token_logprobs of the response tokens (0 at masked positions)."""
-    targets = batch.responses.masked_fill(~batch.response_mask, -100)
     return rlhf_ext.token_logprobs(
-        logits, targets, temperature=temperature, return_entropy=return_entropy
+        logits, response_targets(batch), temperature=temperature, return_entropy=return_entropy
     )
+
+
+def response_logprobs_from_hidden(
+    hidden, head, batch: Batch, temperature: float, return_entropy=False
+):
+    """rlhf_ext.linear_token_logprobs of the response tokens from the last hidden states
+    ``[B, R, H]`` and ``head = (weight [V, H], bias or None)``: the same values as
+    :func:`response_logprobs` of ``hidden @ weight.T + bias`` without the ``[B, R, V]``
+    logits. Under autocast the head runs in the autocast dtype, as ``F.linear`` would."""
+    weight, bias = head
+    dtype = torch.get_autocast_dtype(hidden.device.type) if _autocasting(hidden) else weight.dtype
+    return rlhf_ext.linear_token_logprobs(
+        hidden.to(dtype),
+        weight.to(dtype),
+        response_targets(batch),
+        bias=None if bias is None else bias.to(dtype),
+        temperature=temperature,
+        return_entropy=return_entropy,
+    )
+
+
+def _autocasting(tensor: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(tensor.device.type)
