@@ -5,7 +5,8 @@ several: fwd, fwd+bwd, ...): a horizontal bar per implementation, named on the l
 median time per call on a log axis, the time and the speedup over the panel's baseline at
 the bar's end. Colours say what a bar is (rlhf_ext, the baseline, another peer, a floor
 timed on its own), not which implementation, so any number of bars stays readable. For each
-(implementation, shape) the newest row in the CSVs is drawn.
+(implementation, shape) the newest row in the CSVs is drawn. A memory benchmark
+(``trainer_memory``) gets one PNG per device: peak memory and time per configuration.
 
 Reads every ``*.csv`` in the results folder (``--results-dir``, default ``./bench-results``
 under the current directory, where the benchmarks write) unless ``--csv`` names files, and
@@ -29,6 +30,10 @@ from . import add_results_dir_option, default_results_dir
 # Names an implementation had in older CSVs -> the name it has now (the committed rows of
 # bench/results/ predate the rename; see bench_linear_logprobs.FLOOR).
 RENAMED = {"GEMM floor": "GEMMs alone"}
+
+# Benchmarks of memory rather than speed (bytes 0, peak_mem_mib the result): one figure per
+# device with every configuration (their dtype column differs: bf16 autocast), memory and time.
+MEMORY_OPS = {"trainer_memory"}
 
 # What the dimensions of each op's shape are (the column holds e.g. "2048x32000").
 SHAPE_NAMES = {"logprobs": "N x V", "linear_logprobs": "N x H x V", "integrations": "B x T x V"}
@@ -286,8 +291,71 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench plot") 
     out = args.out if args.out is not None else folder / "plots"
     out.mkdir(parents=True, exist_ok=True)
     for (device, op, dtype), group in sorted(latest(rows).items()):
-        print(plot_group(plt, device, op, dtype, group, out).resolve())
+        if op not in MEMORY_OPS:
+            print(plot_group(plt, device, op, dtype, group, out).resolve())
+    memory: dict[tuple, dict] = defaultdict(dict)  # in the order the configurations ran
+    for row in rows:
+        if row["op"] in MEMORY_OPS:
+            group = memory[(row["device"], row["op"])]
+            key = (row["impl"], row["shape"])
+            if key not in group or row["date"] >= group[key]["date"]:
+                group[key] = row
+    for (device, op), group in sorted(memory.items()):
+        print(plot_memory_group(plt, device, op, group, out).resolve())
     return 0
+
+
+def plot_memory_group(plt, device: str, op: str, rows: dict[tuple, dict], out_dir: Path) -> Path:
+    """A memory benchmark's figure: per shape, the peak extra memory of each configuration
+    (left, linear MiB) and its time per call (right), in the order the rows ran."""
+    shapes = sorted({shape for _, shape in rows}, key=_shape_size)
+    height = 1.2 + 2.2 * len(shapes)
+    fig, axes = plt.subplots(
+        len(shapes), 2, figsize=(11, height), squeeze=False, gridspec_kw={"wspace": 0.35},
+    )  # fmt: skip
+    for (ax_mem, ax_time), shape in zip(axes, shapes, strict=True):
+        items = [r for (_, s), r in rows.items() if s == shape]
+        baseline = Counter(r["baseline"] for r in items).most_common(1)[0][0]
+        base = next((r for r in items if r["impl"] == baseline), None)
+        names = [r["impl"] for r in items]
+        colours = [COLOURS["baseline" if r["impl"] == baseline else "ours"] for r in items]
+        for ax, key, unit in ((ax_mem, "peak_mem_mib", "MiB"), (ax_time, "median_ms", "ms")):
+            values = [_number(r[key]) for r in items]
+            ax.barh(range(len(items)), values, color=colours, edgecolor="black", linewidth=0.6)
+            for y, (value, r) in enumerate(zip(values, items, strict=True)):
+                label = f"{value:.0f} {unit}" if unit == "MiB" else format_ms(value)
+                if base is not None and r is not base and _number(base[key]) > 0:
+                    label += f"  ({value / _number(base[key]):.2f}x {baseline})"
+                ax.text(value, y, " " + label, va="center", fontsize=8)
+            ax.set_yticks(range(len(items)), names, fontsize=8)
+            ax.set_ylim(len(items) - 0.4, -0.6)
+            ax.set_xlim(0, 1.45 * max(values + [1e-9]))
+            ax.grid(axis="x", linewidth=0.4, alpha=0.5)
+        ax_mem.set_title(f"B x T = {shape}: peak extra memory (MiB; lower is better)",
+                         fontsize=9, loc="left")  # fmt: skip
+        ax_time.set_title("time per call (ms; lower is faster)", fontsize=9, loc="left")
+        note = items[0].get("note", "")
+        if note:
+            ax_mem.set_xlabel(note, fontsize=7, color="#444444")
+    all_rows = list(rows.values())
+    fig.text(0.01, 1 - 0.12 / height, f"{op} on {device}", fontsize=12, ha="left", va="top")
+    subtitle = _subtitle(all_rows, False) + "   orange: the baseline; blue: with the switches"
+    fig.text(0.01, 1 - 0.45 / height, subtitle, fontsize=8, ha="left", va="top",
+             color="#444444")  # fmt: skip
+    fig.subplots_adjust(left=0.1, right=0.98, top=1 - 0.95 / height, bottom=0.55 / height)
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{op}-{device}".lower()).strip("-")
+    path = out_dir / f"{slug}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _number(text) -> float:
+    """A CSV cell as a float (0 for an empty or 'n/a' one)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 if __name__ == "__main__":

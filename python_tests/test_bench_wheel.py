@@ -170,3 +170,21 @@ def test_plot_splits_modes_and_finds_the_floor():
     assert plot.split_modes([row("python loop (TRL)", "python loop (TRL)", "1")])[0][0] == ""
     assert plot.format_ms(0.0123) == "12.3 us" and plot.format_ms(1530) == "1.53 s"
     assert plot.format_speed(10, 2) == "(5x faster)" and plot.format_speed(2, 4) == "(2x slower)"
+
+
+def test_plot_draws_a_memory_benchmark_in_one_figure_per_device(tmp_path):
+    pytest.importorskip("matplotlib")
+    columns = list(harness.Row.__dataclass_fields__)
+    lines = [",".join(columns)]
+    for impl, dtype, mib in (("plain", "float32", 1800), ("fused", "float32", 300),
+                             ("bf16", "bfloat16", 800)):  # fmt: skip
+        row = dict.fromkeys(columns, "")
+        row.update(date="2026-12-02T00:00:00", op="trainer_memory", impl=impl, dtype=dtype,
+                   device="Some CPU (2 cores)", shape="8x528", median_ms="5000",
+                   peak_mem_mib=str(mib), baseline="plain")  # fmt: skip
+        lines.append(",".join(row[c] for c in columns))
+    (tmp_path / "results.csv").write_text("\n".join(lines) + "\n")
+    assert plot.main(["--results-dir", str(tmp_path), "--out", str(tmp_path / "plots")]) == 0
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == [
+        "trainer-memory-some-cpu-2-cores.png"
+    ]

@@ -395,3 +395,20 @@ def test_policy_with_lora_is_unchanged_when_the_trainer_copies_the_reference(tmp
     trainer.train(prompts(), iterations=1)
     for key, value in ref.state_dict().items():
         assert torch.equal(value, ref_state[key])
+
+
+def test_trainer_memory_benchmark_runs(capsys):
+    """``python -m bench trainer_memory --quick`` prints its table (bench/README.md)."""
+    from bench import bench_trainer_memory
+
+    threads = torch.get_num_threads()
+    try:
+        status = bench_trainer_memory.main(
+            ["--quick", "--no-save", "--configs", "plain,fused", "--repeats", "1", "--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "config" in out and "\nplain " in out and "\nfused " in out
+    assert bench_trainer_memory.main(["--quick", "--no-save", "--configs", "nope"]) == 2
