@@ -244,6 +244,30 @@ def test_logprobs_inplace_backward_gives_the_same_gradient():
     torch.testing.assert_close(grads[1], grads[0], **TOL)
 
 
+def test_inplace_backward_after_an_entropy_of_the_same_logits_is_an_error():
+    """verl's entropy_from_logits saves the logits (``pd * logits``); an in-place log-prob
+    backward taken after it overwrites them first. That was a silently wrong gradient
+    (0.21 relative); now autograd's version check refuses it. The log-probs first, or
+    inplace_backward=False, give the right gradient."""
+    logits = torch.randn(4, 6, 29)
+    labels = torch.randint(0, 29, (4, 6))
+
+    def grad(inplace, entropy_first):
+        leaf = logits.clone().requires_grad_(True)
+        work = leaf * 1.0
+        if entropy_first:
+            entropy = verl_F.entropy_from_logits(work)
+        logprobs = adapter.logprobs_from_logits(work, labels, inplace_backward=inplace)
+        if not entropy_first:
+            entropy = verl_F.entropy_from_logits(work)
+        return _grad(logprobs.sum() + entropy.sum(), leaf)
+
+    expected = grad(False, True)
+    torch.testing.assert_close(grad(True, False), expected, **TOL)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        grad(True, True)
+
+
 def test_patch_replaces_registries_and_verl_callers_agree():
     """After patch(), verl's own entry points (the policy-loss and advantage registries,
     compute_entropy_loss, the deprecated compute_policy_loss) run the adapter and give the

@@ -563,6 +563,21 @@ def test_token_logprobs_inplace_backward_refuses_shared_elements(inputs, backend
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
+def test_token_logprobs_inplace_backward_fails_an_op_that_saved_the_logits(inputs, backend):
+    """The in-place backward bumps the logits' version: an op that saved them (here
+    ``probs * logits``, taken before the log-probs, so its backward runs after ours)
+    raises autograd's error instead of reading the overwritten buffer."""
+    logits = random_logits(inputs, 3, 5, 30)
+    target = random_target(inputs, (3, 5), 30)
+    x = logits.clone().requires_grad_()
+    h = x * 1.0
+    saved = (h.softmax(-1) * h).sum()
+    lp = run(h, target, backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp.sum() + saved).backward()
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])
 def test_token_logprobs_second_backward(inputs, backend):
     """retain_graph=True and a second backward: the out-of-place backward gives the same
     gradient twice; the in-place one, whose first backward overwrote the logits, raises."""

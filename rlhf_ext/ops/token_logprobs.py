@@ -53,7 +53,10 @@ def token_logprobs(
     w.r.t. ``logits`` through both outputs; the backward reads the logits once
     and writes the gradient (dtype of ``logits``) once. With
     ``inplace_backward=True`` that gradient is written into the logits buffer,
-    which is destroyed (use it when nothing else needs the logits afterwards).
+    which is destroyed (use it when nothing else needs the logits afterwards). The
+    write bumps the logits' version counter, so the backward of any other op that saved
+    them (an entropy of the same logits computed before the log-probs) raises autograd's
+    "modified by an inplace operation" error instead of reading the gradient.
 
     Rows need stride 1 in the last dimension; any other strides are read in
     place (``logits[:, :-1]`` costs no copy). Layouts that need more than two
@@ -164,6 +167,9 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
         if inplace:
             backward_inplace_op(logits, *args)
             ctx.logits_overwritten = True
+            # the logits are gone: another op that saved them (an entropy taken from the same
+            # logits earlier) must fail autograd's version check, not read the gradient
+            torch.autograd.graph.increment_version(logits)
             return (logits, *others)
         return (backward_op(logits, *args), *others)
 
