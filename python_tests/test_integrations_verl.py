@@ -761,3 +761,49 @@ def test_patch_swaps_every_advantage_estimator():
         torch.testing.assert_close(mine, reference, **OUTCOME_TOL)
     reference = core.compute_grpo_outcome_advantage(rewards.clone(), mask, index)
     torch.testing.assert_close(grpo[0], reference[0], **OUTCOME_TOL)
+
+
+WORKER_CHECK = """
+import json, verl
+from verl.trainer.ppo import core_algos
+import verl.utils.torch_functional as F
+print(json.dumps({
+    "gae": core_algos.compute_gae_advantage_return.__module__,
+    "logprobs": F.logprobs_from_logits.__module__,
+    "registry": core_algos.get_adv_estimator_fn("reinforce_plus_plus").__module__,
+    "policy_loss": core_algos.get_policy_loss_fn("vanilla").__module__,
+}))
+"""
+
+
+@pytest.mark.parametrize("setting", [True, False], ids=["with the setting", "without"])
+def test_verl_plugin_patches_a_fresh_process_through_verls_hook(setting):
+    """What a Ray worker does: a fresh interpreter that imports verl. With the documented
+    setting (VERL_USE_EXTERNAL_MODULES=rlhf_ext.integrations.verl_plugin) verl's own
+    functions and registries are the adapters; without it, they are verl's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env["RLHF_EXT_QUIET"] = "1"
+    if setting:
+        env["VERL_USE_EXTERNAL_MODULES"] = "rlhf_ext.integrations.verl_plugin"
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    modules = json.loads(done.stdout.strip().splitlines()[-1])
+    if setting:
+        assert modules["gae"] == modules["registry"] == "rlhf_ext.integrations.verl"
+        assert modules["policy_loss"].startswith("rlhf_ext.integrations")
+        assert modules["logprobs"].startswith("rlhf_ext.integrations")
+    else:
+        assert set(modules.values()) == {
+            "verl.trainer.ppo.core_algos",
+            "verl.utils.torch_functional",
+        }
