@@ -408,7 +408,7 @@ def test_group_baseline_rejects_bad_arguments():
 # -- patch() on a stand-in package -----------------------------------------------------------
 
 STAND_IN = {
-    "openrlhf/__init__.py": "",
+    "openrlhf/__init__.py": '__version__ = "0.11.2"  # the version the adapter is tested with\n',
     "openrlhf/models/__init__.py": "",
     "openrlhf/models/utils.py": """
         from test_integrations_openrlhf import peer_approx_kl, peer_log_probs, peer_masked_mean
@@ -868,3 +868,22 @@ def test_patch_on_openrlhf_own_loss_module(tmp_path, monkeypatch, openrlhf_code)
         adapter.unpatch()
         for name in [m for m in sys.modules if m == "openrlhf" or m.startswith("openrlhf.")]:
             del sys.modules[name]
+
+
+@pytest.mark.usefixtures("stand_in_openrlhf")
+def test_patch_refuses_an_untested_openrlhf_version():
+    """OpenRLHF 0.11.0's ppo_actor unpacks four loss values where 0.11.2's loss returns
+    five: outside the tested range patch() replaces nothing and says which versions."""
+    import openrlhf
+    from openrlhf.models import utils
+
+    original = utils.masked_mean
+    openrlhf.__version__ = "0.11.0"
+    message = r"openrlhf 0\.11\.0 is installed; .* openrlhf>=0\.11\.2,<0\.12"
+    with pytest.raises(RuntimeError, match=message):
+        adapter.patch()
+    assert utils.masked_mean is original and not adapter._PATCHER.active
+    with pytest.warns(RuntimeWarning, match="outside the versions this adapter is tested with"):
+        assert adapter.patch(allow_untested=True)
+    assert utils.masked_mean is not original
+    adapter.unpatch()

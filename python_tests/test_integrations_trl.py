@@ -13,7 +13,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 trl_utils = pytest.importorskip("trl.trainer.utils")
 
 from rlhf_ext.integrations import trl as adapter  # noqa: E402
-from rlhf_ext.integrations._patch import Patcher, Target  # noqa: E402
+from rlhf_ext.integrations._patch import Patcher, Target, VersionRange  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -202,6 +202,7 @@ def test_unpatch_restores_trl_exactly():
 
 
 def test_patch_without_the_peer_names_the_package():
-    missing = Patcher("no_such_peer_pkg", "no-such-peer", [Target("no_such_peer_pkg", "f", None)])
+    targets = [Target("no_such_peer_pkg", "f", None)]
+    missing = Patcher("no_such_peer_pkg", "no-such-peer", targets, VersionRange("1", "2"))
     with pytest.raises(ImportError, match=r"caller: the `no-such-peer` package is not installed"):
         missing.patch("caller")

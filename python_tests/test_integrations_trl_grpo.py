@@ -548,3 +548,45 @@ def test_transcription_matches_trl_own_code(trl_peer_class):
             spg=TRAIN["steps_per_generation"], max_completion_length=16,
         )  # fmt: skip
         assert torch.equal(ours, peer_loss)
+
+
+PATCH_ON_TRL116 = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])  # the wheel itself: a zip on sys.path
+import trl
+from trl.trainer import utils
+originals = (utils.selective_log_softmax, utils.entropy_from_logits)
+from rlhf_ext.integrations import trl as adapter
+names = adapter.patch()
+logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+close = [
+    bool(torch.allclose(utils.selective_log_softmax(logits, labels),
+                        originals[0](logits, labels), atol=1e-5)),
+    bool(torch.allclose(utils.entropy_from_logits(logits), originals[1](logits), atol=1e-5)),
+]
+print(json.dumps({"version": trl.__version__, "names": names, "close": close}))
+"""
+
+
+@needs_wheel
+def test_patch_on_trl_116_itself():
+    """patch() on TRL 1.16.0 (the wheel imported in a fresh interpreter): inside the tested
+    range, it replaces selective_log_softmax and entropy_from_logits, which agree with TRL's
+    own (its fused LM head path is not a target yet: docs/integrations.md)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", RLHF_EXT_QUIET="1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", PATCH_ON_TRL116, str(TRL_WHEEL)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["version"] == "1.16.0"
+    assert "trl.trainer.utils.selective_log_softmax" in result["names"]
+    assert "trl.trainer.utils.entropy_from_logits" in result["names"]
+    assert result["close"] == [True, True]

@@ -10,13 +10,53 @@ defining attribute, so they get the replacement too.
 
 Every replaced slot is recorded with its original; ``unpatch`` puts each one back, in reverse
 order, so the peer is exactly as it was.
+
+Each peer's adapter is tested against a range of the peer's versions (``supported``).
+Outside it ``patch`` replaces nothing and says so: a peer release can change what its call
+sites expect (OpenRLHF 0.11.0's ``ppo_actor`` unpacks four values where 0.11.2's loss
+returns five), and a patch that crashes mid-run is worse than none.
+``patch(allow_untested=True)``, or ``RLHF_EXT_ALLOW_UNTESTED_PEERS=1`` in the environment
+(for the processes a peer starts itself), patches anyway, with a warning.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import os
+import re
 import sys
+import warnings
 from dataclasses import dataclass, field
+
+ALLOW_UNTESTED_ENV = "RLHF_EXT_ALLOW_UNTESTED_PEERS"
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """The peer versions an adapter is tested with: ``minimum <= version < below``,
+    compared by their leading release numbers (``1.16.0.dev0`` counts as 1.16.0)."""
+
+    minimum: str
+    below: str
+
+    def __contains__(self, version: str | None) -> bool:
+        if version is None:
+            return False
+        release = _release(version)
+        return release is not None and _release(self.minimum) <= release < _release(self.below)
+
+    def __str__(self) -> str:
+        return f">={self.minimum},<{self.below}"
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    """The release numbers of ``version``, padded to three (None when it has none)."""
+    found = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    if found is None:
+        return None
+    numbers = tuple(int(part) for part in found.group(1).split("."))
+    return numbers + (0,) * (3 - len(numbers))
 
 
 @dataclass(frozen=True)
@@ -55,6 +95,7 @@ class Patcher:
     package: str
     pip_name: str
     targets: list[Target]
+    supported: VersionRange
     _slots: list[_Slot] = field(default_factory=list)
     _originals: dict[str, object] = field(default_factory=dict)
 
@@ -77,17 +118,30 @@ class Patcher:
             f"replaced targets ({known}), got {qualname!r}"
         )
 
-    def patch(self, caller: str) -> list[str]:
+    def installed_version(self) -> str | None:
+        """The imported peer's ``__version__``, else its distribution's; None if neither."""
+        version = getattr(sys.modules.get(self.package), "__version__", None)
+        if isinstance(version, str):
+            return version
+        try:
+            return importlib.metadata.version(self.pip_name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def patch(self, caller: str, allow_untested: bool = False) -> list[str]:
         """Replace every target and every reference to it in the loaded peer modules.
 
         Returns the qualified names of all slots replaced. Idempotent: a second call while
-        patched changes nothing and returns the same list.
+        patched changes nothing and returns the same list. A peer version outside
+        ``supported`` is a RuntimeError naming both, unless ``allow_untested`` (or the
+        environment's ``RLHF_EXT_ALLOW_UNTESTED_PEERS=1``): then a warning, and the patch.
         """
         if self.active:
             return [slot.qualname for slot in self._slots]
         # Import every defining module before replacing anything, so that no module of the
         # peer binds a replacement by name while it loads.
         present = self._import_peer(caller)
+        self._check_version(caller, allow_untested)
         try:
             for target in present:
                 self._patch_target(target)
@@ -120,6 +174,28 @@ class Patcher:
                     setattr(loaded, attr, originals[id(value)])
                     restored.append(f"{name}.{attr}")
         return restored
+
+    def _check_version(self, caller: str, allow_untested: bool) -> None:
+        version = self.installed_version()
+        if version in self.supported:
+            return
+        found = f"{self.pip_name} {version}" if version else f"{self.pip_name} of unknown version"
+        tested = f"{self.pip_name}{self.supported}"
+        if allow_untested or os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+            warnings.warn(
+                f"{caller}: {found} is installed, outside the versions this adapter is tested "
+                f"with ({tested}); patching anyway, as asked: check the results against the "
+                "unpatched peer",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        raise RuntimeError(
+            f"{caller}: {found} is installed; this adapter is tested with {tested} and patches "
+            "nothing outside it (a peer release can change what its call sites expect, and a "
+            f"patch that crashes mid-run is worse than none). Install {tested}, or pass "
+            f"allow_untested=True (or set {ALLOW_UNTESTED_ENV}=1) to patch anyway"
+        )
 
     def _import_peer(self, caller: str) -> list[Target]:
         """Import the peer and the modules that define the targets; the targets present."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_ext.integrations._common import global_scale
-from rlhf_ext.integrations._patch import Patcher, Target
+from rlhf_ext.integrations._patch import Patcher, Target, VersionRange
 from rlhf_ext.ops.gae import gae as _rlhf_gae
 from rlhf_ext.ops.group_advantages import group_advantages as _rlhf_group_advantages
 from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
@@ -358,8 +358,12 @@ def group_baseline(rewards: torch.Tensor, advantage_estimator: str) -> torch.Ten
 UTILS = "openrlhf.models.utils"
 LOSS = "openrlhf.models.loss"
 EXPERIENCE = "openrlhf.trainer.ppo_utils.experience_maker"
+# the adapter's targets and call sites as in 0.11.2 (0.11.0's ppo_actor unpacks 4 loss values)
+SUPPORTED = VersionRange("0.11.2", "0.12")
+
 _PATCHER = Patcher(
     package="openrlhf",
+    supported=SUPPORTED,
     pip_name="openrlhf",
     targets=[
         Target(UTILS, "log_probs_from_logits", log_probs_from_logits),
@@ -381,14 +385,17 @@ _PATCHER = Patcher(
 )
 
 
-def patch() -> list[str]:
+def patch(*, allow_untested: bool = False) -> list[str]:
     """Swap this module's functions into the installed OpenRLHF: ``openrlhf.models.utils``'s
     functions (and every loaded ``openrlhf.*`` module that imported them by name), the
     ``forward`` of ``PolicyLoss`` and ``ValueLoss``, and the experience maker's GAE and
     cumulative returns (not its inline group baseline: see ``group_baseline``). Returns
     the qualified names replaced. Idempotent; raises ImportError naming ``openrlhf`` when it
-    is not installed or does not import."""
-    return _PATCHER.patch(f"{PREFIX}.patch")
+    is not installed or does not import. An installed OpenRLHF outside
+    :data:`SUPPORTED` is a RuntimeError that names both versions, and nothing is patched,
+    unless ``allow_untested=True`` (or ``RLHF_EXT_ALLOW_UNTESTED_PEERS=1``): a warning,
+    then the patch."""
+    return _PATCHER.patch(f"{PREFIX}.patch", allow_untested)
 
 
 def unpatch() -> list[str]:

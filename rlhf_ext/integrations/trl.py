@@ -20,7 +20,7 @@ import torch
 
 from rlhf_ext.integrations._common import entropy_from_logits as _entropy_in_dtype
 from rlhf_ext.integrations._common import gather_logprobs, masked_whiten
-from rlhf_ext.integrations._patch import Patcher, Target
+from rlhf_ext.integrations._patch import Patcher, Target, VersionRange
 from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
 from rlhf_ext.ops.ppo_losses import policy_loss as _rlhf_policy_loss
 
@@ -417,8 +417,12 @@ def grpo_global_metrics(metrics: dict, accelerator) -> dict:
     return out
 
 
+# CI tests 1.10-1.12 (the PPO-era targets); 1.16's wheel is tested where it is downloaded
+SUPPORTED = VersionRange("1.10", "1.17")
+
 _PATCHER = Patcher(
     package="trl",
+    supported=SUPPORTED,
     pip_name="trl",
     targets=[
         Target("trl.trainer.utils", "selective_log_softmax", selective_log_softmax),
@@ -430,12 +434,15 @@ _PATCHER = Patcher(
 )
 
 
-def patch() -> list[str]:
+def patch(*, allow_untested: bool = False) -> list[str]:
     """Swap this module's functions into the installed TRL: the defining attributes in
     ``trl.trainer.utils`` and the PPO trainer module (when the installed TRL has it), and
     every loaded ``trl.*`` module that imported them by name. Returns the qualified names
-    replaced. Idempotent; raises ImportError naming ``trl`` when it is not installed."""
-    return _PATCHER.patch("rlhf_ext.integrations.trl.patch")
+    replaced. Idempotent; raises ImportError naming ``trl`` when it is not installed. An
+    installed TRL outside :data:`SUPPORTED` is a RuntimeError that names both versions,
+    and nothing is patched, unless ``allow_untested=True`` (or
+    ``RLHF_EXT_ALLOW_UNTESTED_PEERS=1``): a warning, then the patch."""
+    return _PATCHER.patch("rlhf_ext.integrations.trl.patch", allow_untested)
 
 
 def unpatch() -> list[str]:

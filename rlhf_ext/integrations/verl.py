@@ -28,7 +28,7 @@ from rlhf_ext.integrations._common import (
     global_scale,
     masked_whiten,
 )
-from rlhf_ext.integrations._patch import Patcher, Target
+from rlhf_ext.integrations._patch import Patcher, Target, VersionRange
 from rlhf_ext.ops import _vocab
 from rlhf_ext.ops.gae import gae as _rlhf_gae
 from rlhf_ext.ops.group_advantages import group_advantages as _rlhf_group_advantages
@@ -987,8 +987,12 @@ ADV_ESTIMATORS = {
 }
 CORE = "verl.trainer.ppo.core_algos"
 FUNCTIONAL = "verl.utils.torch_functional"
+# the functions, registries and signatures of 0.9.1
+SUPPORTED = VersionRange("0.9.1", "0.10")
+
 _PATCHER = Patcher(
     package="verl",
+    supported=SUPPORTED,
     pip_name="verl",
     targets=[
         Target(CORE, "compute_gae_advantage_return", compute_gae_advantage_return),
@@ -1005,7 +1009,7 @@ _PATCHER = Patcher(
 )
 
 
-def patch() -> list[str]:
+def patch(*, allow_untested: bool = False) -> list[str]:
     """Swap this module's functions into the installed verl: the defining attributes in
     ``verl.trainer.ppo.core_algos`` and ``verl.utils.torch_functional``, every loaded
     ``verl.*`` module that imported them by name, and verl's registries
@@ -1015,8 +1019,11 @@ def patch() -> list[str]:
     "reinforce_plus_plus_baseline", "remax", "rloo", "rloo_vectorized", "opo" and "gpg", so
     that ``get_adv_estimator_fn`` and ray_trainer's ``core_algos.<function>`` calls reach the
     adapters). Returns the qualified names replaced. Idempotent; raises ImportError naming
-    ``verl`` when it is not installed."""
-    return _PATCHER.patch(f"{PREFIX}.patch")
+    ``verl`` when it is not installed. An installed verl outside
+    :data:`SUPPORTED` is a RuntimeError that names both versions, and nothing is patched,
+    unless ``allow_untested=True`` (or ``RLHF_EXT_ALLOW_UNTESTED_PEERS=1``): a warning,
+    then the patch."""
+    return _PATCHER.patch(f"{PREFIX}.patch", allow_untested)
 
 
 def unpatch() -> list[str]:
