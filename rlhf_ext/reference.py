@@ -142,7 +142,8 @@ def _kl_value(diff, base):
         return 0.5 * diff.square()
     if base == "k3":
         d = (-diff).clamp(-KL_CLAMP_LOG_RATIO, KL_CLAMP_LOG_RATIO)
-        return (torch.exp(d) - d - 1).clamp(-KL_CLAMP_VALUE, KL_CLAMP_VALUE)
+        # expm1(d) - d: exp(d) - d - 1 cancels near d = 0 (kl.h: k3_from_exp)
+        return (torch.expm1(d) - d).clamp(-KL_CLAMP_VALUE, KL_CLAMP_VALUE)
     raise ValueError(f"rlhf_ext.kl_penalty: unknown `kind` {base!r}")
 
 

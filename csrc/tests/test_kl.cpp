@@ -3,6 +3,7 @@
 // which are what keep rewards finite when a token's log-ratio explodes.
 #include "rlhf_ext/kl.h"  // first: the headers must compile on their own
 #include "rlhf_ext/kl_parse.h"
+#include "rlhf_ext/ppo_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -82,6 +83,27 @@ void k3_is_nonnegative_and_close_to_k2_near_zero() {
              small * small * small);
 }
 
+// Near d = 0, exp(d) - d - 1 cancels (float: 100% relative error below |d| ~ 3e-4);
+// k3_from_exp keeps float's relative accuracy at every d, as expm1(d) - d does.
+void k3_keeps_relative_accuracy_near_zero() {
+  for (double magnitude = 1e-6; magnitude < 2.5; magnitude *= 1.7) {  // below the clamp at 10
+    for (double d : {magnitude, -magnitude}) {
+      const float df = static_cast<float>(d);  // exact d: lp = 0, ref = d
+      const double exact = std::expm1(double(df)) - double(df);
+      const float value = kl_value(KLKind::kK3, 0.f, df);
+      TRACE("d=", df, " value=", value, " exact=", exact);
+      CHECK_NEAR(double(value), exact, 3e-7 * exact);
+      const double exact_grad = -std::expm1(double(df));  // d k3 / d lp
+      const float grad = rlhf_ext::kl_grad(KLKind::kK3, false, 0.f, df);
+      CHECK_NEAR(double(grad), exact_grad, 3e-7 * std::abs(exact_grad));
+      float fused_grad = 0.f;
+      const float fused = rlhf_ext::kl_value_and_grad(KLKind::kK3, false, 0.f, df, &fused_grad);
+      CHECK_EQ(fused, value);
+      CHECK_EQ(fused_grad, grad);
+    }
+  }
+}
+
 // |log-ratio| = 50 overflows nothing: d is clamped to +-20 first, then the
 // value to 10. The other estimators are not clamped.
 template <typename T>
@@ -152,6 +174,7 @@ int main() {
   RUN(k3_known_values);
   RUN(k3_is_nonnegative_and_close_to_k2_near_zero<float>);
   RUN(k3_is_nonnegative_and_close_to_k2_near_zero<double>);
+  RUN(k3_keeps_relative_accuracy_near_zero);
   RUN(large_log_ratios_are_clamped_for_k3_only<float>);
   RUN(large_log_ratios_are_clamped_for_k3_only<double>);
   RUN(infinite_log_ratio_gives_finite_k3<float>);

@@ -361,7 +361,8 @@ def kl_penalty(
     """Per-token KL estimator between the policy and the reference, any shape.
 
     kinds: "k1" (= "kl"): lp - ref; "abs": |lp - ref|; "k2" (= "mse"): 0.5 (lp - ref)^2;
-    "k3" (= "low_var_kl"): with d = clamp(ref - lp, -20, 20), clamp(exp(d) - d - 1, -10, 10).
+    "k3" (= "low_var_kl"): with d = clamp(ref - lp, -20, 20), clamp(expm1(d) - d, -10, 10)
+    (= exp(d) - d - 1, computed without its cancellation near d = 0).
     A "+" suffix ("k1+", "k3+") keeps the kind's value with the gradient of k2
     (straight-through, as verl). Differentiable w.r.t. logprobs only.
 

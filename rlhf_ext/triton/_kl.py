@@ -15,6 +15,23 @@ K2 = tl.constexpr(KL_K2)
 
 
 @triton.jit
+def k3_from_exp(d, e):
+    """expm1(d) - d from d and e = exp(d) (kl.h: k3_from_exp): for |d| < 1, where
+    exp(d) - d - 1 cancels, the Taylor series d^2/2! + ... + d^10/10! (the first term left
+    out is below 7e-8 of the value); the direct form elsewhere. float64 keeps the direct
+    form (its cancellation costs ~1e-16 absolute; Triton's float literals are float32, too
+    coarse for a float64 series)."""
+    series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (
+        1.0 / 720 + d * (1.0 / 5040 + d * (1.0 / 40320 + d * (1.0 / 362880
+        + d * (1.0 / 3628800)))))))))  # fmt: skip
+    if d.dtype == tl.float64:
+        out = e - d - 1.0
+    else:
+        out = tl.where((d > -1.0) & (d < 1.0), series, e - d - 1.0)
+    return out
+
+
+@triton.jit
 def kl_value(logprob, ref_logprob, KIND: tl.constexpr):
     """The KL estimator KIND (an ops/_vocab.py code; otherwise k3) of the log-probs."""
     diff = logprob - ref_logprob
@@ -26,7 +43,7 @@ def kl_value(logprob, ref_logprob, KIND: tl.constexpr):
         out = 0.5 * diff * diff
     else:
         d = clamp_nan(-diff, -20.0, 20.0)
-        out = clamp_nan(tl.exp(d) - d - 1.0, -10.0, 10.0)
+        out = clamp_nan(k3_from_exp(d, tl.exp(d)), -10.0, 10.0)
     return out
 
 
@@ -44,7 +61,7 @@ def kl_grad(lp, ref, KIND: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
         out = diff
     else:
         d = -diff
-        e = tl.exp(d)
-        live = (d >= -20.0) & (d <= 20.0) & (e - d - 1.0 <= 10.0)
-        out = tl.where(live, 1.0 - e, 0.0).to(diff.dtype)
+        k3 = k3_from_exp(d, tl.exp(d))
+        live = (d >= -20.0) & (d <= 20.0) & (k3 <= 10.0)
+        out = tl.where(live, -(k3 + d), 0.0).to(diff.dtype)  # 1 - exp(d) = -expm1(d)
     return out

@@ -74,10 +74,10 @@ RLHF_HD T kl_grad(KLKind kind, bool straight_through, T logprob, T ref_logprob) 
     default: {
       const T d = -diff;
       const T clamped = clamp_value(d, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
-      const T e = exp_small(clamped);
-      // The value clamp at 10 is the only one that can bind (exp(d) - d - 1 >= 0).
-      const bool live = (clamped == d) & !(e - d - T(1) > T(kKLValueClamp));
-      return select_value(live, T(1) - e, T(0));
+      const T k3 = k3_from_exp(clamped, exp_small(clamped));
+      // The value clamp at 10 is the only one that can bind (k3 >= 0).
+      const bool live = (clamped == d) & !(k3 > T(kKLValueClamp));
+      return select_value(live, -(k3 + clamped), T(0));  // 1 - exp(d) = -expm1(d)
     }
   }
 }
@@ -92,10 +92,9 @@ RLHF_HD T kl_value_and_grad(KLKind kind, bool straight_through, T logprob, T ref
   }
   const T diff = logprob - ref_logprob;
   const T d = clamp_value(-diff, T(-kKLLogRatioClamp), T(kKLLogRatioClamp));
-  const T e = exp_small(d);
-  const T raw_value = e - d - T(1);
+  const T raw_value = k3_from_exp(d, exp_small(d));
   const bool live = (d == -diff) & !(raw_value > T(kKLValueClamp));
-  *grad = straight_through ? diff : select_value(live, T(1) - e, T(0));
+  *grad = straight_through ? diff : select_value(live, -(raw_value + d), T(0));
   return clamp_value(raw_value, T(-kKLValueClamp), T(kKLValueClamp));
 }
 
