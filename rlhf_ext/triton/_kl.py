@@ -21,12 +21,12 @@ def k3_from_exp(d, e):
     out is below 7e-8 of the value); the direct form elsewhere. float64 keeps the direct
     form (its cancellation costs ~1e-16 absolute; Triton's float literals are float32, too
     coarse for a float64 series)."""
-    series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (
-        1.0 / 720 + d * (1.0 / 5040 + d * (1.0 / 40320 + d * (1.0 / 362880
-        + d * (1.0 / 3628800)))))))))  # fmt: skip
     if d.dtype == tl.float64:
         out = e - d - 1.0
     else:
+        series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (
+            1.0 / 720 + d * (1.0 / 5040 + d * (1.0 / 40320 + d * (1.0 / 362880
+            + d * (1.0 / 3628800)))))))))  # fmt: skip
         out = tl.where((d > -1.0) & (d < 1.0), series, e - d - 1.0)
     return out
 
@@ -61,7 +61,12 @@ def kl_grad(lp, ref, KIND: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
         out = diff
     else:
         d = -diff
-        k3 = k3_from_exp(d, tl.exp(d))
+        e = tl.exp(d)
+        k3 = k3_from_exp(d, e)
         live = (d >= -20.0) & (d <= 20.0) & (k3 <= 10.0)
-        out = tl.where(live, -(k3 + d), 0.0).to(diff.dtype)  # 1 - exp(d) = -expm1(d)
+        if d.dtype == tl.float64:
+            slope = 1.0 - e  # the direct form, as k3_from_exp's float64 path
+        else:
+            slope = -(k3 + d)  # 1 - exp(d) = -expm1(d), without its cancellation
+        out = tl.where(live, slope, 0.0).to(diff.dtype)
     return out
