@@ -41,23 +41,27 @@ TORCH_LIBRARY(rlhf_ext, m) {
   m.def(
       "kl_shaped_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor? mask, "
       "float kl_coef, str kl) -> Tensor");
-  // log_softmax(logits / temperature) at `target` over the last dim, the
-  // entropy (an empty tensor unless return_entropy) and the per-row
+  // log_softmax(z) at `target` over the last dim, with z the transformed logits
+  // (csrc/include/rlhf_ext/logit_transform.h: z = softcap * tanh(x * logit_scale / softcap)
+  // / T, or x * logit_scale / T when softcap == 0; T = temperatures[row] when given, else
+  // temperature), the entropy (an empty tensor unless return_entropy) and the per-row
   // log-sum-exp that the backward reuses instead of a second reduction.
   // inplace_backward is not read by the kernels: it tells the registered
   // backward (rlhf_ext/ops/token_logprobs.py) to write into the logits buffer.
   m.def(
-      "token_logprobs_fwd(Tensor logits, Tensor target, float temperature, int ignore_index, "
-      "bool return_entropy, bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
+      "token_logprobs_fwd(Tensor logits, Tensor target, float temperature, Tensor? temperatures, "
+      "float logit_scale, float softcap, int ignore_index, bool return_entropy, "
+      "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   // Gradient w.r.t. logits of sum(grad_logprobs * logprobs + grad_entropy * entropy),
   // into a fresh tensor, or (the trailing underscore) into the logits buffer.
   m.def(
       "token_logprobs_bwd(Tensor logits, Tensor target, Tensor lse, Tensor? entropy, "
-      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, int ignore_index) "
-      "-> Tensor");
+      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, Tensor? temperatures, "
+      "float logit_scale, float softcap, int ignore_index) -> Tensor");
   m.def(
       "token_logprobs_bwd_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor? entropy, "
-      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, int ignore_index) -> ()");
+      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, Tensor? temperatures, "
+      "float logit_scale, float softcap, int ignore_index) -> ()");
   // The loss ops return (loss, stats, grad, row_weight): the aggregated loss
   // (0-d), the statistics ([k] float32), the per-token derivative before
   // aggregation ([B, T], 0 at masked tokens) and the per-row aggregation weight
@@ -93,19 +97,21 @@ TORCH_LIBRARY(rlhf_ext, m) {
       "group_advantages(Tensor scores, Tensor groups, Tensor order, Tensor? batch_order, "
       "Tensor? lengths, Tensor? baselines, str baseline, str scale, bool unbiased, float eps, "
       "bool clamp_eps, bool singleton_raw, bool ignore_nan, bool nonzero_rescale) -> Tensor");
-  // token_logprobs of hidden @ weight.T + bias without holding the logits:
-  // chunks of chunk_size valid rows (logprobs, entropy, per-row log-sum-exp).
+  // token_logprobs of hidden @ weight.T + bias without holding the logits, with the same
+  // logit transform: chunks of chunk_size valid rows (logprobs, entropy, per-row
+  // log-sum-exp).
   m.def(
       "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
-      "float temperature, int ignore_index, bool return_entropy, int chunk_size) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float temperature, Tensor? temperatures, float logit_scale, float softcap, "
+      "int ignore_index, bool return_entropy, int chunk_size) -> (Tensor, Tensor, Tensor)");
   // Its gradients (grad_hidden, grad_weight, grad_bias), logits recomputed tile
   // by tile; a gradient not asked for (or no bias) is an empty tensor.
   m.def(
       "linear_token_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
       "Tensor lse, Tensor? entropy, Tensor? grad_logprobs, Tensor? grad_entropy, "
-      "float temperature, int ignore_index, int chunk_size, bool need_grad_hidden, "
-      "bool need_grad_weight) -> (Tensor, Tensor, Tensor)");
+      "float temperature, Tensor? temperatures, float logit_scale, float softcap, "
+      "int ignore_index, int chunk_size, bool need_grad_hidden, bool need_grad_weight) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

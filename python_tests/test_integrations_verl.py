@@ -13,6 +13,9 @@ import torch
 
 core = pytest.importorskip("verl.trainer.ppo.core_algos")
 verl_F = pytest.importorskip("verl.utils.torch_functional")
+FusedLinearForPPO = pytest.importorskip(
+    "verl.utils.experimental.torch_functional"
+).FusedLinearForPPO
 
 from rlhf_ext._backend import resolve_backend  # noqa: E402
 from rlhf_ext.integrations import verl as adapter  # noqa: E402
@@ -266,6 +269,80 @@ def test_inplace_backward_after_an_entropy_of_the_same_logits_is_an_error():
     torch.testing.assert_close(grad(True, False), expected, **TOL)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         grad(True, True)
+
+
+def _fused_head_inputs(dtype=torch.float32):
+    hidden = torch.randn(3, 7, 16).to(dtype)
+    weight = (torch.randn(50, 16) * 0.5).to(dtype)
+    return hidden, weight, torch.randint(0, 50, (3, 7))
+
+
+def _fused_head(impl, hidden, weight, ids, temperature):
+    """(log_probs, entropy, grad_hidden, grad_weight) of impl's forward."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    log_probs, entropy = impl(h, w, ids, temperature)
+    g_lp, g_ent = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1)), 0.5
+    (log_probs.float() * g_lp).sum().add(entropy.float().sum() * g_ent).backward()
+    return log_probs.detach(), entropy.detach(), h.grad, w.grad
+
+
+def _verl_fused(h, w, ids, temperature):
+    return FusedLinearForPPO(impl_backend="torch").forward(h, w, ids, temperature)
+
+
+def _our_fused(h, w, ids, temperature):
+    return adapter.fused_linear_for_ppo_forward(None, h, w, ids, temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_linear_for_ppo_matches_verl(temperature):
+    """verl's fused-kernel LM head (its torch backend, which runs on the CPU): the same
+    log-probs, entropy and gradients, dtypes included."""
+    hidden, weight, ids = _fused_head_inputs()
+    ours = _fused_head(_our_fused, hidden, weight, ids, temperature)
+    theirs = _fused_head(_verl_fused, hidden, weight, ids, temperature)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_fused_linear_for_ppo_bf16_dtype_and_accuracy():
+    """bf16: verl forms the logits in bf16, the adapter in float32; its error against
+    float64 is at most twice verl's."""
+    hidden, weight, ids = _fused_head_inputs(torch.bfloat16)
+    with torch.no_grad():
+        ours, theirs = _our_fused(hidden, weight, ids, 0.9), _verl_fused(hidden, weight, ids, 0.9)
+        exact = _verl_fused(hidden.double(), weight.double(), ids, 0.9)
+    for a, b, e in zip(ours, theirs, exact, strict=True):
+        assert a.dtype == b.dtype
+        assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-3
+
+
+def test_fused_linear_for_ppo_per_sample_temperature():
+    """Beyond verl (its engines refuse per-sample temperatures with fused kernels): one
+    temperature per sequence equals verl's head run on each sequence with its own."""
+    hidden, weight, ids = _fused_head_inputs()
+    temps = torch.tensor([0.5, 1.0, 1.7])
+    log_probs, entropy = _our_fused(hidden, weight, ids, temps)
+    for row, t in enumerate(temps.tolist()):
+        want = _verl_fused(hidden[row : row + 1], weight, ids[row : row + 1], t)
+        torch.testing.assert_close(log_probs[row], want[0][0], **TOL)
+        torch.testing.assert_close(entropy[row], want[1][0], **TOL)
+
+
+def test_patch_reaches_the_fused_lm_head():
+    hidden, weight, ids = _fused_head_inputs()
+    before = _verl_fused(hidden, weight, ids, 1.0)
+    replaced = adapter.patch()
+    try:
+        assert "verl.utils.experimental.torch_functional.FusedLinearForPPO.forward" in replaced
+        assert FusedLinearForPPO.forward is adapter.fused_linear_for_ppo_forward
+        after = FusedLinearForPPO(impl_backend="liger").forward(hidden, weight, ids, 1.0)
+    finally:
+        adapter.unpatch()
+    assert FusedLinearForPPO.forward is not adapter.fused_linear_for_ppo_forward
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_patch_replaces_registries_and_verl_callers_agree():

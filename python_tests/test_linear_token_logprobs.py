@@ -25,6 +25,8 @@ from rlhf_ext.ops import linear_token_logprobs as linear_op
 
 OP = "rlhf_ext.linear_token_logprobs"
 IGNORE = -100
+# The raw ops' (temperature, temperatures, logit_scale, softcap) with no transform.
+NO_TRANSFORM = (1.0, None, 1.0, 0.0)
 COMPILED_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
 
 
@@ -396,14 +398,14 @@ def test_linear_token_logprobs_bad_input(inputs, backend, error, pattern, fn):
 LINEAR_TOKEN_LOGPROBS_RAW_OP_BAD_INPUT = conftest.bad_inputs(
     "",
     ("fwd-weight-H", ValueError, r"linear_token_logprobs: `weight` must have shape \[V, 4\]"),
-    lambda h, w, b, t, out, raw: raw.fwd(h, w[:, :2], None, t, 1.0, IGNORE, False, 4),
+    lambda h, w, b, t, out, raw: raw.fwd(h, w[:, :2], None, t, *NO_TRANSFORM, IGNORE, False, 4),
     ("fwd-chunk_size-0", ValueError, r"`chunk_size` must be an int >= 1, got 0"),
-    lambda h, w, b, t, out, raw: raw.fwd(h, w, None, t, 1.0, IGNORE, False, 0),
+    lambda h, w, b, t, out, raw: raw.fwd(h, w, None, t, *NO_TRANSFORM, IGNORE, False, 0),
     ("fwd-bias-shape", ValueError, r"`bias` must have shape \[5\]"),
-    lambda h, w, b, t, out, raw: raw.fwd(h, w, b[:3], t, 1.0, IGNORE, False, 4),
+    lambda h, w, b, t, out, raw: raw.fwd(h, w, b[:3], t, *NO_TRANSFORM, IGNORE, False, 4),
     ("bwd-grad_entropy-without-entropy", ValueError, r"`entropy` is needed with `grad_entropy`"),
     lambda h, w, b, t, out, raw: raw.bwd(
-        h, w, None, t, out[2], None, out[0], out[0], 1.0, IGNORE, 4, True, True
+        h, w, None, t, out[2], None, out[0], out[0], *NO_TRANSFORM, IGNORE, 4, True, True
     ),
 )
 
@@ -417,7 +419,7 @@ def test_linear_token_logprobs_raw_op_checks(inputs, error, pattern, fn):
         fwd=ops.linear_token_logprobs_fwd, bwd=ops.linear_token_logprobs_bwd
     )
     hidden, weight, bias, target = make_inputs(inputs, (3,), 4, 5)
-    out = raw.fwd(hidden, weight, None, target, 1.0, IGNORE, True, 4)
+    out = raw.fwd(hidden, weight, None, target, *NO_TRANSFORM, IGNORE, True, 4)
     with pytest.raises(error, match=pattern):
         fn(hidden, weight, bias, target, out, raw)
 
@@ -517,14 +519,14 @@ def test_linear_token_logprobs_triton_backward_checks_and_layout(inputs):
     hidden, _, _, target = make_inputs(inputs, (6,), 8, 5)
     weight = inputs.randn(8, 5, scale=0.5).t()  # [V, H] with strides (1, V)
     lp, ent, lse = kernels.linear_token_logprobs_fwd_triton(
-        hidden, weight, None, target, 1.0, IGNORE, True, 4
+        hidden, weight, None, target, *NO_TRANSFORM, IGNORE, True, 4
     )
     with pytest.raises(ValueError, match=r"^rlhf_ext.linear_token_logprobs: `entropy` is needed"):
         kernels.linear_token_logprobs_bwd_triton(
-            hidden, weight, None, target, lse, None, lp, lp, 1.0, IGNORE, 4, True, True
+            hidden, weight, None, target, lse, None, lp, lp, *NO_TRANSFORM, IGNORE, 4, True, True
         )
     _, grad_weight, _ = kernels.linear_token_logprobs_bwd_triton(
-        hidden, weight, None, target, lse, ent, lp, None, 1.0, IGNORE, 4, True, True
+        hidden, weight, None, target, lse, ent, lp, None, *NO_TRANSFORM, IGNORE, 4, True, True
     )
     assert grad_weight.is_contiguous()
     want = reference64(hidden, weight, None, target, lp.double(), torch.zeros_like(lp.double()))
@@ -644,7 +646,7 @@ def test_linear_token_logprobs_triton_gpu_tiles_under_interpreter(inputs, monkey
     monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
     hidden, weight, bias, target = make_inputs(inputs, (48,), size, 4500, dtype)
     lp, ent, _ = kernels.linear_token_logprobs_fwd_triton(
-        hidden, weight, bias, target, 0.9, IGNORE, True, 16
+        hidden, weight, bias, target, 0.9, None, 1.0, 0.0, IGNORE, True, 16
     )
     want = reference.linear_token_logprobs(
         hidden.double(), weight.double(), target, bias=bias.double(), temperature=0.9,
@@ -653,7 +655,7 @@ def test_linear_token_logprobs_triton_gpu_tiles_under_interpreter(inputs, monkey
     assert_close_ref(lp, want[0], torch.float32)
     assert_close_ref(ent, want[1], torch.float32)
     alone = kernels.linear_token_logprobs_fwd_triton(
-        hidden[5:6], weight, bias, target[5:6], 0.9, IGNORE, True, 16
+        hidden[5:6], weight, bias, target[5:6], 0.9, None, 1.0, 0.0, IGNORE, True, 16
     )
     assert torch.equal(alone[0][0], lp[5]) and torch.equal(alone[1][0], ent[5])
 

@@ -112,6 +112,13 @@ def token_logprobs_samples(inp: Inputs, device):
     yield (logits.double(), target), dict(temperature=1.3), (0,)
     # The backward writes the gradient into the logits buffer (a fresh leaf each run).
     yield (logits, target), dict(return_entropy=True, inplace_backward=True), (0,)
+    # The logit transforms (issue 17): a softcap and a scale, per-token and per-sequence
+    # temperatures (a tensor argument of the dispatcher op).
+    per_token = inp.uniform(3, 4, low=0.5, high=1.5, device=device)
+    kwargs = dict(temperature=per_token, softcap=8.0, logit_scale=1.5, return_entropy=True)
+    yield (logits, target), kwargs, (0,)
+    yield (logits.double(), target), dict(temperature=per_token[:, 0].double()), (0,)
+    yield (logits.bfloat16(), target), dict(softcap=4.0, temperature=0.8), (0,)
 
 
 def linear_token_logprobs_samples(inp: Inputs, device):

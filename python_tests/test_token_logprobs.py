@@ -24,6 +24,8 @@ from rlhf_ext import reference
 
 OP = "rlhf_ext.token_logprobs"
 IGNORE = -100
+# The raw ops' (temperature, temperatures, logit_scale, softcap) with no transform.
+NO_TRANSFORM = (1.0, None, 1.0, 0.0)
 
 
 def acc(dtype):
@@ -414,15 +416,23 @@ def test_token_logprobs_bad_input(inputs, backend, error, pattern, fn):
 TOKEN_LOGPROBS_RAW_OP_BAD_INPUT = conftest.bad_inputs(
     "",
     ("fwd-target-shape", ValueError, r"token_logprobs: `target` must have shape \[3\]"),
-    lambda x, t, out, raw: raw.fwd(x, t[:2], 1.0, IGNORE, False),
+    lambda x, t, out, raw: raw.fwd(x, t[:2], *NO_TRANSFORM, IGNORE, False),
     ("fwd-target-float32", TypeError, r"token_logprobs: `target` must be int64 or int32"),
-    lambda x, t, out, raw: raw.fwd(x, t.float(), 1.0, IGNORE, False),
+    lambda x, t, out, raw: raw.fwd(x, t.float(), *NO_TRANSFORM, IGNORE, False),
     ("fwd-temperature-negative", ValueError, r"`temperature` must be a finite float > 0"),
-    lambda x, t, out, raw: raw.fwd(x, t, -1.0, IGNORE, False),
+    lambda x, t, out, raw: raw.fwd(x, t, -1.0, None, 1.0, 0.0, IGNORE, False),
+    ("fwd-logit_scale-0", ValueError, r"`logit_scale` must be a finite float > 0, got 0"),
+    lambda x, t, out, raw: raw.fwd(x, t, 1.0, None, 0.0, 0.0, IGNORE, False),
+    ("fwd-softcap-negative", ValueError, r"`softcap` must be a finite float >= 0"),
+    lambda x, t, out, raw: raw.fwd(x, t, 1.0, None, 1.0, -1.0, IGNORE, False),
+    ("fwd-temperatures-shape", ValueError, r"`temperatures` must have shape \[3\]"),
+    lambda x, t, out, raw: raw.fwd(x, t, 1.0, x[:2, 0], 1.0, 0.0, IGNORE, False),
+    ("fwd-temperatures-int", TypeError, r"token_logprobs: `temperatures` must be float"),
+    lambda x, t, out, raw: raw.fwd(x, t, 1.0, t, 1.0, 0.0, IGNORE, False),
     ("bwd-lse-shape", ValueError, r"token_logprobs: `lse` must have shape \[3\]"),
-    lambda x, t, out, raw: raw.bwd(x, t, out[2][:2], None, out[0], None, 1.0, IGNORE),
+    lambda x, t, out, raw: raw.bwd(x, t, out[2][:2], None, out[0], None, *NO_TRANSFORM, IGNORE),
     ("bwd-grad_entropy-without-entropy", ValueError, r"`entropy` is needed with `grad_entropy`"),
-    lambda x, t, out, raw: raw.bwd(x, t, out[2], None, out[0], out[0], 1.0, IGNORE),
+    lambda x, t, out, raw: raw.bwd(x, t, out[2], None, out[0], out[0], *NO_TRANSFORM, IGNORE),
 )
 
 
@@ -434,7 +444,7 @@ def test_token_logprobs_raw_op_checks(inputs, error, pattern, fn):
     raw = types.SimpleNamespace(fwd=ops.token_logprobs_fwd, bwd=ops.token_logprobs_bwd)
     logits = random_logits(inputs, 3, 5)
     target = inputs.randint(0, 5, (3,))
-    out = raw.fwd(logits, target, 1.0, IGNORE, True)
+    out = raw.fwd(logits, target, *NO_TRANSFORM, IGNORE, True)
     with pytest.raises(error, match=pattern):
         fn(logits, target, out, raw)
 

@@ -23,7 +23,7 @@ from trainer_helpers import (
 
 import rlhf_ext
 from rlhf_ext.trainer import ByteTokenizer, PPOConfig, PPOTrainer, TinyGPT
-from rlhf_ext.trainer.model import check_plain_lm_head
+from rlhf_ext.trainer.model import check_lm_head, lm_head
 
 
 def _rollout(trainer, count=8, seed=0):
@@ -97,24 +97,32 @@ def test_fused_lm_head_never_asks_for_logits(tmp_path, monkeypatch):
     assert calls and not any(calls)
 
 
-def test_fused_lm_head_on_an_untied_transformers_head(tmp_path):
-    transformers = transformers_or_skip()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2, tie_word_embeddings=False
-    )
-    policies = [transformers.AutoModelForCausalLM.from_config(config) for _ in range(2)]
+def _plain_and_fused(tmp_path, make_policy):
+    """Two PPOTrainers on equal copies of make_policy()'s model (ByteTokenizer): the
+    logits path and fused_lm_head=True."""
+    policies = [make_policy() for _ in range(2)]
     policies[1].load_state_dict(policies[0].state_dict())
-    trainers = [
+    return [
         PPOTrainer(
             tiny_config(tmp_path / str(i), max_new_tokens=4, fused_lm_head=bool(i)),
             policy,
             None,
             byte_reward,
             ByteTokenizer(),
-        )
+        )  # fmt: skip
         for i, policy in enumerate(policies)
     ]
+
+
+def test_fused_lm_head_on_an_untied_transformers_head(tmp_path):
+    transformers = transformers_or_skip()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=259, n_positions=64, n_embd=32, n_layer=1, n_head=2, tie_word_embeddings=False
+    )
+    trainers = _plain_and_fused(
+        tmp_path, lambda: transformers.AutoModelForCausalLM.from_config(config)
+    )
     batch = _byte_rollout(trainers[0])
     plain, fused = (t._policy_statistics(batch) for t in trainers)
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
@@ -137,8 +145,8 @@ def test_fused_lm_head_refuses_a_head_that_is_not_linear(tmp_path):
     plain = tiny_gpt(0)
     scaled = _ScaledHead(plain.config)
     with pytest.raises(ValueError, match="fused_lm_head.*not its LM head"):
-        check_plain_lm_head(scaled, 2, "owner")
-    check_plain_lm_head(plain, 2, "owner")
+        check_lm_head(scaled, 2, "owner")
+    check_lm_head(plain, 2, "owner")
     config = tiny_config(tmp_path, fused_lm_head=True)
     from rlhf_ext.trainer.demo import DemoTokenizer
 
@@ -146,10 +154,50 @@ def test_fused_lm_head_refuses_a_head_that_is_not_linear(tmp_path):
         PPOTrainer(config, scaled, None, byte_reward, DemoTokenizer())
 
 
-def test_fused_lm_head_refuses_a_softcapped_config(tmp_path):
+def _transformed_head_model(kind: str):
+    """A tiny randomly initialised transformers LM whose model applies a logit transform
+    after its LM head (built from a config: no download)."""
+    transformers = transformers_or_skip()
+    torch.manual_seed(0)
+    common = dict(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                  tie_word_embeddings=False)  # fmt: skip
+    if kind == "gemma2_softcap":
+        config = transformers.Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.5)
+    elif kind == "cohere_logit_scale":
+        config = transformers.CohereConfig(**common, logit_scale=3.0)
+    else:  # granite: logits divided by logits_scaling
+        config = transformers.GraniteConfig(**common, logits_scaling=0.25)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("kind", ["gemma2_softcap", "cohere_logit_scale", "granite_scaling"])
+def test_fused_lm_head_serves_softcapped_and_scaled_heads(tmp_path, kind):
+    """Gemma's final_logit_softcapping, Cohere's logit_scale and Granite's logits_scaling
+    (issue 17's transforms): the fused head gives the logits path's log-probs, entropy and
+    gradients, against the model's own transformed logits."""
+    trainers = _plain_and_fused(tmp_path, lambda: _transformed_head_model(kind))
+    head = lm_head(trainers[1].model.lm)
+    assert (head.logit_scale, head.softcap) == {
+        "gemma2_softcap": (1.0, 0.5), "cohere_logit_scale": (3.0, None),
+        "granite_scaling": (4.0, None),
+    }[kind]  # fmt: skip
+    batch = _byte_rollout(trainers[0])
+    plain, fused = (t._policy_statistics(batch) for t in trainers)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-5)
+    grads = [_loss_gradients(t, batch) for t in trainers]
+    assert grads[1].keys() == grads[0].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lm_head_refuses_a_config_its_model_does_not_apply(tmp_path):
+    """GPT-2 ignores final_logit_softcapping: the head the config describes is not the
+    model's, and the check against the model's logits says so."""
     policy = hf_gpt2(0)
-    policy.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+    policy.config.final_logit_softcapping = 0.05  # small enough to show on random logits
+    with pytest.raises(ValueError, match=r"not its LM head .* softcap=0.05"):
         PPOTrainer(
             tiny_config(tmp_path, fused_lm_head=True), policy, None, byte_reward, ByteTokenizer()
         )

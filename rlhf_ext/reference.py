@@ -191,18 +191,55 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask=None, *, kl_coef, kl=
     return rewards
 
 
-def token_logprobs(logits, target, *, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """log_softmax(logits / temperature) at `target` over the last dim (and the entropy).
+def transformed_logits(logits, *, temperature=1.0, logit_scale=1.0, softcap=None):
+    """The logits the softmax sees, in float32 (float64): ``softcap * tanh(x * logit_scale
+    / softcap) / temperature``, or ``x * logit_scale / temperature`` without a softcap.
+    ``temperature`` is a float or a tensor broadcast against the leading shape
+    (``[...]``, a prefix of it such as ``[B]``, or 0-d)."""
+    z = _acc(logits)
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if isinstance(temperature, torch.Tensor):
+        return z / _expand_lead(temperature.to(z.dtype), z[..., 0]).unsqueeze(-1)
+    return z / temperature
+
+
+def _expand_lead(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t (like's shape, a prefix of it, or 0-d) expanded to like's shape."""
+    return t.reshape(t.shape + (1,) * (like.dim() - t.dim())).expand(like.shape)
+
+
+def token_logprobs(
+    logits,
+    target,
+    *,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    ignore_index=-100,
+    return_entropy=False,
+):
+    """log_softmax(z) at `target` over the last dim (and the entropy), with z the
+    transformed logits (transformed_logits).
 
     0 (and no gradient) where target == ignore_index; NaN where a target is
     outside [0, V) otherwise. Materialises the [..., V] log-probs: the oracle
     and the "torch" backend, not a fast path.
     """
     ignored = target == ignore_index
-    # An ignored row is not read: where() (not a product) keeps a NaN / inf there out of
-    # the log-softmax backward (0 * NaN), as the kernels never touch the row.
+    # An ignored row is not read: where() (not a product) keeps a NaN / inf there, or a
+    # bad temperature of that row, out of the backward (0 * NaN), as the kernels never
+    # touch the row.
     kept = torch.where(ignored.unsqueeze(-1), 0.0, _acc(logits))
-    logp = torch.log_softmax(kept / temperature, dim=-1)
+    if isinstance(temperature, torch.Tensor):
+        temps = _expand_lead(temperature.to(kept.dtype), ignored)
+        # A temperature that is not finite and > 0 gives its row NaN (as in the kernels).
+        temps = torch.where((temps > 0) & torch.isfinite(temps), temps, float("nan"))
+        temperature = torch.where(ignored, 1.0, temps)
+    z = transformed_logits(kept, temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+    logp = torch.log_softmax(z, dim=-1)
     in_vocab = (target >= 0) & (target < logp.shape[-1])
     picked = logp.gather(-1, torch.where(in_vocab, target, 0).long().unsqueeze(-1)).squeeze(-1)
     picked = torch.where(in_vocab, picked, float("nan"))
@@ -217,7 +254,16 @@ def token_logprobs(logits, target, *, temperature=1.0, ignore_index=-100, return
 
 
 def linear_token_logprobs(
-    hidden, weight, target, *, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False
+    hidden,
+    weight,
+    target,
+    *,
+    bias=None,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    ignore_index=-100,
+    return_entropy=False,
 ):
     """token_logprobs of the logits hidden @ weight.T + bias, materialised whole
     (in the inputs' dtype, as an eager LM head computes them). An ignored row's hidden
@@ -231,6 +277,8 @@ def linear_token_logprobs(
         logits,
         target,
         temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
         ignore_index=ignore_index,
         return_entropy=return_entropy,
     )

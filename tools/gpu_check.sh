@@ -21,7 +21,7 @@ for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
 done
 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 $PY tools/sanitize_ops.py --backend triton > "$OUT/sanitizer_memcheck_triton.log" 2>&1
 echo "compute-sanitizer memcheck (Triton kernels): rc=$? $(tail -1 "$OUT/sanitizer_memcheck_triton.log")"
-for op in ${BENCH_OPS:-gae logprobs losses linear_logprobs group_advantages grpo}; do
+for op in ${BENCH_OPS:-gae logprobs logit_transforms losses linear_logprobs group_advantages grpo}; do
   $PY -m bench $op --device cuda --csv "$OUT/bench.csv" ${BENCH_ARGS:-} > "$OUT/bench_$op.log" 2>&1 || status=1
   tail -25 "$OUT/bench_$op.log"
 done

@@ -125,6 +125,26 @@ def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
                     y * 1.0, target, inplace_backward=True, backend=backend
                 )
                 out.sum().backward()
+    # token_logprobs' logit transforms (the PER_ROW_TEMP / SOFTCAP variants): per-token
+    # temperatures with and without a softcap and a scale, every dtype, both backwards.
+    for rows, vocab in [(5, 33), (2, 151936)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            logits = torch.randn(rows, vocab, device=dev).to(dtype) * 8
+            target = torch.randint(0, vocab, (rows,), device=dev)
+            target[0] = -100
+            temps = torch.rand(rows, device=dev) + 0.5
+            for kw in ({"softcap": 30.0}, {"temperature": temps},
+                       {"temperature": temps, "softcap": 10.0, "logit_scale": 0.5}):  # fmt: skip
+                x = logits.clone().requires_grad_()
+                lp, ent = rlhf_ext.token_logprobs(
+                    x, target, return_entropy=True, backend=backend, **kw
+                )
+                (lp.sum() + ent.sum()).backward()
+                y = logits.clone().requires_grad_()
+                out = rlhf_ext.token_logprobs(
+                    y * 1.0, target, inplace_backward=True, backend=backend, **kw
+                )
+                out.sum().backward()
     # linear_token_logprobs: one chunk, uneven chunks, a backward split over the vocabulary and
     # over rows, ignored rows, a bias, entropy, every dtype; H of 128 (the Triton forward's
     # whole 64-wide k-steps) over two 4096-column spans.
@@ -139,6 +159,20 @@ def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
             target[::3] = -100
             lp, ent = rlhf_ext.linear_token_logprobs(
                 h, w, target, bias=b, return_entropy=True, chunk_size=chunk, backend=backend
+            )
+            (lp.sum() + ent.sum()).backward()
+    # ... and with the logit transforms (the fused forward's PER_ROW_TEMP / SOFTCAP epilogues).
+    rows, size, vocab = 48, 128, 4500
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        h = torch.randn(rows, size, device=dev).to(dtype).requires_grad_()
+        w = torch.randn(vocab, size, device=dev).to(dtype).requires_grad_()
+        target = torch.randint(0, vocab, (rows,), device=dev)
+        target[::3] = -100
+        temps = torch.rand(rows, device=dev) + 0.5
+        for kw in ({"softcap": 30.0}, {"temperature": temps, "softcap": 10.0, "logit_scale": 2.0},
+                   {"temperature": temps}):  # fmt: skip
+            lp, ent = rlhf_ext.linear_token_logprobs(
+                h, w, target, return_entropy=True, backend=backend, **kw
             )
             (lp.sum() + ent.sum()).backward()
     # group_advantages: singletons, one big group, every baseline and scale, [B, K] scores.

@@ -11,10 +11,11 @@ constexpr RowKernels kCpuRows{&logprobs_forward_rows_cpu, &logprobs_backward_row
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, double temperature, int64_t ignore_index, bool return_entropy,
+    const at::Tensor& target, double temperature, const std::optional<at::Tensor>& temperatures,
+    double logit_scale, double softcap, int64_t ignore_index, bool return_entropy,
     int64_t chunk_size) {
-  const LinearProblem p =
-      prepare_linear(hidden, weight, bias, target, temperature, ignore_index, chunk_size);
+  const LinearProblem p = prepare_linear(hidden, weight, bias, target, temperature, temperatures,
+                                         logit_scale, softcap, ignore_index, chunk_size);
   return linear_forward(p, return_entropy, kCpuRows);
 }
 
@@ -22,10 +23,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
     const std::optional<at::Tensor>& grad_logprobs,
-    const std::optional<at::Tensor>& grad_entropy, double temperature, int64_t ignore_index,
-    int64_t chunk_size, bool need_grad_hidden, bool need_grad_weight) {
-  const LinearProblem p =
-      prepare_linear(hidden, weight, bias, target, temperature, ignore_index, chunk_size);
+    const std::optional<at::Tensor>& grad_entropy, double temperature,
+    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
+    int64_t ignore_index, int64_t chunk_size, bool need_grad_hidden, bool need_grad_weight) {
+  const LinearProblem p = prepare_linear(hidden, weight, bias, target, temperature, temperatures,
+                                         logit_scale, softcap, ignore_index, chunk_size);
   return linear_backward(p, lse, entropy, grad_logprobs, grad_entropy, need_grad_hidden,
                          need_grad_weight, kCpuRows);
 }

@@ -16,6 +16,7 @@
 
 #include "cpu_isa.h"
 #include "cpu_parallel.h"
+#include "rlhf_ext/logit_transform.h"
 #include "rlhf_ext/logprobs_host.h"
 #include "rlhf_ext/softmax_math.h"
 
@@ -63,6 +64,26 @@ RLHF_INLINE acc_t sum_lanes(acc_t* lanes) {
   return lanes[0];
 }
 
+// The softcap over the chunk's n real elements (the -inf padding after them stays); with
+// `slope`, also dy/dx of each. Branch-free loops over tanh_with_slope: they vectorise.
+template <typename acc_t>
+RLHF_INLINE void squash_chunk(const LogitTransform<acc_t>& tf, acc_t* buf, int64_t n,
+                              acc_t* slope = nullptr) {
+  const acc_t cap = tf.cap, cap_in = tf.cap_in, cap_scale = tf.cap_scale;
+  if (slope == nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t unused;
+      buf[i] = cap * tanh_with_slope(buf[i] * cap_in, unused);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t dtanh;
+    buf[i] = cap * tanh_with_slope(buf[i] * cap_in, dtanh);
+    slope[i] = cap_scale * dtanh;
+  }
+}
+
 template <typename acc_t>
 RLHF_INLINE SoftmaxState<acc_t> chunk_state(const acc_t* buf, int64_t padded, acc_t scale_log2) {
   const acc_t m = chunk_max(buf, padded);
@@ -85,7 +106,7 @@ struct ForwardArgs {
   int64_t vocab;
   const int64_t* target;
   int64_t ignore_index;
-  acc_t inv_temp;
+  LogitTransform<acc_t> transform;
   acc_t* logprobs;
   acc_t* entropy;  // nullptr: not asked for
   acc_t* lse;
@@ -94,7 +115,7 @@ struct ForwardArgs {
 template <typename scalar_t, typename acc_t>
 RLHF_INLINE void process_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
   alignas(64) acc_t buf[kChunk];
-  const acc_t scale_log2 = a.inv_temp * acc_t(kLog2e);
+  const LogitTransform<acc_t>& tf = a.transform;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t tgt = a.target[row];
     if (tgt == a.ignore_index) {  // no work, and exact zeros
@@ -104,17 +125,20 @@ RLHF_INLINE void process_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t beg
       continue;
     }
     const scalar_t* x = a.logits + a.layout.offset(row);
+    const acc_t mult = tf.row_mult(row);
+    const acc_t scale_log2 = mult * acc_t(kLog2e);
     SoftmaxState<acc_t> state = softmax_empty<acc_t>();
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
       load_chunk(x + start, n, buf);
+      if (tf.capped()) squash_chunk(tf, buf, n);
       state = softmax_merge(state, chunk_state(buf, round_up_lanes(n), scale_log2), scale_log2);
     }
-    const acc_t lse = softmax_lse(state, a.inv_temp);
+    const acc_t lse = softmax_lse(state, mult);
     const bool in_vocab = tgt >= 0 && tgt < a.vocab;
-    a.logprobs[row] = in_vocab ? static_cast<acc_t>(x[tgt]) * a.inv_temp - lse
+    a.logprobs[row] = in_vocab ? tf.squash(static_cast<acc_t>(x[tgt])) * mult - lse
                                : std::numeric_limits<acc_t>::quiet_NaN();
-    if (a.entropy) a.entropy[row] = softmax_entropy(state, a.inv_temp);
+    if (a.entropy) a.entropy[row] = softmax_entropy(state, mult);
     a.lse[row] = lse;
   }
 }
@@ -129,7 +153,7 @@ struct BackwardArgs {
   VocabSlice slice;  // where these columns sit in the vocabulary
   const int64_t* target;
   int64_t ignore_index;
-  acc_t inv_temp;
+  LogitTransform<acc_t> transform;
   const acc_t* lse;
   const acc_t* entropy;        // nullptr when no entropy gradient flows
   const acc_t* grad_logprobs;  // nullptr: zero
@@ -140,6 +164,8 @@ template <typename scalar_t, typename acc_t>
 RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin,
                               int64_t end) {
   alignas(64) acc_t buf[kChunk];
+  alignas(64) acc_t slope[kChunk];  // dy/dx of the softcap, read only with one
+  const LogitTransform<acc_t>& tf = a.transform;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t tgt = a.target[row];
     const scalar_t* x = a.logits + a.layout.offset(row);
@@ -155,14 +181,19 @@ RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t be
     const bool in_vocab = tgt >= 0 && tgt < a.slice.full_vocab;
     const acc_t lse = in_vocab ? a.lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
     const int64_t local_target = tgt - a.slice.offset;  // outside [0, vocab): not in this tile
+    const acc_t mult = tf.row_mult(row);
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
       for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(x[start + i]);
+      if (tf.capped()) squash_chunk(tf, buf, n, slope);
       for (int64_t i = 0; i < n; ++i) {
-        buf[i] = logits_grad(buf[i], a.inv_temp, lse, entropy, g_lp, g_ent);
+        buf[i] = logits_grad(buf[i], mult, lse, entropy, g_lp, g_ent);
       }
       if (local_target >= start && local_target < start + n) {
-        buf[local_target - start] += target_grad(g_lp, a.inv_temp);
+        buf[local_target - start] += target_grad(g_lp, mult);
+      }
+      if (tf.capped()) {  // d/dx = d/dy * dy/dx
+        for (int64_t i = 0; i < n; ++i) buf[i] *= slope[i];
       }
       for (int64_t i = 0; i < n; ++i) g[start + i] = static_cast<scalar_t>(buf[i]);
     }
@@ -182,8 +213,10 @@ void parallel_rows(const Args& args, int64_t rows, int64_t vocab) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, double temperature,
+    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
     int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/) {
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
   auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
   logprobs_forward_rows_cpu(p, logprobs, return_entropy ? entropy : at::Tensor(), lse);
   return {logprobs, entropy, lse};
@@ -204,8 +237,11 @@ at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& ta
                                   const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
                                   const std::optional<at::Tensor>& grad_logprobs,
                                   const std::optional<at::Tensor>& grad_entropy,
-                                  double temperature, int64_t ignore_index) {
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+                                  double temperature,
+                                  const std::optional<at::Tensor>& temperatures,
+                                  double logit_scale, double softcap, int64_t ignore_index) {
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
   const GradTarget out = fresh_grad(p);
   backward_into(p, out, lse, entropy, grad_logprobs, grad_entropy);
   return out.grad;
@@ -216,8 +252,11 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
                                     const std::optional<at::Tensor>& entropy,
                                     const std::optional<at::Tensor>& grad_logprobs,
                                     const std::optional<at::Tensor>& grad_entropy,
-                                    double temperature, int64_t ignore_index) {
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+                                    double temperature,
+                                  const std::optional<at::Tensor>& temperatures,
+                                  double logit_scale, double softcap, int64_t ignore_index) {
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
   backward_into(p, logits_as_grad(p), lse, entropy, grad_logprobs, grad_entropy);
   if (!p.logits.is_same(logits)) logits.copy_(p.logits);
 }
@@ -232,7 +271,7 @@ void logprobs_forward_rows_cpu(const LogprobsProblem& p, const at::Tensor& logpr
     using acc_t = at::opmath_type<scalar_t>;
     const ForwardArgs<scalar_t, acc_t> args{
         p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
-        p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
+        p.ignore_index, logit_transform<acc_t>(p), logprobs.data_ptr<acc_t>(),
         entropy.defined() ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>()};
     parallel_rows(args, p.rows, p.vocab);
   });
@@ -252,7 +291,7 @@ void logprobs_backward_rows_cpu(const LogprobsProblem& p, const GradTarget& out,
                                              slice,
                                              p.target.data_ptr<int64_t>(),
                                              p.ignore_index,
-                                             static_cast<acc_t>(p.inv_temp),
+                                             logit_transform<acc_t>(p),
                                              in.lse.data_ptr<acc_t>(),
                                              data_or_null<acc_t>(in.entropy),
                                              data_or_null<acc_t>(in.grad_logprobs),

@@ -22,6 +22,7 @@
 #include <limits>
 
 #include "rlhf_ext/cuda_scan.cuh"
+#include "rlhf_ext/logit_transform.h"
 #include "rlhf_ext/logprobs_host.h"
 #include "rlhf_ext/softmax_math.h"
 
@@ -97,6 +98,7 @@ __device__ __forceinline__ SoftmaxState<acc_t> block_merge(SoftmaxState<acc_t> s
 // This thread's softmax state over its vectors of the row.
 template <typename scalar_t, typename acc_t, bool kEntropy, bool kAligned>
 __device__ __forceinline__ SoftmaxState<acc_t> thread_state(const scalar_t* row, int64_t vocab,
+                                                            const LogitTransform<acc_t>& tf,
                                                             acc_t scale_log2) {
   constexpr int kSize = Vec<scalar_t>::kSize;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -109,6 +111,12 @@ __device__ __forceinline__ SoftmaxState<acc_t> thread_state(const scalar_t* row,
       const int64_t index = base + int64_t(u) * blockDim.x;
       if (index < vectors) {
         load_vec<scalar_t, acc_t, kAligned>(row, index, vocab, neg_inf, x[u]);
+        if (tf.capped()) {  // real elements only: the -inf padding stays
+#pragma unroll
+          for (int j = 0; j < kSize; ++j) {
+            if (index * kSize + j < vocab) x[u][j] = tf.squash(x[u][j]);
+          }
+        }
       } else {
 #pragma unroll
         for (int j = 0; j < kSize; ++j) x[u][j] = neg_inf;
@@ -139,7 +147,7 @@ template <typename scalar_t, typename acc_t, bool kEntropy>
 __global__ void __launch_bounds__(kMaxThreads)
     token_logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
                               int64_t vocab, const int64_t* __restrict__ target,
-                              int64_t ignore_index, acc_t inv_temp,
+                              int64_t ignore_index, LogitTransform<acc_t> tf,
                               acc_t* __restrict__ logprobs, acc_t* __restrict__ entropy,
                               acc_t* __restrict__ lse_out) {
   const int64_t row = blockIdx.x;
@@ -153,18 +161,19 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   const scalar_t* x = logits + layout.offset(row);
-  const acc_t scale_log2 = inv_temp * acc_t(kLog2e);
+  const acc_t mult = tf.row_mult(row);
+  const acc_t scale_log2 = mult * acc_t(kLog2e);
   const bool aligned = reinterpret_cast<uintptr_t>(x) % kVecBytes == 0;
   SoftmaxState<acc_t> state =
-      aligned ? thread_state<scalar_t, acc_t, kEntropy, true>(x, vocab, scale_log2)
-              : thread_state<scalar_t, acc_t, kEntropy, false>(x, vocab, scale_log2);
+      aligned ? thread_state<scalar_t, acc_t, kEntropy, true>(x, vocab, tf, scale_log2)
+              : thread_state<scalar_t, acc_t, kEntropy, false>(x, vocab, tf, scale_log2);
   state = block_merge<acc_t, kEntropy>(state, scale_log2);
   if (threadIdx.x == 0) {
-    const acc_t lse = softmax_lse(state, inv_temp);
+    const acc_t lse = softmax_lse(state, mult);
     const bool in_vocab = tgt >= 0 && tgt < vocab;
-    logprobs[row] = in_vocab ? static_cast<acc_t>(x[tgt]) * inv_temp - lse
+    logprobs[row] = in_vocab ? tf.squash(static_cast<acc_t>(x[tgt])) * mult - lse
                              : std::numeric_limits<acc_t>::quiet_NaN();
-    if (kEntropy) entropy[row] = softmax_entropy(state, inv_temp);
+    if (kEntropy) entropy[row] = softmax_entropy(state, mult);
     lse_out[row] = lse;
   }
 }
@@ -175,7 +184,8 @@ struct BackwardRow {
   scalar_t* g;
   int64_t vocab;
   int64_t target;  // column in this tile; outside [0, vocab) when the tile lacks it
-  acc_t inv_temp, lse, entropy, g_lp, g_ent;
+  LogitTransform<acc_t> tf;
+  acc_t mult, lse, entropy, g_lp, g_ent;
 };
 
 template <typename scalar_t, typename acc_t, bool kAligned>
@@ -188,9 +198,11 @@ __device__ __forceinline__ void backward_row(const BackwardRow<scalar_t, acc_t>&
     Vec<scalar_t> out;
 #pragma unroll
     for (int j = 0; j < kSize; ++j) {
-      acc_t g = logits_grad(x[j], r.inv_temp, r.lse, r.entropy, r.g_lp, r.g_ent);
-      if (index * kSize + j == r.target) g += target_grad(r.g_lp, r.inv_temp);
-      out.v[j] = static_cast<scalar_t>(g);
+      acc_t slope;  // dy/dx: exactly 1 without a softcap
+      const acc_t y = r.tf.squash_with_slope(x[j], slope);
+      acc_t g = logits_grad(y, r.mult, r.lse, r.entropy, r.g_lp, r.g_ent);
+      if (index * kSize + j == r.target) g += target_grad(r.g_lp, r.mult);
+      out.v[j] = static_cast<scalar_t>(g * slope);
     }
     const int64_t first = index * kSize;
     if (kAligned && first + kSize <= r.vocab) {
@@ -225,7 +237,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     token_logprobs_bwd_kernel(const scalar_t* logits, RowLayout layout, scalar_t* grad,
                               RowLayout grad_layout, int64_t vocab, VocabSlice slice,
                               const int64_t* __restrict__ target, int64_t ignore_index,
-                              acc_t inv_temp, const acc_t* __restrict__ lse,
+                              LogitTransform<acc_t> tf, const acc_t* __restrict__ lse,
                               const acc_t* __restrict__ entropy,
                               const acc_t* __restrict__ grad_logprobs,
                               const acc_t* __restrict__ grad_entropy) {
@@ -243,7 +255,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   r.g = g;
   r.vocab = vocab;
   r.target = tgt - slice.offset;  // outside [0, vocab): the target is not in this tile
-  r.inv_temp = inv_temp;
+  r.tf = tf;
+  r.mult = tf.row_mult(row);
   // A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
   r.lse = in_vocab ? lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
   r.entropy = entropy ? entropy[row] : acc_t(0);
@@ -260,9 +273,11 @@ void check_rows(const LogprobsProblem& p) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, double temperature,
+    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
     int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
   auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
   logprobs_forward_rows_cuda(p, logprobs, return_entropy ? entropy : at::Tensor(), lse);
   return {logprobs, entropy, lse};
@@ -283,9 +298,12 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& t
                                    const std::optional<at::Tensor>& entropy,
                                    const std::optional<at::Tensor>& grad_logprobs,
                                    const std::optional<at::Tensor>& grad_entropy,
-                                   double temperature, int64_t ignore_index) {
+                                   double temperature,
+                                   const std::optional<at::Tensor>& temperatures,
+                                   double logit_scale, double softcap, int64_t ignore_index) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
   const GradTarget out = fresh_grad(p);
   backward_into(p, out, lse, entropy, grad_logprobs, grad_entropy);
   return out.grad;
@@ -296,9 +314,13 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
                                      const std::optional<at::Tensor>& entropy,
                                      const std::optional<at::Tensor>& grad_logprobs,
                                      const std::optional<at::Tensor>& grad_entropy,
-                                     double temperature, int64_t ignore_index) {
+                                     double temperature,
+                                     const std::optional<at::Tensor>& temperatures,
+                                     double logit_scale, double softcap,
+                                     int64_t ignore_index) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, ignore_index);
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
   backward_into(p, logits_as_grad(p), lse, entropy, grad_logprobs, grad_entropy);
   if (!p.logits.is_same(logits)) logits.copy_(p.logits);
 }
@@ -317,7 +339,7 @@ void logprobs_forward_rows_cuda(const LogprobsProblem& p, const at::Tensor& logp
     auto launch = [&](auto kernel, acc_t* entropy_ptr) {
       kernel<<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
           p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
-          p.ignore_index, static_cast<acc_t>(p.inv_temp), logprobs.data_ptr<acc_t>(),
+          p.ignore_index, logit_transform<acc_t>(p), logprobs.data_ptr<acc_t>(),
           entropy_ptr, lse.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -342,7 +364,7 @@ void logprobs_backward_rows_cuda(const LogprobsProblem& p, const GradTarget& out
         <<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
             p.logits.data_ptr<scalar_t>(), p.layout, out.grad.data_ptr<scalar_t>(), out.layout,
             p.vocab, slice, p.target.data_ptr<int64_t>(), p.ignore_index,
-            static_cast<acc_t>(p.inv_temp), in.lse.data_ptr<acc_t>(),
+            logit_transform<acc_t>(p), in.lse.data_ptr<acc_t>(),
             data_or_null<acc_t>(in.entropy), data_or_null<acc_t>(in.grad_logprobs),
             data_or_null<acc_t>(in.grad_entropy));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

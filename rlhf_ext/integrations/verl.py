@@ -5,8 +5,9 @@ the policy losses of ``POLICY_LOSS_REGISTRY`` (vanilla, gpg, cispo, sapo, dppo_t
 gspo, dro, geo_mean), ``compute_value_loss``, ``kl_penalty``, ``compute_rewards``,
 and the outcome advantage estimators of ``ADV_ESTIMATOR_REGISTRY``: GRPO and its vectorised
 version, GDPO, Pass@k, REINFORCE++ and REINFORCE++-baseline, RLOO and its vectorised
-version, OPO, ReMax, GPG) and ``verl.utils.torch_functional`` (``masked_whiten``,
-``logprobs_from_logits``, ``entropy_from_logits``), with verl 0.9.1's names, arguments,
+version, OPO, ReMax, GPG), ``verl.utils.torch_functional`` (``masked_whiten``,
+``logprobs_from_logits``, ``entropy_from_logits``) and the fused-kernel LM head
+``verl.utils.experimental.torch_functional.FusedLinearForPPO``, with verl 0.9.1's names, arguments,
 defaults and semantics,
 including where they differ from rlhf_ext's own ops (documented per function and in
 docs/integrations.md).
@@ -32,6 +33,9 @@ from rlhf_ext.integrations._patch import Patcher, Target, VersionRange
 from rlhf_ext.ops import _vocab
 from rlhf_ext.ops.gae import gae as _rlhf_gae
 from rlhf_ext.ops.group_advantages import group_advantages as _rlhf_group_advantages
+from rlhf_ext.ops.linear_token_logprobs import (
+    linear_token_logprobs as _rlhf_linear_token_logprobs,
+)
 from rlhf_ext.ops.masked_stats import masked_whiten as _rlhf_masked_whiten
 from rlhf_ext.ops.ppo_losses import kl_loss as _rlhf_kl_loss
 from rlhf_ext.ops.ppo_losses import kl_penalty as _rlhf_kl_penalty
@@ -530,6 +534,24 @@ def logprobs_from_logits(logits, labels, inplace_backward=True):
     return logprobs.to(logits.dtype)
 
 
+def fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+    """verl's ``FusedLinearForPPO.forward`` (the LM head of ``use_fused_kernels`` with its
+    "torch" or "liger" backend): ``(log_probs, entropy)`` per token of the logits
+    ``hidden_states @ vocab_weights.T / temperature``, shape ``input_ids.shape``; log_probs
+    float32 and the entropy in the dtype of ``hidden_states``, as verl returns them.
+
+    Computed by rlhf_ext.linear_token_logprobs, which never holds the logits (verl's torch
+    backend forms them ``chunk_size`` rows at a time, in the inputs' dtype: bf16 logits
+    there, float32 accumulation and a float32 transform here; the module's ``chunk_size``
+    and backend are not read). ``temperature`` is a float as in verl, or (beyond verl,
+    whose engines refuse per-sample temperatures with fused kernels) a tensor: one per
+    token, or one per sequence for ``[B, T, H]`` hidden states."""
+    logprobs, entropy = _rlhf_linear_token_logprobs(
+        hidden_states, vocab_weights, input_ids, temperature=temperature, return_entropy=True
+    )
+    return logprobs, entropy.to(hidden_states.dtype)
+
+
 # --- outcome advantage estimators (verl's ADV_ESTIMATOR_REGISTRY) -------------------------
 #
 # verl groups the rows of a batch by ``index`` (the ``uid`` of each row's prompt: a numpy
@@ -987,6 +1009,7 @@ ADV_ESTIMATORS = {
 }
 CORE = "verl.trainer.ppo.core_algos"
 FUNCTIONAL = "verl.utils.torch_functional"
+EXPERIMENTAL = "verl.utils.experimental.torch_functional"
 # the functions, registries and signatures of 0.9.1
 SUPPORTED = VersionRange("0.9.1", "0.10")
 
@@ -1005,6 +1028,7 @@ _PATCHER = Patcher(
         Target(FUNCTIONAL, "masked_whiten", masked_whiten),
         Target(FUNCTIONAL, "logprobs_from_logits", logprobs_from_logits),
         Target(FUNCTIONAL, "entropy_from_logits", entropy_from_logits),
+        Target(EXPERIMENTAL, "FusedLinearForPPO.forward", fused_linear_for_ppo_forward),
     ],
 )
 
@@ -1018,8 +1042,9 @@ def patch(*, allow_untested: bool = False) -> list[str]:
     "grpo_vectorized", "gdpo", "grpo_passk", "reinforce_plus_plus",
     "reinforce_plus_plus_baseline", "remax", "rloo", "rloo_vectorized", "opo" and "gpg", so
     that ``get_adv_estimator_fn`` and ray_trainer's ``core_algos.<function>`` calls reach the
-    adapters). Returns the qualified names replaced. Idempotent; raises ImportError naming
-    ``verl`` when it is not installed. An installed verl outside
+    adapters), and ``FusedLinearForPPO.forward`` (the fused-kernel LM head). Returns the
+    qualified names replaced. Idempotent; raises ImportError naming ``verl`` when it is not
+    installed. An installed verl outside
     :data:`SUPPORTED` is a RuntimeError that names both versions, and nothing is patched,
     unless ``allow_untested=True`` (or ``RLHF_EXT_ALLOW_UNTESTED_PEERS=1``): a warning,
     then the patch."""

@@ -79,6 +79,127 @@ def check_temperature(op: str, temperature) -> float:
     return float(temperature)
 
 
+TEMPERATURE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_logit_scale(op: str, logit_scale) -> float:
+    """A finite float > 0 inside the float32 range (the logits' multiplier)."""
+    logit_scale = check_finite_float(op, "logit_scale", logit_scale)
+    if not 1.0 / FLOAT32_MAX <= logit_scale <= FLOAT32_MAX:
+        raise ValueError(
+            f"{op}: `logit_scale` must be a float in [{1.0 / FLOAT32_MAX:.3g}, "
+            f"{FLOAT32_MAX:.3g}] (finite in float32, > 0), got {logit_scale!r}"
+        )
+    return logit_scale
+
+
+def check_softcap(op: str, softcap, logit_scale: float) -> float | None:
+    """None (no softcap) or a finite float > 0 whose ratio logit_scale / softcap (the
+    tanh's input multiplier) is finite in float32."""
+    if softcap is None:
+        return None
+    softcap = check_finite_float(op, "softcap", softcap)
+    if not softcap > 0:
+        raise ValueError(f"{op}: `softcap` must be None (no softcap) or > 0, got {softcap!r}")
+    if not (softcap <= FLOAT32_MAX and logit_scale / softcap <= FLOAT32_MAX):
+        raise ValueError(
+            f"{op}: `softcap` {softcap!r} with `logit_scale` {logit_scale!r}: softcap and "
+            "logit_scale / softcap must be finite in float32"
+        )
+    return softcap
+
+
+def check_scaled_temperature(op: str, temperature, numerator: float) -> float:
+    """check_temperature, and numerator / temperature (the kernels' multiplier of the
+    logits: logit_scale without a softcap, 1 with one) finite in float32."""
+    temperature = check_temperature(op, temperature)
+    if numerator / temperature > FLOAT32_MAX:
+        raise ValueError(
+            f"{op}: `logit_scale` / `temperature` = {numerator!r} / {temperature!r} overflows "
+            "float32 (the kernels multiply the logits by it)"
+        )
+    return temperature
+
+
+def reference_transform(transform: tuple) -> dict:
+    """check_logit_transform's tuple as the reference's keyword arguments."""
+    temperature, temperatures, logit_scale, softcap = transform
+    return {
+        "temperature": temperature if temperatures is None else temperatures,
+        "logit_scale": logit_scale,
+        "softcap": softcap if softcap > 0 else None,
+    }
+
+
+def check_logit_transform(
+    op: str, temperature, logit_scale, softcap, rows: torch.Tensor, rows_name: str,
+    validate: bool,
+) -> tuple[float, torch.Tensor | None, float, float]:  # fmt: skip
+    """The logit transform's arguments of a log-prob op over `rows` ``[..., X]`` (the
+    logits, or the hidden states), as its dispatcher ops take them: (temperature,
+    temperatures, logit_scale, softcap), with a temperature tensor expanded to one entry
+    per token (temperature then 1.0) and softcap 0.0 for None."""
+    logit_scale = check_logit_scale(op, logit_scale)
+    softcap = check_softcap(op, softcap, logit_scale)
+    numerator = 1.0 if softcap is not None else logit_scale  # the logits' multiplier x T
+    temperatures = None
+    if isinstance(temperature, torch.Tensor):
+        temperatures = check_temperature_tensor(
+            op, temperature, rows, rows_name, numerator, validate
+        )
+        temperature = 1.0
+    else:
+        temperature = check_scaled_temperature(op, temperature, numerator)
+    return temperature, temperatures, logit_scale, 0.0 if softcap is None else softcap
+
+
+def check_temperature_tensor(
+    op: str, temperature: torch.Tensor, rows: torch.Tensor, rows_name: str, numerator: float,
+    validate: bool,
+) -> torch.Tensor:  # fmt: skip
+    """A per-token (``[...]``, the leading shape of `rows` ``[..., X]``), per-sequence (a
+    prefix of it such as ``[B]``) or 0-d float32 / float64 tensor on the rows' device,
+    without grad; returned expanded to the leading shape, contiguous. With ``validate``
+    (eager only: a host sync), every entry must be what check_scaled_temperature accepts,
+    else ValueError naming the first bad position."""
+    lead = rows.shape[:-1]
+    if temperature.dtype not in TEMPERATURE_DTYPES:
+        raise TypeError(
+            f"{op}: `temperature` as a tensor must be float32 or float64, got {temperature.dtype}"
+        )
+    check_same_device(op, "temperature", temperature, rows, rows_name)
+    if temperature.requires_grad:
+        raise ValueError(
+            f"{op}: `temperature` must not require grad (no gradient flows to it); pass "
+            "temperature.detach()"
+        )
+    if temperature.shape != lead[: temperature.dim()]:
+        raise ValueError(
+            f"{op}: `temperature` as a tensor must have the leading shape of `{rows_name}` "
+            f"{tuple(lead)} (one per token), a prefix of it (e.g. {tuple(lead[:1])}: one per "
+            f"sequence) or be 0-d, got {tuple(temperature.shape)}"
+        )
+    temps = temperature.reshape(temperature.shape + (1,) * (len(lead) - temperature.dim()))
+    temps = temps.expand(lead).contiguous()
+    if validate and eager():
+        _raise_on_bad_temperature(op, temps, numerator)
+    return temps
+
+
+def _raise_on_bad_temperature(op: str, temps: torch.Tensor, numerator: float) -> None:
+    t = temps.double()
+    good = torch.isfinite(t) & (t >= 1.0 / FLOAT32_MAX) & (t <= FLOAT32_MAX)
+    good &= numerator / t <= FLOAT32_MAX
+    if not bool(good.all()):
+        position = tuple(int(i) for i in (~good).nonzero()[0])
+        raise ValueError(
+            f"{op}: `temperature` at position {position} is {float(temps[position])!r}; "
+            f"every temperature must be finite, in [{1.0 / FLOAT32_MAX:.3g}, "
+            f"{FLOAT32_MAX:.3g}], with logit_scale / temperature finite in float32; pass "
+            "validate=False to get NaN for such rows instead"
+        )
+
+
 def check_finite_float(op: str, name: str, value) -> float:
     """A real, finite Python number (not bool), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

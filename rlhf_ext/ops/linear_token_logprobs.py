@@ -10,12 +10,13 @@ from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import (
     acc_dtype,
     check_ignore_index,
+    check_logit_transform,
     check_same_device,
     check_target,
-    check_temperature,
     check_tensor,
     eager,
     raise_on_bad_target,
+    reference_transform,
 )
 from rlhf_ext.ops._registry import (
     first_order_only,
@@ -42,7 +43,9 @@ def linear_token_logprobs(
     target: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
@@ -59,6 +62,12 @@ def linear_token_logprobs(
     ``(logprobs, entropy)``, float32 (float64 for float64 inputs), exactly 0
     with zero gradient where ``target == ignore_index``. Differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias`` through both outputs.
+
+    ``temperature`` (a float, or a tensor per token ``[...]``, per sequence or 0-d),
+    ``logit_scale`` and ``softcap`` are token_logprobs' logit transform, applied to the
+    float32 logits of each tile (in the Triton forward, in its GEMM's epilogue):
+    ``z = softcap * tanh(logits * logit_scale / softcap) / temperature``, or
+    ``logits * logit_scale / temperature`` with ``softcap=None``; the same checks.
 
     Only rows whose target is not ``ignore_index`` are computed. They are taken
     ``chunk_size`` rows at a time: one GEMM into a ``[chunk_size, V]`` tile of
@@ -105,7 +114,9 @@ def linear_token_logprobs(
     large one, which is not guaranteed.
     """
     _check_inputs(hidden, weight, bias, target)
-    temperature = check_temperature(OP, temperature)
+    transform = check_logit_transform(
+        OP, temperature, logit_scale, softcap, hidden, "hidden", validate
+    )
     check_ignore_index(OP, ignore_index)
     chunk_rows = resolve_chunk_size(chunk_size, weight.shape[0], hidden)
     if validate and eager():
@@ -117,7 +128,7 @@ def linear_token_logprobs(
             weight,
             target,
             bias=bias,
-            temperature=temperature,
+            **reference_transform(transform),
             ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
@@ -126,7 +137,7 @@ def linear_token_logprobs(
         weight,
         bias,
         target,
-        temperature,
+        *transform,
         ignore_index,
         bool(return_entropy),
         chunk_rows,
@@ -218,24 +229,26 @@ def register_linear_autograd(forward_op, backward_op) -> None:
     others = (None,) * (input_count(forward_op) - 3)
 
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk = inputs
+        hidden, weight, bias, target, temperature, temperatures, logit_scale, softcap = inputs[:8]
+        ignore_index, return_entropy, chunk = inputs[8:]
         _, entropy, lse = output
         ctx.save_for_backward(
-            hidden, weight, bias, target, lse, entropy if return_entropy else None
+            hidden, weight, bias, target, lse, entropy if return_entropy else None, temperatures
         )
-        ctx.settings = (temperature, ignore_index, return_entropy, chunk)
+        ctx.settings = (temperature, logit_scale, softcap, ignore_index, return_entropy, chunk)
         ctx.mark_non_differentiable(lse)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
 
     @first_order_only(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        hidden, weight, bias, target, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, return_entropy, chunk_rows = ctx.settings
+        hidden, weight, bias, target, lse, entropy, temperatures = ctx.saved_tensors
+        temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_rows = ctx.settings
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         inputs = (hidden, weight, bias, target)
         statistics = (lse, entropy, grad_logprobs, grad_entropy if return_entropy else None)
-        settings = (temperature, ignore_index, chunk_rows, need_hidden, need_weight)
+        transform = (temperature, temperatures, logit_scale, softcap)
+        settings = (*transform, ignore_index, chunk_rows, need_hidden, need_weight)
         grad_hidden, grad_weight, grad_bias = backward_op(*inputs, *statistics, *settings)
         return (
             grad_hidden if need_hidden else None,
@@ -247,14 +260,16 @@ def register_linear_autograd(forward_op, backward_op) -> None:
     register_backward(forward_op, backward, setup_context)
 
 
-def forward_fake(hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk):
+def forward_fake(hidden, weight, bias, target, temperature, temperatures, logit_scale, softcap,
+                 ignore_index, return_entropy, chunk):  # fmt: skip
     lead, dtype = hidden.shape[:-1], acc_dtype(hidden)
     entropy = hidden.new_empty(lead if return_entropy else (0,), dtype=dtype)
     return hidden.new_empty(lead, dtype=dtype), entropy, hidden.new_empty(lead, dtype=dtype)
 
 
 def backward_fake(hidden, weight, bias, target, lse, entropy, grad_lp, grad_ent, temperature,
-                  ignore_index, chunk, need_grad_hidden, need_grad_weight):  # fmt: skip
+                  temperatures, logit_scale, softcap, ignore_index, chunk, need_grad_hidden,
+                  need_grad_weight):  # fmt: skip
     def fresh(shape, like):
         return torch.empty(shape, dtype=like.dtype, device=like.device)
 

@@ -9,11 +9,12 @@ from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import (
     acc_dtype,
     check_ignore_index,
+    check_logit_transform,
     check_target,
-    check_temperature,
     check_tensor,
     eager,
     raise_on_bad_target,
+    reference_transform,
 )
 from rlhf_ext.ops._registry import (
     first_order_only,
@@ -30,7 +31,9 @@ def token_logprobs(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
     validate: bool = True,
@@ -41,11 +44,25 @@ def token_logprobs(
 
     ``logits [..., V]`` (float32, bfloat16, float16; float64 for gradcheck) and
     ``target [...]`` (int64 or int32). Returns ``logprobs [...]`` =
-    ``log_softmax(logits / temperature, -1)[target]``, and with
-    ``return_entropy=True`` the pair ``(logprobs, entropy)``, the entropy of
-    ``softmax(logits / temperature)`` per token. Both are float32 (float64 for
-    float64 logits) and exactly 0, with zero gradient, where
-    ``target == ignore_index``; such rows are not read.
+    ``log_softmax(z, -1)[target]`` and with ``return_entropy=True`` the pair
+    ``(logprobs, entropy)``, the entropy of ``softmax(z)`` per token, where ``z`` is
+    the logits transformed in the order the models define it::
+
+        z = softcap * tanh(logits * logit_scale / softcap) / temperature   # softcap set
+        z = logits * logit_scale / temperature                             # softcap=None
+
+    (``softcap``: Gemma's ``final_logit_softcapping``; ``logit_scale``: the LM head
+    multiplier of Cohere / Granite / Falcon-H1 heads), computed after the upcast to
+    float32, in the forward and the gradient. Both outputs are float32 (float64 for
+    float64 logits) and exactly 0, with zero gradient, where ``target == ignore_index``;
+    such rows are not read.
+
+    ``temperature`` is a float (a runtime argument: no recompilation per value) or a
+    float32 / float64 tensor without grad: one temperature per token (the leading shape
+    ``[...]``), per sequence (a prefix of it, ``[B]`` for ``[B, T, V]`` logits) or 0-d.
+    Every temperature, ``logit_scale`` and ``softcap`` must be finite and > 0, with
+    ``logit_scale / temperature`` and ``logit_scale / softcap`` finite in float32
+    (ValueError otherwise: temperature=1e-39 would make every log-prob NaN).
 
     The kernels read each row once (online softmax with float32 accumulation;
     the entropy costs no extra pass) and save only the per-row log-sum-exp:
@@ -61,14 +78,13 @@ def token_logprobs(
     Rows need stride 1 in the last dimension; any other strides are read in
     place (``logits[:, :-1]`` costs no copy). Layouts that need more than two
     leading strides, or a non-unit last stride, are copied first.
-    ``temperature`` is a runtime float (no recompilation per value), applied
-    after the upcast to float32. A -inf logit (masked vocabulary) has
-    probability 0; a row of all -inf gives NaN.
+    A -inf logit (masked vocabulary) has probability 0 without a softcap (with one
+    it becomes ``-softcap``, as in the model); a row of all -inf gives NaN.
 
-    ``validate=True`` checks that every target is in [0, V) or ignore_index and
-    raises ValueError naming the first bad position (one device sync);
-    ``validate=False`` skips the check and gives NaN for such rows. No kernel
-    reads outside the logits either way.
+    ``validate=True`` checks that every target is in [0, V) or ignore_index, and
+    every entry of a temperature tensor as above, and raises ValueError naming the
+    first bad position (one device sync); ``validate=False`` skips the checks and
+    gives NaN for such rows. No kernel reads outside the logits either way.
 
     A row's result is bitwise the same in any batch and run to run: the order
     of every sum depends only on V. ``backend``: "auto", "cpu", "cuda",
@@ -81,7 +97,9 @@ def token_logprobs(
             f"{OP}: `logits` must have shape [..., V] with V >= 1, got {tuple(logits.shape)}"
         )
     check_target(OP, target, logits, "logits")
-    temperature = check_temperature(OP, temperature)
+    transform = check_logit_transform(
+        OP, temperature, logit_scale, softcap, logits, "logits", validate
+    )
     check_ignore_index(OP, ignore_index)
     if inplace_backward and logits.requires_grad and _shares_elements(logits):
         raise ValueError(
@@ -97,13 +115,18 @@ def token_logprobs(
         return reference.token_logprobs(
             logits,
             target,
-            temperature=temperature,
+            **reference_transform(transform),
             ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
     forward_op = _forward_op(chosen)
     logprobs, entropy, _lse = forward_op(
-        logits, target, temperature, ignore_index, bool(return_entropy), bool(inplace_backward)
+        logits,
+        target,
+        *transform,
+        ignore_index,
+        bool(return_entropy),
+        bool(inplace_backward),
     )
     return (logprobs, entropy) if return_entropy else logprobs
 
@@ -137,24 +160,27 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
     others = (None,) * (input_count(forward_op) - 1)
 
     def setup_context(ctx, inputs, output):
-        logits, target, temperature, ignore_index, return_entropy, inplace = inputs
+        logits, target, temperature, temperatures, logit_scale, softcap = inputs[:6]
+        ignore_index, return_entropy, inplace = inputs[6:]
         _, entropy, lse = output
-        ctx.save_for_backward(logits, target, lse, entropy if return_entropy else None)
-        ctx.settings = (temperature, ignore_index, return_entropy, inplace)
+        ctx.save_for_backward(
+            logits, target, lse, entropy if return_entropy else None, temperatures
+        )
+        ctx.settings = (temperature, logit_scale, softcap, ignore_index, return_entropy, inplace)
         ctx.mark_non_differentiable(lse)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
 
     @first_order_only(OP)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        temperature, ignore_index, return_entropy, inplace = ctx.settings
+        temperature, logit_scale, softcap, ignore_index, return_entropy, inplace = ctx.settings
         if inplace and getattr(ctx, "logits_overwritten", False):  # before unpacking them
             raise RuntimeError(
                 f"{OP}: a second backward through a graph made with inplace_backward=True: "
                 "the first one already wrote the gradient into `logits`; use "
                 "inplace_backward=False to differentiate more than once"
             )
-        logits, target, lse, entropy = ctx.saved_tensors
+        logits, target, lse, entropy, temperatures = ctx.saved_tensors
         args = (
             target,
             lse,
@@ -162,6 +188,9 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
             grad_logprobs,
             grad_entropy if return_entropy else None,
             temperature,
+            temperatures,
+            logit_scale,
+            softcap,
             ignore_index,
         )
         if inplace:
@@ -176,17 +205,18 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
     register_backward(forward_op, backward, setup_context)
 
 
-def forward_fake(logits, target, temperature, ignore_index, return_entropy, inplace=False):
+def forward_fake(logits, target, temperature, temperatures, logit_scale, softcap,
+                 ignore_index, return_entropy, inplace=False):  # fmt: skip
     lead, dtype = logits.shape[:-1], acc_dtype(logits)
     entropy = logits.new_empty(lead if return_entropy else (0,), dtype=dtype)
     return logits.new_empty(lead, dtype=dtype), entropy, logits.new_empty(lead, dtype=dtype)
 
 
-def backward_fake(logits, target, lse, entropy, grad_logprobs, grad_entropy, temperature, ii):
+def backward_fake(logits, target, lse, entropy, grad_logprobs, grad_entropy, *transform_ii):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def backward_inplace_fake(logits, target, lse, entropy, grad_lp, grad_entropy, temperature, ii):
+def backward_inplace_fake(logits, target, lse, entropy, grad_lp, grad_entropy, *transform_ii):
     return None
 
 

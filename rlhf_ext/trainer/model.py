@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from rlhf_ext import reference
 
 
 @dataclass
@@ -203,51 +206,70 @@ class HFCausalLM(nn.Module):
         return out.logits, out.hidden_states[-1], new_cache
 
 
-def lm_head(lm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [V, H], bias [V] or None)`` of the LM head of a TinyGPT or an
-    HFCausalLM: ``logits = hidden @ weight.T + bias`` (checked by
-    :func:`check_plain_lm_head`)."""
+class LMHead(NamedTuple):
+    """A causal LM's head as the fused log-prob ops take it: ``logits = softcap *
+    tanh((hidden @ weight.T + bias) * logit_scale / softcap)``, or without the tanh when
+    ``softcap`` is None (rlhf_ext.linear_token_logprobs' transform)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def lm_head(lm: nn.Module) -> LMHead:
+    """The LM head of a TinyGPT or an HFCausalLM: its weight ``[V, H]``, bias ``[V]`` or
+    None, and the logit transform its model config declares (:func:`head_transform`);
+    checked against the model's own logits by :func:`check_lm_head`."""
     if isinstance(lm, TinyGPT):
-        return lm.tok_emb.weight, None  # tied
+        return LMHead(lm.tok_emb.weight, None)  # tied
     head = lm.model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(
             f"rlhf_ext.trainer.lm_head: the output embeddings of {type(lm.model).__name__} are "
             f"a {type(head).__name__}, not an nn.Linear"
         )
-    return head.weight, head.bias
+    return LMHead(head.weight, head.bias, *head_transform(lm.model.config))
 
 
-# the config attributes of heads that do more than a Linear: the fused head cannot serve them
-# (yet: Gemma's final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling)
-NONLINEAR_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+def head_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) of a transformers config, as its model applies them after
+    the LM head: Gemma 2 / 3's ``final_logit_softcapping``, Cohere's ``logit_scale``
+    (a multiplier), Granite's ``logits_scaling`` (a divisor), Falcon-H1's
+    ``lm_head_multiplier``. An unset attribute (None, or absent) is the identity."""
+    scale = 1.0
+    for name, invert in (("logit_scale", False), ("logits_scaling", True),
+                         ("lm_head_multiplier", False)):  # fmt: skip
+        value = getattr(config, name, None)
+        if value is not None:
+            scale = scale / float(value) if invert else scale * float(value)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, None if softcap is None else float(softcap)
 
 
 @torch.no_grad()
-def check_plain_lm_head(lm: nn.Module, token_id: int, owner: str) -> None:
-    """ValueError (naming ``owner``) unless ``lm``'s logits are ``hidden @ W.T + b`` of the
-    hidden states it returns without logits (what ``fused_lm_head`` computes from): one
-    forward of two tokens, in float32, compared to 1e-4 of the logits' scale."""
-    config = getattr(getattr(lm, "model", None), "config", None)
-    for name in NONLINEAR_HEAD_ATTRIBUTES:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"{owner}: `fused_lm_head` needs a plain linear LM head; the model's config "
-                f"sets {name}={value!r}"
-            )
+def check_lm_head(lm: nn.Module, token_id: int, owner: str) -> None:
+    """ValueError (naming ``owner``) unless ``lm``'s logits are its :func:`lm_head` applied
+    to the hidden states it returns without logits (what ``fused_lm_head`` computes from):
+    one forward of two tokens, in float32, compared to 1e-4 of the logits' scale. A head
+    that does more than the transforms :func:`head_transform` reads is refused."""
     device = next(lm.parameters()).device
     ids = torch.full((1, 2), int(token_id), dtype=torch.long, device=device)
     logits, _, _ = lm(ids)
     _, hidden, _ = lm(ids, return_logits=False)
-    weight, bias = lm_head(lm)
-    recomputed = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    head = lm_head(lm)
+    linear = F.linear(hidden.float(), head.weight.float(),
+                      None if head.bias is None else head.bias.float())  # fmt: skip
+    recomputed = reference.transformed_logits(
+        linear, logit_scale=head.logit_scale, softcap=head.softcap
+    )
     scale = float(logits.float().abs().max()) + 1e-6
     if not torch.allclose(recomputed, logits.float(), rtol=1e-4, atol=1e-4 * scale):
         raise ValueError(
             f"{owner}: `fused_lm_head`: {type(getattr(lm, 'model', lm)).__name__}'s logits "
-            "are not its LM head applied to its last hidden state (a head that scales or caps "
-            "the logits); set fused_lm_head=False"
+            f"are not its LM head applied to its last hidden state with logit_scale="
+            f"{head.logit_scale!r}, softcap={head.softcap!r} (a head that transforms the "
+            "logits in another way); set fused_lm_head=False"
         )
 
 

@@ -34,7 +34,7 @@ from rlhf_ext.trainer.metrics import MetricsWriter, ProgressBar, format_sample_t
 from rlhf_ext.trainer.model import (
     ValueHeadModel,
     as_causal_lm,
-    check_plain_lm_head,
+    check_lm_head,
     enable_gradient_checkpointing,
     lm_head,
 )
@@ -200,7 +200,7 @@ class PPOTrainer:
                 enable_gradient_checkpointing(self.critic.lm, NAME)
         if cfg.fused_lm_head:
             for lm in {id(lm): lm for lm in (self.policy_lm, self.ref_lm)}.values():
-                check_plain_lm_head(lm, self.eos_token_id, NAME)
+                check_lm_head(lm, self.eos_token_id, NAME)
 
     def autocast(self):
         """The context the forward passes run in: bfloat16 autocast with ``bf16``."""

@@ -217,10 +217,11 @@ def response_logprobs_from_hidden(
     hidden, head, batch: Batch, temperature: float, return_entropy=False
 ):
     """rlhf_ext.linear_token_logprobs of the response tokens from the last hidden states
-    ``[B, R, H]`` and ``head = (weight [V, H], bias or None)``: the same values as
-    :func:`response_logprobs` of ``hidden @ weight.T + bias`` without the ``[B, R, V]``
-    logits. Under autocast the head runs in the autocast dtype, as ``F.linear`` would."""
-    weight, bias = head
+    ``[B, R, H]`` and ``head`` (model.LMHead: weight ``[V, H]``, bias or None, the logit
+    transform): the same values as :func:`response_logprobs` of the model's logits
+    without the ``[B, R, V]`` logits. Under autocast the head runs in the autocast dtype,
+    as ``F.linear`` would."""
+    weight, bias = head.weight, head.bias
     dtype = torch.get_autocast_dtype(hidden.device.type) if _autocasting(hidden) else weight.dtype
     return rlhf_ext.linear_token_logprobs(
         hidden.to(dtype),
@@ -228,6 +229,8 @@ def response_logprobs_from_hidden(
         response_targets(batch),
         bias=None if bias is None else bias.to(dtype),
         temperature=temperature,
+        logit_scale=head.logit_scale,
+        softcap=head.softcap,
         return_entropy=return_entropy,
     )
 

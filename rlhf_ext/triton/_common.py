@@ -85,7 +85,7 @@ def on_device_of(t: torch.Tensor):
 
 @triton.jit
 def online_softmax_step(x, running_max, sum_exp, sum_shift, scale, AXIS: tl.constexpr,
-                        ENTROPY: tl.constexpr):  # fmt: skip
+                        ENTROPY: tl.constexpr, SCALE_PER_ROW: tl.constexpr = False):  # fmt: skip
     """Fold a block of logits `x` into running softmax statistics along AXIS
     (0: one row's block; 1: a [rows, cols] tile, statistics per row).
 
@@ -93,7 +93,8 @@ def online_softmax_step(x, running_max, sum_exp, sum_shift, scale, AXIS: tl.cons
     sum_shift = sum exp2((x - m) * scale) * (x - m), for the entropy; m = the
     running max, or 0 while no finite logit has been seen (the sums are then
     empty: nothing to rebase, and -inf - -inf must not make them NaN). `scale`
-    is log2(e) / temperature. Returns the new (running_max, sum_exp, sum_shift).
+    is log2(e) / temperature: one for the block, or with SCALE_PER_ROW (AXIS 1) one per row
+    of the tile. Returns the new (running_max, sum_exp, sum_shift).
     """
     new_max = tl.maximum(running_max, tl.max(x, axis=AXIS))
     base = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -101,9 +102,39 @@ def online_softmax_step(x, running_max, sum_exp, sum_shift, scale, AXIS: tl.cons
     delta = tl.where(seen, running_max - base, 0.0)
     factor = tl.where(seen, tl.exp2(delta * scale), 0.0)
     shifted = x - tl.expand_dims(base, AXIS)
-    e = tl.exp2(shifted * scale)
+    if SCALE_PER_ROW:
+        e = tl.exp2(shifted * tl.expand_dims(scale, AXIS))
+    else:
+        e = tl.exp2(shifted * scale)
     if ENTROPY:
         sum_shift = factor * (sum_shift + delta * sum_exp)
         sum_shift += tl.sum(tl.where(e > 0, e * shifted, 0.0), axis=AXIS)
     sum_exp = factor * sum_exp + tl.sum(e, axis=AXIS)
     return new_max, sum_exp, sum_shift
+
+
+def tanh_series_max(acc) -> float:
+    """Below this |u|, tanh_with_slope takes its odd series (the exp form would lose
+    digits to 1 - exp(-2|u|)); above it, the exp form. Chosen so that both stay within a
+    few ulps: the series' first dropped term (u^15) is < 1e-8 relative at 0.25 in float32,
+    < 1e-20 at 0.05 in float64."""
+    return 0.05 if acc == tl.float64 else 0.25
+
+
+@triton.jit
+def tanh_with_slope(u, SERIES_MAX: tl.constexpr):
+    """(tanh(u), 1 - tanh(u)^2) without libdevice (which the interpreter lacks): the odd
+    Taylor series for |u| < SERIES_MAX, else (1 - e) / (1 + e) with e = exp(-2|u|) and
+    the slope 4e / (1 + e)^2 (no 1 - t^2 cancellation near |t| = 1): tanh_with_slope of
+    csrc/include/rlhf_ext/logit_transform.h, term for term. NaN stays NaN, +-inf gives +-1
+    with slope 0."""
+    a = tl.abs(u)
+    u2 = u * u
+    series = u2 * (62.0 / 2835 + u2 * (-1382.0 / 155925 + u2 * (21844.0 / 6081075)))
+    series = u * (1.0 + u2 * (-1.0 / 3 + u2 * (2.0 / 15 + u2 * (-17.0 / 315 + series))))
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    small = a < SERIES_MAX
+    t = tl.where(small, series, tl.where(u < 0, -big, big))
+    slope = tl.where(small, 1.0 - series * series, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return t, slope

@@ -36,7 +36,8 @@ from rlhf_ext.ops._vocab import (
     LINEAR_VOCAB_QUANTUM,
 )
 from rlhf_ext.triton import token_logprobs as rows_kernels
-from rlhf_ext.triton._common import on_device_of, online_softmax_step
+from rlhf_ext.triton._common import on_device_of, online_softmax_step, tanh_series_max
+from rlhf_ext.triton.token_logprobs import row_mult, softcap_squash
 
 OP = "rlhf_ext.linear_token_logprobs"
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
@@ -113,7 +114,8 @@ def _linear_logprobs_fwd_kernel(
     bias_ptr,
     valid_ptr,
     target_ptr,
-    inv_temp_ptr,
+    params_ptr,
+    temps_ptr,
     parts_ptr,
     n_valid,
     vocab,
@@ -125,6 +127,9 @@ def _linear_logprobs_fwd_kernel(
     span,
     HAS_BIAS: tl.constexpr,
     ENTROPY: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SERIES_MAX: tl.constexpr,
     EVEN_K: tl.constexpr,
     UNIT_K: tl.constexpr,
     IEEE: tl.constexpr,
@@ -143,8 +148,9 @@ def _linear_logprobs_fwd_kernel(
     src = tl.load(valid_ptr + rows, mask=row_ok, other=0)
     tgt = tl.load(target_ptr + src)
     hidden_rows = hidden_ptr + src[:, None] * stride_hidden
-    inv_temp = tl.load(inv_temp_ptr)
-    scale = inv_temp * LOG2E
+    # token_logprobs' transform (rlhf_ext/triton/token_logprobs.py): one multiplier per
+    # row with per-row temperatures, else one for all.
+    scale = row_mult(params_ptr, temps_ptr, src, tl.float32, PER_ROW_TEMP, SOFTCAP) * LOG2E
     col_begin = split * span
     col_end = tl.minimum(vocab, col_begin + span)
     running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -174,11 +180,13 @@ def _linear_logprobs_fwd_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             logits += bias[None, :]
+        if SOFTCAP:
+            logits = softcap_squash(logits, params_ptr, tl.float32, SERIES_MAX)[0]
         x = tl.where(col_ok[None, :], logits, float("-inf"))
         x_target += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
         # token_logprobs' online softmax, per row of the tile.
         running_max, sum_exp, sum_shift = online_softmax_step(
-            x, running_max, sum_exp, sum_shift, scale, 1, ENTROPY
+            x, running_max, sum_exp, sum_shift, scale, 1, ENTROPY, PER_ROW_TEMP
         )
     # parts: float32 [4, splits, n_valid]; int64 offsets (splits * n_valid can pass 2**31).
     out = parts_ptr + tl.cast(split, tl.int64) * n_valid + rows
@@ -194,7 +202,8 @@ def _linear_logprobs_merge_kernel(
     parts_ptr,
     valid_ptr,
     target_ptr,
-    inv_temp_ptr,
+    params_ptr,
+    temps_ptr,
     logprobs_ptr,
     entropy_ptr,
     lse_ptr,
@@ -202,13 +211,16 @@ def _linear_logprobs_merge_kernel(
     vocab,
     splits,
     ENTROPY: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n_valid
     plane = tl.cast(splits, tl.int64) * n_valid
-    inv_temp = tl.load(inv_temp_ptr)
-    scale = inv_temp * LOG2E
+    src = tl.load(valid_ptr + rows, mask=row_ok, other=0)
+    mult = row_mult(params_ptr, temps_ptr, src, tl.float32, PER_ROW_TEMP, SOFTCAP)
+    scale = mult * LOG2E
     top = tl.full((BLOCK,), float("-inf"), tl.float32)
     for s in range(0, splits):
         at = parts_ptr + tl.cast(s, tl.int64) * n_valid + rows
@@ -230,18 +242,17 @@ def _linear_logprobs_merge_kernel(
             sum_shift += factor * (part_shift + delta * part_exp)
         x_target += tl.load(at + 3 * plane, mask=row_ok, other=0.0)
     log_sum = tl.log(sum_exp)
-    lse = top * inv_temp + log_sum
-    src = tl.load(valid_ptr + rows, mask=row_ok, other=0)
+    lse = top * mult + log_sum
     tgt = tl.load(target_ptr + src, mask=row_ok, other=0)
     in_vocab = (tgt >= 0) & (tgt < vocab)
-    tl.store(logprobs_ptr + src, tl.where(in_vocab, x_target * inv_temp - lse, float("nan")),
+    tl.store(logprobs_ptr + src, tl.where(in_vocab, x_target * mult - lse, float("nan")),
              mask=row_ok)  # fmt: skip
     tl.store(lse_ptr + src, lse, mask=row_ok)
     if ENTROPY:
-        tl.store(entropy_ptr + src, log_sum - inv_temp * sum_shift / sum_exp, mask=row_ok)
+        tl.store(entropy_ptr + src, log_sum - mult * sum_shift / sum_exp, mask=row_ok)
 
 
-def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, return_entropy):
+def _fused_forward(hidden, weight, bias, target, transform, ignore_index, return_entropy):
     """(logprobs, entropy, lse) over flat rows from the fused kernels (not float64)."""
     size, vocab = hidden.shape[-1], weight.shape[0]
     rows = target.numel()
@@ -259,13 +270,18 @@ def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, retu
     block_k = k_step(cfg, size)
     splits = triton.cdiv(vocab, cfg.span)
     parts = hidden.new_empty((4, splits, n_valid), dtype=torch.float32)
-    inv_temp = torch.full((1,), 1.0 / temperature, dtype=torch.float32, device=hidden.device)
+    temperature, temperatures, logit_scale, softcap = transform
+    params, temps = rows_kernels.transform_params(hidden, *transform)
+    per_row_temp, capped = temperatures is not None, softcap > 0
     programs = triton.cdiv(n_valid, cfg.block_m) * splits
     _linear_logprobs_fwd_kernel[(programs,)](
-        flat_hidden, weight, bias if bias is not None else weight, valid, flat_target, inv_temp,
-        parts, n_valid, vocab, size, *flat_hidden.stride(), *weight.stride(), cfg.span,
+        flat_hidden, weight, bias if bias is not None else weight, valid, flat_target, params,
+        temps, parts, n_valid, vocab, size, *flat_hidden.stride(), *weight.stride(), cfg.span,
         HAS_BIAS=bias is not None,
         ENTROPY=return_entropy,
+        PER_ROW_TEMP=per_row_temp,
+        SOFTCAP=capped,
+        SERIES_MAX=tanh_series_max(tl.float32),
         EVEN_K=size % block_k == 0,
         UNIT_K=flat_hidden.stride(1) == 1 and weight.stride(1) == 1,
         IEEE=hidden.dtype == torch.float32,
@@ -279,8 +295,9 @@ def _fused_forward(hidden, weight, bias, target, temperature, ignore_index, retu
     )  # fmt: skip
     merge_block = 128
     _linear_logprobs_merge_kernel[(triton.cdiv(n_valid, merge_block),)](
-        parts, valid, flat_target, inv_temp, logprobs, entropy if return_entropy else lse, lse,
-        n_valid, vocab, splits, ENTROPY=return_entropy, BLOCK=merge_block,
+        parts, valid, flat_target, params, temps, logprobs, entropy if return_entropy else lse,
+        lse, n_valid, vocab, splits, ENTROPY=return_entropy, PER_ROW_TEMP=per_row_temp,
+        SOFTCAP=capped, BLOCK=merge_block,
     )  # fmt: skip
     return logprobs, entropy, lse
 
@@ -326,23 +343,27 @@ def linear_token_logprobs_fwd_triton(
     bias: torch.Tensor | None,
     target: torch.Tensor,
     temperature: float,
+    temperatures: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float,
     ignore_index: int,
     return_entropy: bool,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_fwd:
     the fused kernels, or for float64 the chunk loop (chunk_size rows at a time)."""
+    transform = (temperature, temperatures, logit_scale, softcap)
     with on_device_of(hidden):
         return _forward(
-            hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk_size
+            hidden, weight, bias, target, transform, ignore_index, return_entropy, chunk_size
         )
 
 
-def _forward(hidden, weight, bias, target, temperature, ignore_index, return_entropy, chunk_size):
+def _forward(hidden, weight, bias, target, transform, ignore_index, return_entropy, chunk_size):
     lead, size = hidden.shape[:-1], hidden.shape[-1]
     if hidden.dtype != torch.float64:
         logprobs, entropy, lse = _fused_forward(
-            hidden, weight, bias, target, temperature, ignore_index, return_entropy
+            hidden, weight, bias, target, transform, ignore_index, return_entropy
         )
         return (
             logprobs.view(lead),
@@ -356,21 +377,29 @@ def _forward(hidden, weight, bias, target, temperature, ignore_index, return_ent
     lse = hidden.new_zeros(rows, dtype=acc)
     entropy = hidden.new_zeros(rows if return_entropy else 0, dtype=acc)
     valid = _valid_rows(flat_target, ignore_index)
+    temperature, temperatures, logit_scale, softcap = transform
     for begin in range(0, valid.numel(), chunk_size):
         end = min(valid.numel(), begin + chunk_size)
         idx, chunk = _chunk_rows(flat_hidden, valid, begin, end)
         tile = _logits_tile(chunk, weight, bias)
         tile_target = flat_target.index_select(0, idx)
         tile_target[end - begin :] = ignore_index  # padding rows: skipped by the kernel
+        tile_temps = _rows_of(temperatures, idx)
         lp, ent, ls = rows_kernels.token_logprobs_fwd_triton(
-            tile, tile_target, temperature, ignore_index, return_entropy
-        )
+            tile, tile_target, temperature, tile_temps, logit_scale, softcap, ignore_index,
+            return_entropy,
+        )  # fmt: skip
         here = valid[begin:end]
         logprobs.index_copy_(0, here, lp[: end - begin])
         lse.index_copy_(0, here, ls[: end - begin])
         if return_entropy:
             entropy.index_copy_(0, here, ent[: end - begin])
     return logprobs.view(lead), entropy.view(lead) if return_entropy else entropy, lse.view(lead)
+
+
+def _rows_of(temperatures: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """The per-token temperatures of some of the flat rows (None without them)."""
+    return None if temperatures is None else temperatures.reshape(-1).index_select(0, rows)
 
 
 def tile_geometry(valid_rows: int, vocab: int, chunk_rows: int) -> tuple[int, int]:
@@ -411,21 +440,25 @@ def linear_token_logprobs_bwd_triton(
     grad_logprobs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
     temperature: float,
+    temperatures: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float,
     ignore_index: int,
     chunk_size: int,
     need_grad_hidden: bool,
     need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_bwd."""
+    transform = (temperature, temperatures, logit_scale, softcap)
     with on_device_of(hidden):
         return _backward(
             hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy,
-            temperature, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
+            transform, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
         )  # fmt: skip
 
 
 def _backward(
-    hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy, temperature,
+    hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy, transform,
     ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
 ):  # fmt: skip
     if grad_entropy is not None and entropy is None:
@@ -443,6 +476,8 @@ def _backward(
     tgt, lse_v = flat_target.index_select(0, valid), per_valid_row(lse)
     glp, gent = per_valid_row(grad_logprobs), per_valid_row(grad_entropy)
     ent = per_valid_row(entropy) if grad_entropy is not None else None
+    temperature, temperatures, logit_scale, softcap = transform
+    temps_v = _rows_of(temperatures, valid)
     dense = flat_hidden if valid_rows == rows else flat_hidden.index_select(0, valid)
     grad_hidden_acc = hidden.new_zeros((valid_rows, size), dtype=acc) if need_grad_hidden else None
     # Contiguous like the C++ op and the fake kernel, whatever the layout of weight.
@@ -472,6 +507,8 @@ def _backward(
                 lse_v[here], None if ent is None else ent[here],
                 None if glp is None else glp[here], None if gent is None else gent[here],
                 temperature, ignore_index, vocab_slice=(col, vocab),
+                temperatures=None if temps_v is None else temps_v[here],
+                logit_scale=logit_scale, softcap=softcap,
             )  # fmt: skip
             if grad_bias_acc is not None:
                 grad_bias_acc[cols] += grad_tile.sum(0, dtype=acc)

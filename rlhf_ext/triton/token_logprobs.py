@@ -2,7 +2,14 @@
 of BLOCK columns with an online softmax (running max, sum of exponentials and,
 for the entropy, their weighted sum of logits); the backward reads it once more
 and writes the gradient. BLOCK depends only on V, so a row's result does not
-depend on the batch."""
+depend on the batch.
+
+The logit transform is csrc/include/rlhf_ext/logit_transform.h's, split the same
+way: y = softcap * tanh(x * logit_scale / softcap) (y = x without a softcap), then
+z = y * mult with mult = numerator / T (numerator: logit_scale without a softcap, 1
+with one; T the row's temperature). `params` holds [numerator / T, logit_scale,
+softcap] in the accumulation dtype (a tensor, not Python floats: Triton would round
+them to fp32 for float64 logits)."""
 
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ from rlhf_ext.triton._common import (
     acc_torch_dtype,
     next_power_of_2,
     online_softmax_step,
+    tanh_series_max,
+    tanh_with_slope,
 )
 
 MAX_BLOCK = 4096
@@ -61,10 +70,40 @@ def _row_start(row, inner, outer_stride, inner_stride):
 
 
 @triton.jit
+def row_mult(params_ptr, temps_ptr, row, ACC: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
+              SOFTCAP: tl.constexpr):  # fmt: skip
+    """dz / dy of this row: numerator / T; NaN for a temperature that is not finite and
+    > 0 or whose multiplier overflows (reachable with validate=False only)."""
+    if PER_ROW_TEMP:
+        numerator = tl.load(params_ptr + 1).to(ACC)
+        if SOFTCAP:
+            numerator = tl.full((), 1.0, ACC)
+        t = tl.load(temps_ptr + row).to(ACC)
+        mult = numerator / t
+        good = (t > 0) & (t < float("inf")) & (mult < float("inf"))
+        mult = tl.where(good, mult, float("nan"))
+    else:
+        mult = tl.load(params_ptr).to(ACC)
+    # One return: a scalar multiplier or one per row (row a vector) by the constexpr branch,
+    # which the compiler (not the interpreter) rejects as two return types.
+    return mult
+
+
+@triton.jit
+def softcap_squash(x, params_ptr, ACC: tl.constexpr, SERIES_MAX: tl.constexpr):
+    """y = softcap * tanh(x * logit_scale / softcap) and dy/dx."""
+    scale = tl.load(params_ptr + 1).to(ACC)
+    cap = tl.load(params_ptr + 2).to(ACC)
+    t, slope = tanh_with_slope(x * (scale / cap), SERIES_MAX)
+    return cap * t, scale * slope
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr,
     target_ptr,
-    inv_temp_ptr,
+    params_ptr,
+    temps_ptr,
     logprobs_ptr,
     entropy_ptr,
     lse_ptr,
@@ -74,6 +113,9 @@ def _token_logprobs_fwd_kernel(
     inner_stride,
     ignore_index,
     ENTROPY: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SERIES_MAX: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -81,27 +123,32 @@ def _token_logprobs_fwd_kernel(
     x_row = logits_ptr + _row_start(row, inner, outer_stride, inner_stride)
     tgt = tl.load(target_ptr + row)
     active = tgt != ignore_index  # ignored rows read nothing
-    inv_temp = tl.load(inv_temp_ptr).to(ACC)
-    scale = inv_temp * LOG2E
+    mult = row_mult(params_ptr, temps_ptr, row, ACC, PER_ROW_TEMP, SOFTCAP)
+    scale = mult * LOG2E
     lanes = tl.arange(0, BLOCK)
     running_max = tl.full((), float("-inf"), ACC)
     sum_exp = tl.zeros((), ACC)
     sum_shift = tl.zeros((), ACC)
     for start in range(0, vocab, BLOCK):
         cols = start + lanes
-        x = tl.load(x_row + cols, mask=(cols < vocab) & active, other=float("-inf")).to(ACC)
+        inside = (cols < vocab) & active
+        x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(ACC)
+        if SOFTCAP:  # real logits only: the padding stays -inf
+            x = tl.where(inside, softcap_squash(x, params_ptr, ACC, SERIES_MAX)[0], float("-inf"))
         running_max, sum_exp, sum_shift = online_softmax_step(
             x, running_max, sum_exp, sum_shift, scale, 0, ENTROPY
         )
     log_sum = tl.log(sum_exp)
-    lse = running_max * inv_temp + log_sum
+    lse = running_max * mult + log_sum
     in_vocab = (tgt >= 0) & (tgt < vocab)
     x_target = tl.load(x_row + tgt, mask=in_vocab & active, other=0.0).to(ACC)
-    logprob = tl.where(in_vocab, x_target * inv_temp - lse, float("nan"))
+    if SOFTCAP:
+        x_target = softcap_squash(x_target, params_ptr, ACC, SERIES_MAX)[0]
+    logprob = tl.where(in_vocab, x_target * mult - lse, float("nan"))
     tl.store(logprobs_ptr + row, tl.where(active, logprob, 0.0))
     tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
     if ENTROPY:
-        entropy = log_sum - inv_temp * sum_shift / sum_exp
+        entropy = log_sum - mult * sum_shift / sum_exp
         tl.store(entropy_ptr + row, tl.where(active, entropy, 0.0))
 
 
@@ -110,7 +157,8 @@ def _token_logprobs_bwd_kernel(
     logits_ptr,
     grad_ptr,
     target_ptr,
-    inv_temp_ptr,
+    params_ptr,
+    temps_ptr,
     lse_ptr,
     entropy_ptr,
     grad_logprobs_ptr,
@@ -127,6 +175,9 @@ def _token_logprobs_bwd_kernel(
     full_vocab,
     HAS_GRAD_LOGPROBS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SERIES_MAX: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -139,7 +190,7 @@ def _token_logprobs_bwd_kernel(
     # (a tile of linear_token_logprobs; the whole row for token_logprobs).
     in_vocab = (tgt >= 0) & (tgt < full_vocab)
     local_target = tgt - vocab_offset
-    inv_temp = tl.load(inv_temp_ptr).to(ACC)
+    mult = row_mult(params_ptr, temps_ptr, row, ACC, PER_ROW_TEMP, SOFTCAP)
     # A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
     lse = tl.where(in_vocab, tl.load(lse_ptr + row).to(ACC), float("nan"))
     g_lp = tl.zeros((), ACC)
@@ -155,12 +206,16 @@ def _token_logprobs_bwd_kernel(
         cols = start + lanes
         inside = cols < vocab
         x = tl.load(x_row + cols, mask=inside & active, other=0.0).to(ACC)
-        logp = x * inv_temp - lse
+        if SOFTCAP:
+            x, slope = softcap_squash(x, params_ptr, ACC, SERIES_MAX)
+        logp = x * mult - lse
         p = tl.exp2(logp * LOG2E)
         weighted = g_lp + g_ent * (logp + entropy)
         # p == 0 (a -inf logit) contributes nothing, even where logp is -inf.
-        g = tl.where(p > 0, -p * weighted * inv_temp, tl.where(p != p, p, 0.0))
-        g = tl.where(cols == local_target, g + g_lp * inv_temp, g)
+        g = tl.where(p > 0, -p * weighted * mult, tl.where(p != p, p, 0.0))
+        g = tl.where(cols == local_target, g + g_lp * mult, g)
+        if SOFTCAP:  # d/dx = d/dy * dy/dx
+            g = g * slope
         g = tl.where(active, g, 0.0)
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=inside)
 
@@ -170,6 +225,9 @@ def token_logprobs_fwd_triton(
     logits: torch.Tensor,
     target: torch.Tensor,
     temperature: float,
+    temperatures: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float,
     ignore_index: int,
     return_entropy: bool,
     inplace_backward: bool = False,
@@ -186,11 +244,12 @@ def token_logprobs_fwd_triton(
         return logprobs, entropy, lse
     logits, (inner, outer_stride, inner_stride) = _readable(logits)
     block, warps = _block(vocab)
+    params, temps = transform_params(logits, temperature, temperatures, logit_scale, softcap)
     wrap_triton(_token_logprobs_fwd_kernel)[(rows,)](
         logits,
         target.to(torch.int64).contiguous(),
-        # A tensor, not a Python float: Triton would round 1 / T to fp32 for float64 logits.
-        torch.full((1,), 1.0 / temperature, dtype=acc, device=logits.device),
+        params,
+        temps,
         logprobs,
         entropy if return_entropy else lse,  # never written without ENTROPY
         lse,
@@ -200,6 +259,9 @@ def token_logprobs_fwd_triton(
         inner_stride,
         ignore_index,
         ENTROPY=return_entropy,
+        PER_ROW_TEMP=temperatures is not None,
+        SOFTCAP=softcap > 0,
+        SERIES_MAX=tanh_series_max(acc_tl_dtype(logits)),
         ACC=acc_tl_dtype(logits),
         BLOCK=block,
         num_warps=warps,
@@ -207,12 +269,29 @@ def token_logprobs_fwd_triton(
     return logprobs, entropy, lse
 
 
+def transform_params(logits, temperature, temperatures, logit_scale, softcap):
+    """(params, temps) of the kernels: [numerator / T, logit_scale, softcap] in the
+    accumulation dtype, and the per-row temperatures (params again, unread, without
+    them). Fills, not a host-to-device copy: no sync; the default path is one fill."""
+    acc = acc_torch_dtype(logits)
+    numerator = 1.0 if softcap > 0 else logit_scale
+    params = torch.full((3,), numerator / temperature, dtype=acc, device=logits.device)
+    if softcap > 0 or temperatures is not None:
+        params[1] = logit_scale
+    if softcap > 0:
+        params[2] = softcap
+    if temperatures is None:
+        return params, params
+    return params, temperatures.to(acc).contiguous().reshape(-1)
+
+
 def _launch_backward(
     logits, grad, grad_layout, target, lse, entropy, grad_logprobs, grad_entropy, temperature,
-    ignore_index, vocab_slice=None,
+    ignore_index, vocab_slice=None, temperatures=None, logit_scale=1.0, softcap=0.0,
 ):  # fmt: skip
     """The backward kernel over logits' rows; `vocab_slice` = (offset, full_vocab)
-    when the rows are a vocabulary tile (default: whole rows)."""
+    when the rows are a vocabulary tile (default: whole rows); `temperatures` one per
+    row of `logits` (flattened), or None."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     vocab_offset, full_vocab = vocab_slice if vocab_slice is not None else (0, vocab)
     rows = lse.numel()
@@ -224,11 +303,13 @@ def _launch_backward(
     dummy = lse  # stands in for absent per-row inputs; the kernel does not read it
     has_grad_entropy = grad_entropy is not None
     block, warps = _block(vocab)
+    params, temps = transform_params(logits, temperature, temperatures, logit_scale, softcap)
     wrap_triton(_token_logprobs_bwd_kernel)[(rows,)](
         logits,
         grad,
         target.to(torch.int64).contiguous(),
-        torch.full((1,), 1.0 / temperature, dtype=acc, device=logits.device),
+        params,
+        temps,
         lse,
         per_row(entropy) if has_grad_entropy else dummy,
         per_row(grad_logprobs) if grad_logprobs is not None else dummy,
@@ -241,6 +322,9 @@ def _launch_backward(
         full_vocab,
         HAS_GRAD_LOGPROBS=grad_logprobs is not None,
         HAS_GRAD_ENTROPY=has_grad_entropy,
+        PER_ROW_TEMP=temperatures is not None,
+        SOFTCAP=softcap > 0,
+        SERIES_MAX=tanh_series_max(acc_tl_dtype(logits)),
         ACC=acc_tl_dtype(logits),
         BLOCK=block,
         num_warps=warps,
@@ -256,6 +340,9 @@ def token_logprobs_bwd_triton(
     grad_logprobs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
     temperature: float,
+    temperatures: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float,
     ignore_index: int,
 ) -> torch.Tensor:
     """Triton backward with the signature of torch.ops.rlhf_ext.token_logprobs_bwd."""
@@ -265,7 +352,7 @@ def token_logprobs_bwd_triton(
     contiguous = (rows, 0, logits.shape[-1])
     _launch_backward(
         readable, grad, contiguous, target, lse, entropy, grad_logprobs, grad_entropy,
-        temperature, ignore_index,
+        temperature, ignore_index, None, temperatures, logit_scale, softcap,
     )  # fmt: skip
     return grad
 
@@ -279,13 +366,16 @@ def token_logprobs_bwd_inplace_triton(
     grad_logprobs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
     temperature: float,
+    temperatures: torch.Tensor | None,
+    logit_scale: float,
+    softcap: float,
     ignore_index: int,
 ) -> None:
     """Triton in-place backward with the signature of torch.ops.rlhf_ext.token_logprobs_bwd_."""
     readable, layout = _readable(logits)
     _launch_backward(
         readable, readable, layout, target, lse, entropy, grad_logprobs, grad_entropy,
-        temperature, ignore_index,
+        temperature, ignore_index, None, temperatures, logit_scale, softcap,
     )  # fmt: skip
     if readable.data_ptr() != logits.data_ptr():
         logits.copy_(readable)

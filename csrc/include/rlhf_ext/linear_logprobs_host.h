@@ -67,7 +67,7 @@ struct LinearProblem {
   at::Tensor target;  // int64 [N]
   at::Tensor valid;   // int64 [Nv]: indices of the rows whose target is not ignore_index
   int64_t rows = 0, hidden_size = 0, vocab = 0;
-  double inv_temp = 1.0;
+  TransformSettings transform;  // temps: acc_dtype [N], or undefined
   int64_t ignore_index = -100;
   int64_t chunk_rows = 1;
   at::ScalarType acc_dtype = at::kFloat;
@@ -118,20 +118,21 @@ inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weig
 inline LinearProblem prepare_linear(const at::Tensor& hidden, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias,
                                     const at::Tensor& target, double temperature,
-                                    int64_t ignore_index, int64_t chunk_size) {
+                                    const std::optional<at::Tensor>& temperatures,
+                                    double logit_scale, double softcap, int64_t ignore_index,
+                                    int64_t chunk_size) {
   const char* op = kLinearLogprobsOp;
   check_linear_inputs(hidden, weight, bias, target);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    ": `temperature` must be a finite float > 0, got ", temperature);
   TORCH_CHECK_VALUE(chunk_size >= 1, op, ": `chunk_size` must be an int >= 1, got ", chunk_size);
   LinearProblem p;
   p.hidden_size = hidden.size(-1);
   p.vocab = weight.size(0);
   p.rows = target.numel();
-  p.inv_temp = 1.0 / temperature;
   p.ignore_index = ignore_index;
   p.chunk_rows = chunk_size;
   p.acc_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.transform = transform_settings(op, temperature, temperatures, logit_scale, softcap, hidden,
+                                   hidden.sizes().slice(0, hidden.dim() - 1), p.acc_dtype);
   p.float32_logits = hidden.is_cuda() && (hidden.scalar_type() == at::kBFloat16 ||
                                           hidden.scalar_type() == at::kHalf);
   p.lead_shape = hidden.sizes().slice(0, hidden.dim() - 1).vec();
@@ -155,6 +156,12 @@ inline at::Tensor logits_tile(const at::Tensor& hidden_rows, const at::Tensor& w
   }
   if (bias_cols.defined()) return at::addmm(bias_cols, hidden_rows, weight_rows.t());
   return at::mm(hidden_rows, weight_rows.t());
+}
+
+// The rows' temperatures, for a tile of those rows (`rows`: int64 indices into the N
+// rows); undefined without per-row temperatures.
+inline at::Tensor temps_of(const LinearProblem& p, const at::Tensor& rows) {
+  return p.transform.temps.defined() ? p.transform.temps.index_select(0, rows) : at::Tensor();
 }
 
 inline int64_t round_up_rows(int64_t n) {
@@ -201,7 +208,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     const int64_t n = chunk.indices.size(0);
     at::Tensor lp = at::empty({n}, options), ls = at::empty({n}, options);
     at::Tensor ent = return_entropy ? at::empty({n}, options) : at::Tensor();
-    kernels.forward(tile_problem(tile, tile_target, p.inv_temp, p.ignore_index), lp, ent, ls);
+    const TransformSettings transform = with_temps(p.transform, temps_of(p, chunk.indices));
+    kernels.forward(tile_problem(tile, tile_target, transform, p.ignore_index), lp, ent, ls);
     const at::Tensor rows = p.valid.slice(0, begin, end);
     logprobs.index_copy_(0, rows, lp.slice(0, 0, end - begin));
     lse.index_copy_(0, rows, ls.slice(0, 0, end - begin));
@@ -260,6 +268,7 @@ inline void accumulate_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor&
 
 struct LinearGradInputs {
   at::Tensor target, lse, entropy, grad_logprobs, grad_entropy;  // [Nv] each, or undefined
+  at::Tensor temps;  // [Nv] acc_dtype, or undefined without per-row temperatures
 };
 
 inline at::Tensor valid_per_row(const LinearProblem& p, const char* name,
@@ -278,6 +287,7 @@ inline LinearGradInputs prepare_linear_grad_inputs(
     const std::optional<at::Tensor>& grad_entropy) {
   LinearGradInputs in;
   in.target = p.target.index_select(0, p.valid);
+  in.temps = temps_of(p, p.valid);
   in.lse = valid_per_row(p, "lse", lse);
   in.grad_logprobs = valid_per_row(p, "grad_logprobs", grad_logprobs);
   in.grad_entropy = valid_per_row(p, "grad_entropy", grad_entropy);
@@ -343,8 +353,9 @@ inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
     auto rows_of = [&](const at::Tensor& x) {
       return x.defined() ? x.slice(0, t.row, t.row + t.rows) : at::Tensor();
     };
-    const LogprobsProblem tp =
-        tile_problem(grad_tile, rows_of(in.target), p.inv_temp, p.ignore_index);
+    const LogprobsProblem tp = tile_problem(grad_tile, rows_of(in.target),
+                                            with_temps(p.transform, rows_of(in.temps)),
+                                            p.ignore_index);
     const LogprobsGradInputs tile_in{rows_of(in.lse), rows_of(in.entropy),
                                      rows_of(in.grad_logprobs), rows_of(in.grad_entropy)};
     kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{t.col, p.vocab});

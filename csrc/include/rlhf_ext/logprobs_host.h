@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "rlhf_ext/checks.h"
+#include "rlhf_ext/logit_transform.h"
 #include "rlhf_ext/row_layout.h"
 
 namespace rlhf_ext {
@@ -39,20 +40,83 @@ inline std::optional<RowLayout> leading_layout(const at::Tensor& t) {
   return layout;
 }
 
+// The logit transform's settings (logit_transform.h) on the host, in double.
+struct TransformSettings {
+  double inv_temp = 1.0;   // numerator / temperature: the multiplier of y
+  at::Tensor temps;        // per-row temperatures, acc_dtype [rows], or undefined
+  double numerator = 1.0;  // logit_scale without a softcap, 1 with one
+  double softcap = 0.0;    // 0: none
+  double logit_scale = 1.0;
+};
+
+// The settings, checked (the scalars the Python layer checks too: they are reachable
+// through torch.ops), with the per-token temperatures of `lead_shape` as contiguous
+// acc_dtype [rows] on `like`'s device.
+inline TransformSettings transform_settings(const char* op, double temperature,
+                                            const std::optional<at::Tensor>& temperatures,
+                                            double logit_scale, double softcap,
+                                            const at::Tensor& like, at::IntArrayRef lead_shape,
+                                            at::ScalarType acc_dtype) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
+                    ": `temperature` must be a finite float > 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0, op,
+                    ": `logit_scale` must be a finite float > 0, got ", logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, op,
+                    ": `softcap` must be a finite float >= 0 (0: no softcap), got ", softcap);
+  TransformSettings s;
+  s.logit_scale = logit_scale;
+  s.softcap = softcap;
+  s.numerator = softcap > 0 ? 1.0 : logit_scale;
+  s.inv_temp = s.numerator / temperature;
+  if (temperatures.has_value() && temperatures->defined()) {
+    const at::Tensor& t = *temperatures;
+    check_same_device(op, "temperatures", t, like);
+    check_floating(op, "temperatures", t);
+    TORCH_CHECK_VALUE(t.sizes() == lead_shape, op, ": `temperatures` must have shape ",
+                      lead_shape, " (one temperature per token), got ", shape_str(t));
+    s.temps = t.to(acc_dtype).contiguous().reshape({-1});
+  }
+  return s;
+}
+
+// The same settings with the per-row temperatures of other rows (a tile's: undefined
+// when the op has none).
+inline TransformSettings with_temps(TransformSettings s, const at::Tensor& temps) {
+  s.temps = s.temps.defined() ? temps : at::Tensor();
+  return s;
+}
+
 struct LogprobsProblem {
   at::Tensor logits;  // the caller's tensor, or a contiguous copy if its layout needs one
   at::Tensor target;  // int64, contiguous, [rows]
   RowLayout layout;
   int64_t rows = 0;
   int64_t vocab = 0;
-  double inv_temp = 1.0;
+  TransformSettings transform;
   int64_t ignore_index = -100;
   at::ScalarType acc_dtype = at::kFloat;
   std::vector<int64_t> lead_shape;  // logits.shape[:-1]: the shape of every per-token tensor
 };
 
+// The transform as the kernels read it.
+template <typename acc_t>
+LogitTransform<acc_t> logit_transform(const LogprobsProblem& p) {
+  const TransformSettings& s = p.transform;
+  LogitTransform<acc_t> t;
+  t.inv_temp = static_cast<acc_t>(s.inv_temp);
+  t.temps = s.temps.defined() ? s.temps.data_ptr<acc_t>() : nullptr;
+  t.numerator = static_cast<acc_t>(s.numerator);
+  t.cap = static_cast<acc_t>(s.softcap);
+  t.cap_in = s.softcap > 0 ? static_cast<acc_t>(s.logit_scale / s.softcap) : acc_t(0);
+  t.cap_scale = static_cast<acc_t>(s.logit_scale);
+  return t;
+}
+
 inline LogprobsProblem prepare_logprobs(const at::Tensor& logits, const at::Tensor& target,
-                                        double temperature, int64_t ignore_index) {
+                                        double temperature,
+                                        const std::optional<at::Tensor>& temperatures,
+                                        double logit_scale, double softcap,
+                                        int64_t ignore_index) {
   const char* op = kLogprobsOp;
   check_floating(op, "logits", logits);
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1, op,
@@ -64,12 +128,9 @@ inline LogprobsProblem prepare_logprobs(const at::Tensor& logits, const at::Tens
   TORCH_CHECK_VALUE(target.sizes() == lead, op, ": `target` must have shape ", lead,
                     " (the shape of `logits` without its last dimension), got ",
                     shape_str(target));
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, op,
-                    ": `temperature` must be a finite float > 0, got ", temperature);
   LogprobsProblem p;
   p.vocab = logits.size(-1);
   p.rows = target.numel();
-  p.inv_temp = 1.0 / temperature;
   p.ignore_index = ignore_index;
   p.acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   p.lead_shape = lead.vec();
@@ -78,6 +139,8 @@ inline LogprobsProblem prepare_logprobs(const at::Tensor& logits, const at::Tens
   std::optional<RowLayout> layout = unit_stride ? leading_layout(logits) : std::nullopt;
   p.logits = layout ? logits : logits.contiguous();
   p.layout = layout ? *layout : *leading_layout(p.logits);
+  p.transform = transform_settings(op, temperature, temperatures, logit_scale, softcap, logits,
+                                   lead, p.acc_dtype);
   return p;
 }
 
@@ -150,14 +213,15 @@ inline GradTarget logits_as_grad(const LogprobsProblem& p) {
 
 // A problem over logits that an op built itself: a contiguous [rows, V]
 // tile and its int64 [rows] targets, already checked by that op.
+// `transform` holds the tile rows' temperatures (with_temps), if any.
 inline LogprobsProblem tile_problem(const at::Tensor& logits, const at::Tensor& target,
-                                    double inv_temp, int64_t ignore_index) {
+                                    const TransformSettings& transform, int64_t ignore_index) {
   LogprobsProblem p;
   p.logits = logits;
   p.target = target;
   p.rows = logits.size(0);
   p.vocab = logits.size(1);
-  p.inv_temp = inv_temp;
+  p.transform = transform;
   p.ignore_index = ignore_index;
   p.acc_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   p.lead_shape = {p.rows};
