@@ -86,6 +86,40 @@ def test_selective_log_softmax_temperature_and_row_mask():
         adapter.selective_log_softmax(logits, index, temperature=0.0)
 
 
+def test_selective_log_softmax_and_entropy_matches_trls_formula():
+    """TRL 1.16's selective_log_softmax_and_entropy (absent from older TRL: compared with
+    the formula of its path without the CUDA kernel; test_integrations_trl_grpo.py runs it
+    against TRL 1.16's own code): values, gradients, row mask, entropy_requires_grad."""
+    logits = _logits((2, 6, 30))
+    index = torch.randint(0, 30, (2, 6))
+    row_mask = _holey_mask((2, 6))
+    upstream = torch.randn(2, 6), torch.randn(2, 6)
+
+    def ours(x):
+        return adapter.selective_log_softmax_and_entropy(x, index, True, 0.7, row_mask)
+
+    def theirs(x):
+        logp = torch.log_softmax(x / 0.7, -1)
+        picked = logp.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return picked.masked_fill(~row_mask, 0.0), entropy.masked_fill(~row_mask, 0.0)
+
+    results = []
+    for fn in (ours, theirs):
+        x = logits.detach().clone().requires_grad_()
+        lp, ent = fn(x)
+        (lp * upstream[0] + ent * upstream[1]).sum().backward()
+        results.append((lp, ent, x.grad))
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **TOL)
+    x = logits.detach().clone().requires_grad_()
+    lp, ent = adapter.selective_log_softmax_and_entropy(x, index, False)
+    assert lp.requires_grad and not ent.requires_grad
+    with pytest.raises(ValueError, match="selective_log_softmax_and_entropy: `index` must"):
+        adapter.selective_log_softmax_and_entropy(logits, index[:, :2])
+
+
 def test_entropy_from_logits_matches_trl():
     logits = _logits((4, 5, 37))
     ours, our_grad = _values_and_grads(adapter.entropy_from_logits, logits)

@@ -555,14 +555,20 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[1])  # the wheel itself: a zip on sys.path
 import trl
 from trl.trainer import utils
-originals = (utils.selective_log_softmax, utils.entropy_from_logits)
+originals = (utils.selective_log_softmax, utils.entropy_from_logits,
+             utils.selective_log_softmax_and_entropy)
 from rlhf_ext.integrations import trl as adapter
 names = adapter.patch()
 logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+row_mask = torch.ones(2, 5, dtype=torch.long)
+row_mask[1, 3] = 0
+both = utils.selective_log_softmax_and_entropy(logits, labels, True, 0.7, row_mask)
+want = originals[2](logits, labels, True, 0.7, row_mask)
 close = [
     bool(torch.allclose(utils.selective_log_softmax(logits, labels),
                         originals[0](logits, labels), atol=1e-5)),
     bool(torch.allclose(utils.entropy_from_logits(logits), originals[1](logits), atol=1e-5)),
+    all(bool(torch.allclose(a, b, atol=1e-5)) for a, b in zip(both, want)),
 ]
 print(json.dumps({"version": trl.__version__, "names": names, "close": close}))
 """
@@ -571,8 +577,10 @@ print(json.dumps({"version": trl.__version__, "names": names, "close": close}))
 @needs_wheel
 def test_patch_on_trl_116_itself():
     """patch() on TRL 1.16.0 (the wheel imported in a fresh interpreter): inside the tested
-    range, it replaces selective_log_softmax and entropy_from_logits, which agree with TRL's
-    own (its fused LM head path is not a target yet: docs/integrations.md)."""
+    range, it replaces selective_log_softmax, entropy_from_logits and
+    selective_log_softmax_and_entropy, which agree with TRL's own (with a temperature and
+    a row mask for the last; its fused LM head path is not a target yet:
+    docs/integrations.md)."""
     import json
     import subprocess
     import sys
@@ -589,4 +597,5 @@ def test_patch_on_trl_116_itself():
     assert result["version"] == "1.16.0"
     assert "trl.trainer.utils.selective_log_softmax" in result["names"]
     assert "trl.trainer.utils.entropy_from_logits" in result["names"]
-    assert result["close"] == [True, True]
+    assert "trl.trainer.utils.selective_log_softmax_and_entropy" in result["names"]
+    assert result["close"] == [True, True, True]

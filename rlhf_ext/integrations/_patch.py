@@ -67,7 +67,8 @@ class Target:
     module: str
     name: str
     replacement: object
-    optional: bool = False  # skipped when `module` does not exist in the installed version
+    # skipped when `module`, or `name` in it, does not exist in the installed version
+    optional: bool = False
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Patcher:
         """Import the peer and the modules that define the targets; the targets present."""
         try:
             importlib.import_module(self.package)
-            present = [t for t in self.targets if not t.optional or _module_exists(t.module)]
+            present = [t for t in self.targets if not t.optional or _target_exists(t)]
             for target in present:
                 importlib.import_module(target.module)
             return present
@@ -246,6 +247,17 @@ def _module_exists(name: str) -> bool:
     try:
         importlib.import_module(name)
     except ModuleNotFoundError:
+        return False
+    return True
+
+
+def _target_exists(target: Target) -> bool:
+    """Whether the installed peer has the target's module and the attribute in it."""
+    if not _module_exists(target.module):
+        return False
+    try:
+        _resolve(importlib.import_module(target.module), target.name)
+    except AttributeError:
         return False
     return True
 

@@ -23,6 +23,7 @@ from rlhf_ext.integrations._common import gather_logprobs, masked_whiten
 from rlhf_ext.integrations._patch import Patcher, Target, VersionRange
 from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
 from rlhf_ext.ops.ppo_losses import policy_loss as _rlhf_policy_loss
+from rlhf_ext.ops.token_logprobs import token_logprobs as _rlhf_token_logprobs
 
 PPO_MODULE = "trl.experimental.ppo.ppo_trainer"
 PREFIX = "rlhf_ext.integrations.trl"
@@ -54,6 +55,39 @@ def selective_log_softmax(
     if row_mask is not None and index.dim() == logits.dim():
         logprobs = logprobs.masked_fill((row_mask == 0).unsqueeze(-1), 0.0)
     return logprobs.to(logits.dtype)
+
+
+def selective_log_softmax_and_entropy(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    entropy_requires_grad: bool = True,
+    temperature: float = 1.0,
+    row_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL 1.16's ``selective_log_softmax_and_entropy``: ``(log-probs, entropy)`` of
+    ``softmax(logits / temperature)`` per position, ``index`` of shape ``logits.shape[:-1]``
+    (one token per position), from one read of the logits (rlhf_ext.token_logprobs with
+    the entropy). Positions where ``row_mask`` is 0 are not read and give 0 for both (TRL
+    masks them after computing). With ``entropy_requires_grad=False`` the entropy is
+    detached, and the backward reads only the log-probs' terms. Both outputs have the dtype
+    of ``logits`` (TRL's path without its CUDA kernel computes in that dtype; here the math
+    runs in float32 and the results are cast)."""
+    name = f"{PREFIX}.selective_log_softmax_and_entropy"
+    if temperature <= 0:
+        raise ValueError(f"{name}: `temperature` must be > 0, got {temperature!r}")
+    if index.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"{name}: `index` must have shape {tuple(logits.shape[:-1])} (one token per "
+            f"position), got {tuple(index.shape)}"
+        )
+    if row_mask is not None:
+        index = index.masked_fill(row_mask == 0, -100)  # skipped rows: never read, 0
+    logprobs, entropy = _rlhf_token_logprobs(
+        logits, index, temperature=float(temperature), return_entropy=True
+    )
+    if not entropy_requires_grad:
+        entropy = entropy.detach()
+    return logprobs.to(logits.dtype), entropy.to(logits.dtype)
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
@@ -427,6 +461,12 @@ _PATCHER = Patcher(
     targets=[
         Target("trl.trainer.utils", "selective_log_softmax", selective_log_softmax),
         Target("trl.trainer.utils", "entropy_from_logits", entropy_from_logits),
+        Target(  # TRL >= 1.16
+            "trl.trainer.utils",
+            "selective_log_softmax_and_entropy",
+            selective_log_softmax_and_entropy,
+            optional=True,
+        ),
         Target(PPO_MODULE, "masked_mean", masked_mean, optional=True),
         Target(PPO_MODULE, "masked_var", masked_var, optional=True),
         Target(PPO_MODULE, "masked_whiten", masked_whiten, optional=True),
