@@ -10,7 +10,7 @@ import math
 import conftest
 import pytest
 import torch
-from conftest import CPU_BACKENDS, assert_close_ref, assert_within_eager_error
+from conftest import CPU_BACKENDS, assert_close_ref, assert_within_eager_error, given, settings, st
 
 import rlhf_ext
 from rlhf_ext import reference
@@ -235,6 +235,39 @@ def test_inplace_backward_with_transforms(inputs, backend):
     lp2, ent2 = run(buffer, target, backend, inplace_backward=True, **kwargs)
     (lp2.sum() + ent2.sum()).backward()
     assert torch.equal(lp2, lp) and torch.equal(y.grad, x.grad)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@settings(max_examples=15)
+@given(
+    rows=st.integers(1, 5),
+    vocab=st.integers(1, 300),
+    softcap=st.floats(0.05, 50.0),
+    logit_scale=st.floats(0.1, 10.0),
+    temperature=st.floats(0.25, 4.0),
+    seed=st.integers(0, 2**31),
+)
+def test_transform_properties(backend, rows, vocab, softcap, logit_scale, temperature, seed):
+    """|z| <= softcap / T bounds every log-prob from below by -log V - 2 softcap / T; the
+    scale and the temperature enter only as their ratio without a softcap; a per-row
+    temperature tensor equals the scalar op on each row."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=gen) * 8
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    tol = 1e-4 * max(1.0, math.log(vocab) + softcap / temperature)
+    lp, ent = run(logits, target, backend, softcap=softcap, temperature=temperature)
+    assert (lp <= tol).all() and (lp >= -math.log(vocab) - 2 * softcap / temperature - tol).all()
+    assert (ent >= -tol).all() and (ent <= math.log(vocab) + tol).all()
+    scaled = run(logits, target, backend, logit_scale=logit_scale, temperature=temperature)
+    ratio = run(logits, target, backend, temperature=temperature / logit_scale)
+    for a, b in zip(scaled, ratio, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * max(1.0, logit_scale / temperature))
+    temps = torch.rand(rows, generator=gen) * 3 + 0.25
+    per_row = run(logits, target, backend, temperature=temps, softcap=softcap)
+    for i in range(rows):
+        one = run(logits[i], target[i], backend, temperature=float(temps[i]), softcap=softcap)
+        torch.testing.assert_close(per_row[0][i], one[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(per_row[1][i], one[1], rtol=1e-6, atol=1e-6)
 
 
 # -- bad input --------------------------------------------------------------------------
