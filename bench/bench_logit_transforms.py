@@ -7,12 +7,15 @@ gradients):
 - ``T``: a scalar temperature (0.7), the path every other mode is measured against;
 - ``T[token]``: one temperature per token (a float32 tensor, uniform in [0.5, 1.5]);
 - ``softcap``: Gemma's final_logit_softcapping (30) with the scalar temperature;
-- ``T[token]+softcap+scale``: all of them, with logit_scale 0.5.
+- ``T[token]+softcap+scale``: all of them, with logit_scale 0.5;
+- ``T+outputs``: the scalar temperature with every extra output asked for (``outputs=``:
+  lse, log_sum_sq_probs, mean_logits, is_top1), only logprobs and entropy differentiated.
 
 Implementations: ``rlhf_ext[<backend>]`` and the baseline ``eager``, the transform in
 float32 then log_softmax + gather and the softmax entropy (what a trainer writes by hand).
-The issue 17 target: ``T[token]`` within 5% of ``T`` on rlhf_ext's kernels (the bytes do
-not change: the N temperatures are 1/V of the logits).
+The issue 17 targets: ``T[token]`` within 5% of ``T`` on rlhf_ext's kernels (the bytes do
+not change: the N temperatures are 1/V of the logits), and ``T+outputs`` within 10% of
+``T`` (one read: the bytes do not change either).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from . import harness
 from .harness import Impl
 
 OP = "logit_transforms"
-MODES = ("T", "T[token]", "softcap", "T[token]+softcap+scale")
+MODES = ("T", "T[token]", "softcap", "T[token]+softcap+scale", "T+outputs")
 BASELINE = "eager"
 SHAPES = {"cuda": [(16384, 151936)], "cpu": [(2048, 32000)]}
 QUICK_SHAPES = {"cuda": [(4096, 32000)], "cpu": [(256, 32000)]}
@@ -82,8 +85,15 @@ def expected_outputs(point: harness.Point, inputs: dict):
 
 def ours(backend: str, mode: str):
     import rlhf_ext
+    from rlhf_ext.ops._vocab import LOGPROB_OUTPUTS
 
     def compute(logits, target, temps):
+        if "outputs" in mode:
+            out = rlhf_ext.token_logprobs(
+                logits, target, outputs=LOGPROB_OUTPUTS, validate=False, backend=backend,
+                **transform(mode, temps),
+            )  # fmt: skip
+            return out.logprobs, out.entropy
         return rlhf_ext.token_logprobs(
             logits, target, return_entropy=True, validate=False, backend=backend,
             **transform(mode, temps),
@@ -102,6 +112,10 @@ def eager(mode: str):
         z = z / (temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature)
         logp = torch.log_softmax(z, -1)
         entropy = -(logp.exp() * logp).sum(-1)
+        if "outputs" in mode:  # what a trainer computes for them by hand
+            # computed (and timed), not checked
+            _extras = (torch.logsumexp(z, -1), torch.logsumexp(2 * logp, -1), z.mean(-1),
+                       z.argmax(-1) == target)  # fmt: skip
         return logp.gather(-1, target[:, None]).squeeze(-1), entropy
 
     return compute

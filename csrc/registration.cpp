@@ -48,20 +48,27 @@ TORCH_LIBRARY(rlhf_ext, m) {
   // log-sum-exp that the backward reuses instead of a second reduction.
   // inplace_backward is not read by the kernels: it tells the registered
   // backward (rlhf_ext/ops/token_logprobs.py) to write into the logits buffer.
+  // `extras` (bits of logprobs_host.h kExtra*) asks for the outputs beyond them:
+  // log sum_v p_v^2, the mean of z over the vocabulary and whether the target is the
+  // argmax (bool), each an empty tensor when not asked for.
   m.def(
       "token_logprobs_fwd(Tensor logits, Tensor target, float temperature, Tensor? temperatures, "
       "float logit_scale, float softcap, int ignore_index, bool return_entropy, "
-      "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
-  // Gradient w.r.t. logits of sum(grad_logprobs * logprobs + grad_entropy * entropy),
-  // into a fresh tensor, or (the trailing underscore) into the logits buffer.
+      "bool inplace_backward=False, int extras=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. logits of sum(grad_logprobs * logprobs + grad_entropy * entropy +
+  // grad_lse * lse + grad_log_sum_sq * log_sum_sq + grad_mean_logits * mean_logits), into a
+  // fresh tensor, or (the trailing underscore) into the logits buffer.
   m.def(
       "token_logprobs_bwd(Tensor logits, Tensor target, Tensor lse, Tensor? entropy, "
-      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, Tensor? temperatures, "
-      "float logit_scale, float softcap, int ignore_index) -> Tensor");
+      "Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? log_sum_sq, Tensor? grad_lse, "
+      "Tensor? grad_log_sum_sq, Tensor? grad_mean_logits, float temperature, "
+      "Tensor? temperatures, float logit_scale, float softcap, int ignore_index) -> Tensor");
   m.def(
       "token_logprobs_bwd_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor? entropy, "
-      "Tensor? grad_logprobs, Tensor? grad_entropy, float temperature, Tensor? temperatures, "
-      "float logit_scale, float softcap, int ignore_index) -> ()");
+      "Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? log_sum_sq, Tensor? grad_lse, "
+      "Tensor? grad_log_sum_sq, Tensor? grad_mean_logits, float temperature, "
+      "Tensor? temperatures, float logit_scale, float softcap, int ignore_index) -> ()");
   // The loss ops return (loss, stats, grad, row_weight): the aggregated loss
   // (0-d), the statistics ([k] float32), the per-token derivative before
   // aggregation ([B, T], 0 at masked tokens) and the per-row aggregation weight
@@ -178,6 +185,11 @@ pybind11::dict build_info() {
   linear["vocab_quantum"] = rlhf_ext::kVocabQuantum;
   linear["accumulate_rows"] = rlhf_ext::kAccumulateRows;
   info["linear_token_logprobs"] = linear;
+  pybind11::dict logprob_extras;
+  logprob_extras["log_sum_sq_probs"] = rlhf_ext::kExtraLogSumSq;
+  logprob_extras["mean_logits"] = rlhf_ext::kExtraMeanLogits;
+  logprob_extras["is_top1"] = rlhf_ext::kExtraIsTop1;
+  info["logprob_extras"] = logprob_extras;
 #if defined(__clang__)
   info["compiler"] = "clang " __clang_version__;
 #elif defined(__GNUC__)

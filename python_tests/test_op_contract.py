@@ -119,6 +119,10 @@ def token_logprobs_samples(inp: Inputs, device):
     yield (logits, target), kwargs, (0,)
     yield (logits.double(), target), dict(temperature=per_token[:, 0].double()), (0,)
     yield (logits.bfloat16(), target), dict(softcap=4.0, temperature=0.8), (0,)
+    # Every extra output (issue 17 item 3), and a subset without the entropy.
+    yield (logits, target), dict(outputs=_vocab.LOGPROB_OUTPUTS, softcap=6.0), (0,)
+    yield (logits.double(), target), dict(outputs=("lse", "log_sum_sq_probs")), (0,)
+    yield (logits, target), dict(outputs=("mean_logits", "is_top1"), inplace_backward=True), (0,)
 
 
 def linear_token_logprobs_samples(inp: Inputs, device):
@@ -270,9 +274,12 @@ def _call(op: str, args, kwargs, backend: str):
 
 
 def _tensors(out) -> list[torch.Tensor]:
-    """The tensors of an op's result: a tensor, a tuple, or (loss, stats dict)."""
+    """The tensors of an op's result: a tensor, a tuple (None entries: outputs not asked
+    for), or (loss, stats dict)."""
     if isinstance(out, torch.Tensor):
         return [out]
+    if out is None:
+        return []
     found = []
     for item in out:
         found += list(item.values()) if isinstance(item, dict) else _tensors(item)
@@ -651,6 +658,11 @@ def test_kl_kind_codes_equal_the_cpp_enum():
 @requires_compiled
 def test_policy_kind_codes_equal_the_cpp_enum():
     assert rlhf_ext.build_info()["policy_kinds"] == _vocab.POLICY_KIND_CODES
+
+
+@requires_compiled
+def test_logprob_extra_codes_equal_the_cpp_constants():
+    assert rlhf_ext.build_info()["logprob_extras"] == _vocab.LOGPROB_EXTRA_CODES
 
 
 def test_loss_agg_codes_equal_the_cpp_enum():

@@ -26,6 +26,8 @@ OP = "rlhf_ext.token_logprobs"
 IGNORE = -100
 # The raw ops' (temperature, temperatures, logit_scale, softcap) with no transform.
 NO_TRANSFORM = (1.0, None, 1.0, 0.0)
+# The raw backward's (log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean_logits) unused.
+NO_EXTRA = (None, None, None, None)
 
 
 def acc(dtype):
@@ -430,9 +432,19 @@ TOKEN_LOGPROBS_RAW_OP_BAD_INPUT = conftest.bad_inputs(
     ("fwd-temperatures-int", TypeError, r"token_logprobs: `temperatures` must be float"),
     lambda x, t, out, raw: raw.fwd(x, t, 1.0, t, 1.0, 0.0, IGNORE, False),
     ("bwd-lse-shape", ValueError, r"token_logprobs: `lse` must have shape \[3\]"),
-    lambda x, t, out, raw: raw.bwd(x, t, out[2][:2], None, out[0], None, *NO_TRANSFORM, IGNORE),
+    lambda x, t, out, raw: raw.bwd(
+        x, t, out[2][:2], None, out[0], None, *NO_EXTRA, *NO_TRANSFORM, IGNORE
+    ),  # fmt: skip
     ("bwd-grad_entropy-without-entropy", ValueError, r"`entropy` is needed with `grad_entropy`"),
-    lambda x, t, out, raw: raw.bwd(x, t, out[2], None, out[0], out[0], *NO_TRANSFORM, IGNORE),
+    lambda x, t, out, raw: raw.bwd(
+        x, t, out[2], None, out[0], out[0], *NO_EXTRA, *NO_TRANSFORM, IGNORE
+    ),  # fmt: skip
+    ("bwd-grad_log_sum_sq-without", ValueError, r"`log_sum_sq` is needed with `grad_log_sum_sq`"),
+    lambda x, t, out, raw: raw.bwd(
+        x, t, out[2], None, out[0], None, None, None, out[0], None, *NO_TRANSFORM, IGNORE
+    ),  # fmt: skip
+    ("fwd-extras-unknown-bit", ValueError, r"token_logprobs: `extras` must be a combination"),
+    lambda x, t, out, raw: raw.fwd(x, t, *NO_TRANSFORM, IGNORE, False, False, 8),
 )
 
 

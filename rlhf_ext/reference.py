@@ -8,6 +8,8 @@ stays float64), as the kernels do.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from rlhf_ext.ops._vocab import AGG_MODES as AGG_MODES  # re-exported: the oracle's modes
@@ -211,6 +213,18 @@ def _expand_lead(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (like.dim() - t.dim())).expand(like.shape)
 
 
+class LogprobOutputs(NamedTuple):
+    """token_logprobs(..., outputs=...)'s result (rlhf_ext/ops/_vocab.py LOGPROB_OUTPUTS):
+    the outputs asked for, None for the others."""
+
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+
+
 def token_logprobs(
     logits,
     target,
@@ -220,11 +234,15 @@ def token_logprobs(
     softcap=None,
     ignore_index=-100,
     return_entropy=False,
+    outputs=None,
 ):
     """log_softmax(z) at `target` over the last dim (and the entropy), with z the
-    transformed logits (transformed_logits).
+    transformed logits (transformed_logits); with ``outputs`` (names of LOGPROB_OUTPUTS)
+    a LogprobOutputs of those: also lse = logsumexp(z), log_sum_sq_probs = log sum p^2,
+    mean_logits = mean(z) and is_top1 = (target is the first argmax of z, and the row
+    has a log-prob: not NaN).
 
-    0 (and no gradient) where target == ignore_index; NaN where a target is
+    0 (False, and no gradient) where target == ignore_index; NaN where a target is
     outside [0, V) otherwise. Materialises the [..., V] log-probs: the oracle
     and the "torch" backend, not a fast path.
     """
@@ -244,13 +262,21 @@ def token_logprobs(
     picked = logp.gather(-1, torch.where(in_vocab, target, 0).long().unsqueeze(-1)).squeeze(-1)
     picked = torch.where(in_vocab, picked, float("nan"))
     logprobs = torch.where(ignored, 0.0, picked)
-    if not return_entropy:
+    if not return_entropy and outputs is None:
         return logprobs
     p = logp.exp()
     # A -inf logit has p = 0 and adds 0 (not 0 * -inf), with a zero gradient.
     finite_logp = torch.where(p > 0, logp, 0.0)
     entropy = torch.where(ignored, 0.0, -(p * finite_logp).sum(-1))
-    return logprobs, entropy
+    if outputs is None:
+        return logprobs, entropy
+    every = {"logprobs": logprobs, "entropy": entropy}
+    every["lse"] = torch.where(ignored, 0.0, torch.logsumexp(z, -1))
+    every["log_sum_sq_probs"] = torch.where(ignored, 0.0, torch.logsumexp(2 * logp, -1))
+    every["mean_logits"] = torch.where(ignored, 0.0, z.mean(-1))
+    first_max = torch.nan_to_num(z.detach(), nan=float("-inf")).argmax(-1)
+    every["is_top1"] = (first_max == target) & in_vocab & ~ignored & ~torch.isnan(picked)
+    return LogprobOutputs(**{name: every[name] for name in outputs})
 
 
 def linear_token_logprobs(

@@ -145,6 +145,20 @@ def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
                     y * 1.0, target, inplace_backward=True, backend=backend, **kw
                 )
                 out.sum().backward()
+    # token_logprobs' extra outputs (SUM_SQ / MEAN / TOP1 forwards, the extra gradients'
+    # backwards; CUDA: the kExtras kernel), with and without the entropy and a softcap.
+    names = ("logprobs", "entropy", "lse", "log_sum_sq_probs", "mean_logits", "is_top1")
+    for rows, vocab in [(5, 33), (2, 151936)]:
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            full = torch.randn(rows, vocab + 1, device=dev).to(dtype)
+            target = torch.randint(0, vocab, (rows,), device=dev)
+            target[0] = -100
+            for logits, outputs, kw in ((full[:, :vocab], names, {}),
+                                        (full[:, 1:], names[2:], {"softcap": 30.0}),
+                                        (full[:, :vocab], ("mean_logits",), {})):  # fmt: skip
+                x = logits.clone().requires_grad_()
+                out = rlhf_ext.token_logprobs(x, target, outputs=outputs, backend=backend, **kw)
+                sum(getattr(out, k).sum() for k in outputs if k != "is_top1").backward()
     # linear_token_logprobs: one chunk, uneven chunks, a backward split over the vocabulary and
     # over rows, ignored rows, a bias, entropy, every dtype; H of 128 (the Triton forward's
     # whole 64-wide k-steps) over two 4096-column spans.

@@ -84,6 +84,24 @@ RLHF_INLINE void squash_chunk(const LogitTransform<acc_t>& tf, acc_t* buf, int64
   }
 }
 
+// chunk_state and, in `sum_sq`, the sum of the squares of its exponentials (relative to the
+// same max): the softmax at twice the multiplier, without a second exponential per element.
+template <typename acc_t>
+RLHF_INLINE SoftmaxState<acc_t> chunk_state_and_squares(const acc_t* buf, int64_t padded,
+                                                        acc_t scale_log2, acc_t& sum_sq) {
+  const acc_t m = chunk_max(buf, padded);
+  const acc_t base = m == kNegInf<acc_t> ? acc_t(0) : m;
+  acc_t sum_exp[kLanes] = {}, sum_shift[kLanes] = {}, squares[kLanes] = {};
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      softmax_add_with_square(buf[i + l], base, scale_log2, sum_exp[l], sum_shift[l],
+                              squares[l]);
+    }
+  }
+  sum_sq = sum_lanes(squares);
+  return {m, sum_lanes(sum_exp), sum_lanes(sum_shift)};
+}
+
 template <typename acc_t>
 RLHF_INLINE SoftmaxState<acc_t> chunk_state(const acc_t* buf, int64_t padded, acc_t scale_log2) {
   const acc_t m = chunk_max(buf, padded);
@@ -108,8 +126,35 @@ struct ForwardArgs {
   int64_t ignore_index;
   LogitTransform<acc_t> transform;
   acc_t* logprobs;
-  acc_t* entropy;  // nullptr: not asked for
+  acc_t* entropy;  // nullptr: not asked for (so the three below)
   acc_t* lse;
+  acc_t* log_sum_sq;
+  acc_t* mean_logits;
+  bool* is_top1;
+};
+
+// The sum of a chunk's n real elements (the padding after them is overwritten), in lanes
+// and a fixed tree.
+template <typename acc_t>
+RLHF_INLINE acc_t chunk_sum(acc_t* buf, int64_t n) {
+  const int64_t padded = round_up_lanes(n);
+  for (int64_t i = n; i < padded; ++i) buf[i] = acc_t(0);
+  acc_t lanes[kLanes] = {};
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += buf[i + l];
+  }
+  return sum_lanes(lanes);
+}
+
+// The extra outputs' running values over a row (token_logprobs' `outputs=`): the softmax
+// at twice the multiplier (its log-sum-exp is log sum exp(2 z): log sum p^2 = that - 2 lse),
+// the sum of y, and the largest y before the target (is_top1: ties go to the first index,
+// as argmax).
+template <typename acc_t>
+struct RowExtras {
+  SoftmaxState<acc_t> doubled = softmax_empty<acc_t>();
+  acc_t sum = acc_t(0);
+  acc_t max_before = kNegInf<acc_t>;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -122,24 +167,53 @@ RLHF_INLINE void process_rows(const ForwardArgs<scalar_t, acc_t>& a, int64_t beg
       a.logprobs[row] = 0;
       if (a.entropy) a.entropy[row] = 0;
       a.lse[row] = 0;
+      if (a.log_sum_sq) a.log_sum_sq[row] = 0;
+      if (a.mean_logits) a.mean_logits[row] = 0;
+      if (a.is_top1) a.is_top1[row] = false;
       continue;
     }
     const scalar_t* x = a.logits + a.layout.offset(row);
     const acc_t mult = tf.row_mult(row);
     const acc_t scale_log2 = mult * acc_t(kLog2e);
     SoftmaxState<acc_t> state = softmax_empty<acc_t>();
+    RowExtras<acc_t> extra;
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
       load_chunk(x + start, n, buf);
       if (tf.capped()) squash_chunk(tf, buf, n);
-      state = softmax_merge(state, chunk_state(buf, round_up_lanes(n), scale_log2), scale_log2);
+      acc_t sum_sq = 0;
+      const SoftmaxState<acc_t> chunk =
+          a.log_sum_sq ? chunk_state_and_squares(buf, round_up_lanes(n), scale_log2, sum_sq)
+                       : chunk_state(buf, round_up_lanes(n), scale_log2);
+      state = softmax_merge(state, chunk, scale_log2);
+      if (a.log_sum_sq) {  // exp2(2 s) = exp2(s)^2: the same max, its merge at 2 scale
+        const SoftmaxState<acc_t> squares{chunk.max, sum_sq, acc_t(0)};
+        extra.doubled = softmax_merge(extra.doubled, squares, 2 * scale_log2);
+      }
+      if (a.is_top1 && start < tgt) {
+        if (start + n <= tgt) {
+          extra.max_before = chunk.max > extra.max_before ? chunk.max : extra.max_before;
+        } else {
+          for (int64_t i = 0; i < tgt - start; ++i) {
+            extra.max_before = buf[i] > extra.max_before ? buf[i] : extra.max_before;
+          }
+        }
+      }
+      if (a.mean_logits) extra.sum += chunk_sum(buf, n);  // last: it overwrites the padding
     }
     const acc_t lse = softmax_lse(state, mult);
     const bool in_vocab = tgt >= 0 && tgt < a.vocab;
-    a.logprobs[row] = in_vocab ? tf.squash(static_cast<acc_t>(x[tgt])) * mult - lse
-                               : std::numeric_limits<acc_t>::quiet_NaN();
+    const acc_t y_target = in_vocab ? tf.squash(static_cast<acc_t>(x[tgt])) : acc_t(0);
+    const acc_t logprob =
+        in_vocab ? y_target * mult - lse : std::numeric_limits<acc_t>::quiet_NaN();
+    a.logprobs[row] = logprob;
     if (a.entropy) a.entropy[row] = softmax_entropy(state, mult);
-    a.lse[row] = lse;
+    a.lse[row] = lse_output(state, lse);
+    if (a.log_sum_sq) a.log_sum_sq[row] = softmax_lse(extra.doubled, 2 * mult) - 2 * lse;
+    if (a.mean_logits) a.mean_logits[row] = extra.sum * mult / static_cast<acc_t>(a.vocab);
+    if (a.is_top1) {  // a row without a distribution (NaN log-prob) has no top token
+      a.is_top1[row] = logprob == logprob && y_target >= state.max && y_target > extra.max_before;
+    }
   }
 }
 
@@ -158,7 +232,25 @@ struct BackwardArgs {
   const acc_t* entropy;        // nullptr when no entropy gradient flows
   const acc_t* grad_logprobs;  // nullptr: zero
   const acc_t* grad_entropy;   // nullptr: zero
+  const acc_t* log_sum_sq;     // nullptr unless grad_log_sum_sq
+  const acc_t* grad_lse;       // nullptr: zero (so the two below)
+  const acc_t* grad_log_sum_sq;
+  const acc_t* grad_mean;
 };
+
+// The row's ExtraGrad (softmax_math.h) from the extra outputs' upstream gradients.
+template <typename scalar_t, typename acc_t>
+RLHF_INLINE ExtraGrad<acc_t> row_extra_grad(const BackwardArgs<scalar_t, acc_t>& a, int64_t row) {
+  ExtraGrad<acc_t> e;
+  if (a.grad_lse) e.g_lse = a.grad_lse[row];
+  if (a.grad_log_sum_sq) {
+    e.g_sq2 = 2 * a.grad_log_sum_sq[row];
+    e.inv_s2 = std::exp(-a.log_sum_sq[row]);
+  }
+  if (a.grad_mean) e.g_mean_v = a.grad_mean[row] / static_cast<acc_t>(a.slice.full_vocab);
+  e.softmax_terms = a.grad_logprobs || a.grad_entropy || a.grad_lse || a.grad_log_sum_sq;
+  return e;
+}
 
 template <typename scalar_t, typename acc_t>
 RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin,
@@ -179,15 +271,16 @@ RLHF_INLINE void process_rows(const BackwardArgs<scalar_t, acc_t>& a, int64_t be
     const acc_t entropy = a.entropy ? a.entropy[row] : acc_t(0);
     // A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
     const bool in_vocab = tgt >= 0 && tgt < a.slice.full_vocab;
-    const acc_t lse = in_vocab ? a.lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
+    const acc_t lse = in_vocab ? lse_input(a.lse[row]) : std::numeric_limits<acc_t>::quiet_NaN();
     const int64_t local_target = tgt - a.slice.offset;  // outside [0, vocab): not in this tile
     const acc_t mult = tf.row_mult(row);
+    const ExtraGrad<acc_t> extra = row_extra_grad(a, row);
     for (int64_t start = 0; start < a.vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, a.vocab - start);
       for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(x[start + i]);
       if (tf.capped()) squash_chunk(tf, buf, n, slope);
       for (int64_t i = 0; i < n; ++i) {
-        buf[i] = logits_grad(buf[i], mult, lse, entropy, g_lp, g_ent);
+        buf[i] = logits_grad(buf[i], mult, lse, entropy, g_lp, g_ent, extra);
       }
       if (local_target >= start && local_target < start + n) {
         buf[local_target - start] += target_grad(g_lp, mult);
@@ -211,39 +304,39 @@ void parallel_rows(const Args& args, int64_t rows, int64_t vocab) {
   parallel_over(rows, vocab, [&](int64_t begin, int64_t end) { loop(args, begin, end); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
+LogprobsOutputsTuple token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& target, double temperature,
     const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
-    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/) {
+    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/,
+    int64_t extras) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
                                              logit_scale, softcap, ignore_index);
-  auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
-  logprobs_forward_rows_cpu(p, logprobs, return_entropy ? entropy : at::Tensor(), lse);
-  return {logprobs, entropy, lse};
-}
-
-// Writes the gradient w.r.t. the logits into `out`.
-void backward_into(const LogprobsProblem& p, const GradTarget& out, const at::Tensor& lse,
-                   const std::optional<at::Tensor>& entropy,
-                   const std::optional<at::Tensor>& grad_logprobs,
-                   const std::optional<at::Tensor>& grad_entropy) {
-  if (p.rows == 0) return;
-  const LogprobsGradInputs in =
-      prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
-  logprobs_backward_rows_cpu(p, out, in, whole_vocab(p));
+  const ForwardOutputs out = forward_outputs(p, return_entropy, extras);
+  logprobs_forward_rows_cpu(p, out);
+  return as_tuple(out);
 }
 
 at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                   const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
                                   const std::optional<at::Tensor>& grad_logprobs,
                                   const std::optional<at::Tensor>& grad_entropy,
+                                  const std::optional<at::Tensor>& log_sum_sq,
+                                  const std::optional<at::Tensor>& grad_lse,
+                                  const std::optional<at::Tensor>& grad_log_sum_sq,
+                                  const std::optional<at::Tensor>& grad_mean_logits,
                                   double temperature,
                                   const std::optional<at::Tensor>& temperatures,
                                   double logit_scale, double softcap, int64_t ignore_index) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
                                              logit_scale, softcap, ignore_index);
   const GradTarget out = fresh_grad(p);
-  backward_into(p, out, lse, entropy, grad_logprobs, grad_entropy);
+  if (p.rows > 0) {
+    logprobs_backward_rows_cpu(p, out,
+                               prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy,
+                                                   log_sum_sq, grad_lse, grad_log_sum_sq,
+                                                   grad_mean_logits),
+                               whole_vocab(p));
+  }
   return out.grad;
 }
 
@@ -252,27 +345,44 @@ void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& 
                                     const std::optional<at::Tensor>& entropy,
                                     const std::optional<at::Tensor>& grad_logprobs,
                                     const std::optional<at::Tensor>& grad_entropy,
+                                    const std::optional<at::Tensor>& log_sum_sq,
+                                    const std::optional<at::Tensor>& grad_lse,
+                                    const std::optional<at::Tensor>& grad_log_sum_sq,
+                                    const std::optional<at::Tensor>& grad_mean_logits,
                                     double temperature,
-                                  const std::optional<at::Tensor>& temperatures,
-                                  double logit_scale, double softcap, int64_t ignore_index) {
+                                    const std::optional<at::Tensor>& temperatures,
+                                    double logit_scale, double softcap, int64_t ignore_index) {
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
                                              logit_scale, softcap, ignore_index);
-  backward_into(p, logits_as_grad(p), lse, entropy, grad_logprobs, grad_entropy);
+  if (p.rows > 0) {
+    logprobs_backward_rows_cpu(p, logits_as_grad(p),
+                               prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy,
+                                                   log_sum_sq, grad_lse, grad_log_sum_sq,
+                                                   grad_mean_logits),
+                               whole_vocab(p));
+  }
   if (!p.logits.is_same(logits)) logits.copy_(p.logits);
 }
 
 }  // namespace
 
-void logprobs_forward_rows_cpu(const LogprobsProblem& p, const at::Tensor& logprobs,
-                               const at::Tensor& entropy, const at::Tensor& lse) {
+void logprobs_forward_rows_cpu(const LogprobsProblem& p, const ForwardOutputs& out) {
   if (p.rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
                                   "rlhf_ext.token_logprobs", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ForwardArgs<scalar_t, acc_t> args{
-        p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
-        p.ignore_index, logit_transform<acc_t>(p), logprobs.data_ptr<acc_t>(),
-        entropy.defined() ? entropy.data_ptr<acc_t>() : nullptr, lse.data_ptr<acc_t>()};
+    const ForwardArgs<scalar_t, acc_t> args{p.logits.data_ptr<scalar_t>(),
+                                            p.layout,
+                                            p.vocab,
+                                            p.target.data_ptr<int64_t>(),
+                                            p.ignore_index,
+                                            logit_transform<acc_t>(p),
+                                            out.logprobs.data_ptr<acc_t>(),
+                                            asked<acc_t>(out.entropy),
+                                            out.lse.data_ptr<acc_t>(),
+                                            asked<acc_t>(out.log_sum_sq),
+                                            asked<acc_t>(out.mean_logits),
+                                            asked<bool>(out.is_top1)};
     parallel_rows(args, p.rows, p.vocab);
   });
 }
@@ -295,7 +405,11 @@ void logprobs_backward_rows_cpu(const LogprobsProblem& p, const GradTarget& out,
                                              in.lse.data_ptr<acc_t>(),
                                              data_or_null<acc_t>(in.entropy),
                                              data_or_null<acc_t>(in.grad_logprobs),
-                                             data_or_null<acc_t>(in.grad_entropy)};
+                                             data_or_null<acc_t>(in.grad_entropy),
+                                             data_or_null<acc_t>(in.log_sum_sq),
+                                             data_or_null<acc_t>(in.grad_lse),
+                                             data_or_null<acc_t>(in.grad_log_sum_sq),
+                                             data_or_null<acc_t>(in.grad_mean)};
     parallel_rows(args, p.rows, p.vocab);
   });
 }

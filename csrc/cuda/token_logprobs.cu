@@ -95,11 +95,50 @@ __device__ __forceinline__ SoftmaxState<acc_t> block_merge(SoftmaxState<acc_t> s
   return s;
 }
 
-// This thread's softmax state over its vectors of the row.
-template <typename scalar_t, typename acc_t, bool kEntropy, bool kAligned>
+// The block's sum and max of one value per thread, valid in thread 0: a warp butterfly
+// (every lane the same bits: a + b == b + a), then the warps in order.
+template <typename acc_t>
+__device__ __forceinline__ void block_sum_and_max(acc_t& sum, acc_t& max) {
+  __shared__ acc_t warp_sum[kMaxThreads / kWarpSize];
+  __shared__ acc_t warp_max[kMaxThreads / kWarpSize];
+#pragma unroll
+  for (int mask = kWarpSize / 2; mask > 0; mask >>= 1) {
+    sum += __shfl_xor_sync(kFullWarp, sum, mask);
+    const acc_t other = __shfl_xor_sync(kFullWarp, max, mask);
+    max = other > max ? other : max;
+  }
+  const int warp = threadIdx.x / kWarpSize;
+  if (threadIdx.x % kWarpSize == 0) {
+    warp_sum[warp] = sum;
+    warp_max[warp] = max;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sum = warp_sum[0];
+    max = warp_max[0];
+    for (int w = 1; w < int(blockDim.x / kWarpSize); ++w) {
+      sum += warp_sum[w];
+      max = warp_max[w] > max ? warp_max[w] : max;
+    }
+  }
+}
+
+// The extra outputs' running values of one thread (the CPU's RowExtras): the softmax at
+// twice the multiplier, the sum of y over real elements, the largest y before the target.
+template <typename acc_t>
+struct ThreadExtras {
+  SoftmaxState<acc_t> doubled;
+  acc_t sum;
+  acc_t max_before;
+};
+
+// This thread's softmax state over its vectors of the row (and with kExtras its
+// ThreadExtras, for target column `target`).
+template <typename scalar_t, typename acc_t, bool kEntropy, bool kExtras, bool kAligned>
 __device__ __forceinline__ SoftmaxState<acc_t> thread_state(const scalar_t* row, int64_t vocab,
                                                             const LogitTransform<acc_t>& tf,
-                                                            acc_t scale_log2) {
+                                                            acc_t scale_log2, int64_t target,
+                                                            ThreadExtras<acc_t>& extra) {
   constexpr int kSize = Vec<scalar_t>::kSize;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t vectors = (vocab + kSize - 1) / kSize;
@@ -128,14 +167,34 @@ __device__ __forceinline__ SoftmaxState<acc_t> thread_state(const scalar_t* row,
 #pragma unroll
       for (int j = 0; j < kSize; ++j) m = (x[u][j] > m || x[u][j] != x[u][j]) ? x[u][j] : m;
     }
+    if (kExtras) {  // before the all-masked skip: a real -inf still counts in the sum
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t first = (base + int64_t(u) * blockDim.x) * kSize;
+#pragma unroll
+        for (int j = 0; j < kSize; ++j) {
+          if (first + j < vocab) extra.sum += x[u][j];
+          if (first + j < target && x[u][j] > extra.max_before) extra.max_before = x[u][j];
+        }
+      }
+    }
     if (m == neg_inf) continue;  // nothing but masked entries
-    if (!(m <= state.max)) state = softmax_rebase(state, m, scale_log2);  // also when NaN
+    if (!(m <= state.max)) {  // also when NaN
+      state = softmax_rebase(state, m, scale_log2);
+      // the doubled softmax keeps state's max: its terms are the squares of state's
+      if (kExtras) extra.doubled = softmax_rebase(extra.doubled, m, 2 * scale_log2);
+    }
     acc_t shift = state.sum_shift;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int j = 0; j < kSize; ++j) {
-        softmax_add(x[u][j], state.max, scale_log2, state.sum_exp, shift);
+        if (kExtras) {
+          softmax_add_with_square(x[u][j], state.max, scale_log2, state.sum_exp, shift,
+                                  extra.doubled.sum_exp);
+        } else {
+          softmax_add(x[u][j], state.max, scale_log2, state.sum_exp, shift);
+        }
       }
     }
     if (kEntropy) state.sum_shift = shift;
@@ -143,20 +202,31 @@ __device__ __forceinline__ SoftmaxState<acc_t> thread_state(const scalar_t* row,
   return state;
 }
 
-template <typename scalar_t, typename acc_t, bool kEntropy>
+// The extra outputs a forward launch writes (nullptr: not asked for).
+template <typename acc_t>
+struct ExtraOutputPtrs {
+  acc_t* log_sum_sq;
+  acc_t* mean_logits;
+  bool* is_top1;
+};
+
+template <typename scalar_t, typename acc_t, bool kEntropy, bool kExtras>
 __global__ void __launch_bounds__(kMaxThreads)
     token_logprobs_fwd_kernel(const scalar_t* __restrict__ logits, RowLayout layout,
                               int64_t vocab, const int64_t* __restrict__ target,
                               int64_t ignore_index, LogitTransform<acc_t> tf,
                               acc_t* __restrict__ logprobs, acc_t* __restrict__ entropy,
-                              acc_t* __restrict__ lse_out) {
+                              acc_t* __restrict__ lse_out, ExtraOutputPtrs<acc_t> extras) {
   const int64_t row = blockIdx.x;
   const int64_t tgt = target[row];
   if (tgt == ignore_index) {  // no work, and exact zeros
     if (threadIdx.x == 0) {
       logprobs[row] = 0;
-      if (kEntropy) entropy[row] = 0;
+      if (kEntropy && entropy) entropy[row] = 0;
       lse_out[row] = 0;
+      if (extras.log_sum_sq) extras.log_sum_sq[row] = 0;
+      if (extras.mean_logits) extras.mean_logits[row] = 0;
+      if (extras.is_top1) extras.is_top1[row] = false;
     }
     return;
   }
@@ -164,17 +234,40 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t mult = tf.row_mult(row);
   const acc_t scale_log2 = mult * acc_t(kLog2e);
   const bool aligned = reinterpret_cast<uintptr_t>(x) % kVecBytes == 0;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  ThreadExtras<acc_t> extra{softmax_empty<acc_t>(), acc_t(0), neg_inf};
   SoftmaxState<acc_t> state =
-      aligned ? thread_state<scalar_t, acc_t, kEntropy, true>(x, vocab, tf, scale_log2)
-              : thread_state<scalar_t, acc_t, kEntropy, false>(x, vocab, tf, scale_log2);
+      aligned ? thread_state<scalar_t, acc_t, kEntropy, kExtras, true>(x, vocab, tf, scale_log2,
+                                                                       tgt, extra)
+              : thread_state<scalar_t, acc_t, kEntropy, kExtras, false>(x, vocab, tf,
+                                                                        scale_log2, tgt, extra);
   state = block_merge<acc_t, kEntropy>(state, scale_log2);
+  if (kExtras) {
+    __syncthreads();  // block_merge's shared states are read by thread 0 above
+    extra.doubled = block_merge<acc_t, false>(extra.doubled, 2 * scale_log2);
+    block_sum_and_max(extra.sum, extra.max_before);
+  }
   if (threadIdx.x == 0) {
     const acc_t lse = softmax_lse(state, mult);
     const bool in_vocab = tgt >= 0 && tgt < vocab;
-    logprobs[row] = in_vocab ? tf.squash(static_cast<acc_t>(x[tgt])) * mult - lse
-                             : std::numeric_limits<acc_t>::quiet_NaN();
-    if (kEntropy) entropy[row] = softmax_entropy(state, mult);
-    lse_out[row] = lse;
+    const acc_t y_target = in_vocab ? tf.squash(static_cast<acc_t>(x[tgt])) : acc_t(0);
+    const acc_t logprob =
+        in_vocab ? y_target * mult - lse : std::numeric_limits<acc_t>::quiet_NaN();
+    logprobs[row] = logprob;
+    if (kEntropy && entropy) entropy[row] = softmax_entropy(state, mult);
+    lse_out[row] = lse_output(state, lse);
+    if (kExtras) {
+      if (extras.log_sum_sq) {
+        extras.log_sum_sq[row] = softmax_lse(extra.doubled, 2 * mult) - 2 * lse;
+      }
+      if (extras.mean_logits) {
+        extras.mean_logits[row] = extra.sum * mult / static_cast<acc_t>(vocab);
+      }
+      if (extras.is_top1) {  // a row without a distribution (NaN log-prob) has no top token
+        extras.is_top1[row] =
+            logprob == logprob && y_target >= state.max && y_target > extra.max_before;
+      }
+    }
   }
 }
 
@@ -186,6 +279,7 @@ struct BackwardRow {
   int64_t target;  // column in this tile; outside [0, vocab) when the tile lacks it
   LogitTransform<acc_t> tf;
   acc_t mult, lse, entropy, g_lp, g_ent;
+  ExtraGrad<acc_t> extra;
 };
 
 template <typename scalar_t, typename acc_t, bool kAligned>
@@ -200,7 +294,7 @@ __device__ __forceinline__ void backward_row(const BackwardRow<scalar_t, acc_t>&
     for (int j = 0; j < kSize; ++j) {
       acc_t slope;  // dy/dx: exactly 1 without a softcap
       const acc_t y = r.tf.squash_with_slope(x[j], slope);
-      acc_t g = logits_grad(y, r.mult, r.lse, r.entropy, r.g_lp, r.g_ent);
+      acc_t g = logits_grad(y, r.mult, r.lse, r.entropy, r.g_lp, r.g_ent, r.extra);
       if (index * kSize + j == r.target) g += target_grad(r.g_lp, r.mult);
       out.v[j] = static_cast<scalar_t>(g * slope);
     }
@@ -230,6 +324,15 @@ __device__ __forceinline__ void zero_row(scalar_t* g, int64_t vocab) {
   }
 }
 
+// The extra outputs' backward inputs (nullptr: zero gradient).
+template <typename acc_t>
+struct ExtraGradPtrs {
+  const acc_t* log_sum_sq;
+  const acc_t* grad_lse;
+  const acc_t* grad_log_sum_sq;
+  const acc_t* grad_mean;
+};
+
 // `grad` may alias `logits` (inplace_backward, then grad_layout == layout):
 // each element is read before it is written, by the same thread.
 template <typename scalar_t, typename acc_t>
@@ -240,7 +343,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                               LogitTransform<acc_t> tf, const acc_t* __restrict__ lse,
                               const acc_t* __restrict__ entropy,
                               const acc_t* __restrict__ grad_logprobs,
-                              const acc_t* __restrict__ grad_entropy) {
+                              const acc_t* __restrict__ grad_entropy,
+                              ExtraGradPtrs<acc_t> extras) {
   const int64_t row = blockIdx.x;
   const int64_t tgt = target[row];
   scalar_t* g = grad + grad_layout.offset(row);
@@ -258,10 +362,18 @@ __global__ void __launch_bounds__(kMaxThreads)
   r.tf = tf;
   r.mult = tf.row_mult(row);
   // A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
-  r.lse = in_vocab ? lse[row] : std::numeric_limits<acc_t>::quiet_NaN();
+  r.lse = in_vocab ? lse_input(lse[row]) : std::numeric_limits<acc_t>::quiet_NaN();
   r.entropy = entropy ? entropy[row] : acc_t(0);
   r.g_lp = grad_logprobs ? grad_logprobs[row] : acc_t(0);
   r.g_ent = grad_entropy ? grad_entropy[row] : acc_t(0);
+  if (extras.grad_lse) r.extra.g_lse = extras.grad_lse[row];
+  if (extras.grad_log_sum_sq) {
+    r.extra.g_sq2 = 2 * extras.grad_log_sum_sq[row];
+    r.extra.inv_s2 = std::exp(-extras.log_sum_sq[row]);
+  }
+  if (extras.grad_mean) r.extra.g_mean_v = extras.grad_mean[row] / acc_t(slice.full_vocab);
+  r.extra.softmax_terms =
+      grad_logprobs || grad_entropy || extras.grad_lse || extras.grad_log_sum_sq;
   const bool aligned = g_aligned && reinterpret_cast<uintptr_t>(r.x) % kVecBytes == 0;
   aligned ? backward_row<scalar_t, acc_t, true>(r) : backward_row<scalar_t, acc_t, false>(r);
 }
@@ -271,26 +383,17 @@ void check_rows(const LogprobsProblem& p) {
                     ": at most 2^31 - 1 rows on CUDA, got ", p.rows);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cuda(
+LogprobsOutputsTuple token_logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, double temperature,
     const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
-    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/) {
+    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/,
+    int64_t extras) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
                                              logit_scale, softcap, ignore_index);
-  auto [logprobs, entropy, lse] = forward_outputs(p, return_entropy);
-  logprobs_forward_rows_cuda(p, logprobs, return_entropy ? entropy : at::Tensor(), lse);
-  return {logprobs, entropy, lse};
-}
-
-void backward_into(const LogprobsProblem& p, const GradTarget& out, const at::Tensor& lse,
-                   const std::optional<at::Tensor>& entropy,
-                   const std::optional<at::Tensor>& grad_logprobs,
-                   const std::optional<at::Tensor>& grad_entropy) {
-  if (p.rows == 0) return;
-  const LogprobsGradInputs in =
-      prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
-  logprobs_backward_rows_cuda(p, out, in, whole_vocab(p));
+  const ForwardOutputs out = forward_outputs(p, return_entropy, extras);
+  logprobs_forward_rows_cuda(p, out);
+  return as_tuple(out);
 }
 
 at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
@@ -298,6 +401,10 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& t
                                    const std::optional<at::Tensor>& entropy,
                                    const std::optional<at::Tensor>& grad_logprobs,
                                    const std::optional<at::Tensor>& grad_entropy,
+                                   const std::optional<at::Tensor>& log_sum_sq,
+                                   const std::optional<at::Tensor>& grad_lse,
+                                   const std::optional<at::Tensor>& grad_log_sum_sq,
+                                   const std::optional<at::Tensor>& grad_mean_logits,
                                    double temperature,
                                    const std::optional<at::Tensor>& temperatures,
                                    double logit_scale, double softcap, int64_t ignore_index) {
@@ -305,7 +412,13 @@ at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& t
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
                                              logit_scale, softcap, ignore_index);
   const GradTarget out = fresh_grad(p);
-  backward_into(p, out, lse, entropy, grad_logprobs, grad_entropy);
+  if (p.rows > 0) {
+    logprobs_backward_rows_cuda(p, out,
+                                prepare_grad_inputs(p, lse, entropy, grad_logprobs,
+                                                    grad_entropy, log_sum_sq, grad_lse,
+                                                    grad_log_sum_sq, grad_mean_logits),
+                                whole_vocab(p));
+  }
   return out.grad;
 }
 
@@ -314,6 +427,10 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
                                      const std::optional<at::Tensor>& entropy,
                                      const std::optional<at::Tensor>& grad_logprobs,
                                      const std::optional<at::Tensor>& grad_entropy,
+                                     const std::optional<at::Tensor>& log_sum_sq,
+                                     const std::optional<at::Tensor>& grad_lse,
+                                     const std::optional<at::Tensor>& grad_log_sum_sq,
+                                     const std::optional<at::Tensor>& grad_mean_logits,
                                      double temperature,
                                      const std::optional<at::Tensor>& temperatures,
                                      double logit_scale, double softcap,
@@ -321,14 +438,19 @@ void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor&
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
                                              logit_scale, softcap, ignore_index);
-  backward_into(p, logits_as_grad(p), lse, entropy, grad_logprobs, grad_entropy);
+  if (p.rows > 0) {
+    logprobs_backward_rows_cuda(p, logits_as_grad(p),
+                                prepare_grad_inputs(p, lse, entropy, grad_logprobs,
+                                                    grad_entropy, log_sum_sq, grad_lse,
+                                                    grad_log_sum_sq, grad_mean_logits),
+                                whole_vocab(p));
+  }
   if (!p.logits.is_same(logits)) logits.copy_(p.logits);
 }
 
 }  // namespace
 
-void logprobs_forward_rows_cuda(const LogprobsProblem& p, const at::Tensor& logprobs,
-                                const at::Tensor& entropy, const at::Tensor& lse) {
+void logprobs_forward_rows_cuda(const LogprobsProblem& p, const ForwardOutputs& out) {
   if (p.rows == 0) return;
   check_rows(p);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -336,17 +458,23 @@ void logprobs_forward_rows_cuda(const LogprobsProblem& p, const at::Tensor& logp
                                   "rlhf_ext.token_logprobs", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int threads = threads_for(p.vocab, Vec<scalar_t>::kSize);
-    auto launch = [&](auto kernel, acc_t* entropy_ptr) {
+    acc_t* entropy = asked<acc_t>(out.entropy);
+    const ExtraOutputPtrs<acc_t> extras{asked<acc_t>(out.log_sum_sq),
+                                        asked<acc_t>(out.mean_logits), asked<bool>(out.is_top1)};
+    const bool any_extra = extras.log_sum_sq || extras.mean_logits || extras.is_top1;
+    auto launch = [&](auto kernel) {
       kernel<<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(
           p.logits.data_ptr<scalar_t>(), p.layout, p.vocab, p.target.data_ptr<int64_t>(),
-          p.ignore_index, logit_transform<acc_t>(p), logprobs.data_ptr<acc_t>(),
-          entropy_ptr, lse.data_ptr<acc_t>());
+          p.ignore_index, logit_transform<acc_t>(p), out.logprobs.data_ptr<acc_t>(), entropy,
+          out.lse.data_ptr<acc_t>(), extras);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (entropy.defined()) {
-      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, true>, entropy.data_ptr<acc_t>());
+    if (any_extra) {  // one variant with the extras (entropy or not), the plain two apart
+      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, true, true>);
+    } else if (entropy) {
+      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, true, false>);
     } else {
-      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, false>, nullptr);
+      launch(token_logprobs_fwd_kernel<scalar_t, acc_t, false, false>);
     }
   });
 }
@@ -366,7 +494,11 @@ void logprobs_backward_rows_cuda(const LogprobsProblem& p, const GradTarget& out
             p.vocab, slice, p.target.data_ptr<int64_t>(), p.ignore_index,
             logit_transform<acc_t>(p), in.lse.data_ptr<acc_t>(),
             data_or_null<acc_t>(in.entropy), data_or_null<acc_t>(in.grad_logprobs),
-            data_or_null<acc_t>(in.grad_entropy));
+            data_or_null<acc_t>(in.grad_entropy),
+            ExtraGradPtrs<acc_t>{data_or_null<acc_t>(in.log_sum_sq),
+                                 data_or_null<acc_t>(in.grad_lse),
+                                 data_or_null<acc_t>(in.grad_log_sum_sq),
+                                 data_or_null<acc_t>(in.grad_mean)});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -28,6 +28,12 @@ KL_KIND_CODES = {
 KL_KINDS = tuple(KL_KIND_CODES)
 STRAIGHT_THROUGH_SUFFIX = "+"
 
+# token_logprobs' outputs (`outputs=`), in the order of its named tuple, and the bits of
+# its forward op's `extras` argument for those beyond logprobs, entropy and lse
+# (csrc/include/rlhf_ext/logprobs_host.h kExtra*).
+LOGPROB_OUTPUTS = ("logprobs", "entropy", "lse", "log_sum_sq_probs", "mean_logits", "is_top1")
+LOGPROB_EXTRA_CODES = {"log_sum_sq_probs": 1, "mean_logits": 2, "is_top1": 4}
+
 # Loss aggregation modes (ppo_math.h LossAgg; verl's loss_agg_mode names).
 AGG_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM_NORM = (
     0,

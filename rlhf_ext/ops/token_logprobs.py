@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from rlhf_ext import reference
@@ -23,6 +25,8 @@ from rlhf_ext.ops._registry import (
     register_fakes,
     triton_loader,
 )
+from rlhf_ext.ops._vocab import LOGPROB_EXTRA_CODES, LOGPROB_OUTPUTS
+from rlhf_ext.reference import LogprobOutputs
 
 OP = "rlhf_ext.token_logprobs"
 
@@ -36,6 +40,7 @@ def token_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs: Sequence[str] | None = None,
     validate: bool = True,
     inplace_backward: bool = False,
     backend: str = "auto",
@@ -81,6 +86,15 @@ def token_logprobs(
     A -inf logit (masked vocabulary) has probability 0 without a softcap (with one
     it becomes ``-softcap``, as in the model); a row of all -inf gives NaN.
 
+    ``outputs`` asks for any subset of, in one read of the logits (rlhf_ext/ops/_vocab.py
+    LOGPROB_OUTPUTS): ``"logprobs"``, ``"entropy"``, ``"lse"`` (logsumexp of z),
+    ``"log_sum_sq_probs"`` (log sum_v p_v^2: verl's sum_pi_squared, in log form),
+    ``"mean_logits"`` (the mean of z over the vocabulary) and ``"is_top1"`` (bool: the target
+    is the argmax of z, ties going to the first index as ``argmax``; False for a row without
+    a distribution, whose log-prob is NaN). It returns a ``LogprobOutputs`` named tuple with
+    those fields set and the others None; every output but is_top1 is differentiable.
+    ``return_entropy`` stays the short form of ``outputs=("logprobs", "entropy")`` (a pair).
+
     ``validate=True`` checks that every target is in [0, V) or ignore_index, and
     every entry of a temperature tensor as above, and raises ValueError naming the
     first bad position (one device sync); ``validate=False`` skips the checks and
@@ -101,6 +115,7 @@ def token_logprobs(
         OP, temperature, logit_scale, softcap, logits, "logits", validate
     )
     check_ignore_index(OP, ignore_index)
+    wanted = check_outputs(outputs, return_entropy)
     if inplace_backward and logits.requires_grad and _shares_elements(logits):
         raise ValueError(
             f"{OP}: `inplace_backward=True` writes the gradient into `logits`, whose elements "
@@ -118,17 +133,48 @@ def token_logprobs(
             **reference_transform(transform),
             ignore_index=ignore_index,
             return_entropy=return_entropy,
+            outputs=wanted,
         )
     forward_op = _forward_op(chosen)
-    logprobs, entropy, _lse = forward_op(
+    entropy_too = return_entropy or (wanted is not None and "entropy" in wanted)
+    extras = sum(LOGPROB_EXTRA_CODES[name] for name in wanted or () if name in LOGPROB_EXTRA_CODES)
+    every = forward_op(
         logits,
         target,
         *transform,
         ignore_index,
-        bool(return_entropy),
+        bool(entropy_too),
         bool(inplace_backward),
+        extras,
     )
-    return (logprobs, entropy) if return_entropy else logprobs
+    if wanted is not None:
+        named = dict(zip(LOGPROB_OUTPUTS, every, strict=True))
+        return LogprobOutputs(**{name: named[name] for name in wanted})
+    return (every[0], every[1]) if return_entropy else every[0]
+
+
+def check_outputs(outputs, return_entropy: bool) -> tuple[str, ...] | None:
+    """None, or the names asked for: a non-empty sequence of distinct LOGPROB_OUTPUTS names,
+    not together with return_entropy=True."""
+    if outputs is None:
+        return None
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
+        raise TypeError(
+            f"{OP}: `outputs` must be a tuple or list of names from {LOGPROB_OUTPUTS}, got "
+            f"{outputs!r}"
+        )
+    unknown = [name for name in outputs if name not in LOGPROB_OUTPUTS]
+    if unknown:
+        raise ValueError(
+            f"{OP}: `outputs` has unknown name {unknown[0]!r}; the outputs are {LOGPROB_OUTPUTS}"
+        )
+    if not outputs or len(set(outputs)) != len(outputs):
+        raise ValueError(f"{OP}: `outputs` must name each output once, got {tuple(outputs)}")
+    if return_entropy:
+        raise ValueError(
+            f'{OP}: pass either `return_entropy=True` or `outputs` (with "entropy" in it), not both'
+        )
+    return tuple(outputs)
 
 
 def _shares_elements(t: torch.Tensor) -> bool:
@@ -154,25 +200,33 @@ def _forward_op(backend: str):
 
 
 def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_op) -> None:
-    """The forward saves logits, target and the per-row log-sum-exp (and entropy);
-    the backward is one fused kernel over the logits, into a fresh tensor or, with
-    inplace_backward, into the logits buffer."""
+    """The forward saves logits, target and the per-row log-sum-exp (and the entropy and
+    log sum p^2 when computed); the backward is one fused kernel over the logits, into a
+    fresh tensor or, with inplace_backward, into the logits buffer. Outputs that no
+    gradient reaches arrive as None (not zeros), so their terms cost nothing."""
     others = (None,) * (input_count(forward_op) - 1)
 
     def setup_context(ctx, inputs, output):
         logits, target, temperature, temperatures, logit_scale, softcap = inputs[:6]
-        ignore_index, return_entropy, inplace = inputs[6:]
-        _, entropy, lse = output
+        ignore_index, return_entropy, inplace, extras = inputs[6:]
+        _, entropy, lse, log_sum_sq, mean_logits, is_top1 = output
+        with_sq = bool(extras & LOGPROB_EXTRA_CODES["log_sum_sq_probs"])
         ctx.save_for_backward(
-            logits, target, lse, entropy if return_entropy else None, temperatures
-        )
+            logits, target, lse, entropy if return_entropy else None, temperatures,
+            log_sum_sq if with_sq else None,
+        )  # fmt: skip
         ctx.settings = (temperature, logit_scale, softcap, ignore_index, return_entropy, inplace)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(is_top1)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
+        if not with_sq:
+            ctx.mark_non_differentiable(log_sum_sq)
+        if not extras & LOGPROB_EXTRA_CODES["mean_logits"]:
+            ctx.mark_non_differentiable(mean_logits)
 
     @first_order_only(OP)
-    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+    def backward(ctx, grad_logprobs, grad_entropy, grad_lse, grad_sq, grad_mean, _grad_top1):
         temperature, logit_scale, softcap, ignore_index, return_entropy, inplace = ctx.settings
         if inplace and getattr(ctx, "logits_overwritten", False):  # before unpacking them
             raise RuntimeError(
@@ -180,13 +234,20 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
                 "the first one already wrote the gradient into `logits`; use "
                 "inplace_backward=False to differentiate more than once"
             )
-        logits, target, lse, entropy, temperatures = ctx.saved_tensors
+        logits, target, lse, entropy, temperatures, log_sum_sq = ctx.saved_tensors
+        grads = (grad_logprobs, grad_entropy, grad_lse, grad_sq, grad_mean)
+        if all(g is None for g in grads):
+            return (None, *others)
         args = (
             target,
             lse,
             entropy,
             grad_logprobs,
             grad_entropy if return_entropy else None,
+            log_sum_sq,
+            grad_lse,
+            grad_sq if log_sum_sq is not None else None,
+            grad_mean,
             temperature,
             temperatures,
             logit_scale,
@@ -206,17 +267,27 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
 
 
 def forward_fake(logits, target, temperature, temperatures, logit_scale, softcap,
-                 ignore_index, return_entropy, inplace=False):  # fmt: skip
+                 ignore_index, return_entropy, inplace=False, extras=0):  # fmt: skip
     lead, dtype = logits.shape[:-1], acc_dtype(logits)
-    entropy = logits.new_empty(lead if return_entropy else (0,), dtype=dtype)
-    return logits.new_empty(lead, dtype=dtype), entropy, logits.new_empty(lead, dtype=dtype)
+
+    def maybe(wanted, dtype=dtype):
+        return logits.new_empty(lead if wanted else (0,), dtype=dtype)
+
+    return (
+        maybe(True),
+        maybe(return_entropy),
+        maybe(True),
+        maybe(extras & LOGPROB_EXTRA_CODES["log_sum_sq_probs"]),
+        maybe(extras & LOGPROB_EXTRA_CODES["mean_logits"]),
+        maybe(extras & LOGPROB_EXTRA_CODES["is_top1"], torch.bool),
+    )
 
 
-def backward_fake(logits, target, lse, entropy, grad_logprobs, grad_entropy, *transform_ii):
+def backward_fake(logits, target, lse, entropy, grad_logprobs, grad_entropy, *rest):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def backward_inplace_fake(logits, target, lse, entropy, grad_lp, grad_entropy, *transform_ii):
+def backward_inplace_fake(logits, target, lse, entropy, grad_lp, grad_entropy, *rest):
     return None
 
 

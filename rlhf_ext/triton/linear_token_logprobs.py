@@ -385,7 +385,7 @@ def _forward(hidden, weight, bias, target, transform, ignore_index, return_entro
         tile_target = flat_target.index_select(0, idx)
         tile_target[end - begin :] = ignore_index  # padding rows: skipped by the kernel
         tile_temps = _rows_of(temperatures, idx)
-        lp, ent, ls = rows_kernels.token_logprobs_fwd_triton(
+        lp, ent, ls, *_ = rows_kernels.token_logprobs_fwd_triton(
             tile, tile_target, temperature, tile_temps, logit_scale, softcap, ignore_index,
             return_entropy,
         )  # fmt: skip

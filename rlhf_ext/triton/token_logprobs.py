@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from rlhf_ext.ops._vocab import LOGPROB_EXTRA_CODES
 from rlhf_ext.triton._common import (
     acc_tl_dtype,
     acc_torch_dtype,
@@ -28,6 +29,7 @@ from rlhf_ext.triton._common import (
 )
 
 MAX_BLOCK = 4096
+EXTRA_NAMES = ("log_sum_sq_probs", "mean_logits", "is_top1")
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
 
 
@@ -107,12 +109,18 @@ def _token_logprobs_fwd_kernel(
     logprobs_ptr,
     entropy_ptr,
     lse_ptr,
+    log_sum_sq_ptr,
+    mean_ptr,
+    top1_ptr,
     vocab,
     inner,
     outer_stride,
     inner_stride,
     ignore_index,
     ENTROPY: tl.constexpr,
+    SUM_SQ: tl.constexpr,
+    MEAN: tl.constexpr,
+    TOP1: tl.constexpr,
     PER_ROW_TEMP: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SERIES_MAX: tl.constexpr,
@@ -129,6 +137,12 @@ def _token_logprobs_fwd_kernel(
     running_max = tl.full((), float("-inf"), ACC)
     sum_exp = tl.zeros((), ACC)
     sum_shift = tl.zeros((), ACC)
+    # the extra outputs' running values (csrc/cpu/token_logprobs.cpp RowExtras): the softmax
+    # at twice the multiplier, the sum of y, the largest y before the target
+    max2 = tl.full((), float("-inf"), ACC)
+    sum2 = tl.zeros((), ACC)
+    sum_y = tl.zeros((), ACC)
+    max_before = tl.full((), float("-inf"), ACC)
     for start in range(0, vocab, BLOCK):
         cols = start + lanes
         inside = (cols < vocab) & active
@@ -138,6 +152,13 @@ def _token_logprobs_fwd_kernel(
         running_max, sum_exp, sum_shift = online_softmax_step(
             x, running_max, sum_exp, sum_shift, scale, 0, ENTROPY
         )
+        if SUM_SQ:
+            max2, sum2, _unused = online_softmax_step(x, max2, sum2, sum2, 2 * scale, 0, False)
+        if MEAN:
+            sum_y += tl.sum(tl.where(inside, x, 0.0), axis=0)
+        if TOP1:
+            before = tl.where(inside & (cols < tgt) & (x == x), x, float("-inf"))
+            max_before = tl.maximum(max_before, tl.max(before, axis=0))
     log_sum = tl.log(sum_exp)
     lse = running_max * mult + log_sum
     in_vocab = (tgt >= 0) & (tgt < vocab)
@@ -146,10 +167,20 @@ def _token_logprobs_fwd_kernel(
         x_target = softcap_squash(x_target, params_ptr, ACC, SERIES_MAX)[0]
     logprob = tl.where(in_vocab, x_target * mult - lse, float("nan"))
     tl.store(logprobs_ptr + row, tl.where(active, logprob, 0.0))
-    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    # +inf for a row with a +inf logit, as torch's logsumexp (softmax_math.h lse_output)
+    lse_out = tl.where(running_max == float("inf"), running_max, lse)
+    tl.store(lse_ptr + row, tl.where(active, lse_out, 0.0))
     if ENTROPY:
         entropy = log_sum - mult * sum_shift / sum_exp
         tl.store(entropy_ptr + row, tl.where(active, entropy, 0.0))
+    if SUM_SQ:
+        log_sum_sq = max2 * 2 * mult + tl.log(sum2) - 2 * lse
+        tl.store(log_sum_sq_ptr + row, tl.where(active, log_sum_sq, 0.0))
+    if MEAN:
+        tl.store(mean_ptr + row, tl.where(active, sum_y * mult / vocab, 0.0))
+    if TOP1:  # a row without a distribution (NaN log-prob) has no top token
+        top1 = (logprob == logprob) & (x_target >= running_max) & (x_target > max_before)
+        tl.store(top1_ptr + row, (active & top1).to(tl.int8))
 
 
 @triton.jit
@@ -163,6 +194,10 @@ def _token_logprobs_bwd_kernel(
     entropy_ptr,
     grad_logprobs_ptr,
     grad_entropy_ptr,
+    log_sum_sq_ptr,
+    grad_lse_ptr,
+    grad_sq_ptr,
+    grad_mean_ptr,
     vocab,
     inner,
     outer_stride,
@@ -175,6 +210,9 @@ def _token_logprobs_bwd_kernel(
     full_vocab,
     HAS_GRAD_LOGPROBS: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr,
+    HAS_GRAD_SQ: tl.constexpr,
+    HAS_GRAD_MEAN: tl.constexpr,
     PER_ROW_TEMP: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SERIES_MAX: tl.constexpr,
@@ -193,6 +231,7 @@ def _token_logprobs_bwd_kernel(
     mult = row_mult(params_ptr, temps_ptr, row, ACC, PER_ROW_TEMP, SOFTCAP)
     # A target outside the vocabulary (validate=False) has no gradient: NaN, like its logprob.
     lse = tl.where(in_vocab, tl.load(lse_ptr + row).to(ACC), float("nan"))
+    lse = tl.where(lse == float("inf"), float("nan"), lse)  # softmax_math.h lse_input
     g_lp = tl.zeros((), ACC)
     if HAS_GRAD_LOGPROBS:
         g_lp = tl.load(grad_logprobs_ptr + row).to(ACC)
@@ -201,6 +240,18 @@ def _token_logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         g_ent = tl.load(grad_entropy_ptr + row).to(ACC)
         entropy = tl.load(entropy_ptr + row).to(ACC)
+    # the extra outputs' terms (softmax_math.h ExtraGrad)
+    g_lse = tl.zeros((), ACC)
+    if HAS_GRAD_LSE:
+        g_lse = tl.load(grad_lse_ptr + row).to(ACC)
+    g_sq2 = tl.zeros((), ACC)
+    inv_s2 = tl.zeros((), ACC)
+    if HAS_GRAD_SQ:
+        g_sq2 = 2 * tl.load(grad_sq_ptr + row).to(ACC)
+        inv_s2 = tl.exp(-tl.load(log_sum_sq_ptr + row).to(ACC))
+    g_mean_v = tl.zeros((), ACC)
+    if HAS_GRAD_MEAN:
+        g_mean_v = tl.load(grad_mean_ptr + row).to(ACC) / full_vocab
     lanes = tl.arange(0, BLOCK)
     for start in range(0, vocab, BLOCK):
         cols = start + lanes
@@ -210,9 +261,11 @@ def _token_logprobs_bwd_kernel(
             x, slope = softcap_squash(x, params_ptr, ACC, SERIES_MAX)
         logp = x * mult - lse
         p = tl.exp2(logp * LOG2E)
-        weighted = g_lp + g_ent * (logp + entropy)
+        weighted = (g_lp - g_lse) + g_ent * (logp + entropy) + g_sq2 * (1.0 - p * inv_s2)
         # p == 0 (a -inf logit) contributes nothing, even where logp is -inf.
-        g = tl.where(p > 0, -p * weighted * mult, tl.where(p != p, p, 0.0))
+        g = tl.where(p > 0, -p * weighted * mult, tl.where(p != p, p, 0.0)) + g_mean_v * mult
+        if not (HAS_GRAD_LOGPROBS or HAS_GRAD_ENTROPY or HAS_GRAD_LSE or HAS_GRAD_SQ):
+            g = g_mean_v * mult + tl.zeros_like(x)  # mean_logits' only: finite at a NaN logit
         g = tl.where(cols == local_target, g + g_lp * mult, g)
         if SOFTCAP:  # d/dx = d/dy * dy/dx
             g = g * slope
@@ -231,17 +284,23 @@ def token_logprobs_fwd_triton(
     ignore_index: int,
     return_entropy: bool,
     inplace_backward: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    extras: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward with the signature of torch.ops.rlhf_ext.token_logprobs_fwd
     (inplace_backward is read by the registered backward, not here)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     acc = acc_torch_dtype(logits)
-    logprobs = torch.empty(lead, dtype=acc, device=logits.device)
-    lse = torch.empty(lead, dtype=acc, device=logits.device)
-    entropy = torch.empty(lead if return_entropy else (0,), dtype=acc, device=logits.device)
+    sum_sq, mean, top1 = (bool(extras & LOGPROB_EXTRA_CODES[name]) for name in EXTRA_NAMES)
+
+    def maybe(wanted, dtype=acc):
+        return torch.empty(lead if wanted else (0,), dtype=dtype, device=logits.device)
+
+    logprobs, lse = maybe(True), maybe(True)
+    entropy, log_sum_sq, mean_logits = maybe(return_entropy), maybe(sum_sq), maybe(mean)
+    top1_bytes = maybe(top1, torch.uint8)  # written as bytes, returned as bool
     rows = logprobs.numel()
     if rows == 0:
-        return logprobs, entropy, lse
+        return logprobs, entropy, lse, log_sum_sq, mean_logits, top1_bytes.to(torch.bool)
     logits, (inner, outer_stride, inner_stride) = _readable(logits)
     block, warps = _block(vocab)
     params, temps = transform_params(logits, temperature, temperatures, logit_scale, softcap)
@@ -251,14 +310,20 @@ def token_logprobs_fwd_triton(
         params,
         temps,
         logprobs,
-        entropy if return_entropy else lse,  # never written without ENTROPY
+        entropy if return_entropy else lse,  # an output not asked for is never written
         lse,
+        log_sum_sq if sum_sq else lse,
+        mean_logits if mean else lse,
+        top1_bytes if top1 else target,
         vocab,
         inner,
         outer_stride,
         inner_stride,
         ignore_index,
         ENTROPY=return_entropy,
+        SUM_SQ=sum_sq,
+        MEAN=mean,
+        TOP1=top1,
         PER_ROW_TEMP=temperatures is not None,
         SOFTCAP=softcap > 0,
         SERIES_MAX=tanh_series_max(acc_tl_dtype(logits)),
@@ -266,7 +331,7 @@ def token_logprobs_fwd_triton(
         BLOCK=block,
         num_warps=warps,
     )
-    return logprobs, entropy, lse
+    return logprobs, entropy, lse, log_sum_sq, mean_logits, top1_bytes.to(torch.bool)
 
 
 def transform_params(logits, temperature, temperatures, logit_scale, softcap):
@@ -288,10 +353,12 @@ def transform_params(logits, temperature, temperatures, logit_scale, softcap):
 def _launch_backward(
     logits, grad, grad_layout, target, lse, entropy, grad_logprobs, grad_entropy, temperature,
     ignore_index, vocab_slice=None, temperatures=None, logit_scale=1.0, softcap=0.0,
+    extra_grads=(None, None, None, None),
 ):  # fmt: skip
     """The backward kernel over logits' rows; `vocab_slice` = (offset, full_vocab)
     when the rows are a vocabulary tile (default: whole rows); `temperatures` one per
-    row of `logits` (flattened), or None."""
+    row of `logits` (flattened), or None; `extra_grads` = (log_sum_sq, grad_lse,
+    grad_log_sum_sq, grad_mean_logits), each per row or None."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     vocab_offset, full_vocab = vocab_slice if vocab_slice is not None else (0, vocab)
     rows = lse.numel()
@@ -302,6 +369,8 @@ def _launch_backward(
     lse = per_row(lse)
     dummy = lse  # stands in for absent per-row inputs; the kernel does not read it
     has_grad_entropy = grad_entropy is not None
+    log_sum_sq, grad_lse, grad_sq, grad_mean = extra_grads
+    has_grad_sq = grad_sq is not None
     block, warps = _block(vocab)
     params, temps = transform_params(logits, temperature, temperatures, logit_scale, softcap)
     wrap_triton(_token_logprobs_bwd_kernel)[(rows,)](
@@ -314,6 +383,10 @@ def _launch_backward(
         per_row(entropy) if has_grad_entropy else dummy,
         per_row(grad_logprobs) if grad_logprobs is not None else dummy,
         per_row(grad_entropy) if has_grad_entropy else dummy,
+        per_row(log_sum_sq) if has_grad_sq else dummy,
+        per_row(grad_lse) if grad_lse is not None else dummy,
+        per_row(grad_sq) if has_grad_sq else dummy,
+        per_row(grad_mean) if grad_mean is not None else dummy,
         vocab,
         *row_layout(logits),
         *grad_layout,
@@ -322,6 +395,9 @@ def _launch_backward(
         full_vocab,
         HAS_GRAD_LOGPROBS=grad_logprobs is not None,
         HAS_GRAD_ENTROPY=has_grad_entropy,
+        HAS_GRAD_LSE=grad_lse is not None,
+        HAS_GRAD_SQ=has_grad_sq,
+        HAS_GRAD_MEAN=grad_mean is not None,
         PER_ROW_TEMP=temperatures is not None,
         SOFTCAP=softcap > 0,
         SERIES_MAX=tanh_series_max(acc_tl_dtype(logits)),
@@ -339,6 +415,10 @@ def token_logprobs_bwd_triton(
     entropy: torch.Tensor | None,
     grad_logprobs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
+    log_sum_sq: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    grad_log_sum_sq: torch.Tensor | None,
+    grad_mean_logits: torch.Tensor | None,
     temperature: float,
     temperatures: torch.Tensor | None,
     logit_scale: float,
@@ -353,6 +433,7 @@ def token_logprobs_bwd_triton(
     _launch_backward(
         readable, grad, contiguous, target, lse, entropy, grad_logprobs, grad_entropy,
         temperature, ignore_index, None, temperatures, logit_scale, softcap,
+        (log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean_logits),
     )  # fmt: skip
     return grad
 
@@ -365,6 +446,10 @@ def token_logprobs_bwd_inplace_triton(
     entropy: torch.Tensor | None,
     grad_logprobs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
+    log_sum_sq: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    grad_log_sum_sq: torch.Tensor | None,
+    grad_mean_logits: torch.Tensor | None,
     temperature: float,
     temperatures: torch.Tensor | None,
     logit_scale: float,
@@ -376,6 +461,7 @@ def token_logprobs_bwd_inplace_triton(
     _launch_backward(
         readable, readable, layout, target, lse, entropy, grad_logprobs, grad_entropy,
         temperature, ignore_index, None, temperatures, logit_scale, softcap,
+        (log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean_logits),
     )  # fmt: skip
     if readable.data_ptr() != logits.data_ptr():
         logits.copy_(readable)

@@ -54,8 +54,7 @@ constexpr int64_t kVocabQuantum = 64;
 
 // The device's row loops of token_logprobs (logprobs_host.h).
 struct RowKernels {
-  void (*forward)(const LogprobsProblem&, const at::Tensor&, const at::Tensor&,
-                  const at::Tensor&);
+  void (*forward)(const LogprobsProblem&, const ForwardOutputs&);
   void (*backward)(const LogprobsProblem&, const GradTarget&, const LogprobsGradInputs&,
                    VocabSlice);
 };
@@ -209,7 +208,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     at::Tensor lp = at::empty({n}, options), ls = at::empty({n}, options);
     at::Tensor ent = return_entropy ? at::empty({n}, options) : at::Tensor();
     const TransformSettings transform = with_temps(p.transform, temps_of(p, chunk.indices));
-    kernels.forward(tile_problem(tile, tile_target, transform, p.ignore_index), lp, ent, ls);
+    kernels.forward(tile_problem(tile, tile_target, transform, p.ignore_index),
+                    ForwardOutputs{lp, ent, ls, {}, {}, {}});
     const at::Tensor rows = p.valid.slice(0, begin, end);
     logprobs.index_copy_(0, rows, lp.slice(0, 0, end - begin));
     lse.index_copy_(0, rows, ls.slice(0, 0, end - begin));

@@ -162,12 +162,21 @@ struct LogprobsGradInputs {
   at::Tensor entropy;  // defined only when grad_entropy is
   at::Tensor grad_logprobs;
   at::Tensor grad_entropy;
+  // the extra outputs' upstream gradients (undefined: zero); log_sum_sq is defined
+  // whenever grad_log_sum_sq is
+  at::Tensor log_sum_sq;
+  at::Tensor grad_lse;
+  at::Tensor grad_log_sum_sq;
+  at::Tensor grad_mean;
 };
 
-inline LogprobsGradInputs prepare_grad_inputs(const LogprobsProblem& p, const at::Tensor& lse,
-                                              const std::optional<at::Tensor>& entropy,
-                                              const std::optional<at::Tensor>& grad_logprobs,
-                                              const std::optional<at::Tensor>& grad_entropy) {
+inline LogprobsGradInputs prepare_grad_inputs(
+    const LogprobsProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+    const std::optional<at::Tensor>& log_sum_sq = std::nullopt,
+    const std::optional<at::Tensor>& grad_lse = std::nullopt,
+    const std::optional<at::Tensor>& grad_log_sum_sq = std::nullopt,
+    const std::optional<at::Tensor>& grad_mean = std::nullopt) {
   LogprobsGradInputs in;
   in.lse = per_token(p, "lse", lse);
   in.grad_logprobs = per_token(p, "grad_logprobs", grad_logprobs);
@@ -177,16 +186,58 @@ inline LogprobsGradInputs prepare_grad_inputs(const LogprobsProblem& p, const at
     TORCH_CHECK_VALUE(in.entropy.defined(), kLogprobsOp,
                       ": `entropy` is needed with `grad_entropy`");
   }
+  in.grad_lse = per_token(p, "grad_lse", grad_lse);
+  in.grad_log_sum_sq = per_token(p, "grad_log_sum_sq", grad_log_sum_sq);
+  in.grad_mean = per_token(p, "grad_mean_logits", grad_mean);
+  if (in.grad_log_sum_sq.defined()) {
+    in.log_sum_sq = per_token(p, "log_sum_sq", log_sum_sq);
+    TORCH_CHECK_VALUE(in.log_sum_sq.defined(), kLogprobsOp,
+                      ": `log_sum_sq` is needed with `grad_log_sum_sq`");
+  }
   return in;
 }
 
-// The forward's outputs: logprobs, entropy (an empty tensor unless asked for)
-// and the per-row log-sum-exp, each [...] in acc_dtype.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs(const LogprobsProblem& p,
-                                                                      bool return_entropy) {
+// Bits of the forward's `extras` argument: the outputs beyond logprobs, entropy and lse
+// (rlhf_ext/ops/_vocab.py LOGPROB_EXTRA_CODES; a test checks both agree).
+constexpr int64_t kExtraLogSumSq = 1;
+constexpr int64_t kExtraMeanLogits = 2;
+constexpr int64_t kExtraIsTop1 = 4;
+constexpr int64_t kExtraAll = kExtraLogSumSq | kExtraMeanLogits | kExtraIsTop1;
+
+// The forward's outputs, each [...] (acc_dtype; is_top1 bool), an empty tensor when not
+// asked for (lse always is).
+struct ForwardOutputs {
+  at::Tensor logprobs, entropy, lse, log_sum_sq, mean_logits, is_top1;
+};
+
+inline ForwardOutputs forward_outputs(const LogprobsProblem& p, bool return_entropy,
+                                      int64_t extras = 0) {
+  TORCH_CHECK_VALUE(extras >= 0 && (extras & ~kExtraAll) == 0, kLogprobsOp,
+                    ": `extras` must be a combination of the bits ", kExtraAll, ", got ", extras);
   const auto options = p.logits.options().dtype(p.acc_dtype);
-  at::Tensor entropy = return_entropy ? at::empty(p.lead_shape, options) : at::empty({0}, options);
-  return {at::empty(p.lead_shape, options), entropy, at::empty(p.lead_shape, options)};
+  auto maybe = [&](bool wanted, at::TensorOptions o) {
+    return wanted ? at::empty(p.lead_shape, o) : at::empty({0}, o);
+  };
+  return {at::empty(p.lead_shape, options),
+          maybe(return_entropy, options),
+          at::empty(p.lead_shape, options),
+          maybe(extras & kExtraLogSumSq, options),
+          maybe(extras & kExtraMeanLogits, options),
+          maybe(extras & kExtraIsTop1, options.dtype(at::kBool))};
+}
+
+// The forward op's return value: (logprobs, entropy, lse, log_sum_sq, mean_logits, is_top1).
+using LogprobsOutputsTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline LogprobsOutputsTuple as_tuple(const ForwardOutputs& o) {
+  return {o.logprobs, o.entropy, o.lse, o.log_sum_sq, o.mean_logits, o.is_top1};
+}
+
+// An output's data, or nullptr when it was not asked for (an empty tensor).
+template <typename T>
+T* asked(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
 // Where the backward writes, and the layout of its rows.
@@ -245,14 +296,12 @@ inline VocabSlice whole_vocab(const LogprobsProblem& p) {
 
 // The row loops of token_logprobs on a prepared problem, callable from other
 // ops' C++ without the dispatcher (linear_token_logprobs runs them on chunks
-// of logits it computes). `entropy` undefined: not computed. Defined in
+// of logits it computes). An output undefined or empty: not computed. Defined in
 // csrc/cpu/token_logprobs.cpp and csrc/cuda/token_logprobs.cu.
-void logprobs_forward_rows_cpu(const LogprobsProblem& p, const at::Tensor& logprobs,
-                               const at::Tensor& entropy, const at::Tensor& lse);
+void logprobs_forward_rows_cpu(const LogprobsProblem& p, const ForwardOutputs& out);
 void logprobs_backward_rows_cpu(const LogprobsProblem& p, const GradTarget& out,
                                 const LogprobsGradInputs& in, VocabSlice slice);
-void logprobs_forward_rows_cuda(const LogprobsProblem& p, const at::Tensor& logprobs,
-                                const at::Tensor& entropy, const at::Tensor& lse);
+void logprobs_forward_rows_cuda(const LogprobsProblem& p, const ForwardOutputs& out);
 void logprobs_backward_rows_cuda(const LogprobsProblem& p, const GradTarget& out,
                                  const LogprobsGradInputs& in, VocabSlice slice);
 

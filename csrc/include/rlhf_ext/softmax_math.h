@@ -68,6 +68,19 @@ RLHF_HD void softmax_add(acc_t x, acc_t max, acc_t scale_log2, acc_t& sum_exp,
   sum_shift += e > acc_t(0) ? e * shifted : acc_t(0);
 }
 
+// softmax_add that also adds the square of the exponential to `sum_sq`: the sum of
+// exp(2 (x - max) / T), the softmax at twice the multiplier on the same max (log sum p^2
+// = its log-sum-exp - 2 lse), without a second exponential.
+template <typename acc_t>
+RLHF_HD void softmax_add_with_square(acc_t x, acc_t max, acc_t scale_log2, acc_t& sum_exp,
+                                     acc_t& sum_shift, acc_t& sum_sq) {
+  const acc_t shifted = x - max;
+  const acc_t e = exp2_nonpositive(shifted * scale_log2);
+  sum_exp += e;
+  sum_shift += e > acc_t(0) ? e * shifted : acc_t(0);
+  sum_sq += e * e;
+}
+
 // log-sum-exp of z = x / T over the row. An all -inf row (sum_exp == 0)
 // gives -inf, and then NaN log-probs: no probability distribution exists.
 template <typename acc_t>
@@ -75,25 +88,60 @@ RLHF_HD acc_t softmax_lse(SoftmaxState<acc_t> s, acc_t inv_temp) {
   return s.max * inv_temp + std::log(s.sum_exp);
 }
 
+// The log-sum-exp as the ops return it: +inf for a row with a +inf logit (torch's
+// logsumexp), where the sums above are NaN and so is every log-prob. The backward maps it
+// back (lse_input), so that such a row's gradient stays NaN.
+template <typename acc_t>
+RLHF_HD acc_t lse_output(SoftmaxState<acc_t> s, acc_t lse) {
+  return s.max == std::numeric_limits<acc_t>::infinity() ? s.max : lse;
+}
+
+template <typename acc_t>
+RLHF_HD acc_t lse_input(acc_t lse) {
+  return lse == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                       : lse;
+}
+
 template <typename acc_t>
 RLHF_HD acc_t softmax_entropy(SoftmaxState<acc_t> s, acc_t inv_temp) {
   return std::log(s.sum_exp) - inv_temp * s.sum_shift / s.sum_exp;
 }
 
-// d(loss)/d(x_k) for loss = g_lp * logprob[target] + g_ent * entropy, from
-// logp_k = x_k / T - lse and p_k = exp(logp_k):
-//   d logprob / d z_k = [k == target] - p_k
-//   d entropy / d z_k = -p_k (logp_k + entropy)
+// The upstream gradients of the extra outputs (token_logprobs' `outputs=`), per row:
+// g_lse of the log-sum-exp, g_sq2 = 2 g of log_sum_sq_probs with inv_s2 = 1 / sum_k p_k^2,
+// g_mean_v = g of mean_logits / V. All 0 (the default) adds nothing.
+// softmax_terms false: no upstream gradient of a softmax-weighted output reaches the row
+// (only mean_logits'), so its gradient is g_mean_v / T even where p is NaN (a NaN logit),
+// as autograd through the mean gives.
+template <typename acc_t>
+struct ExtraGrad {
+  acc_t g_lse = acc_t(0);
+  acc_t g_sq2 = acc_t(0);
+  acc_t inv_s2 = acc_t(0);
+  acc_t g_mean_v = acc_t(0);
+  bool softmax_terms = true;
+};
+
+// d(loss)/d(x_k) for loss = g_lp * logprob[target] + g_ent * entropy (+ the extra
+// outputs' terms), from logp_k = x_k / T - lse and p_k = exp(logp_k):
+//   d logprob / d z_k          = [k == target] - p_k
+//   d entropy / d z_k          = -p_k (logp_k + entropy)
+//   d lse / d z_k              = p_k
+//   d log sum p^2 / d z_k      = 2 p_k (p_k / sum p^2 - 1)
+//   d mean_logits / d z_k      = 1 / V
 // and d z / d x = 1 / T. The [k == target] term is added by the caller
 // (target_grad) so that this stays a pure per-element map.
 template <typename acc_t>
 RLHF_HD acc_t logits_grad(acc_t x, acc_t inv_temp, acc_t lse, acc_t entropy, acc_t g_lp,
-                          acc_t g_ent) {
+                          acc_t g_ent, const ExtraGrad<acc_t>& extra = ExtraGrad<acc_t>()) {
+  if (!extra.softmax_terms) return extra.g_mean_v * inv_temp;
   const acc_t logp = x * inv_temp - lse;
   const acc_t p = exp2_nonpositive(logp * acc_t(kLog2e));
-  const acc_t weighted = g_lp + g_ent * (logp + entropy);
+  const acc_t weighted = (g_lp - extra.g_lse) + g_ent * (logp + entropy) +
+                         extra.g_sq2 * (acc_t(1) - p * extra.inv_s2);
   // p == 0 (a -inf logit) contributes nothing, even where logp is -inf.
-  return p > acc_t(0) ? -p * weighted * inv_temp : (p != p ? p : acc_t(0));
+  const acc_t g = p > acc_t(0) ? -p * weighted * inv_temp : (p != p ? p : acc_t(0));
+  return g + extra.g_mean_v * inv_temp;
 }
 
 template <typename acc_t>
