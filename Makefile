@@ -38,7 +38,14 @@ $(VENV)/.deps-build: pyproject.toml
 $(VENV)/.deps-test: $(VENV)/.deps-build
 	@echo "installing the test stack (pytest, ruff, trl, peft, tensorboard, verl, ray) into $(VENV)"
 	$(PIP) "pytest>=8" pytest-timeout "hypothesis>=6" expecttest ruff
-	$(PIP) "trl>=1.10,<1.13"  # the `peers` extra: python_tests/test_integrations_trl.py
+	$(PIP) "trl>=1.16,<1.17"  # the `peers` extra: python_tests/test_integrations_trl*.py
+	# TRL 1.12.0's wheel, downloaded, not installed: the PPO-era targets are tested against it
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps trl==1.12.0 -d $(VENV)/peer-wheels
+	# OpenRLHF 0.11.2's wheel, not installed (it needs flash-attn): its code is cut from it
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps openrlhf==0.11.2 -d $(VENV)/peer-wheels
+	# verl 0.9.1's source archive, for its own unit tests (python_tests/test_peer_own_tests.py)
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: verl==0.9.1 \
+	    -d $(VENV)/peer-wheels
 	$(PIP) "peft>=0.13" tensorboard  # the `lora` and `tensorboard` extras (trainer tests)
 	# verl for python_tests/test_integrations_verl.py: its full install pulls vLLM-era pins,
 	# so verl itself without dependencies, plus what its core_algos imports

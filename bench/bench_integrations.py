@@ -27,6 +27,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 SHAPE = (8, 256, 8192)
 QUICK_SHAPE = (4, 64, 2048)
 PEER, ADAPTER = "peer", "rlhf_ext"  # the two implementations timed per peer function
+# TRL 1.16's fused LM head as GRPO calls it: (tokens, hidden, vocabulary) of a small
+# policy's micro-batch on a CPU, TRL's own vocabulary tile width.
+FUSED_HEAD = "trl.kernels.chunked_logprob.ChunkedLogProbFunction"
+FUSED_HEAD_SHAPE = (2048, 1024, 32000)
+QUICK_FUSED_HEAD_SHAPE = (256, 128, 4096)
+TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
 @dataclass
@@ -77,7 +83,7 @@ class _VerlConfig(dict):
 
 
 VERL_CONFIG = _VerlConfig(
-    clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, global_batch_info={}
+    clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, global_batch_info={}, gamma=1.0
 )
 
 
@@ -100,6 +106,11 @@ def cases() -> list[Case]:
              logits_labels, True),
         Case("verl", f"{functional}.entropy_from_logits", verl.entropy_from_logits,
              logits_only, True),
+        Case("verl", f"{functional}.calculate_sum_pi_squared_from_logits",
+             verl.calculate_sum_pi_squared_from_logits, logits_only, False),
+        Case("verl", f"{core}.compute_reinforce_plus_plus_outcome_advantage",
+             verl.compute_reinforce_plus_plus_outcome_advantage,
+             lambda x: (x["rewards"], x["mask"], VERL_CONFIG), False),
         Case("verl", f"{core}.compute_gae_advantage_return", verl.compute_gae_advantage_return,
              lambda x: (x["rewards"], x["values"], x["mask"], 1.0, 0.95), False),
         Case("verl", f"{core}.compute_policy_loss_vanilla", verl.compute_policy_loss_vanilla,
@@ -158,18 +169,77 @@ def print_table(all_cases: list[Case], installed: dict, shape, runner: harness.R
     """One line per peer function: the peer's and the adapter's median ms and the speedup
     (peer / adapter); then the notes. Returns 1 when an adapter did not match its peer."""
     medians = {row.impl: row.median_ms for row in runner.rows}
+    width = max(len(case.qualname) for case in all_cases)
     print(f"\nintegrations on {runner.device_name}, (B, T, V) = {shape}, float32")
-    print(f"{'function':58s} {'peer ms':>9s} {'rlhf_ext ms':>12s} {'speedup':>8s}")
+    print(f"{'function':{width}s} {'peer ms':>9s} {'rlhf_ext ms':>12s} {'speedup':>8s}")
     for case in all_cases:
         peer_ms = medians.get(harness.mode_name(PEER, case.qualname))
         ours_ms = medians.get(harness.mode_name(ADAPTER, case.qualname))
         if case.qualname not in installed:
-            print(f"{case.qualname:58s} {'(peer not installed)':>31s}")
+            print(f"{case.qualname:{width}s} {'(peer not installed)':>31s}")
         elif peer_ms is None or ours_ms is None:
-            print(f"{case.qualname:58s} {'(not timed: see below)':>31s}")
+            print(f"{case.qualname:{width}s} {'(not timed: see below)':>31s}")
         else:
-            print(f"{case.qualname:58s} {peer_ms:9.3f} {ours_ms:12.3f} {peer_ms / ours_ms:7.2f}x")
+            speedup = peer_ms / ours_ms
+            print(f"{case.qualname:{width}s} {peer_ms:9.3f} {ours_ms:12.3f} {speedup:7.2f}x")
     return runner.print_notes()
+
+
+def fused_head_inputs(shape, seed: int = 0):
+    """(hidden [N, H], weight [V, H], targets [N]): logits of std ~3, float32."""
+    tokens, size, vocab = shape
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, size, generator=generator)
+    weight = torch.randn(vocab, size, generator=generator) * (3 / size**0.5)
+    return hidden, weight, torch.randint(0, vocab, (tokens,), generator=generator)
+
+
+def fused_head_pass(function, inputs) -> Callable[[object], tuple]:
+    """One GRPO-style call of a ChunkedLogProbFunction: log-probs and entropy forward, the
+    gradients of hidden and weight through the log-probs."""
+    hidden, weight, targets = inputs
+
+    def call(_):
+        leaves = (hidden.detach().requires_grad_(), weight.detach().requires_grad_())
+        out = function.apply(*leaves[:2], None, targets, 1.0, TRL_VOCAB_TILE, None, 1.0,
+                             ("log_probs", "entropy"))  # fmt: skip
+        grads = torch.autograd.grad(out[0].sum(), leaves)
+        return out[0].detach(), out[1].detach(), *grads
+
+    return call
+
+
+def fused_head_section(quick: bool) -> int:
+    """TRL's fused LM head against the adapter: median time of a forward+backward and the
+    peak memory each allocates beyond its inputs (targets: time within 1.2x of TRL's, peak
+    no larger). Returns 1 when their results differ, else 0."""
+    from rlhf_ext.integrations import trl as adapter
+
+    peer = _peer_function(FUSED_HEAD)
+    shape = QUICK_FUSED_HEAD_SHAPE if quick else FUSED_HEAD_SHAPE
+    print(f"\nTRL fused LM head (N, H, V) = {shape}, float32, log_probs+entropy, grad of log_probs")
+    if peer is None:
+        print(f"{FUSED_HEAD}: (peer not installed: needs TRL >= 1.16)")
+        return 0
+    inputs = fused_head_inputs(shape)
+    calls = {PEER: fused_head_pass(peer, inputs),
+             ADAPTER: fused_head_pass(adapter.ChunkedLogProbFunction, inputs)}  # fmt: skip
+    results = {name: call(None) for name, call in calls.items()}
+    for want, got in zip(results[PEER], results[ADAPTER], strict=True):
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            print(f"  rlhf_ext differs from TRL: max |diff| {(got - want).abs().max().item():.3g}")
+            return 1
+    device = torch.device("cpu")
+    budget = dict(min_time_s=0.5 if quick else 5.0, min_repeats=3, max_repeats=50)
+    print(f"{'implementation':16s} {'median ms':>10s} {'peak extra MiB':>15s}")
+    medians = {}
+    for name, call in calls.items():
+        medians[name] = harness.time_fn(call, [None], device, **budget).median_ms
+        peak = harness.peak_extra_memory_mib(call, None, device)
+        shown = f"{peak:15.1f}" if isinstance(peak, float) else f"{peak:>15s}"
+        print(f"{name:16s} {medians[name]:10.1f} {shown}")
+    print(f"time rlhf_ext / TRL: {medians[ADAPTER] / medians[PEER]:.2f}x")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -185,7 +255,7 @@ def main(argv=None) -> int:
     installed = installed_peers(all_cases)
     # Each installed peer function is one mode of the sweep; the report is this script's
     # own table (peer vs adapter per function), and nothing is saved.
-    return harness.sweep(
+    status = harness.sweep(
         runner,
         shapes=[shape],
         dtypes=[torch.float32],
@@ -197,6 +267,7 @@ def main(argv=None) -> int:
         set_count=lambda set_bytes: 1,
         report=lambda runner: print_table(all_cases, installed, shape, runner),
     )
+    return status | fused_head_section(args.quick)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,11 @@ Two modes per shape (N tokens x H hidden x V vocabulary) and dtype, each its own
 
 - ``fwd``: log-probs of the target tokens from the hidden states and the LM head;
 - ``fwd+bwd``: the same plus the gradients w.r.t. hidden and weight of ``sum(logprobs)``
-  (the cross-entropy loss's gradient, which Liger's and Apple's fused kernels compute).
+  (the cross-entropy loss's gradient, which Liger's and Apple's fused kernels compute);
+- ``fwd+outputs``: ``fwd`` with every extra output asked for (``outputs=``: entropy, lse,
+  log_sum_sq_probs, mean_logits, is_top1; the eager baseline computes them by hand from the
+  materialised logits). Target: within 10% of ``fwd`` (the same GEMM; the extras are a few
+  operations per logit in the row pass or the fused epilogue).
 
 Implementations:
 
@@ -43,7 +47,7 @@ from . import harness, peers
 from .harness import Impl
 
 OP = "linear_logprobs"
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "fwd+bwd", "fwd+outputs")
 BASELINE = "eager matmul+log_softmax+gather"
 FLOOR = "GEMMs alone"  # the floor: see the module docstring
 SHAPES = {
@@ -108,23 +112,47 @@ def floor_expected(point: harness.Point, inputs: dict):
 # -- the implementations, as functions (hidden, weight, target) -> logprobs ----------------
 
 
-def ours(backend: str) -> Callable:
+def ours(backend: str, mode: str = "fwd") -> Callable:
     import rlhf_ext
+    from rlhf_ext.ops._vocab import LOGPROB_OUTPUTS
 
     def compute(hidden, weight, target):
+        if mode == "fwd+outputs":
+            return rlhf_ext.linear_token_logprobs(
+                hidden, weight, target, validate=False, outputs=LOGPROB_OUTPUTS, backend=backend
+            )[0]
         return rlhf_ext.linear_token_logprobs(hidden, weight, target, validate=False,
                                               backend=backend)  # fmt: skip
 
     return compute
 
 
-def matmul_token_logprobs(backend: str) -> Callable:
+def matmul_token_logprobs(backend: str, mode: str = "fwd") -> Callable:
     import rlhf_ext
+    from rlhf_ext.ops._vocab import LOGPROB_OUTPUTS
 
     def compute(hidden, weight, target):
+        if mode == "fwd+outputs":
+            return rlhf_ext.token_logprobs(
+                hidden @ weight.T, target, validate=False, outputs=LOGPROB_OUTPUTS, backend=backend
+            )[0]
         return rlhf_ext.token_logprobs(hidden @ weight.T, target, validate=False, backend=backend)
 
     return compute
+
+
+def eager_outputs(hidden, weight, target):
+    """What a trainer computes by hand for the extra outputs: the logits, their float32
+    log-softmax, and each output from it (TRL's DPO / verl's sum_pi_squared style)."""
+    logits = (hidden @ weight.T).float()
+    logp = torch.log_softmax(logits, -1)
+    lp = logp.gather(-1, target[:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    lse = torch.logsumexp(logits, -1)
+    log_sum_sq = torch.logsumexp(2 * logp, -1)
+    mean, top1 = logits.mean(-1), logits.argmax(-1) == target
+    del entropy, lse, log_sum_sq, mean, top1  # timed; only the log-probs are checked
+    return lp
 
 
 def as_impl(name: str, compute: Callable, mode: str, dtype: torch.dtype, **kwargs) -> Impl:
@@ -170,12 +198,17 @@ def implementations(point: harness.Point, device, runner) -> list[Impl]:
     """Ours (fused, then materialised logits + the row op), the baseline, the GPU peers."""
     mode, dtype = point.mode, point.dtype
     ours_here = harness.rlhf_ext_backends(device, runner)
-    impls = [as_impl(f"rlhf_ext[{b}]", ours(b), mode, dtype) for b in ours_here]
+    impls = [as_impl(f"rlhf_ext[{b}]", ours(b, mode), mode, dtype) for b in ours_here]
     impls += [
-        as_impl(f"matmul + rlhf_ext.token_logprobs[{b}]", matmul_token_logprobs(b), mode, dtype)
+        as_impl(
+            f"matmul + rlhf_ext.token_logprobs[{b}]", matmul_token_logprobs(b, mode), mode, dtype
+        )  # fmt: skip
         for b in ours_here
     ]
-    impls.append(as_impl(BASELINE, peers.eager_linear_logprobs, mode, dtype, optional=True))
+    baseline = eager_outputs if mode == "fwd+outputs" else peers.eager_linear_logprobs
+    impls.append(as_impl(BASELINE, baseline, mode, dtype, optional=True))
+    if mode == "fwd+outputs":  # the peers' fused kernels have no such outputs
+        return impls
     for name, module, fn in (
         ("liger fused_linear_cross_entropy", "liger_kernel", peers.liger_linear_logprobs),
         ("cut-cross-entropy", "cut_cross_entropy", peers.cce_linear_logprobs),

@@ -105,18 +105,21 @@ TORCH_LIBRARY(rlhf_ext, m) {
       "Tensor? lengths, Tensor? baselines, str baseline, str scale, bool unbiased, float eps, "
       "bool clamp_eps, bool singleton_raw, bool ignore_nan, bool nonzero_rescale) -> Tensor");
   // token_logprobs of hidden @ weight.T + bias without holding the logits, with the same
-  // logit transform: chunks of chunk_size valid rows (logprobs, entropy, per-row
-  // log-sum-exp).
+  // logit transform and outputs (`extras` as token_logprobs_fwd): chunks of chunk_size
+  // valid rows.
   m.def(
       "linear_token_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
       "float temperature, Tensor? temperatures, float logit_scale, float softcap, "
-      "int ignore_index, bool return_entropy, int chunk_size) -> (Tensor, Tensor, Tensor)");
-  // Its gradients (grad_hidden, grad_weight, grad_bias), logits recomputed tile
-  // by tile; a gradient not asked for (or no bias) is an empty tensor.
+      "int ignore_index, bool return_entropy, int chunk_size, int extras=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its gradients (grad_hidden, grad_weight, grad_bias) from the upstream gradients of
+  // the outputs, as token_logprobs_bwd, logits recomputed tile by tile; a gradient not
+  // asked for (or no bias) is an empty tensor.
   m.def(
       "linear_token_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
       "Tensor lse, Tensor? entropy, Tensor? grad_logprobs, Tensor? grad_entropy, "
-      "float temperature, Tensor? temperatures, float logit_scale, float softcap, "
+      "Tensor? log_sum_sq, Tensor? grad_lse, Tensor? grad_log_sum_sq, "
+      "Tensor? grad_mean_logits, float temperature, Tensor? temperatures, float logit_scale, float softcap, "
       "int ignore_index, int chunk_size, bool need_grad_hidden, bool need_grad_weight) "
       "-> (Tensor, Tensor, Tensor)");
 }

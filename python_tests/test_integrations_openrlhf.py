@@ -11,9 +11,9 @@ compute_advantages_and_returns), with file:line citations. patch() / unpatch() a
 exercised on a stand-in ``openrlhf`` package with the same module layout, built from those
 formulas.
 
-Optionally, where OpenRLHF 0.11.2's wheel is on disk (``RLHF_EXT_OPENRLHF_WHEEL``, default
-``/tmp/orl/openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl``; skipped otherwise, as in
-CI), the tests at the end run the peer's own code: the pure functions and classes are cut
+Where OpenRLHF 0.11.2's wheel is on disk (``make test`` downloads it into
+``.venv/peer-wheels``; ``RLHF_EXT_OPENRLHF_WHEEL`` elsewhere; skipped without it), the tests
+at the end run the peer's own code: the pure functions and classes are cut
 out of the wheel's sources with ``ast`` and exec'd without flash-attn / DeepSpeed / Ray, and
 the wheel's ``loss.py`` is used verbatim in a stand-in package for patch().
 """
@@ -575,11 +575,15 @@ def test_original_rejects_a_name_that_is_not_a_target():
 
 # -- optional: OpenRLHF 0.11.2's own code, cut out of its wheel ------------------------------
 
-PEER_WHEEL = Path(
-    os.environ.get(
-        "RLHF_EXT_OPENRLHF_WHEEL", "/tmp/orl/openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl"
-    )
-)
+
+def _default_peer_wheel() -> Path:
+    """OpenRLHF 0.11.2's wheel where ``make test`` downloads it (.venv/peer-wheels; any
+    platform tag), else the path earlier sessions used."""
+    found = sorted((Path(sys.prefix) / "peer-wheels").glob("openrlhf-0.11.2-*.whl"))
+    return found[0] if found else Path("/tmp/orl/openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl")
+
+
+PEER_WHEEL = Path(os.environ.get("RLHF_EXT_OPENRLHF_WHEEL") or _default_peer_wheel())
 needs_wheel = pytest.mark.skipif(
     not PEER_WHEEL.is_file(), reason=f"OpenRLHF 0.11.2's wheel is not at {PEER_WHEEL}"
 )

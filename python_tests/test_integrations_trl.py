@@ -1,10 +1,22 @@
 """rlhf_ext.integrations.trl against the installed TRL's own functions (the `peers` extra
-installs TRL; `make test` installs it). Values and gradients within float32 tolerance,
-masks with holes, patch() through TRL's own callers, unpatch() restoring TRL exactly."""
+installs TRL 1.16; `make test` installs it). Values and gradients within float32 tolerance,
+masks with holes, patch() through TRL's own callers, unpatch() restoring TRL exactly.
+
+TRL 1.13 removed the PPO trainer whose masked statistics the adapter also replaces. Those
+targets are tested against TRL 1.12.0 itself: its wheel (``make test`` downloads it into
+``.venv/peer-wheels``; ``RLHF_EXT_TRL112_WHEEL`` elsewhere; skipped without it), whose
+``masked_mean`` / ``masked_var`` / ``masked_whiten`` are cut out of the source with ``ast``,
+and which a fresh interpreter imports to run patch() on it."""
 
 from __future__ import annotations
 
+import ast
+import json
 import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +30,35 @@ from rlhf_ext.integrations._patch import Patcher, Target, VersionRange  # noqa: 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+TRL112_WHEEL = Path(
+    os.environ.get(
+        "RLHF_EXT_TRL112_WHEEL", Path(sys.prefix) / "peer-wheels" / "trl-1.12.0-py3-none-any.whl"
+    )
+)
+PPO_SOURCE = "trl/experimental/ppo/ppo_trainer.py"
+
+
 def _ppo_module():
+    """The installed TRL's PPO trainer module (TRL <= 1.12), else None."""
     try:
         import trl.experimental.ppo.ppo_trainer as ppo
     except ImportError:
         return None
     return ppo
+
+
+def _ppo_functions_of_trl112():
+    """TRL 1.12.0's masked_mean / masked_var / masked_whiten, cut verbatim from its wheel
+    and exec'd with torch (they use nothing else), as a namespace."""
+    with zipfile.ZipFile(TRL112_WHEEL) as wheel:
+        source = wheel.read(PPO_SOURCE).decode()
+    wanted = ("masked_mean", "masked_var", "masked_whiten")
+    body = [n for n in ast.parse(source).body if getattr(n, "name", None) in wanted]
+    assert len(body) == 3, "TRL 1.12.0's ppo_trainer.py changed shape"
+    namespace = {"torch": torch}
+    module = ast.fix_missing_locations(ast.Module(body=body, type_ignores=[]))
+    exec(compile(module, f"<trl 1.12.0 {PPO_SOURCE}>", "exec"), namespace)
+    return type("TRL112PPO", (), {name: staticmethod(namespace[name]) for name in wanted})
 
 
 def _logits(shape, dtype=torch.float32, requires_grad=True):
@@ -132,10 +167,14 @@ def test_entropy_from_logits_matches_trl():
 
 @pytest.fixture
 def ppo():
+    """TRL's PPO masked statistics: the installed TRL's, else TRL 1.12.0's from its wheel."""
     module = _ppo_module()
-    if module is None:
-        pytest.skip("the installed TRL has no PPO trainer (removed in TRL 1.13)")
-    return module
+    if module is not None:
+        return module
+    if not TRL112_WHEEL.is_file():
+        pytest.skip(f"the installed TRL has no PPO trainer and TRL 1.12.0's wheel is not at "
+                    f"{TRL112_WHEEL}")  # fmt: skip
+    return _ppo_functions_of_trl112()
 
 
 @pytest.mark.parametrize("axis", [None, 1])
@@ -190,27 +229,51 @@ def test_patch_reports_and_replaces_every_binding(patched):
         assert ppo.masked_whiten is adapter.masked_whiten
 
 
+def _trl_caller():
+    """(module, loss of (logits, labels)): a TRL function that calls selective_log_softmax
+    by the name it imported. TRL 1.16: SDPO's sampled-token distillation loss (student
+    logits against a fixed teacher); TRL 1.12: SFT's DFT loss."""
+    import importlib
+
+    try:
+        sdpo = importlib.import_module("trl.experimental.sdpo.loss_utils")
+    except ImportError:
+        from types import SimpleNamespace
+
+        from trl.trainer import sft_trainer
+
+        return sft_trainer, lambda logits, labels: sft_trainer.dft_loss(
+            SimpleNamespace(logits=logits), labels.clone()
+        )
+    teacher = torch.randn(3, 8, 29, generator=torch.Generator().manual_seed(5))
+
+    def loss(logits, labels):
+        per_token = sdpo.compute_sampled_token_self_distillation_loss(
+            logits, teacher, labels.clamp(min=0), distillation_alpha=1.0
+        )
+        return (per_token * (labels != -100)).sum()
+
+    return sdpo, loss
+
+
 def test_trl_callers_give_the_same_results_after_patch():
-    """TRL's DFT loss (sft_trainer.dft_loss) calls selective_log_softmax by the name it
-    imported; patched, it must give the same loss and gradient as before."""
-    from types import SimpleNamespace
-
-    from trl.trainer import sft_trainer
-
+    """A TRL function that calls selective_log_softmax by the name it imported (_trl_caller);
+    patched, it must give the same loss and gradient as before."""
+    module, loss_of = _trl_caller()
     logits = _logits((3, 8, 29))
     labels = torch.randint(0, 29, (3, 8))
     labels[0, 5:] = -100
 
     def loss_and_grad():
-        loss = sft_trainer.dft_loss(SimpleNamespace(logits=logits), labels.clone())
+        loss = loss_of(logits, labels)
         (grad,) = torch.autograd.grad(loss, logits)
         return loss, grad
 
     before = loss_and_grad()
     replaced = adapter.patch()
     try:
-        assert "trl.trainer.sft_trainer.selective_log_softmax" in replaced
-        assert sft_trainer.selective_log_softmax is adapter.selective_log_softmax
+        assert f"{module.__name__}.selective_log_softmax" in replaced
+        assert module.selective_log_softmax is adapter.selective_log_softmax
         after = loss_and_grad()
     finally:
         adapter.unpatch()
@@ -240,3 +303,46 @@ def test_patch_without_the_peer_names_the_package():
     missing = Patcher("no_such_peer_pkg", "no-such-peer", targets, VersionRange("1", "2"))
     with pytest.raises(ImportError, match=r"caller: the `no-such-peer` package is not installed"):
         missing.patch("caller")
+
+
+PATCH_ON_TRL112 = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])  # the wheel itself: a zip on sys.path
+import trl
+import trl.experimental.ppo.ppo_trainer as ppo
+originals = (ppo.masked_mean, ppo.masked_var, ppo.masked_whiten, ppo.selective_log_softmax)
+from rlhf_ext.integrations import trl as adapter
+names = adapter.patch()
+values = torch.randn(4, 9) * 2 + 1
+mask = torch.rand(4, 9) > 0.3
+mask[:, 0] = True
+logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+close = [
+    bool(torch.allclose(ppo.masked_mean(values, mask), originals[0](values, mask), atol=1e-6)),
+    bool(torch.allclose(ppo.masked_var(values, mask), originals[1](values, mask), atol=1e-5)),
+    bool(torch.allclose(ppo.masked_whiten(values, mask), originals[2](values, mask), atol=1e-5)),
+    bool(torch.allclose(ppo.selective_log_softmax(logits, labels),
+                        originals[3](logits, labels), atol=1e-5)),
+]
+print(json.dumps({"version": trl.__version__, "names": names, "close": close}))
+"""
+
+
+@pytest.mark.skipif(not TRL112_WHEEL.is_file(), reason=f"no TRL 1.12.0 wheel at {TRL112_WHEEL}")
+def test_patch_on_trl_112_itself():
+    """The PPO-era targets on TRL 1.12.0 (imported from its wheel in a fresh interpreter):
+    patch() replaces the PPO trainer's masked statistics and its selective_log_softmax
+    binding, which agree with TRL's own."""
+    env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1", RLHF_EXT_QUIET="1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", PATCH_ON_TRL112, str(TRL112_WHEEL)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["version"] == "1.12.0"
+    for name in ("masked_mean", "masked_var", "masked_whiten", "selective_log_softmax"):
+        assert f"trl.experimental.ppo.ppo_trainer.{name}" in result["names"]
+    assert result["close"] == [True] * 4

@@ -1,16 +1,15 @@
 """rlhf_ext.integrations.trl.grpo_loss against TRL 1.16's ``GRPOTrainer._compute_loss``.
 
-TRL 1.16 is not installed here (the ``peers`` extra pins trl<1.13), so its policy loss,
-off-policy sequence mask and clip metrics are transcribed below from TRL 1.16.0's
-``trl/trainer/grpo_trainer.py`` (cited ``grpo:L``) and ``trl/trainer/utils.py``, for
+Its policy loss, off-policy sequence mask and clip metrics are transcribed below from TRL
+1.16.0's ``trl/trainer/grpo_trainer.py`` (cited ``grpo:L``) and ``trl/trainer/utils.py``, for
 ``beta == 0``, no entropy mask and no vLLM importance-sampling ratio.
 
-Optionally, where TRL 1.16.0's wheel is on disk (``RLHF_EXT_TRL116_WHEEL``, default
-``/tmp/trl116/trl-1.16.0-py3-none-any.whl``; skipped otherwise, as in CI), the tests at the
-end cut ``GRPOTrainer._compute_loss`` and ``get_off_policy_mask`` (and ``nanmin`` /
-``nanmax`` from ``utils.py``) out of the wheel's sources with ``ast`` and run them, verbatim,
-on a stand-in ``self`` (an identity accelerator, a model stub that returns the test's
-log-probs), comparing loss, gradient and logged metrics with the adapter.
+The tests at the end cut ``GRPOTrainer._compute_loss`` and ``get_off_policy_mask`` (and
+``nanmin`` / ``nanmax`` from ``utils.py``) out of TRL 1.16's own sources with ``ast`` (the
+installed TRL 1.16, which ``make test`` installs, else its wheel at ``RLHF_EXT_TRL116_WHEEL``;
+skipped without either) and run them, verbatim, on a stand-in ``self`` (an identity
+accelerator, a model stub that returns the test's log-probs), comparing loss, gradient and
+logged metrics with the adapter.
 """
 
 from __future__ import annotations
@@ -420,13 +419,29 @@ def test_shape_errors_name_the_argument(which):
 # -- optional: TRL 1.16's own _compute_loss, cut out of its wheel -----------------------------
 
 TRL_WHEEL = Path(os.environ.get("RLHF_EXT_TRL116_WHEEL", "/tmp/trl116/trl-1.16.0-py3-none-any.whl"))
+
+
+def _installed_trl116_root() -> Path | None:
+    """The directory holding the installed ``trl`` package when it is TRL 1.16, else None."""
+    try:
+        import trl
+    except ImportError:
+        return None
+    return Path(trl.__file__).parents[1] if trl.__version__.startswith("1.16.") else None
+
+
+# Where TRL 1.16's sources are read and imported from: the installed package, or the wheel.
+TRL116_PATH = _installed_trl116_root() or (TRL_WHEEL if TRL_WHEEL.is_file() else None)
 needs_wheel = pytest.mark.skipif(
-    not TRL_WHEEL.is_file(), reason=f"TRL 1.16.0's wheel is not at {TRL_WHEEL}"
+    TRL116_PATH is None, reason=f"TRL 1.16 is not installed and its wheel is not at {TRL_WHEEL}"
 )
 
 
 def _wheel_source(module_path: str) -> str:
-    with zipfile.ZipFile(TRL_WHEEL) as wheel:
+    """A source file of TRL 1.16 (``trl/...``), installed or in its wheel."""
+    if TRL116_PATH.is_dir():
+        return (TRL116_PATH / module_path).read_text()
+    with zipfile.ZipFile(TRL116_PATH) as wheel:
         return wheel.read(module_path).decode()
 
 
@@ -434,8 +449,8 @@ def _wheel_source(module_path: str) -> str:
 def trl_peer_class():
     """A class holding GRPOTrainer's ``_compute_loss`` and ``get_off_policy_mask`` verbatim,
     exec'd with ``torch`` and TRL's own ``nanmin`` / ``nanmax``."""
-    if not TRL_WHEEL.is_file():
-        pytest.skip(f"TRL 1.16.0's wheel is not at {TRL_WHEEL}")
+    if TRL116_PATH is None:
+        pytest.skip(f"TRL 1.16 is not installed and its wheel is not at {TRL_WHEEL}")
     namespace = {"torch": torch}
     utils = ast.parse(_wheel_source("trl/trainer/utils.py"))
     helpers = [n for n in utils.body if getattr(n, "name", None) in ("nanmin", "nanmax")]
@@ -552,7 +567,7 @@ def test_transcription_matches_trl_own_code(trl_peer_class):
 
 PATCH_ON_TRL116 = """
 import json, sys, torch
-sys.path.insert(0, sys.argv[1])  # the wheel itself: a zip on sys.path
+sys.path.insert(0, sys.argv[1])  # the installed TRL 1.16's directory, or its wheel (a zip)
 import trl
 from trl.trainer import utils
 originals = (utils.selective_log_softmax, utils.entropy_from_logits,
@@ -576,11 +591,10 @@ print(json.dumps({"version": trl.__version__, "names": names, "close": close}))
 
 @needs_wheel
 def test_patch_on_trl_116_itself():
-    """patch() on TRL 1.16.0 (the wheel imported in a fresh interpreter): inside the tested
-    range, it replaces selective_log_softmax, entropy_from_logits and
-    selective_log_softmax_and_entropy, which agree with TRL's own (with a temperature and
-    a row mask for the last; its fused LM head path is not a target yet:
-    docs/integrations.md)."""
+    """patch() on TRL 1.16.0 in a fresh interpreter: inside the tested range, it replaces
+    selective_log_softmax, entropy_from_logits, selective_log_softmax_and_entropy, which
+    agree with TRL's own (with a temperature and a row mask for the last), and the fused LM
+    head (python_tests/test_integrations_trl_fused_head.py tests it)."""
     import json
     import subprocess
     import sys
@@ -589,7 +603,7 @@ def test_patch_on_trl_116_itself():
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, "-c", PATCH_ON_TRL116, str(TRL_WHEEL)],
+        [sys.executable, "-c", PATCH_ON_TRL116, str(TRL116_PATH)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -598,4 +612,5 @@ def test_patch_on_trl_116_itself():
     assert "trl.trainer.utils.selective_log_softmax" in result["names"]
     assert "trl.trainer.utils.entropy_from_logits" in result["names"]
     assert "trl.trainer.utils.selective_log_softmax_and_entropy" in result["names"]
+    assert "trl.trainer.utils._ChunkedLogProbFunction" in result["names"]
     assert result["close"] == [True, True, True]

@@ -208,11 +208,11 @@ def _logits_pair(dtype, vocab=41):
     return logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
 
 
-FUNCTIONS = ["logprobs_from_logits", "entropy_from_logits"]
+FUNCTIONS = ["logprobs_from_logits", "entropy_from_logits", "calculate_sum_pi_squared_from_logits"]
 
 
 def _call(name, module, logits, labels):
-    if name == "entropy_from_logits":
+    if name != "logprobs_from_logits":
         return getattr(module, name)(logits)
     if module is verl_F:  # verl's path on a machine without flash-attn
         return verl_F.logprobs_from_logits_v2(logits, labels)
@@ -243,6 +243,21 @@ def test_logprobs_and_entropy_bf16_dtype_and_accuracy(name):
     assert ours.dtype == theirs.dtype == torch.bfloat16
     our_error = (ours.double() - exact).abs().max()
     assert our_error <= 2 * (theirs.double() - exact).abs().max() + 1e-2
+
+
+def test_sum_pi_squared_edge_rows_match_verl():
+    """A masked (-inf) vocabulary entry, a NaN logit, a one-hot row; within sum p^2's bounds
+    1/V <= . <= 1."""
+    logits = torch.randn(5, 37) * 4
+    logits[0, ::3] = float("-inf")
+    logits[1, 4] = float("nan")
+    logits[2, 7] = 200.0  # p ~ 1
+    ours = adapter.calculate_sum_pi_squared_from_logits(logits)
+    theirs = verl_F.calculate_sum_pi_squared_from_logits(logits)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(ours[1]) and torch.isclose(ours[2], torch.tensor(1.0))
+    finite = ours[~torch.isnan(ours)]
+    assert (finite <= 1 + 1e-6).all() and (finite >= 1 / 37 - 1e-6).all()
 
 
 def test_logprobs_inplace_backward_gives_the_same_gradient():

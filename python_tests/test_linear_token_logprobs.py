@@ -27,6 +27,7 @@ OP = "rlhf_ext.linear_token_logprobs"
 IGNORE = -100
 # The raw ops' (temperature, temperatures, logit_scale, softcap) with no transform.
 NO_TRANSFORM = (1.0, None, 1.0, 0.0)
+NO_EXTRA_GRADS = (None, None, None, None)  # log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean
 COMPILED_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
 
 
@@ -394,7 +395,7 @@ def test_linear_token_logprobs_bad_input(inputs, backend, error, pattern, fn):
 
 # bad_inputs rows (id, error, pattern, fn): fn(h, w, b, t, out, raw) calls a raw op, raw.fwd /
 # raw.bwd = torch.ops.rlhf_ext.linear_token_logprobs_fwd / _bwd, with h, w, b, t as above and
-# out = (logprobs, entropy, lse) of a valid raw.fwd(h, w, None, t) with entropy.
+# out = (logprobs, entropy, lse, ...) of a valid raw.fwd(h, w, None, t) with entropy.
 LINEAR_TOKEN_LOGPROBS_RAW_OP_BAD_INPUT = conftest.bad_inputs(
     "",
     ("fwd-weight-H", ValueError, r"linear_token_logprobs: `weight` must have shape \[V, 4\]"),
@@ -405,9 +406,18 @@ LINEAR_TOKEN_LOGPROBS_RAW_OP_BAD_INPUT = conftest.bad_inputs(
     lambda h, w, b, t, out, raw: raw.fwd(h, w, b[:3], t, *NO_TRANSFORM, IGNORE, False, 4),
     ("bwd-grad_entropy-without-entropy", ValueError, r"`entropy` is needed with `grad_entropy`"),
     lambda h, w, b, t, out, raw: raw.bwd(
-        h, w, None, t, out[2], None, out[0], out[0], *NO_TRANSFORM, IGNORE, 4, True, True
+        h, w, None, t, out[2], None, out[0], out[0], *NO_EXTRA_GRADS, *NO_TRANSFORM, IGNORE, 4,
+        True, True,
     ),
-)
+    ("bwd-grad_log_sum_sq-without-log_sum_sq", ValueError,
+     r"`log_sum_sq` is needed with `grad_log_sum_sq`"),
+    lambda h, w, b, t, out, raw: raw.bwd(
+        h, w, None, t, out[2], None, out[0], None, None, None, out[0], None, *NO_TRANSFORM,
+        IGNORE, 4, True, True,
+    ),
+    ("fwd-extras-unknown-bit", ValueError, r"`extras` must be a combination of the bits 7, got 8"),
+    lambda h, w, b, t, out, raw: raw.fwd(h, w, None, t, *NO_TRANSFORM, IGNORE, False, 4, 8),
+)  # fmt: skip
 
 
 @requires_compiled
@@ -518,16 +528,18 @@ def test_linear_token_logprobs_triton_backward_checks_and_layout(inputs):
 
     hidden, _, _, target = make_inputs(inputs, (6,), 8, 5)
     weight = inputs.randn(8, 5, scale=0.5).t()  # [V, H] with strides (1, V)
-    lp, ent, lse = kernels.linear_token_logprobs_fwd_triton(
+    lp, ent, lse, *_ = kernels.linear_token_logprobs_fwd_triton(
         hidden, weight, None, target, *NO_TRANSFORM, IGNORE, True, 4
     )
     with pytest.raises(ValueError, match=r"^rlhf_ext.linear_token_logprobs: `entropy` is needed"):
         kernels.linear_token_logprobs_bwd_triton(
-            hidden, weight, None, target, lse, None, lp, lp, *NO_TRANSFORM, IGNORE, 4, True, True
-        )
+            hidden, weight, None, target, lse, None, lp, lp, *NO_EXTRA_GRADS, *NO_TRANSFORM,
+            IGNORE, 4, True, True,
+        )  # fmt: skip
     _, grad_weight, _ = kernels.linear_token_logprobs_bwd_triton(
-        hidden, weight, None, target, lse, ent, lp, None, *NO_TRANSFORM, IGNORE, 4, True, True
-    )
+        hidden, weight, None, target, lse, ent, lp, None, *NO_EXTRA_GRADS, *NO_TRANSFORM, IGNORE,
+        4, True, True,
+    )  # fmt: skip
     assert grad_weight.is_contiguous()
     want = reference64(hidden, weight, None, target, lp.double(), torch.zeros_like(lp.double()))
     torch.testing.assert_close(grad_weight.double(), want[3], rtol=1e-5, atol=1e-6)
@@ -645,7 +657,7 @@ def test_linear_token_logprobs_triton_gpu_tiles_under_interpreter(inputs, monkey
 
     monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
     hidden, weight, bias, target = make_inputs(inputs, (48,), size, 4500, dtype)
-    lp, ent, _ = kernels.linear_token_logprobs_fwd_triton(
+    lp, ent, *_ = kernels.linear_token_logprobs_fwd_triton(
         hidden, weight, bias, target, 0.9, None, 1.0, 0.0, IGNORE, True, 16
     )
     want = reference.linear_token_logprobs(

@@ -429,7 +429,7 @@ def test_linear_transforms_triton_gpu_tiles_under_interpreter(inputs, monkeypatc
     monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
     hidden, weight, bias, target = linear_inputs(inputs, (40,), 64, 4500)
     temps = inputs.uniform(40, low=0.5, high=2.0)
-    lp, ent, _ = kernels.linear_token_logprobs_fwd_triton(
+    lp, ent, *_ = kernels.linear_token_logprobs_fwd_triton(
         hidden, weight, bias, target, 1.0, temps, 1.5, 6.0, IGNORE, True, 16
     )
     want = reference.linear_token_logprobs(

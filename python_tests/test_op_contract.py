@@ -135,6 +135,12 @@ def linear_token_logprobs_samples(inp: Inputs, device):
     yield (hidden[:, 1:], weight, target[:, 1:]), dict(chunk_size=16), (0, 1)
     yield (hidden.double(), weight.double(), target), dict(bias=bias.double()), (0, "bias")
     yield (hidden, weight, target), dict(chunk_size=2), (1,)  # grad_weight only
+    # The extra outputs (issue 17 item 3), with a softcap and per-token temperatures.
+    temps = inp.uniform(2, 5, low=0.5, high=1.5, device=device)
+    every = dict(bias=bias, outputs=_vocab.LOGPROB_OUTPUTS, temperature=temps, softcap=5.0)
+    yield (hidden, weight, target), dict(every, chunk_size=4), (0, 1, "bias")
+    yield (hidden.double(), weight.double(), target), dict(outputs=("log_sum_sq_probs",)), (0, 1)
+    yield (hidden, weight, target), dict(outputs=("mean_logits", "is_top1")), (0,)
 
 
 def _loss_inputs(inp: Inputs, device, count: int):

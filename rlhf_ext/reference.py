@@ -290,8 +290,10 @@ def linear_token_logprobs(
     softcap=None,
     ignore_index=-100,
     return_entropy=False,
+    outputs=None,
 ):
-    """token_logprobs of the logits hidden @ weight.T + bias, materialised whole
+    """token_logprobs of the logits hidden @ weight.T + bias (any of its ``outputs``),
+    materialised whole
     (in the inputs' dtype, as an eager LM head computes them). An ignored row's hidden
     state is zeroed first, so that neither it nor (through 0 * NaN in the GEMM's
     backward) a non-finite weight reaches that row's gradient or the weight's."""
@@ -307,6 +309,7 @@ def linear_token_logprobs(
         softcap=softcap,
         ignore_index=ignore_index,
         return_entropy=return_entropy,
+        outputs=outputs,
     )
 
 

@@ -189,6 +189,18 @@ def run_all(dev: str = "cuda", backend: str = "cuda") -> None:
                 h, w, target, return_entropy=True, backend=backend, **kw
             )
             (lp.sum() + ent.sum()).backward()
+    # ... and with every extra output (the fused forward's EXTRAS planes and merge; the C++
+    # chunks' kExtras rows), the extra gradients through the tiled backward.
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        h = torch.randn(rows, size, device=dev).to(dtype).requires_grad_()
+        w = torch.randn(vocab, size, device=dev).to(dtype).requires_grad_()
+        target = torch.randint(0, vocab, (rows,), device=dev)
+        target[::3] = -100
+        for outputs in (names, ("mean_logits", "is_top1")):
+            out = rlhf_ext.linear_token_logprobs(
+                h, w, target, outputs=outputs, softcap=20.0, chunk_size=16, backend=backend
+            )
+            sum(getattr(out, k).sum() for k in outputs if k != "is_top1").backward()
     # group_advantages: singletons, one big group, every baseline and scale, [B, K] scores.
     # (The Triton compile check records its launches through this function under the
     # interpreter on the CPU: small shapes there, the same kernel variants.)

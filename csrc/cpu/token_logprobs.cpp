@@ -304,66 +304,6 @@ void parallel_rows(const Args& args, int64_t rows, int64_t vocab) {
   parallel_over(rows, vocab, [&](int64_t begin, int64_t end) { loop(args, begin, end); });
 }
 
-LogprobsOutputsTuple token_logprobs_fwd_cpu(
-    const at::Tensor& logits, const at::Tensor& target, double temperature,
-    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
-    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/,
-    int64_t extras) {
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
-                                             logit_scale, softcap, ignore_index);
-  const ForwardOutputs out = forward_outputs(p, return_entropy, extras);
-  logprobs_forward_rows_cpu(p, out);
-  return as_tuple(out);
-}
-
-at::Tensor token_logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                  const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
-                                  const std::optional<at::Tensor>& grad_logprobs,
-                                  const std::optional<at::Tensor>& grad_entropy,
-                                  const std::optional<at::Tensor>& log_sum_sq,
-                                  const std::optional<at::Tensor>& grad_lse,
-                                  const std::optional<at::Tensor>& grad_log_sum_sq,
-                                  const std::optional<at::Tensor>& grad_mean_logits,
-                                  double temperature,
-                                  const std::optional<at::Tensor>& temperatures,
-                                  double logit_scale, double softcap, int64_t ignore_index) {
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
-                                             logit_scale, softcap, ignore_index);
-  const GradTarget out = fresh_grad(p);
-  if (p.rows > 0) {
-    logprobs_backward_rows_cpu(p, out,
-                               prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy,
-                                                   log_sum_sq, grad_lse, grad_log_sum_sq,
-                                                   grad_mean_logits),
-                               whole_vocab(p));
-  }
-  return out.grad;
-}
-
-void token_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                    const at::Tensor& lse,
-                                    const std::optional<at::Tensor>& entropy,
-                                    const std::optional<at::Tensor>& grad_logprobs,
-                                    const std::optional<at::Tensor>& grad_entropy,
-                                    const std::optional<at::Tensor>& log_sum_sq,
-                                    const std::optional<at::Tensor>& grad_lse,
-                                    const std::optional<at::Tensor>& grad_log_sum_sq,
-                                    const std::optional<at::Tensor>& grad_mean_logits,
-                                    double temperature,
-                                    const std::optional<at::Tensor>& temperatures,
-                                    double logit_scale, double softcap, int64_t ignore_index) {
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
-                                             logit_scale, softcap, ignore_index);
-  if (p.rows > 0) {
-    logprobs_backward_rows_cpu(p, logits_as_grad(p),
-                               prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy,
-                                                   log_sum_sq, grad_lse, grad_log_sum_sq,
-                                                   grad_mean_logits),
-                               whole_vocab(p));
-  }
-  if (!p.logits.is_same(logits)) logits.copy_(p.logits);
-}
-
 }  // namespace
 
 void logprobs_forward_rows_cpu(const LogprobsProblem& p, const ForwardOutputs& out) {
@@ -414,10 +354,14 @@ void logprobs_backward_rows_cpu(const LogprobsProblem& p, const GradTarget& out,
   });
 }
 
+namespace {
+constexpr RowKernels kCpuRows{&logprobs_forward_rows_cpu, &logprobs_backward_rows_cpu};
+}  // namespace
+
 TORCH_LIBRARY_IMPL(rlhf_ext, CPU, m) {
-  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cpu);
-  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cpu);
-  m.impl("token_logprobs_bwd_", &token_logprobs_bwd_inplace_cpu);
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd<kCpuRows>);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd<kCpuRows>);
+  m.impl("token_logprobs_bwd_", &token_logprobs_bwd_<kCpuRows>);
 }
 
 }  // namespace rlhf_ext

@@ -383,71 +383,6 @@ void check_rows(const LogprobsProblem& p) {
                     ": at most 2^31 - 1 rows on CUDA, got ", p.rows);
 }
 
-LogprobsOutputsTuple token_logprobs_fwd_cuda(
-    const at::Tensor& logits, const at::Tensor& target, double temperature,
-    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
-    int64_t ignore_index, bool return_entropy, bool /*inplace_backward: read by the autograd*/,
-    int64_t extras) {
-  const c10::cuda::CUDAGuard device_guard(logits.device());
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
-                                             logit_scale, softcap, ignore_index);
-  const ForwardOutputs out = forward_outputs(p, return_entropy, extras);
-  logprobs_forward_rows_cuda(p, out);
-  return as_tuple(out);
-}
-
-at::Tensor token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                   const at::Tensor& lse,
-                                   const std::optional<at::Tensor>& entropy,
-                                   const std::optional<at::Tensor>& grad_logprobs,
-                                   const std::optional<at::Tensor>& grad_entropy,
-                                   const std::optional<at::Tensor>& log_sum_sq,
-                                   const std::optional<at::Tensor>& grad_lse,
-                                   const std::optional<at::Tensor>& grad_log_sum_sq,
-                                   const std::optional<at::Tensor>& grad_mean_logits,
-                                   double temperature,
-                                   const std::optional<at::Tensor>& temperatures,
-                                   double logit_scale, double softcap, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard device_guard(logits.device());
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
-                                             logit_scale, softcap, ignore_index);
-  const GradTarget out = fresh_grad(p);
-  if (p.rows > 0) {
-    logprobs_backward_rows_cuda(p, out,
-                                prepare_grad_inputs(p, lse, entropy, grad_logprobs,
-                                                    grad_entropy, log_sum_sq, grad_lse,
-                                                    grad_log_sum_sq, grad_mean_logits),
-                                whole_vocab(p));
-  }
-  return out.grad;
-}
-
-void token_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                     const at::Tensor& lse,
-                                     const std::optional<at::Tensor>& entropy,
-                                     const std::optional<at::Tensor>& grad_logprobs,
-                                     const std::optional<at::Tensor>& grad_entropy,
-                                     const std::optional<at::Tensor>& log_sum_sq,
-                                     const std::optional<at::Tensor>& grad_lse,
-                                     const std::optional<at::Tensor>& grad_log_sum_sq,
-                                     const std::optional<at::Tensor>& grad_mean_logits,
-                                     double temperature,
-                                     const std::optional<at::Tensor>& temperatures,
-                                     double logit_scale, double softcap,
-                                     int64_t ignore_index) {
-  const c10::cuda::CUDAGuard device_guard(logits.device());
-  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
-                                             logit_scale, softcap, ignore_index);
-  if (p.rows > 0) {
-    logprobs_backward_rows_cuda(p, logits_as_grad(p),
-                                prepare_grad_inputs(p, lse, entropy, grad_logprobs,
-                                                    grad_entropy, log_sum_sq, grad_lse,
-                                                    grad_log_sum_sq, grad_mean_logits),
-                                whole_vocab(p));
-  }
-  if (!p.logits.is_same(logits)) logits.copy_(p.logits);
-}
-
 }  // namespace
 
 void logprobs_forward_rows_cuda(const LogprobsProblem& p, const ForwardOutputs& out) {
@@ -503,10 +438,14 @@ void logprobs_backward_rows_cuda(const LogprobsProblem& p, const GradTarget& out
   });
 }
 
+namespace {
+constexpr RowKernels kCudaRows{&logprobs_forward_rows_cuda, &logprobs_backward_rows_cuda};
+}  // namespace
+
 TORCH_LIBRARY_IMPL(rlhf_ext, CUDA, m) {
-  m.impl("token_logprobs_fwd", &token_logprobs_fwd_cuda);
-  m.impl("token_logprobs_bwd", &token_logprobs_bwd_cuda);
-  m.impl("token_logprobs_bwd_", &token_logprobs_bwd_inplace_cuda);
+  m.impl("token_logprobs_fwd", &token_logprobs_fwd<kCudaRows>);
+  m.impl("token_logprobs_bwd", &token_logprobs_bwd<kCudaRows>);
+  m.impl("token_logprobs_bwd_", &token_logprobs_bwd_<kCudaRows>);
 }
 
 }  // namespace rlhf_ext

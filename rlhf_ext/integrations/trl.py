@@ -21,6 +21,7 @@ import torch
 from rlhf_ext.integrations._common import entropy_from_logits as _entropy_in_dtype
 from rlhf_ext.integrations._common import gather_logprobs, masked_whiten
 from rlhf_ext.integrations._patch import Patcher, Target, VersionRange
+from rlhf_ext.ops.linear_token_logprobs import linear_token_logprobs as _rlhf_linear_logprobs
 from rlhf_ext.ops.masked_stats import masked_mean as _rlhf_masked_mean
 from rlhf_ext.ops.ppo_losses import policy_loss as _rlhf_policy_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs as _rlhf_token_logprobs
@@ -88,6 +89,91 @@ def selective_log_softmax_and_entropy(
     if not entropy_requires_grad:
         entropy = entropy.detach()
     return logprobs.to(logits.dtype), entropy.to(logits.dtype)
+
+
+# TRL 1.16's fused LM head outputs (trl/kernels/chunked_logprob.py OPTIONAL_OUTPUTS, after the
+# log-probs it always computes), and their names among rlhf_ext's LOGPROB_OUTPUTS.
+FUSED_HEAD_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+FUSED_HEAD_DEFAULT_OUTPUTS = FUSED_HEAD_OUTPUTS[1:]
+_OUR_OUTPUT = {"log_probs": "logprobs"}
+
+
+class ChunkedLogProbFunction:
+    """TRL 1.16's ``trl.kernels.chunked_logprob.ChunkedLogProbFunction`` (the fused LM head
+    behind ``add_fused_lm_head``, which GRPO, RLOO, SFT, DPO and KTO call) on
+    ``rlhf_ext.linear_token_logprobs``: the same ``apply`` arguments and results.
+
+    ``apply(hidden [N, H], weight [V, H], bias [V] | None, targets [N], temperature,
+    chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=(entropy,
+    log_sum_sq_probs, mean_logits, is_top1))`` returns ``(log_probs, entropy,
+    log_sum_sq_probs, mean_logits, is_top1)``, float32 (is_top1 bool), None for an output
+    not in ``outputs`` (log_probs always), of ``z = softcap * tanh(x * logit_scale /
+    softcap) / temperature`` with ``x = hidden @ weight.T + bias`` in TRL's compute dtype
+    (the autocast dtype under autocast, else hidden's). log_probs and entropy are
+    differentiable w.r.t. hidden, weight and bias; the other three are not (TRL marks them
+    non-differentiable; rlhf_ext's are, through ``linear_token_logprobs`` itself).
+
+    ``chunk_size`` (TRL's vocabulary columns per tile) is accepted and unused: the op picks
+    its tiles from a memory budget. A target equal to -100 gives 0 (TRL's caller never passes
+    one); a target outside [0, V) otherwise is a ValueError (TRL returns a wrong value).
+    ``final_logit_softcapping`` and ``logit_scale`` must be > 0 (TRL would read a softcap of
+    0 as 1 and a scale of 0 as all-equal logits).
+    """
+
+    @staticmethod
+    def apply(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        temperature: float,
+        chunk_size: int,
+        final_logit_softcapping: float | None = None,
+        logit_scale: float = 1.0,
+        outputs: tuple[str, ...] = FUSED_HEAD_DEFAULT_OUTPUTS,
+    ):
+        name = f"{PREFIX}.ChunkedLogProbFunction"
+        unknown = [o for o in outputs if o not in FUSED_HEAD_OUTPUTS]
+        if isinstance(outputs, str) or unknown:
+            raise ValueError(
+                f"{name}: `outputs` must be a tuple of names from {FUSED_HEAD_OUTPUTS}, got "
+                f"{outputs!r}"
+            )
+        if final_logit_softcapping is not None and not final_logit_softcapping > 0:
+            raise ValueError(
+                f"{name}: `final_logit_softcapping` must be None or > 0, got "
+                f"{final_logit_softcapping!r}"
+            )
+        if not logit_scale > 0:
+            raise ValueError(f"{name}: `logit_scale` must be > 0, got {logit_scale!r}")
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
+        asked = tuple(
+            _OUR_OUTPUT.get(o, o) for o in FUSED_HEAD_OUTPUTS if o == "log_probs" or o in outputs
+        )
+        with torch.autocast(device, enabled=False):  # the GEMMs in `dtype`, as TRL's
+            out = _rlhf_linear_logprobs(
+                hidden.to(dtype),
+                weight.to(dtype),
+                targets,
+                bias=None if bias is None else bias.to(dtype),
+                temperature=temperature,
+                logit_scale=float(logit_scale),
+                softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
+                outputs=asked,
+            )
+
+        def detached(t):
+            return None if t is None else t.detach()
+
+        return (
+            out.logprobs,
+            out.entropy,
+            detached(out.log_sum_sq_probs),
+            detached(out.mean_logits),
+            out.is_top1,
+        )
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
@@ -465,6 +551,12 @@ _PATCHER = Patcher(
             "trl.trainer.utils",
             "selective_log_softmax_and_entropy",
             selective_log_softmax_and_entropy,
+            optional=True,
+        ),
+        Target(  # TRL >= 1.16: the fused LM head of add_fused_lm_head
+            "trl.kernels.chunked_logprob",
+            "ChunkedLogProbFunction",
+            ChunkedLogProbFunction,
             optional=True,
         ),
         Target(PPO_MODULE, "masked_mean", masked_mean, optional=True),

@@ -534,6 +534,20 @@ def logprobs_from_logits(logits, labels, inplace_backward=True):
     return logprobs.to(logits.dtype)
 
 
+def calculate_sum_pi_squared_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """verl's ``calculate_sum_pi_squared_from_logits``: ``sum_v softmax(logits)_v^2`` per
+    position (the optimal-token-baseline estimator's ``sum_pi_squared``), shape
+    ``logits.shape[:-1]``, dtype of ``logits``, differentiable. verl computes
+    ``exp(logsumexp(2 logits) - 2 logsumexp(logits))``: two full-vocabulary passes and a
+    ``[..., V]`` temporary of ``2 logits``; here one read of the logits
+    (``token_logprobs(..., outputs=("log_sum_sq_probs",))``, float32 inside) and no
+    temporary. A row with a NaN logit gives NaN, as verl's; a row of all -inf, NaN (verl:
+    NaN too)."""
+    placeholder = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    out = _rlhf_token_logprobs(logits, placeholder, outputs=("log_sum_sq_probs",))
+    return out.log_sum_sq_probs.exp().to(logits.dtype)
+
+
 def fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
     """verl's ``FusedLinearForPPO.forward`` (the LM head of ``use_fused_kernels`` with its
     "torch" or "liger" backend): ``(log_probs, entropy)`` per token of the logits
@@ -1028,6 +1042,9 @@ _PATCHER = Patcher(
         Target(FUNCTIONAL, "masked_whiten", masked_whiten),
         Target(FUNCTIONAL, "logprobs_from_logits", logprobs_from_logits),
         Target(FUNCTIONAL, "entropy_from_logits", entropy_from_logits),
+        Target(
+            FUNCTIONAL, "calculate_sum_pi_squared_from_logits", calculate_sum_pi_squared_from_logits
+        ),  # fmt: skip
         Target(EXPERIMENTAL, "FusedLinearForPPO.forward", fused_linear_for_ppo_forward),
     ],
 )

@@ -3,12 +3,13 @@ chunk by chunk, never holding the whole logits."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from rlhf_ext import reference
 from rlhf_ext._backend import compiled_available, resolve_backend
 from rlhf_ext.ops._checks import (
-    acc_dtype,
     check_ignore_index,
     check_logit_transform,
     check_same_device,
@@ -25,7 +26,14 @@ from rlhf_ext.ops._registry import (
     register_fakes,
     triton_loader,
 )
-from rlhf_ext.ops._vocab import LINEAR_ROW_QUANTUM
+from rlhf_ext.ops._vocab import LINEAR_ROW_QUANTUM, LOGPROB_EXTRA_CODES
+from rlhf_ext.ops.token_logprobs import (
+    check_outputs,
+    extras_code,
+    fake_outputs,
+    select_outputs,
+    wants_entropy,
+)
 
 OP = "rlhf_ext.linear_token_logprobs"
 
@@ -48,6 +56,7 @@ def linear_token_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    outputs: Sequence[str] | None = None,
     chunk_size: int | None = None,
     validate: bool = True,
     backend: str = "auto",
@@ -68,6 +77,11 @@ def linear_token_logprobs(
     float32 logits of each tile (in the Triton forward, in its GEMM's epilogue):
     ``z = softcap * tanh(logits * logit_scale / softcap) / temperature``, or
     ``logits * logit_scale / temperature`` with ``softcap=None``; the same checks.
+
+    ``outputs``: token_logprobs' (any subset of logprobs, entropy, lse, log_sum_sq_probs,
+    mean_logits, is_top1, as a ``LogprobOutputs`` named tuple), from the same tiles: the
+    extras cost no extra GEMM, and all but is_top1 are differentiable w.r.t. ``hidden``,
+    ``weight`` and ``bias`` through the one tiled backward.
 
     Only rows whose target is not ``ignore_index`` are computed. They are taken
     ``chunk_size`` rows at a time: one GEMM into a ``[chunk_size, V]`` tile of
@@ -118,6 +132,7 @@ def linear_token_logprobs(
         OP, temperature, logit_scale, softcap, hidden, "hidden", validate
     )
     check_ignore_index(OP, ignore_index)
+    wanted = check_outputs(OP, outputs, return_entropy)
     chunk_rows = resolve_chunk_size(chunk_size, weight.shape[0], hidden)
     if validate and eager():
         raise_on_bad_target(OP, target, weight.shape[0], ignore_index)
@@ -131,18 +146,20 @@ def linear_token_logprobs(
             **reference_transform(transform),
             ignore_index=ignore_index,
             return_entropy=return_entropy,
+            outputs=wanted,
         )
-    logprobs, entropy, _lse = _forward_op(chosen)(
+    every = _forward_op(chosen)(
         hidden,
         weight,
         bias,
         target,
         *transform,
         ignore_index,
-        bool(return_entropy),
+        wants_entropy(wanted, return_entropy),
         chunk_rows,
+        extras_code(wanted),
     )
-    return (logprobs, entropy) if return_entropy else logprobs
+    return select_outputs(every, wanted, return_entropy)
 
 
 def _check_inputs(hidden, weight, bias, target) -> None:
@@ -223,30 +240,43 @@ def _forward_op(backend: str):
 
 
 def register_linear_autograd(forward_op, backward_op) -> None:
-    """The forward saves the inputs and the per-row log-sum-exp (and entropy); the
-    backward recomputes the logits tile by tile. Its kernels have no derivative, so a
-    second-order gradient raises (first_order_only)."""
+    """The forward saves the inputs and the per-row log-sum-exp (and the entropy and
+    log sum p^2 when computed); the backward recomputes the logits tile by tile. Outputs
+    that no gradient reaches arrive as None, so their terms cost nothing. Its kernels have
+    no derivative, so a second-order gradient raises (first_order_only)."""
     others = (None,) * (input_count(forward_op) - 3)
 
     def setup_context(ctx, inputs, output):
         hidden, weight, bias, target, temperature, temperatures, logit_scale, softcap = inputs[:8]
-        ignore_index, return_entropy, chunk = inputs[8:]
-        _, entropy, lse = output
+        ignore_index, return_entropy, chunk, extras = inputs[8:]
+        _, entropy, lse, log_sum_sq, mean_logits, is_top1 = output
+        with_sq = bool(extras & LOGPROB_EXTRA_CODES["log_sum_sq_probs"])
         ctx.save_for_backward(
-            hidden, weight, bias, target, lse, entropy if return_entropy else None, temperatures
-        )
+            hidden, weight, bias, target, lse, entropy if return_entropy else None, temperatures,
+            log_sum_sq if with_sq else None,
+        )  # fmt: skip
         ctx.settings = (temperature, logit_scale, softcap, ignore_index, return_entropy, chunk)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(is_top1)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
+        if not with_sq:
+            ctx.mark_non_differentiable(log_sum_sq)
+        if not extras & LOGPROB_EXTRA_CODES["mean_logits"]:
+            ctx.mark_non_differentiable(mean_logits)
 
     @first_order_only(OP)
-    def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        hidden, weight, bias, target, lse, entropy, temperatures = ctx.saved_tensors
+    def backward(ctx, grad_logprobs, grad_entropy, grad_lse, grad_sq, grad_mean, _grad_top1):
+        if all(g is None for g in (grad_logprobs, grad_entropy, grad_lse, grad_sq, grad_mean)):
+            return (None, None, None, *others)
+        hidden, weight, bias, target, lse, entropy, temperatures, log_sum_sq = ctx.saved_tensors
         temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_rows = ctx.settings
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         inputs = (hidden, weight, bias, target)
-        statistics = (lse, entropy, grad_logprobs, grad_entropy if return_entropy else None)
+        statistics = (
+            lse, entropy, grad_logprobs, grad_entropy if return_entropy else None, log_sum_sq,
+            grad_lse, grad_sq if log_sum_sq is not None else None, grad_mean,
+        )  # fmt: skip
         transform = (temperature, temperatures, logit_scale, softcap)
         settings = (*transform, ignore_index, chunk_rows, need_hidden, need_weight)
         grad_hidden, grad_weight, grad_bias = backward_op(*inputs, *statistics, *settings)
@@ -261,14 +291,13 @@ def register_linear_autograd(forward_op, backward_op) -> None:
 
 
 def forward_fake(hidden, weight, bias, target, temperature, temperatures, logit_scale, softcap,
-                 ignore_index, return_entropy, chunk):  # fmt: skip
-    lead, dtype = hidden.shape[:-1], acc_dtype(hidden)
-    entropy = hidden.new_empty(lead if return_entropy else (0,), dtype=dtype)
-    return hidden.new_empty(lead, dtype=dtype), entropy, hidden.new_empty(lead, dtype=dtype)
+                 ignore_index, return_entropy, chunk, extras=0):  # fmt: skip
+    return fake_outputs(hidden, return_entropy, extras)
 
 
-def backward_fake(hidden, weight, bias, target, lse, entropy, grad_lp, grad_ent, temperature,
-                  temperatures, logit_scale, softcap, ignore_index, chunk, need_grad_hidden,
+def backward_fake(hidden, weight, bias, target, lse, entropy, grad_lp, grad_ent, log_sum_sq,
+                  grad_lse, grad_log_sum_sq, grad_mean_logits, temperature, temperatures,
+                  logit_scale, softcap, ignore_index, chunk, need_grad_hidden,
                   need_grad_weight):  # fmt: skip
     def fresh(shape, like):
         return torch.empty(shape, dtype=like.dtype, device=like.device)

@@ -115,7 +115,7 @@ def token_logprobs(
         OP, temperature, logit_scale, softcap, logits, "logits", validate
     )
     check_ignore_index(OP, ignore_index)
-    wanted = check_outputs(outputs, return_entropy)
+    wanted = check_outputs(OP, outputs, return_entropy)
     if inplace_backward and logits.requires_grad and _shares_elements(logits):
         raise ValueError(
             f"{OP}: `inplace_backward=True` writes the gradient into `logits`, whose elements "
@@ -135,46 +135,59 @@ def token_logprobs(
             return_entropy=return_entropy,
             outputs=wanted,
         )
-    forward_op = _forward_op(chosen)
-    entropy_too = return_entropy or (wanted is not None and "entropy" in wanted)
-    extras = sum(LOGPROB_EXTRA_CODES[name] for name in wanted or () if name in LOGPROB_EXTRA_CODES)
-    every = forward_op(
+    every = _forward_op(chosen)(
         logits,
         target,
         *transform,
         ignore_index,
-        bool(entropy_too),
+        wants_entropy(wanted, return_entropy),
         bool(inplace_backward),
-        extras,
+        extras_code(wanted),
     )
-    if wanted is not None:
-        named = dict(zip(LOGPROB_OUTPUTS, every, strict=True))
-        return LogprobOutputs(**{name: named[name] for name in wanted})
-    return (every[0], every[1]) if return_entropy else every[0]
+    return select_outputs(every, wanted, return_entropy)
 
 
-def check_outputs(outputs, return_entropy: bool) -> tuple[str, ...] | None:
+def check_outputs(op: str, outputs, return_entropy: bool) -> tuple[str, ...] | None:
     """None, or the names asked for: a non-empty sequence of distinct LOGPROB_OUTPUTS names,
-    not together with return_entropy=True."""
+    not together with return_entropy=True (errors name `op`)."""
     if outputs is None:
         return None
     if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
         raise TypeError(
-            f"{OP}: `outputs` must be a tuple or list of names from {LOGPROB_OUTPUTS}, got "
+            f"{op}: `outputs` must be a tuple or list of names from {LOGPROB_OUTPUTS}, got "
             f"{outputs!r}"
         )
     unknown = [name for name in outputs if name not in LOGPROB_OUTPUTS]
     if unknown:
         raise ValueError(
-            f"{OP}: `outputs` has unknown name {unknown[0]!r}; the outputs are {LOGPROB_OUTPUTS}"
+            f"{op}: `outputs` has unknown name {unknown[0]!r}; the outputs are {LOGPROB_OUTPUTS}"
         )
     if not outputs or len(set(outputs)) != len(outputs):
-        raise ValueError(f"{OP}: `outputs` must name each output once, got {tuple(outputs)}")
+        raise ValueError(f"{op}: `outputs` must name each output once, got {tuple(outputs)}")
     if return_entropy:
         raise ValueError(
-            f'{OP}: pass either `return_entropy=True` or `outputs` (with "entropy" in it), not both'
+            f'{op}: pass either `return_entropy=True` or `outputs` (with "entropy" in it), not both'
         )
     return tuple(outputs)
+
+
+def wants_entropy(wanted: tuple[str, ...] | None, return_entropy: bool) -> bool:
+    """The forward ops' return_entropy flag for check_outputs' result."""
+    return bool(return_entropy or (wanted is not None and "entropy" in wanted))
+
+
+def extras_code(wanted: tuple[str, ...] | None) -> int:
+    """The forward ops' `extras` bitmask (LOGPROB_EXTRA_CODES) for the outputs asked for."""
+    return sum(LOGPROB_EXTRA_CODES[name] for name in wanted or () if name in LOGPROB_EXTRA_CODES)
+
+
+def select_outputs(every, wanted: tuple[str, ...] | None, return_entropy: bool):
+    """The public result from a forward op's six outputs (LOGPROB_OUTPUTS order): a
+    LogprobOutputs of the names asked for, the (logprobs, entropy) pair, or logprobs."""
+    if wanted is not None:
+        named = dict(zip(LOGPROB_OUTPUTS, every, strict=True))
+        return LogprobOutputs(**{name: named[name] for name in wanted})
+    return (every[0], every[1]) if return_entropy else every[0]
 
 
 def _shares_elements(t: torch.Tensor) -> bool:
@@ -266,12 +279,13 @@ def register_token_logprobs_autograd(forward_op, backward_op, backward_inplace_o
     register_backward(forward_op, backward, setup_context)
 
 
-def forward_fake(logits, target, temperature, temperatures, logit_scale, softcap,
-                 ignore_index, return_entropy, inplace=False, extras=0):  # fmt: skip
-    lead, dtype = logits.shape[:-1], acc_dtype(logits)
+def fake_outputs(inputs: torch.Tensor, return_entropy: bool, extras: int) -> tuple:
+    """The six forward outputs' fakes (LOGPROB_OUTPUTS order) for inputs [..., V or H]:
+    [...] each in the accumulation dtype (is_top1 bool), or empty when not asked for."""
+    lead, dtype = inputs.shape[:-1], acc_dtype(inputs)
 
     def maybe(wanted, dtype=dtype):
-        return logits.new_empty(lead if wanted else (0,), dtype=dtype)
+        return inputs.new_empty(lead if wanted else (0,), dtype=dtype)
 
     return (
         maybe(True),
@@ -281,6 +295,11 @@ def forward_fake(logits, target, temperature, temperatures, logit_scale, softcap
         maybe(extras & LOGPROB_EXTRA_CODES["mean_logits"]),
         maybe(extras & LOGPROB_EXTRA_CODES["is_top1"], torch.bool),
     )
+
+
+def forward_fake(logits, target, temperature, temperatures, logit_scale, softcap,
+                 ignore_index, return_entropy, inplace=False, extras=0):  # fmt: skip
+    return fake_outputs(logits, return_entropy, extras)
 
 
 def backward_fake(logits, target, lse, entropy, grad_logprobs, grad_entropy, *rest):

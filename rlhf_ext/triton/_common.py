@@ -96,6 +96,19 @@ def online_softmax_step(x, running_max, sum_exp, sum_shift, scale, AXIS: tl.cons
     is log2(e) / temperature: one for the block, or with SCALE_PER_ROW (AXIS 1) one per row
     of the tile. Returns the new (running_max, sum_exp, sum_shift).
     """
+    new_max, sum_exp, sum_shift, _unused = online_softmax_sq_step(
+        x, running_max, sum_exp, sum_shift, sum_exp, scale, AXIS, ENTROPY, False, SCALE_PER_ROW
+    )
+    return new_max, sum_exp, sum_shift
+
+
+@triton.jit
+def online_softmax_sq_step(x, running_max, sum_exp, sum_shift, sum_sq, scale, AXIS: tl.constexpr,
+                           ENTROPY: tl.constexpr, SUM_SQ: tl.constexpr,
+                           SCALE_PER_ROW: tl.constexpr = False):  # fmt: skip
+    """online_softmax_step, and with SUM_SQ also sum_sq = sum exp2((x - m) * scale)^2 on the
+    same running max, from the same exponentials (log sum p^2 = log sum_sq - 2 log sum_exp).
+    Returns the new (running_max, sum_exp, sum_shift, sum_sq)."""
     new_max = tl.maximum(running_max, tl.max(x, axis=AXIS))
     base = tl.where(new_max == float("-inf"), 0.0, new_max)
     seen = sum_exp > 0
@@ -109,8 +122,10 @@ def online_softmax_step(x, running_max, sum_exp, sum_shift, scale, AXIS: tl.cons
     if ENTROPY:
         sum_shift = factor * (sum_shift + delta * sum_exp)
         sum_shift += tl.sum(tl.where(e > 0, e * shifted, 0.0), axis=AXIS)
+    if SUM_SQ:
+        sum_sq = factor * factor * sum_sq + tl.sum(e * e, axis=AXIS)
     sum_exp = factor * sum_exp + tl.sum(e, axis=AXIS)
-    return new_max, sum_exp, sum_shift
+    return new_max, sum_exp, sum_shift, sum_sq
 
 
 def tanh_series_max(acc) -> float:

@@ -5,8 +5,10 @@ is the online softmax, so no logits ever reach memory. A program owns
 BLOCK_M valid rows and one vocabulary span; it computes [BLOCK_M, BLOCK_N]
 logit tiles with tl.dot over H and folds each into per-row running
 statistics (max, sum of exponentials, their logit-weighted sum for the
-entropy, the target's logit). A second kernel merges the spans of each row
-in a fixed order. Rows are gathered through the valid-row indices, so
+entropy, the target's logit; with EXTRAS also the sum of squared exponentials,
+the sum of the logits and the largest logit before the target, for
+log_sum_sq_probs, mean_logits and is_top1). A second kernel merges the spans
+of each row in a fixed order. Rows are gathered through the valid-row indices, so
 ignored rows are never computed. Every launch parameter depends on the
 device and dtype only, never on N: a row's result is the same bits alone or
 in any batch.
@@ -34,10 +36,11 @@ from rlhf_ext.ops._vocab import (
     LINEAR_MIN_TILE_VOCAB,
     LINEAR_ROW_QUANTUM,
     LINEAR_VOCAB_QUANTUM,
+    LOGPROB_EXTRA_CODES,
 )
 from rlhf_ext.triton import token_logprobs as rows_kernels
-from rlhf_ext.triton._common import on_device_of, online_softmax_step, tanh_series_max
-from rlhf_ext.triton.token_logprobs import row_mult, softcap_squash
+from rlhf_ext.triton._common import on_device_of, online_softmax_sq_step, tanh_series_max
+from rlhf_ext.triton.token_logprobs import EXTRA_NAMES, row_mult, softcap_squash
 
 OP = "rlhf_ext.linear_token_logprobs"
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
@@ -64,15 +67,20 @@ class FusedConfig:
 # FMA, needs smaller tiles not to spill.
 # Small tiles under the interpreter, so that the tests cross tile, span and
 # group boundaries.
+# The extra outputs' epilogue (EXTRAS) holds more [BLOCK_M, BLOCK_N] temporaries: at
+# 128x128 bf16/fp16 it spilled 16-420 bytes (sm_80 and sm_90), so it takes 64 rows.
 GPU_CONFIG = FusedConfig(128, 128, 64, 4096, 8, 8, 3)
+GPU_CONFIG_EXTRAS = FusedConfig(64, 128, 64, 4096, 8, 8, 3)
 GPU_CONFIG_FLOAT32 = FusedConfig(64, 128, 32, 4096, 8, 8, 2)
 INTERPRETER_CONFIG = FusedConfig(16, 32, 16, 64, 2, 4, 1)
 
 
-def fused_config(dtype: torch.dtype) -> FusedConfig:
+def fused_config(dtype: torch.dtype, extras: bool = False) -> FusedConfig:
     if triton_interpreting():
         return INTERPRETER_CONFIG
-    return GPU_CONFIG_FLOAT32 if dtype == torch.float32 else GPU_CONFIG
+    if dtype == torch.float32:
+        return GPU_CONFIG_FLOAT32
+    return GPU_CONFIG_EXTRAS if extras else GPU_CONFIG
 
 
 def k_step(cfg: FusedConfig, size: int) -> int:
@@ -127,6 +135,7 @@ def _linear_logprobs_fwd_kernel(
     span,
     HAS_BIAS: tl.constexpr,
     ENTROPY: tl.constexpr,
+    EXTRAS: tl.constexpr,
     PER_ROW_TEMP: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SERIES_MAX: tl.constexpr,
@@ -157,6 +166,9 @@ def _linear_logprobs_fwd_kernel(
     sum_exp = tl.zeros((BLOCK_M,), tl.float32)
     sum_shift = tl.zeros((BLOCK_M,), tl.float32)
     x_target = tl.zeros((BLOCK_M,), tl.float32)
+    sum_sq = tl.zeros((BLOCK_M,), tl.float32)
+    sum_y = tl.zeros((BLOCK_M,), tl.float32)
+    max_before = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start in range(col_begin, col_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < col_end
@@ -185,16 +197,25 @@ def _linear_logprobs_fwd_kernel(
         x = tl.where(col_ok[None, :], logits, float("-inf"))
         x_target += tl.sum(tl.where(cols[None, :] == tgt[:, None], x, 0.0), axis=1)
         # token_logprobs' online softmax, per row of the tile.
-        running_max, sum_exp, sum_shift = online_softmax_step(
-            x, running_max, sum_exp, sum_shift, scale, 1, ENTROPY, PER_ROW_TEMP
+        running_max, sum_exp, sum_shift, sum_sq = online_softmax_sq_step(
+            x, running_max, sum_exp, sum_shift, sum_sq, scale, 1, ENTROPY, EXTRAS, PER_ROW_TEMP
         )
-    # parts: float32 [4, splits, n_valid]; int64 offsets (splits * n_valid can pass 2**31).
+        if EXTRAS:  # token_logprobs' running extras (rlhf_ext/triton/token_logprobs.py)
+            sum_y += tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
+            before = col_ok[None, :] & (cols[None, :] < tgt[:, None]) & (x == x)
+            max_before = tl.maximum(max_before, tl.max(tl.where(before, x, float("-inf")), 1))
+    # parts: float32 [4 or 7, splits, n_valid]; int64 offsets (splits * n_valid can pass
+    # 2**31).
     out = parts_ptr + tl.cast(split, tl.int64) * n_valid + rows
     plane = tl.cast(splits, tl.int64) * n_valid
     tl.store(out, running_max, mask=row_ok)
     tl.store(out + plane, sum_exp, mask=row_ok)
     tl.store(out + 2 * plane, sum_shift, mask=row_ok)
     tl.store(out + 3 * plane, x_target, mask=row_ok)
+    if EXTRAS:
+        tl.store(out + 4 * plane, sum_sq, mask=row_ok)
+        tl.store(out + 5 * plane, sum_y, mask=row_ok)
+        tl.store(out + 6 * plane, max_before, mask=row_ok)
 
 
 @triton.jit
@@ -207,10 +228,16 @@ def _linear_logprobs_merge_kernel(
     logprobs_ptr,
     entropy_ptr,
     lse_ptr,
+    log_sum_sq_ptr,
+    mean_ptr,
+    top1_ptr,
     n_valid,
     vocab,
     splits,
     ENTROPY: tl.constexpr,
+    SUM_SQ: tl.constexpr,
+    MEAN: tl.constexpr,
+    TOP1: tl.constexpr,
     PER_ROW_TEMP: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -222,14 +249,20 @@ def _linear_logprobs_merge_kernel(
     mult = row_mult(params_ptr, temps_ptr, src, tl.float32, PER_ROW_TEMP, SOFTCAP)
     scale = mult * LOG2E
     top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    largest = tl.full((BLOCK,), float("-inf"), tl.float32)  # also over spans with no sum
     for s in range(0, splits):
         at = parts_ptr + tl.cast(s, tl.int64) * n_valid + rows
         seen = tl.load(at + plane, mask=row_ok, other=0.0) > 0
-        top = tl.where(seen, tl.maximum(top, tl.load(at, mask=row_ok, other=0.0)), top)
+        part_max = tl.load(at, mask=row_ok, other=0.0)
+        top = tl.where(seen, tl.maximum(top, part_max), top)
+        largest = tl.maximum(largest, part_max)
     base = tl.where(top == float("-inf"), 0.0, top)
     sum_exp = tl.zeros((BLOCK,), tl.float32)
     sum_shift = tl.zeros((BLOCK,), tl.float32)
     x_target = tl.zeros((BLOCK,), tl.float32)
+    sum_sq = tl.zeros((BLOCK,), tl.float32)
+    sum_y = tl.zeros((BLOCK,), tl.float32)
+    max_before = tl.full((BLOCK,), float("-inf"), tl.float32)
     for s in range(0, splits):  # a fixed order: deterministic, batch-invariant
         at = parts_ptr + tl.cast(s, tl.int64) * n_valid + rows
         part_exp = tl.load(at + plane, mask=row_ok, other=0.0)
@@ -241,35 +274,64 @@ def _linear_logprobs_merge_kernel(
             part_shift = tl.load(at + 2 * plane, mask=row_ok, other=0.0)
             sum_shift += factor * (part_shift + delta * part_exp)
         x_target += tl.load(at + 3 * plane, mask=row_ok, other=0.0)
+        if SUM_SQ:
+            sum_sq += factor * factor * tl.load(at + 4 * plane, mask=row_ok, other=0.0)
+        if MEAN:
+            sum_y += tl.load(at + 5 * plane, mask=row_ok, other=0.0)
+        if TOP1:
+            part_before = tl.load(at + 6 * plane, mask=row_ok, other=float("-inf"))
+            max_before = tl.maximum(max_before, part_before)
     log_sum = tl.log(sum_exp)
     lse = top * mult + log_sum
     tgt = tl.load(target_ptr + src, mask=row_ok, other=0)
     in_vocab = (tgt >= 0) & (tgt < vocab)
-    tl.store(logprobs_ptr + src, tl.where(in_vocab, x_target * mult - lse, float("nan")),
-             mask=row_ok)  # fmt: skip
-    tl.store(lse_ptr + src, lse, mask=row_ok)
+    logprob = tl.where(in_vocab, x_target * mult - lse, float("nan"))
+    tl.store(logprobs_ptr + src, logprob, mask=row_ok)
+    # +inf for a row with a +inf logit, as token_logprobs (softmax_math.h lse_output)
+    tl.store(lse_ptr + src, tl.where(largest == float("inf"), largest, lse), mask=row_ok)
     if ENTROPY:
         tl.store(entropy_ptr + src, log_sum - mult * sum_shift / sum_exp, mask=row_ok)
+    if SUM_SQ:
+        tl.store(log_sum_sq_ptr + src, tl.log(sum_sq) - 2 * log_sum, mask=row_ok)
+    if MEAN:
+        tl.store(mean_ptr + src, sum_y * mult / vocab, mask=row_ok)
+    if TOP1:  # a row without a distribution (NaN log-prob) has no top token
+        top1 = (logprob == logprob) & (x_target >= largest) & (x_target > max_before)
+        tl.store(top1_ptr + src, top1.to(tl.int8), mask=row_ok)
 
 
-def _fused_forward(hidden, weight, bias, target, transform, ignore_index, return_entropy):
-    """(logprobs, entropy, lse) over flat rows from the fused kernels (not float64)."""
+def _asked(return_entropy: bool, extras: int) -> tuple[bool, ...]:
+    """Which of the six outputs (LOGPROB_OUTPUTS order) a call computes."""
+    sum_sq, mean, top1 = (bool(extras & LOGPROB_EXTRA_CODES[name]) for name in EXTRA_NAMES)
+    return True, bool(return_entropy), True, sum_sq, mean, top1
+
+
+def _outputs(hidden, rows: int, return_entropy: bool, extras: int, acc=torch.float32):
+    """The op's six flat outputs, zero (False) at ignored rows; an output not asked for
+    is empty. is_top1 is held as bytes (the kernels write int8)."""
+    dtypes = (acc,) * 5 + (torch.uint8,)
+    return [
+        hidden.new_zeros(rows if asked else 0, dtype=dtype)
+        for asked, dtype in zip(_asked(return_entropy, extras), dtypes, strict=True)
+    ]
+
+
+def _fused_forward(hidden, weight, bias, target, transform, ignore_index, return_entropy, extras):
+    """The six flat outputs from the fused kernels (not float64), is_top1 as bytes."""
     size, vocab = hidden.shape[-1], weight.shape[0]
     rows = target.numel()
     flat_hidden = hidden.reshape(rows, size)  # any strides: the kernel takes both
     bias = bias.contiguous() if bias is not None else None  # read as bias[col]
     flat_target = target.reshape(rows).long().contiguous()
-    logprobs = hidden.new_zeros(rows, dtype=torch.float32)
-    lse = hidden.new_zeros(rows, dtype=torch.float32)
-    entropy = hidden.new_zeros(rows if return_entropy else 0, dtype=torch.float32)
+    out = _outputs(hidden, rows, return_entropy, extras)
     valid = _valid_rows(flat_target, ignore_index)
     n_valid = valid.numel()
     if n_valid == 0:
-        return logprobs, entropy, lse
-    cfg = fused_config(hidden.dtype)
+        return out
+    cfg = fused_config(hidden.dtype, extras != 0)
     block_k = k_step(cfg, size)
     splits = triton.cdiv(vocab, cfg.span)
-    parts = hidden.new_empty((4, splits, n_valid), dtype=torch.float32)
+    parts = hidden.new_empty((7 if extras else 4, splits, n_valid), dtype=torch.float32)
     temperature, temperatures, logit_scale, softcap = transform
     params, temps = rows_kernels.transform_params(hidden, *transform)
     per_row_temp, capped = temperatures is not None, softcap > 0
@@ -279,6 +341,7 @@ def _fused_forward(hidden, weight, bias, target, transform, ignore_index, return
         temps, parts, n_valid, vocab, size, *flat_hidden.stride(), *weight.stride(), cfg.span,
         HAS_BIAS=bias is not None,
         ENTROPY=return_entropy,
+        EXTRAS=extras != 0,
         PER_ROW_TEMP=per_row_temp,
         SOFTCAP=capped,
         SERIES_MAX=tanh_series_max(tl.float32),
@@ -293,13 +356,16 @@ def _fused_forward(hidden, weight, bias, target, transform, ignore_index, return
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
+    asked = _asked(return_entropy, extras)
+    # An output not asked for is never written: the lse stands in for its pointer.
+    written = [t if wanted else out[2] for t, wanted in zip(out, asked, strict=True)]
     merge_block = 128
     _linear_logprobs_merge_kernel[(triton.cdiv(n_valid, merge_block),)](
-        parts, valid, flat_target, params, temps, logprobs, entropy if return_entropy else lse,
-        lse, n_valid, vocab, splits, ENTROPY=return_entropy, PER_ROW_TEMP=per_row_temp,
-        SOFTCAP=capped, BLOCK=merge_block,
+        parts, valid, flat_target, params, temps, *written, n_valid, vocab, splits,
+        ENTROPY=return_entropy, SUM_SQ=asked[3], MEAN=asked[4], TOP1=asked[5],
+        PER_ROW_TEMP=per_row_temp, SOFTCAP=capped, BLOCK=merge_block,
     )  # fmt: skip
-    return logprobs, entropy, lse
+    return out
 
 
 def _logits_tile(hidden_rows, weight_rows, bias_cols, float32_logits: bool = False):
@@ -349,33 +415,39 @@ def linear_token_logprobs_fwd_triton(
     ignore_index: int,
     return_entropy: bool,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    extras: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton forward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_fwd:
     the fused kernels, or for float64 the chunk loop (chunk_size rows at a time)."""
+    if extras < 0 or extras & ~sum(LOGPROB_EXTRA_CODES.values()):
+        raise ValueError(
+            f"{OP}: `extras` must be a combination of the bits {LOGPROB_EXTRA_CODES}, got {extras}"
+        )
     transform = (temperature, temperatures, logit_scale, softcap)
     with on_device_of(hidden):
-        return _forward(
-            hidden, weight, bias, target, transform, ignore_index, return_entropy, chunk_size
-        )
+        if hidden.dtype == torch.float64:
+            out = _chunked_forward(
+                hidden, weight, bias, target, transform, ignore_index, return_entropy,
+                chunk_size, extras,
+            )  # fmt: skip
+        else:
+            out = _fused_forward(
+                hidden, weight, bias, target, transform, ignore_index, return_entropy, extras
+            )
+    lead = hidden.shape[:-1]
+    out[5] = out[5].to(torch.bool)
+    asked = _asked(return_entropy, extras)
+    return tuple(t.view(lead) if wanted else t for t, wanted in zip(out, asked, strict=True))
 
 
-def _forward(hidden, weight, bias, target, transform, ignore_index, return_entropy, chunk_size):
-    lead, size = hidden.shape[:-1], hidden.shape[-1]
-    if hidden.dtype != torch.float64:
-        logprobs, entropy, lse = _fused_forward(
-            hidden, weight, bias, target, transform, ignore_index, return_entropy
-        )
-        return (
-            logprobs.view(lead),
-            entropy.view(lead) if return_entropy else entropy,
-            lse.view(lead),
-        )
-    acc = torch.float64  # only float64 takes the chunk loop
-    rows = target.numel()
+def _chunked_forward(
+    hidden, weight, bias, target, transform, ignore_index, return_entropy, chunk_size, extras
+):  # fmt: skip
+    """The six flat outputs from the chunk loop (float64 only): a logits tile of
+    chunk_size rows, then token_logprobs' Triton row kernel."""
+    rows, size = target.numel(), hidden.shape[-1]
     flat_hidden, flat_target = hidden.reshape(rows, size), target.reshape(rows).long()
-    logprobs = hidden.new_zeros(rows, dtype=acc)
-    lse = hidden.new_zeros(rows, dtype=acc)
-    entropy = hidden.new_zeros(rows if return_entropy else 0, dtype=acc)
+    out = _outputs(hidden, rows, return_entropy, extras, torch.float64)
     valid = _valid_rows(flat_target, ignore_index)
     temperature, temperatures, logit_scale, softcap = transform
     for begin in range(0, valid.numel(), chunk_size):
@@ -385,16 +457,15 @@ def _forward(hidden, weight, bias, target, transform, ignore_index, return_entro
         tile_target = flat_target.index_select(0, idx)
         tile_target[end - begin :] = ignore_index  # padding rows: skipped by the kernel
         tile_temps = _rows_of(temperatures, idx)
-        lp, ent, ls, *_ = rows_kernels.token_logprobs_fwd_triton(
+        parts = rows_kernels.token_logprobs_fwd_triton(
             tile, tile_target, temperature, tile_temps, logit_scale, softcap, ignore_index,
-            return_entropy,
+            return_entropy, False, extras,
         )  # fmt: skip
         here = valid[begin:end]
-        logprobs.index_copy_(0, here, lp[: end - begin])
-        lse.index_copy_(0, here, ls[: end - begin])
-        if return_entropy:
-            entropy.index_copy_(0, here, ent[: end - begin])
-    return logprobs.view(lead), entropy.view(lead) if return_entropy else entropy, lse.view(lead)
+        for whole, part in zip(out, parts, strict=True):
+            if whole.numel():
+                whole.index_copy_(0, here, part[: end - begin].to(whole.dtype))
+    return out
 
 
 def _rows_of(temperatures: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
@@ -439,6 +510,10 @@ def linear_token_logprobs_bwd_triton(
     entropy: torch.Tensor | None,
     grad_logprobs: torch.Tensor | None,
     grad_entropy: torch.Tensor | None,
+    log_sum_sq: torch.Tensor | None,
+    grad_lse: torch.Tensor | None,
+    grad_log_sum_sq: torch.Tensor | None,
+    grad_mean_logits: torch.Tensor | None,
     temperature: float,
     temperatures: torch.Tensor | None,
     logit_scale: float,
@@ -450,19 +525,23 @@ def linear_token_logprobs_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward with the signature of torch.ops.rlhf_ext.linear_token_logprobs_bwd."""
     transform = (temperature, temperatures, logit_scale, softcap)
+    extra_grads = (log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean_logits)
     with on_device_of(hidden):
         return _backward(
             hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy,
-            transform, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
+            extra_grads, transform, ignore_index, chunk_size, need_grad_hidden,
+            need_grad_weight,
         )  # fmt: skip
 
 
 def _backward(
-    hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy, transform,
-    ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
+    hidden, weight, bias, target, lse, entropy, grad_logprobs, grad_entropy, extra_grads,
+    transform, ignore_index, chunk_size, need_grad_hidden, need_grad_weight,
 ):  # fmt: skip
     if grad_entropy is not None and entropy is None:
         raise ValueError(f"{OP}: `entropy` is needed with `grad_entropy`")
+    if extra_grads[2] is not None and extra_grads[0] is None:
+        raise ValueError(f"{OP}: `log_sum_sq` is needed with `grad_log_sum_sq`")
     size, vocab = hidden.shape[-1], weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = target.numel()
@@ -476,6 +555,7 @@ def _backward(
     tgt, lse_v = flat_target.index_select(0, valid), per_valid_row(lse)
     glp, gent = per_valid_row(grad_logprobs), per_valid_row(grad_entropy)
     ent = per_valid_row(entropy) if grad_entropy is not None else None
+    extras_v = tuple(per_valid_row(t) for t in extra_grads)
     temperature, temperatures, logit_scale, softcap = transform
     temps_v = _rows_of(temperatures, valid)
     dense = flat_hidden if valid_rows == rows else flat_hidden.index_select(0, valid)
@@ -509,6 +589,7 @@ def _backward(
                 temperature, ignore_index, vocab_slice=(col, vocab),
                 temperatures=None if temps_v is None else temps_v[here],
                 logit_scale=logit_scale, softcap=softcap,
+                extra_grads=tuple(None if t is None else t[here] for t in extras_v),
             )  # fmt: skip
             if grad_bias_acc is not None:
                 grad_bias_acc[cols] += grad_tile.sum(0, dtype=acc)

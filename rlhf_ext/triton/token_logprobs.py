@@ -23,7 +23,7 @@ from rlhf_ext.triton._common import (
     acc_tl_dtype,
     acc_torch_dtype,
     next_power_of_2,
-    online_softmax_step,
+    online_softmax_sq_step,
     tanh_series_max,
     tanh_with_slope,
 )
@@ -137,10 +137,9 @@ def _token_logprobs_fwd_kernel(
     running_max = tl.full((), float("-inf"), ACC)
     sum_exp = tl.zeros((), ACC)
     sum_shift = tl.zeros((), ACC)
-    # the extra outputs' running values (csrc/cpu/token_logprobs.cpp RowExtras): the softmax
-    # at twice the multiplier, the sum of y, the largest y before the target
-    max2 = tl.full((), float("-inf"), ACC)
-    sum2 = tl.zeros((), ACC)
+    # the extra outputs' running values (csrc/cpu/token_logprobs.cpp RowExtras): the sum of
+    # the squared exponentials, the sum of y, the largest y before the target
+    sum_sq = tl.zeros((), ACC)
     sum_y = tl.zeros((), ACC)
     max_before = tl.full((), float("-inf"), ACC)
     for start in range(0, vocab, BLOCK):
@@ -149,11 +148,9 @@ def _token_logprobs_fwd_kernel(
         x = tl.load(x_row + cols, mask=inside, other=float("-inf")).to(ACC)
         if SOFTCAP:  # real logits only: the padding stays -inf
             x = tl.where(inside, softcap_squash(x, params_ptr, ACC, SERIES_MAX)[0], float("-inf"))
-        running_max, sum_exp, sum_shift = online_softmax_step(
-            x, running_max, sum_exp, sum_shift, scale, 0, ENTROPY
+        running_max, sum_exp, sum_shift, sum_sq = online_softmax_sq_step(
+            x, running_max, sum_exp, sum_shift, sum_sq, scale, 0, ENTROPY, SUM_SQ
         )
-        if SUM_SQ:
-            max2, sum2, _unused = online_softmax_step(x, max2, sum2, sum2, 2 * scale, 0, False)
         if MEAN:
             sum_y += tl.sum(tl.where(inside, x, 0.0), axis=0)
         if TOP1:
@@ -174,7 +171,7 @@ def _token_logprobs_fwd_kernel(
         entropy = log_sum - mult * sum_shift / sum_exp
         tl.store(entropy_ptr + row, tl.where(active, entropy, 0.0))
     if SUM_SQ:
-        log_sum_sq = max2 * 2 * mult + tl.log(sum2) - 2 * lse
+        log_sum_sq = tl.log(sum_sq) - 2 * log_sum
         tl.store(log_sum_sq_ptr + row, tl.where(active, log_sum_sq, 0.0))
     if MEAN:
         tl.store(mean_ptr + row, tl.where(active, sum_y * mult / vocab, 0.0))

@@ -52,13 +52,6 @@ constexpr int64_t kRowQuantum = 16;
 constexpr int64_t kMinTileVocab = 1024;
 constexpr int64_t kVocabQuantum = 64;
 
-// The device's row loops of token_logprobs (logprobs_host.h).
-struct RowKernels {
-  void (*forward)(const LogprobsProblem&, const ForwardOutputs&);
-  void (*backward)(const LogprobsProblem&, const GradTarget&, const LogprobsGradInputs&,
-                   VocabSlice);
-};
-
 struct LinearProblem {
   at::Tensor hidden;  // [N, H], rows with stride 1
   at::Tensor weight;  // [V, H], contiguous
@@ -190,12 +183,31 @@ inline ChunkRows gather_chunk(const LinearProblem& p, int64_t begin, int64_t end
   return {idx, p.hidden.index_select(0, idx)};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
-    const LinearProblem& p, bool return_entropy, const RowKernels& kernels) {
+// The op's outputs over all N rows (ForwardOutputs: empty when not asked for), zero
+// (False) at the ignored rows, which no chunk writes.
+inline ForwardOutputs linear_outputs(const LinearProblem& p, bool return_entropy,
+                                     int64_t extras) {
   const auto options = p.hidden.options().dtype(p.acc_dtype);
-  at::Tensor logprobs = at::zeros({p.rows}, options);
-  at::Tensor entropy = return_entropy ? at::zeros({p.rows}, options) : at::empty({0}, options);
-  at::Tensor lse = at::zeros({p.rows}, options);
+  auto maybe = [&](bool wanted, at::TensorOptions o) {
+    return wanted ? at::zeros({p.rows}, o) : at::empty({0}, o);
+  };
+  return {at::zeros({p.rows}, options),
+          maybe(return_entropy, options),
+          at::zeros({p.rows}, options),
+          maybe(extras & kExtraLogSumSq, options),
+          maybe(extras & kExtraMeanLogits, options),
+          maybe(extras & kExtraIsTop1, options.dtype(at::kBool))};
+}
+
+// out[rows] = the first rows.size(0) entries of a chunk's output, for an output asked for.
+inline void scatter_rows(const at::Tensor& out, const at::Tensor& rows, const at::Tensor& part) {
+  if (out.numel() > 0) out.index_copy_(0, rows, part.slice(0, 0, rows.size(0)));
+}
+
+inline LogprobsOutputsTuple linear_forward(const LinearProblem& p, bool return_entropy,
+                                           int64_t extras, const RowKernels& kernels) {
+  check_extras(kLinearLogprobsOp, extras);
+  const ForwardOutputs out = linear_outputs(p, return_entropy, extras);
   const int64_t valid_rows = p.valid.size(0);
   for (int64_t begin = 0; begin < valid_rows; begin += p.chunk_rows) {
     const int64_t end = std::min(valid_rows, begin + p.chunk_rows);
@@ -204,19 +216,26 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_forward(
     at::Tensor tile_target = p.target.index_select(0, chunk.indices);
     // The padding rows are ignored: the row loop skips them.
     tile_target.slice(0, end - begin).fill_(p.ignore_index);
-    const int64_t n = chunk.indices.size(0);
-    at::Tensor lp = at::empty({n}, options), ls = at::empty({n}, options);
-    at::Tensor ent = return_entropy ? at::empty({n}, options) : at::Tensor();
     const TransformSettings transform = with_temps(p.transform, temps_of(p, chunk.indices));
-    kernels.forward(tile_problem(tile, tile_target, transform, p.ignore_index),
-                    ForwardOutputs{lp, ent, ls, {}, {}, {}});
+    const LogprobsProblem tp = tile_problem(tile, tile_target, transform, p.ignore_index);
+    const ForwardOutputs part = forward_outputs(tp, return_entropy, extras);
+    kernels.forward(tp, part);
     const at::Tensor rows = p.valid.slice(0, begin, end);
-    logprobs.index_copy_(0, rows, lp.slice(0, 0, end - begin));
-    lse.index_copy_(0, rows, ls.slice(0, 0, end - begin));
-    if (return_entropy) entropy.index_copy_(0, rows, ent.slice(0, 0, end - begin));
+    scatter_rows(out.logprobs, rows, part.logprobs);
+    scatter_rows(out.entropy, rows, part.entropy);
+    scatter_rows(out.lse, rows, part.lse);
+    scatter_rows(out.log_sum_sq, rows, part.log_sum_sq);
+    scatter_rows(out.mean_logits, rows, part.mean_logits);
+    scatter_rows(out.is_top1, rows, part.is_top1);
   }
-  std::vector<int64_t> shape = p.lead_shape;
-  return {logprobs.view(shape), return_entropy ? entropy.view(shape) : entropy, lse.view(shape)};
+  const at::IntArrayRef shape(p.lead_shape);
+  auto shaped = [&](const at::Tensor& t, bool wanted) { return wanted ? t.view(shape) : t; };
+  return {shaped(out.logprobs, true),
+          shaped(out.entropy, return_entropy),
+          shaped(out.lse, true),
+          shaped(out.log_sum_sq, extras & kExtraLogSumSq),
+          shaped(out.mean_logits, extras & kExtraMeanLogits),
+          shaped(out.is_top1, extras & kExtraIsTop1)};
 }
 
 // The backward's tile: [tile_rows, tile_vocab] logits at a time, at most
@@ -266,9 +285,19 @@ inline void accumulate_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor&
   }
 }
 
+// The backward's per-row inputs (LogprobsGradInputs), over the valid rows: [Nv] each, or
+// undefined.
 struct LinearGradInputs {
-  at::Tensor target, lse, entropy, grad_logprobs, grad_entropy;  // [Nv] each, or undefined
+  at::Tensor target;
+  LogprobsGradInputs rows;
   at::Tensor temps;  // [Nv] acc_dtype, or undefined without per-row temperatures
+};
+
+// The backward's optional per-row tensors, as the op receives them.
+struct LinearGradArgs {
+  at::Tensor lse;
+  std::optional<at::Tensor> entropy, grad_logprobs, grad_entropy;
+  std::optional<at::Tensor> log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean;
 };
 
 inline at::Tensor valid_per_row(const LinearProblem& p, const char* name,
@@ -281,20 +310,27 @@ inline at::Tensor valid_per_row(const LinearProblem& p, const char* name,
   return t->reshape({p.rows}).index_select(0, p.valid).to(p.acc_dtype).contiguous();
 }
 
-inline LinearGradInputs prepare_linear_grad_inputs(
-    const LinearProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
-    const std::optional<at::Tensor>& grad_logprobs,
-    const std::optional<at::Tensor>& grad_entropy) {
+inline LinearGradInputs prepare_linear_grad_inputs(const LinearProblem& p,
+                                                   const LinearGradArgs& a) {
   LinearGradInputs in;
   in.target = p.target.index_select(0, p.valid);
   in.temps = temps_of(p, p.valid);
-  in.lse = valid_per_row(p, "lse", lse);
-  in.grad_logprobs = valid_per_row(p, "grad_logprobs", grad_logprobs);
-  in.grad_entropy = valid_per_row(p, "grad_entropy", grad_entropy);
-  if (in.grad_entropy.defined()) {
-    in.entropy = valid_per_row(p, "entropy", entropy);
-    TORCH_CHECK_VALUE(in.entropy.defined(), kLinearLogprobsOp,
+  LogprobsGradInputs& r = in.rows;
+  r.lse = valid_per_row(p, "lse", a.lse);
+  r.grad_logprobs = valid_per_row(p, "grad_logprobs", a.grad_logprobs);
+  r.grad_entropy = valid_per_row(p, "grad_entropy", a.grad_entropy);
+  if (r.grad_entropy.defined()) {
+    r.entropy = valid_per_row(p, "entropy", a.entropy);
+    TORCH_CHECK_VALUE(r.entropy.defined(), kLinearLogprobsOp,
                       ": `entropy` is needed with `grad_entropy`");
+  }
+  r.grad_lse = valid_per_row(p, "grad_lse", a.grad_lse);
+  r.grad_mean = valid_per_row(p, "grad_mean_logits", a.grad_mean);
+  r.grad_log_sum_sq = valid_per_row(p, "grad_log_sum_sq", a.grad_log_sum_sq);
+  if (r.grad_log_sum_sq.defined()) {
+    r.log_sum_sq = valid_per_row(p, "log_sum_sq", a.log_sum_sq);
+    TORCH_CHECK_VALUE(r.log_sum_sq.defined(), kLinearLogprobsOp,
+                      ": `log_sum_sq` is needed with `grad_log_sum_sq`");
   }
   return in;
 }
@@ -356,8 +392,11 @@ inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
     const LogprobsProblem tp = tile_problem(grad_tile, rows_of(in.target),
                                             with_temps(p.transform, rows_of(in.temps)),
                                             p.ignore_index);
-    const LogprobsGradInputs tile_in{rows_of(in.lse), rows_of(in.entropy),
-                                     rows_of(in.grad_logprobs), rows_of(in.grad_entropy)};
+    const LogprobsGradInputs& r = in.rows;
+    const LogprobsGradInputs tile_in{rows_of(r.lse),          rows_of(r.entropy),
+                                     rows_of(r.grad_logprobs), rows_of(r.grad_entropy),
+                                     rows_of(r.log_sum_sq),    rows_of(r.grad_lse),
+                                     rows_of(r.grad_log_sum_sq), rows_of(r.grad_mean)};
     kernels.backward(tp, logits_as_grad(tp), tile_in, VocabSlice{t.col, p.vocab});
     if (g.grad_bias_acc.defined()) {
       g.grad_bias_acc.slice(0, t.col, t.col + t.cols).add_(grad_tile.sum(0, false, p.acc_dtype));
@@ -376,12 +415,9 @@ inline void backward_tile(const LinearProblem& p, const at::Tensor& hidden,
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
-    const LinearProblem& p, const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
-    const std::optional<at::Tensor>& grad_logprobs,
-    const std::optional<at::Tensor>& grad_entropy, bool need_grad_hidden,
+    const LinearProblem& p, const LinearGradArgs& args, bool need_grad_hidden,
     bool need_grad_weight, const RowKernels& kernels) {
-  const LinearGradInputs in =
-      prepare_linear_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy);
+  const LinearGradInputs in = prepare_linear_grad_inputs(p, args);
   const int64_t valid_rows = p.valid.size(0);
   const at::Tensor hidden =
       valid_rows == p.rows ? p.hidden : p.hidden.index_select(0, p.valid);
@@ -413,6 +449,38 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
                                                 : at::empty({0}, p.weight.options());
   return {need_grad_hidden ? g.grad_hidden.view(shape) : g.grad_hidden, g.grad_weight,
           grad_bias};
+}
+
+// The dispatcher ops, on the device whose row loops `kernels` are (csrc/cpu and csrc/cuda
+// register an instance each). The device guard makes the inputs' device current (CUDA).
+template <const RowKernels& kernels>
+LogprobsOutputsTuple linear_token_logprobs_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, double temperature,
+    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
+    int64_t ignore_index, bool return_entropy, int64_t chunk_size, int64_t extras) {
+  const c10::DeviceGuard device_guard(hidden.device());
+  const LinearProblem p = prepare_linear(hidden, weight, bias, target, temperature, temperatures,
+                                         logit_scale, softcap, ignore_index, chunk_size);
+  return linear_forward(p, return_entropy, extras, kernels);
+}
+
+template <const RowKernels& kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
+    const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy, const std::optional<at::Tensor>& log_sum_sq,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_log_sum_sq,
+    const std::optional<at::Tensor>& grad_mean_logits, double temperature,
+    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
+    int64_t ignore_index, int64_t chunk_size, bool need_grad_hidden, bool need_grad_weight) {
+  const c10::DeviceGuard device_guard(hidden.device());
+  const LinearProblem p = prepare_linear(hidden, weight, bias, target, temperature, temperatures,
+                                         logit_scale, softcap, ignore_index, chunk_size);
+  const LinearGradArgs args{lse,        entropy,  grad_logprobs,   grad_entropy,
+                            log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean_logits};
+  return linear_backward(p, args, need_grad_hidden, need_grad_weight, kernels);
 }
 
 }  // namespace rlhf_ext

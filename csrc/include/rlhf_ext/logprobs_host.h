@@ -1,6 +1,7 @@
 // Argument handling of token_logprobs, shared by the CPU and CUDA entry points.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <cmath>
 #include <optional>
@@ -210,10 +211,14 @@ struct ForwardOutputs {
   at::Tensor logprobs, entropy, lse, log_sum_sq, mean_logits, is_top1;
 };
 
+inline void check_extras(const char* op, int64_t extras) {
+  TORCH_CHECK_VALUE(extras >= 0 && (extras & ~kExtraAll) == 0, op,
+                    ": `extras` must be a combination of the bits ", kExtraAll, ", got ", extras);
+}
+
 inline ForwardOutputs forward_outputs(const LogprobsProblem& p, bool return_entropy,
                                       int64_t extras = 0) {
-  TORCH_CHECK_VALUE(extras >= 0 && (extras & ~kExtraAll) == 0, kLogprobsOp,
-                    ": `extras` must be a combination of the bits ", kExtraAll, ", got ", extras);
+  check_extras(kLogprobsOp, extras);
   const auto options = p.logits.options().dtype(p.acc_dtype);
   auto maybe = [&](bool wanted, at::TensorOptions o) {
     return wanted ? at::empty(p.lead_shape, o) : at::empty({0}, o);
@@ -304,5 +309,85 @@ void logprobs_backward_rows_cpu(const LogprobsProblem& p, const GradTarget& out,
 void logprobs_forward_rows_cuda(const LogprobsProblem& p, const ForwardOutputs& out);
 void logprobs_backward_rows_cuda(const LogprobsProblem& p, const GradTarget& out,
                                  const LogprobsGradInputs& in, VocabSlice slice);
+
+// The device's row loops of token_logprobs (the declarations above), for code shared by
+// the CPU and CUDA entry points of token_logprobs and linear_token_logprobs.
+struct RowKernels {
+  void (*forward)(const LogprobsProblem&, const ForwardOutputs&);
+  void (*backward)(const LogprobsProblem&, const GradTarget&, const LogprobsGradInputs&,
+                   VocabSlice);
+};
+
+// The dispatcher ops of token_logprobs, on the device whose row loops `kernels` are
+// (csrc/cpu and csrc/cuda register an instance each). The device guard makes the inputs'
+// device current (CUDA).
+template <const RowKernels& kernels>
+LogprobsOutputsTuple token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& target,
+                                        double temperature,
+                                        const std::optional<at::Tensor>& temperatures,
+                                        double logit_scale, double softcap, int64_t ignore_index,
+                                        bool return_entropy,
+                                        bool /*inplace_backward: read by the autograd*/,
+                                        int64_t extras) {
+  const c10::DeviceGuard device_guard(logits.device());
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
+  const ForwardOutputs out = forward_outputs(p, return_entropy, extras);
+  kernels.forward(p, out);
+  return as_tuple(out);
+}
+
+// The backward into `out` (a fresh tensor, or the logits themselves), the whole vocabulary.
+template <const RowKernels& kernels>
+void token_logprobs_backward_into(
+    const LogprobsProblem& p, const GradTarget& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy, const std::optional<at::Tensor>& log_sum_sq,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_log_sum_sq,
+    const std::optional<at::Tensor>& grad_mean_logits) {
+  if (p.rows == 0) return;
+  kernels.backward(p, out,
+                   prepare_grad_inputs(p, lse, entropy, grad_logprobs, grad_entropy, log_sum_sq,
+                                       grad_lse, grad_log_sum_sq, grad_mean_logits),
+                   whole_vocab(p));
+}
+
+template <const RowKernels& kernels>
+at::Tensor token_logprobs_bwd(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy, const std::optional<at::Tensor>& log_sum_sq,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_log_sum_sq,
+    const std::optional<at::Tensor>& grad_mean_logits, double temperature,
+    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
+    int64_t ignore_index) {
+  const c10::DeviceGuard device_guard(logits.device());
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
+  const GradTarget out = fresh_grad(p);
+  token_logprobs_backward_into<kernels>(p, out, lse, entropy, grad_logprobs, grad_entropy,
+                                        log_sum_sq, grad_lse, grad_log_sum_sq, grad_mean_logits);
+  return out.grad;
+}
+
+// The backward written into the logits buffer (inplace_backward); a contiguous copy that
+// prepare_logprobs made of them is copied back.
+template <const RowKernels& kernels>
+void token_logprobs_bwd_(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& grad_logprobs,
+    const std::optional<at::Tensor>& grad_entropy, const std::optional<at::Tensor>& log_sum_sq,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& grad_log_sum_sq,
+    const std::optional<at::Tensor>& grad_mean_logits, double temperature,
+    const std::optional<at::Tensor>& temperatures, double logit_scale, double softcap,
+    int64_t ignore_index) {
+  const c10::DeviceGuard device_guard(logits.device());
+  const LogprobsProblem p = prepare_logprobs(logits, target, temperature, temperatures,
+                                             logit_scale, softcap, ignore_index);
+  token_logprobs_backward_into<kernels>(p, logits_as_grad(p), lse, entropy, grad_logprobs,
+                                        grad_entropy, log_sum_sq, grad_lse, grad_log_sum_sq,
+                                        grad_mean_logits);
+  if (!p.logits.is_same(logits)) logits.copy_(p.logits);
+}
 
 }  // namespace rlhf_ext
