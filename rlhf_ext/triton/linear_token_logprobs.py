@@ -40,7 +40,7 @@ from rlhf_ext.ops._vocab import (
 )
 from rlhf_ext.triton import token_logprobs as rows_kernels
 from rlhf_ext.triton._common import on_device_of, online_softmax_sq_step, tanh_series_max
-from rlhf_ext.triton.token_logprobs import EXTRA_NAMES, row_mult, softcap_squash
+from rlhf_ext.triton.token_logprobs import asked_outputs, row_mult, softcap_squash
 
 OP = "rlhf_ext.linear_token_logprobs"
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
@@ -300,19 +300,13 @@ def _linear_logprobs_merge_kernel(
         tl.store(top1_ptr + src, top1.to(tl.int8), mask=row_ok)
 
 
-def _asked(return_entropy: bool, extras: int) -> tuple[bool, ...]:
-    """Which of the six outputs (LOGPROB_OUTPUTS order) a call computes."""
-    sum_sq, mean, top1 = (bool(extras & LOGPROB_EXTRA_CODES[name]) for name in EXTRA_NAMES)
-    return True, bool(return_entropy), True, sum_sq, mean, top1
-
-
 def _outputs(hidden, rows: int, return_entropy: bool, extras: int, acc=torch.float32):
     """The op's six flat outputs, zero (False) at ignored rows; an output not asked for
     is empty. is_top1 is held as bytes (the kernels write int8)."""
     dtypes = (acc,) * 5 + (torch.uint8,)
     return [
         hidden.new_zeros(rows if asked else 0, dtype=dtype)
-        for asked, dtype in zip(_asked(return_entropy, extras), dtypes, strict=True)
+        for asked, dtype in zip(asked_outputs(return_entropy, extras), dtypes, strict=True)
     ]
 
 
@@ -356,7 +350,7 @@ def _fused_forward(hidden, weight, bias, target, transform, ignore_index, return
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
-    asked = _asked(return_entropy, extras)
+    asked = asked_outputs(return_entropy, extras)
     # An output not asked for is never written: the lse stands in for its pointer.
     written = [t if wanted else out[2] for t, wanted in zip(out, asked, strict=True)]
     merge_block = 128
@@ -436,7 +430,7 @@ def linear_token_logprobs_fwd_triton(
             )
     lead = hidden.shape[:-1]
     out[5] = out[5].to(torch.bool)
-    asked = _asked(return_entropy, extras)
+    asked = asked_outputs(return_entropy, extras)
     return tuple(t.view(lead) if wanted else t for t, wanted in zip(out, asked, strict=True))
 
 

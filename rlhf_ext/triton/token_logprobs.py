@@ -30,6 +30,15 @@ from rlhf_ext.triton._common import (
 
 MAX_BLOCK = 4096
 EXTRA_NAMES = ("log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def asked_outputs(return_entropy: bool, extras: int) -> tuple[bool, ...]:
+    """Which of the six forward outputs (LOGPROB_OUTPUTS order) a call computes, from the
+    forward ops' return_entropy flag and `extras` bitmask (LOGPROB_EXTRA_CODES)."""
+    sum_sq, mean, top1 = (bool(extras & LOGPROB_EXTRA_CODES[name]) for name in EXTRA_NAMES)
+    return True, bool(return_entropy), True, sum_sq, mean, top1
+
+
 LOG2E = tl.constexpr(1.4426950408889634)  # a global read inside kernels must be constexpr
 
 
@@ -287,7 +296,7 @@ def token_logprobs_fwd_triton(
     (inplace_backward is read by the registered backward, not here)."""
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     acc = acc_torch_dtype(logits)
-    sum_sq, mean, top1 = (bool(extras & LOGPROB_EXTRA_CODES[name]) for name in EXTRA_NAMES)
+    _, _, _, sum_sq, mean, top1 = asked_outputs(return_entropy, extras)
 
     def maybe(wanted, dtype=acc):
         return torch.empty(lead if wanted else (0,), dtype=dtype, device=logits.device)
