@@ -32,6 +32,12 @@ def _seeded(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+def _uid() -> str:
+    """A uuid string as verl's uids are, drawn from torch's seeded generator (uuid4 is not
+    seeded: the group order, and so the rounding, changed from run to run)."""
+    return str(uuid.UUID(int=int(torch.randint(0, 2**62, (1,))) << 64 | 0x4000_8000_0000_0000))
+
+
 MODES = sorted(adapter.AGG_MODES)
 B, T = 6, 17
 
@@ -565,7 +571,7 @@ def _index(layout: str, sizes=None) -> np.ndarray:
             [lab for lab, n in zip(labels, sizes, strict=True) for _ in range(n)], np.int64
         )
     else:
-        labels = [str(uuid.uuid4()) for _ in sizes]
+        labels = [_uid() for _ in sizes]
         index = np.array(
             [lab for lab, n in zip(labels, sizes, strict=True) for _ in range(n)], dtype=object
         )
@@ -808,7 +814,7 @@ def test_equal_scores_give_exactly_zero(name):
     rewards = torch.zeros(groups * size, 4)
     rewards[:, -1] = torch.randn(groups).repeat_interleave(size)
     mask = torch.ones_like(rewards)
-    index = np.repeat(np.array([str(uuid.uuid4()) for _ in range(groups)], dtype=object), size)
+    index = np.repeat(np.array([_uid() for _ in range(groups)], dtype=object), size)
     if name == "gdpo":  # whitening needs a nonzero batch: one group with distinct scores
         rewards[:size, -1] = torch.randn(size)
     ours, _ = getattr(adapter, ESTIMATORS[name])(rewards, mask, index)
