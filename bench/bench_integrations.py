@@ -33,6 +33,11 @@ FUSED_HEAD = "trl.kernels.chunked_logprob.ChunkedLogProbFunction"
 FUSED_HEAD_SHAPE = (2048, 1024, 32000)
 QUICK_FUSED_HEAD_SHAPE = (256, 128, 4096)
 TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+# verl's FSDP engine, unfused remove-padding path: (sequences, tokens each, vocabulary)
+ENGINE = "verl.workers.engine.fsdp.transformer_impl"
+ENGINE_SHAPE = (8, 256, 32000)
+QUICK_ENGINE_SHAPE = (4, 64, 4096)
+ENGINE_FLAGS = {"calculate_entropy": True, "calculate_sum_pi_squared": True}
 
 
 @dataclass
@@ -242,6 +247,62 @@ def fused_head_section(quick: bool) -> int:
     return 0
 
 
+def engine_pass(engine, inputs) -> Callable[[object], tuple]:
+    """One micro-batch through verl's ``prepare_model_outputs``: log-probs, entropy and
+    sum_pi_squared forward, the gradient of their sum w.r.t. the logits."""
+    from . import peers
+
+    micro_batch, output_args, logits = inputs
+
+    def call(_):
+        leaf = logits.detach().requires_grad_()
+        flat = peers.verl_prepare_model_outputs(engine, micro_batch, output_args, leaf)
+        (grad,) = torch.autograd.grad(sum(value.sum() for value in flat.values()), leaf)
+        return *(flat[key].detach() for key in sorted(flat)), grad
+
+    return call
+
+
+def engine_section(quick: bool) -> int:
+    """verl's FSDP engine step after the model (log-probs, entropy, sum_pi_squared of the
+    same logits), verl's own against the patched engine (one read of the logits): median
+    time of a forward+backward and the peak memory beyond the inputs. Returns 1 when their
+    results differ, else 0."""
+    from rlhf_ext.integrations import verl as adapter
+
+    from . import peers
+
+    sequences, tokens, vocab = QUICK_ENGINE_SHAPE if quick else ENGINE_SHAPE
+    print(f"\nverl FSDP engine prepare_model_outputs, {sequences} x {tokens} tokens, V={vocab}, "
+          "float32, log_probs+entropy+sum_pi_squared, grad of their sum")  # fmt: skip
+    if _peer_function(f"{ENGINE}.FSDPEngineWithLMHead") is None:
+        print(f"{ENGINE}: (peer not installed)")
+        return 0
+    torch.manual_seed(0)
+    inputs = peers.verl_packed_micro_batch([tokens] * sequences, vocab, 0, ENGINE_FLAGS)
+    mean, results, device = {}, {}, torch.device("cpu")
+    budget = dict(min_time_s=0.5 if quick else 5.0, min_repeats=3, max_repeats=50)
+    print(f"{'implementation':16s} {'median ms':>10s} {'peak extra MiB':>15s}")
+    for name in (PEER, ADAPTER):
+        if name == ADAPTER:
+            adapter.patch()
+        try:
+            call = engine_pass(peers.verl_fsdp_engine(), inputs)
+            results[name] = call(None)
+            mean[name] = harness.time_fn(call, [None], device, **budget).median_ms
+            peak = harness.peak_extra_memory_mib(call, None, device)
+        finally:
+            adapter.unpatch()
+        shown = f"{peak:15.1f}" if isinstance(peak, float) else f"{peak:>15s}"
+        print(f"{name:16s} {mean[name]:10.1f} {shown}")
+    for want, got in zip(results[PEER], results[ADAPTER], strict=True):
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            print(f"  rlhf_ext differs from verl: max |diff| {(got - want).abs().max().item():.3g}")
+            return 1
+    print(f"speedup verl / rlhf_ext: {mean[PEER] / mean[ADAPTER]:.2f}x")
+    return 0
+
+
 def main(argv=None) -> int:
     """Time every installed peer's function against its adapter; print the table."""
     args = harness.parse_args("integrations", argv, __doc__.splitlines()[0])
@@ -267,7 +328,7 @@ def main(argv=None) -> int:
         set_count=lambda set_bytes: 1,
         report=lambda runner: print_table(all_cases, installed, shape, runner),
     )
-    return status | fused_head_section(args.quick)
+    return status | fused_head_section(args.quick) | engine_section(args.quick)
 
 
 if __name__ == "__main__":

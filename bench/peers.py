@@ -310,3 +310,63 @@ def cce_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torc
     from cut_cross_entropy import linear_cross_entropy
 
     return -linear_cross_entropy(hidden, weight, target, reduction="none")
+
+
+# -- verl's FSDP engine, without its FSDP setup ---------------------------------------
+
+
+def verl_fsdp_engine(chunking: bool = False, checkpointing: bool = False):
+    """verl 0.9.1's ``FSDPEngineWithLMHead`` object holding only what its
+    ``prepare_model_outputs`` reads from ``self`` (the engine config's entropy options, the
+    Ulysses flag, the entropy function bound as ``__init__`` binds it: verl_F's, patched or
+    not, or the chunked one). Needs verl."""
+    from types import SimpleNamespace
+
+    from verl.utils import torch_functional as verl_F
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    engine = object.__new__(FSDPEngineWithLMHead)
+    engine.engine_config = SimpleNamespace(
+        entropy_checkpointing=checkpointing,
+        entropy_from_logits_with_chunking=chunking,
+        entropy_from_logits_chunk_size=4,
+    )
+    engine.use_ulysses_sp = False
+    engine.compute_entropy_from_logits = (
+        verl_F.entropy_from_logits_with_chunking if chunking else verl_F.entropy_from_logits
+    )
+    return engine
+
+
+def verl_packed_micro_batch(lengths, vocab: int, pad: int, flags: dict, dtype=torch.float32):
+    """A packed micro-batch as verl's ``prepare_model_inputs`` leaves it on the
+    remove-padding path: ``(micro_batch, output_args, logits)`` with the nested input ids
+    and ``flags`` (``calculate_entropy``, ``calculate_sum_pi_squared``, ...) as non-tensor
+    data, the rolled labels and per-token temperatures of ``sum(lengths) + pad`` rows, and
+    the model's ``[1, rows, vocab]`` logits (std ~3). Draws from torch's generator."""
+    from verl.utils import tensordict_utils as tu
+
+    rows = sum(lengths) + pad
+    ids = torch.nested.nested_tensor(
+        [torch.randint(0, vocab, (n,)) for n in lengths], layout=torch.jagged
+    )
+    micro_batch = tu.get_tensordict({"input_ids": ids}, non_tensor_dict=dict(flags))
+    output_args = {
+        "input_ids_rmpad_rolled": torch.randint(0, vocab, (rows,)),
+        "temperature_rmpad": torch.rand(rows) + 0.5,
+        "temperature_is_one": False,
+        "pad_size": pad,
+    }
+    return micro_batch, output_args, (torch.randn(1, rows, vocab) * 3).to(dtype)
+
+
+def verl_prepare_model_outputs(engine, micro_batch, output_args, logits: torch.Tensor):
+    """verl's engine step after the model: ``prepare_model_outputs`` on the model output
+    ``logits * 1.0`` (a fresh non-leaf, as a model's head gives it), as installed (patched or
+    not). Returns the flat outputs ({"log_probs": [nnz], "entropy": ..., ...})."""
+    from types import SimpleNamespace
+
+    result = type(engine).prepare_model_outputs(
+        engine, SimpleNamespace(logits=logits * 1.0), output_args, micro_batch, None
+    )
+    return {key: value.values() for key, value in result.items()}

@@ -876,7 +876,9 @@ WORKER_CHECK = """
 import json, verl
 from verl.trainer.ppo import core_algos
 import verl.utils.torch_functional as F
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 print(json.dumps({
+    "engine": FSDPEngineWithLMHead.prepare_model_outputs.__module__,
     "gae": core_algos.compute_gae_advantage_return.__module__,
     "logprobs": F.logprobs_from_logits.__module__,
     "registry": core_algos.get_adv_estimator_fn("reinforce_plus_plus").__module__,
@@ -911,8 +913,10 @@ def test_verl_plugin_patches_a_fresh_process_through_verls_hook(setting):
         assert modules["gae"] == modules["registry"] == "rlhf_ext.integrations.verl"
         assert modules["policy_loss"].startswith("rlhf_ext.integrations")
         assert modules["logprobs"].startswith("rlhf_ext.integrations")
+        assert modules["engine"] == "rlhf_ext.integrations.verl"
     else:
         assert set(modules.values()) == {
             "verl.trainer.ppo.core_algos",
             "verl.utils.torch_functional",
+            "verl.workers.engine.fsdp.transformer_impl",
         }

@@ -206,41 +206,66 @@ def ptxas_report(kernel, arch: int) -> tuple[int, int]:
     return registers, spills
 
 
+def report_arch(path: str, arch: int) -> int:
+    """Compile the launches recorded in ``path`` for ``arch``; print a line per kernel
+    (variants, registers, spills, shared memory). Returns the worst spill in bytes."""
+    with open(path, "rb") as f:
+        launches = pickle.load(f)
+    start = time.perf_counter()
+    kernels = compile_launches(launches, arch)
+    seconds = time.perf_counter() - start
+    print(f"sm_{arch}: {len(kernels)} kernel variants compiled in {seconds:.0f} s")
+    per_name: dict[str, list[tuple[int, int, int]]] = {}
+    for name, kernel in kernels:
+        regs, spills = ptxas_report(kernel, arch)
+        per_name.setdefault(name, []).append((regs, spills, kernel.metadata.shared))
+    worst = 0
+    for name, rows in sorted(per_name.items()):
+        regs = max(r for r, _, _ in rows)
+        spills = max(s for _, s, _ in rows)
+        shared = max(m for _, _, m in rows)
+        worst = max(worst, spills)
+        print(f"  {name:34s} variants {len(rows):3d}  max registers {regs:3d}  "
+              f"max spill bytes {spills:5d}  max shared {shared:6d} B")  # fmt: skip
+    print(f"worst spill bytes {worst}")
+    return worst
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="SM version (default 90)")
     parser.add_argument("--max-spill-bytes", type=int, default=None,
                         help="fail when a kernel spills more (default: report only)")  # fmt: skip
     parser.add_argument("--record", help=argparse.SUPPRESS)  # phase 1, in a subprocess
+    parser.add_argument("--compile", help=argparse.SUPPRESS)  # phase 2, one per architecture
     args = parser.parse_args()
     if args.record:
         record_launches(args.record)
         return 0
     os.environ.pop("TRITON_INTERPRET", None)
+    if args.compile:
+        report_arch(args.compile, args.arch[0])
+        return 0
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "launches.pkl")
         subprocess.run([sys.executable, __file__, "--record", path], check=True)
         with open(path, "rb") as f:
-            launches = pickle.load(f)
-    print(f"{len(launches)} distinct launches recorded in {time.perf_counter() - start:.0f} s")
+            count = len(pickle.load(f))
+        print(f"{count} distinct launches recorded in {time.perf_counter() - start:.0f} s")
+        # One process per architecture (the driver is replaced for a whole process), all
+        # at once: each is one core's work.
+        compiles = [subprocess.Popen([sys.executable, __file__, "--compile", path, "--arch",
+                                      str(arch)], stdout=subprocess.PIPE, text=True)
+                    for arch in args.arch or [90]]  # fmt: skip
+        outputs = [process.communicate()[0] for process in compiles]
     worst = 0
-    for arch in args.arch or [90]:
-        start = time.perf_counter()
-        kernels = compile_launches(launches, arch)
-        seconds = time.perf_counter() - start
-        print(f"sm_{arch}: {len(kernels)} kernel variants compiled in {seconds:.0f} s")
-        per_name: dict[str, list[tuple[int, int, int]]] = {}
-        for name, kernel in kernels:
-            regs, spills = ptxas_report(kernel, arch)
-            per_name.setdefault(name, []).append((regs, spills, kernel.metadata.shared))
-        for name, rows in sorted(per_name.items()):
-            regs = max(r for r, _, _ in rows)
-            spills = max(s for _, s, _ in rows)
-            shared = max(m for _, _, m in rows)
-            worst = max(worst, spills)
-            print(f"  {name:34s} variants {len(rows):3d}  max registers {regs:3d}  "
-                  f"max spill bytes {spills:5d}  max shared {shared:6d} B")  # fmt: skip
+    for process, output in zip(compiles, outputs, strict=True):
+        print(output, end="")
+        if process.returncode != 0:
+            print(f"FAIL: a compile process exited with {process.returncode}")
+            return 1
+        worst = max(worst, int(re.search(r"worst spill bytes (\d+)", output).group(1)))
     if args.max_spill_bytes is not None and worst > args.max_spill_bytes:
         print(f"FAIL: a kernel spills {worst} bytes (allowed {args.max_spill_bytes})")
         return 1

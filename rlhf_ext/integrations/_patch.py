@@ -246,7 +246,7 @@ class Patcher:
 def _module_exists(name: str) -> bool:
     try:
         importlib.import_module(name)
-    except ModuleNotFoundError:
+    except ImportError:  # missing, or its own imports fail: an optional target is skipped
         return False
     return True
 

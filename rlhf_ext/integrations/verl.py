@@ -18,13 +18,16 @@ verl is not installed.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from rlhf_ext.integrations._common import entropy_from_logits as _entropy_in_dtype
 from rlhf_ext.integrations._common import (
-    entropy_from_logits,
     fill_from_next_valid,
     global_scale,
     masked_whiten,
@@ -525,13 +528,76 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty) -> 
     return value.to(torch.promote_types(logprob.dtype, ref_logprob.dtype))
 
 
+# --- one read of the logits for log-probs, entropy and sum_pi_squared ---------------------
+#
+# verl's FSDP engine (FSDPEngineWithLMHead.prepare_model_outputs, the unfused path with
+# remove-padding) calls calculate_sum_pi_squared_from_logits, entropy_from_logits and
+# logprobs_from_logits one after the other on the same logits: three passes over [N, V].
+# The patched method knows the labels and which of the three it will ask for before the
+# first call, so the first of them makes one token_logprobs call for all of them (one read;
+# one backward pass for all their gradients) and the others take their output from it.
+
+
+@dataclass
+class _SharedRead:
+    """What one prepare_model_outputs call will ask of its logits: the labels and the
+    token_logprobs output names; after the first request, the logits read and the outputs."""
+
+    labels: torch.Tensor
+    outputs: tuple[str, ...]
+    logits: torch.Tensor | None = None
+    version: int = -1
+    result: Any = None
+
+
+_SHARED = threading.local()
+
+
+@contextmanager
+def _share_logits_read(labels: torch.Tensor, outputs: tuple[str, ...]):
+    _SHARED.plan = _SharedRead(labels, outputs)
+    try:
+        yield
+    finally:
+        _SHARED.plan = None
+
+
+def _shared_output(logits: torch.Tensor, name: str, labels: torch.Tensor | None = None):
+    """``name`` of the one read planned for these logits, computed on the first request;
+    None outside a plan, for other logits (or labels), or logits changed since the read."""
+    plan = getattr(_SHARED, "plan", None)
+    if plan is None or name not in plan.outputs or torch.compiler.is_compiling():
+        return None
+    if labels is not None and labels is not plan.labels:
+        return None
+    if plan.logits is None:
+        if logits.dim() != 2 or logits.shape[:-1] != plan.labels.shape:
+            return None
+        plan.result = _rlhf_token_logprobs(logits, plan.labels, outputs=plan.outputs)
+        plan.logits, plan.version = logits, logits._version
+    if logits is not plan.logits or logits._version != plan.version:
+        return None
+    return getattr(plan.result, name)
+
+
 def logprobs_from_logits(logits, labels, inplace_backward=True):
     """verl's ``logprobs_from_logits``: ``log_softmax(logits)[labels]`` per token, shape
     ``labels.shape``, dtype of ``logits``. ``inplace_backward=True`` (verl's default, as with
     its flash-attn path) writes the gradient into the logits buffer in the backward, so the
-    logits are destroyed then; pass False when something else reads them afterwards."""
-    logprobs = _rlhf_token_logprobs(logits, labels, inplace_backward=bool(inplace_backward))
+    logits are destroyed then; pass False when something else reads them afterwards. Inside
+    the patched FSDP engine the log-probs can come from the one read that also gave the
+    entropy / sum_pi_squared of the same logits (then the backward is out of place)."""
+    logprobs = _shared_output(logits, "logprobs", labels)
+    if logprobs is None:
+        logprobs = _rlhf_token_logprobs(logits, labels, inplace_backward=bool(inplace_backward))
     return logprobs.to(logits.dtype)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """verl's ``entropy_from_logits``: the entropy (nats) of ``softmax(logits)`` per
+    position, dtype of ``logits``, one fused pass (or the engine's shared read)."""
+    entropy = _shared_output(logits, "entropy")
+    return _entropy_in_dtype(logits) if entropy is None else entropy.to(logits.dtype)
 
 
 def calculate_sum_pi_squared_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -543,9 +609,54 @@ def calculate_sum_pi_squared_from_logits(logits: torch.Tensor) -> torch.Tensor:
     (``token_logprobs(..., outputs=("log_sum_sq_probs",))``, float32 inside) and no
     temporary. A row with a NaN logit gives NaN, as verl's; a row of all -inf, NaN (verl:
     NaN too)."""
-    placeholder = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    out = _rlhf_token_logprobs(logits, placeholder, outputs=("log_sum_sq_probs",))
-    return out.log_sum_sq_probs.exp().to(logits.dtype)
+    log_sum_sq = _shared_output(logits, "log_sum_sq_probs")
+    if log_sum_sq is None:
+        placeholder = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+        out = _rlhf_token_logprobs(logits, placeholder, outputs=("log_sum_sq_probs",))
+        log_sum_sq = out.log_sum_sq_probs
+    return log_sum_sq.exp().to(logits.dtype)
+
+
+def _engine_read_plan(engine, output_args, micro_batch) -> tuple[str, ...]:
+    """The token_logprobs outputs that one prepare_model_outputs call can share: those of
+    the unfused remove-padding path whose function is this adapter's (an entropy that is
+    chunked, checkpointed or torch.compile'd stays verl's own call)."""
+    from verl.utils import tensordict_utils as tu
+
+    def flag(key, default):
+        return tu.get_non_tensor_data(data=micro_batch, key=key, default=default)
+
+    if flag("use_fused_kernels", False) or not flag("use_remove_padding", True):
+        return ()
+    if "input_ids_rmpad_rolled" not in output_args:
+        return ()
+    config = engine.engine_config
+    plain_entropy = (
+        getattr(engine, "compute_entropy_from_logits", None) is entropy_from_logits
+        and not getattr(config, "entropy_checkpointing", False)
+        and not getattr(config, "entropy_from_logits_with_chunking", False)
+    )
+    outputs = ()
+    if not flag("distillation_only", False):
+        outputs += ("logprobs",)
+    if flag("calculate_entropy", False) and plain_entropy:
+        outputs += ("entropy",)
+    if flag("calculate_sum_pi_squared", False):
+        outputs += ("log_sum_sq_probs",)
+    return outputs if len(outputs) > 1 else ()
+
+
+def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+    """verl's ``FSDPEngineWithLMHead.prepare_model_outputs``, run as verl's own, except that
+    on the unfused remove-padding path the log-probs, entropy and sum_pi_squared it asks for
+    come from one read of the logits (verl: one pass each, and an out-of-place log-prob
+    backward whenever the entropy is taken)."""
+    engine_method = _PATCHER.original(f"{ENGINE}.FSDPEngineWithLMHead.prepare_model_outputs")
+    outputs = _engine_read_plan(self, output_args, micro_batch)
+    if not outputs:
+        return engine_method(self, output, output_args, micro_batch, logits_processor_func)
+    with _share_logits_read(output_args["input_ids_rmpad_rolled"], outputs):
+        return engine_method(self, output, output_args, micro_batch, logits_processor_func)
 
 
 def fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
@@ -1024,6 +1135,7 @@ ADV_ESTIMATORS = {
 CORE = "verl.trainer.ppo.core_algos"
 FUNCTIONAL = "verl.utils.torch_functional"
 EXPERIMENTAL = "verl.utils.experimental.torch_functional"
+ENGINE = "verl.workers.engine.fsdp.transformer_impl"
 # the functions, registries and signatures of 0.9.1
 SUPPORTED = VersionRange("0.9.1", "0.10")
 
@@ -1046,6 +1158,12 @@ _PATCHER = Patcher(
             FUNCTIONAL, "calculate_sum_pi_squared_from_logits", calculate_sum_pi_squared_from_logits
         ),  # fmt: skip
         Target(EXPERIMENTAL, "FusedLinearForPPO.forward", fused_linear_for_ppo_forward),
+        Target(
+            ENGINE,
+            "FSDPEngineWithLMHead.prepare_model_outputs",
+            prepare_model_outputs,
+            optional=True,
+        ),  # fmt: skip
     ],
 )
 
