@@ -315,11 +315,12 @@ def cce_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torc
 # -- verl's FSDP engine, without its FSDP setup ---------------------------------------
 
 
-def verl_fsdp_engine(chunking: bool = False, checkpointing: bool = False):
+def verl_fsdp_engine(chunking: bool = False, checkpointing: bool = False, fused_backend=None):
     """verl 0.9.1's ``FSDPEngineWithLMHead`` object holding only what its
-    ``prepare_model_outputs`` reads from ``self`` (the engine config's entropy options, the
-    Ulysses flag, the entropy function bound as ``__init__`` binds it: verl_F's, patched or
-    not, or the chunked one). Needs verl."""
+    ``prepare_model_inputs`` / ``prepare_model_outputs`` read from ``self`` (the engine
+    config's entropy options, no Ulysses and no static padding, the model config's fused
+    kernel backend, the entropy function bound as ``__init__`` binds it: verl_F's, patched
+    or not, or the chunked one). Needs verl."""
     from types import SimpleNamespace
 
     from verl.utils import torch_functional as verl_F
@@ -331,7 +332,10 @@ def verl_fsdp_engine(chunking: bool = False, checkpointing: bool = False):
         entropy_from_logits_with_chunking=chunking,
         entropy_from_logits_chunk_size=4,
     )
-    engine.use_ulysses_sp = False
+    engine.use_ulysses_sp, engine.ulysses_sequence_parallel_size = False, 1
+    engine.pad_to_length = False
+    options = None if fused_backend is None else {"impl_backend": fused_backend}
+    engine.model_config = SimpleNamespace(fused_kernel_options=options)
     engine.compute_entropy_from_logits = (
         verl_F.entropy_from_logits_with_chunking if chunking else verl_F.entropy_from_logits
     )
@@ -360,6 +364,28 @@ def verl_packed_micro_batch(lengths, vocab: int, pad: int, flags: dict, dtype=to
     return micro_batch, output_args, (torch.randn(1, rows, vocab) * 3).to(dtype)
 
 
+def verl_micro_batch(lengths, vocab: int, flags: dict, temperature):
+    """A micro-batch as verl's FSDP engine receives it: nested ``input_ids`` and
+    ``position_ids`` of ``lengths`` tokens, ``temperature`` (a float, or a [bsz] tensor:
+    per sample) and ``flags`` (``use_fused_kernels``, ``calculate_entropy``, ...) as
+    non-tensor data. Draws from torch's generator."""
+    from verl.utils import tensordict_utils as tu
+
+    def nested(rows):
+        return torch.nested.nested_tensor(rows, layout=torch.jagged)
+
+    tensors = {
+        "input_ids": nested([torch.randint(0, vocab, (n,)) for n in lengths]),
+        "position_ids": nested([torch.arange(n) for n in lengths]),
+    }
+    non_tensors = dict(flags)
+    if isinstance(temperature, torch.Tensor):
+        tensors["temperature"] = temperature
+    else:
+        non_tensors["temperature"] = temperature
+    return tu.get_tensordict(tensors, non_tensor_dict=non_tensors)
+
+
 def verl_prepare_model_outputs(engine, micro_batch, output_args, logits: torch.Tensor):
     """verl's engine step after the model: ``prepare_model_outputs`` on the model output
     ``logits * 1.0`` (a fresh non-leaf, as a model's head gives it), as installed (patched or
@@ -370,3 +396,69 @@ def verl_prepare_model_outputs(engine, micro_batch, output_args, logits: torch.T
         engine, SimpleNamespace(logits=logits * 1.0), output_args, micro_batch, None
     )
     return {key: value.values() for key, value in result.items()}
+
+
+# -- Megatron-style vocabulary parallelism (verl's Megatron backend) --------------------
+
+
+class _MegatronVocabParallelCrossEntropy(torch.autograd.Function):
+    """Megatron-core's ``vocab_parallel_cross_entropy`` as it computes it: three
+    all-reduces of N floats (the max, the target's logit, the sum of exponentials), the
+    softmax ``[N, V_local]`` saved for the backward (local: softmax - one-hot)."""
+
+    @staticmethod
+    def forward(ctx, vocab_parallel_logits, target, group):
+        import torch.distributed as dist
+
+        logits_max = vocab_parallel_logits.max(dim=-1).values
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = vocab_parallel_logits - logits_max.unsqueeze(-1)
+        per_partition = shifted.shape[-1]
+        start = dist.get_rank(group) * per_partition
+        outside = (target < start) | (target >= start + per_partition)
+        masked_target = torch.where(outside, 0, target - start)
+        predicted = shifted.gather(-1, masked_target.unsqueeze(-1)).squeeze(-1)
+        predicted = torch.where(outside, 0.0, predicted)
+        dist.all_reduce(predicted, group=group)
+        exp_logits = shifted.exp()
+        sum_exp = exp_logits.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - predicted
+        softmax = exp_logits / sum_exp.unsqueeze(-1)
+        ctx.save_for_backward(softmax, outside, masked_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, outside, masked_target = ctx.saved_tensors
+        one_hot = torch.zeros_like(softmax).scatter_(-1, masked_target.unsqueeze(-1), 1.0)
+        grad = (softmax - one_hot * (~outside).unsqueeze(-1)) * grad_loss.unsqueeze(-1)
+        return grad, None, None
+
+
+def install_fake_megatron(group) -> None:
+    """Register stand-ins for what ``verl.utils.megatron.tensor_parallel`` imports from
+    megatron-core (which does not install here): ``megatron.core.parallel_state``'s
+    tensor-parallel group, rank and size (``group``'s), and
+    ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` (the function above).
+    verl's own module then imports and runs as under Megatron."""
+    import sys
+    import types
+
+    import torch.distributed as dist
+
+    parallel_state = types.ModuleType("megatron.core.parallel_state")
+    parallel_state.get_tensor_model_parallel_group = lambda: group
+    parallel_state.get_tensor_model_parallel_rank = lambda: dist.get_rank(group)
+    parallel_state.get_tensor_model_parallel_world_size = lambda: dist.get_world_size(group)
+    tensor_parallel = types.ModuleType("megatron.core.tensor_parallel")
+    tensor_parallel.vocab_parallel_cross_entropy = lambda vocab_parallel_logits, target: (
+        _MegatronVocabParallelCrossEntropy.apply(vocab_parallel_logits, target, group)
+    )
+    core = types.ModuleType("megatron.core")
+    core.parallel_state, core.tensor_parallel = parallel_state, tensor_parallel
+    megatron = types.ModuleType("megatron")
+    megatron.core = core
+    sys.modules.update({"megatron": megatron, "megatron.core": core,
+                        "megatron.core.parallel_state": parallel_state,
+                        "megatron.core.tensor_parallel": tensor_parallel})  # fmt: skip

@@ -7,6 +7,7 @@ engine config, the Ulysses flag and the entropy function from ``self``."""
 from __future__ import annotations
 
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,3 +142,95 @@ def test_shared_read_falls_back_for_other_or_modified_logits():
     expected_entropy = torch.distributions.Categorical(logits=logits / 2).entropy()
     torch.testing.assert_close(entropy, expected_entropy)
     torch.testing.assert_close(logprobs, logits.log_softmax(-1)[range(6), labels])
+
+
+# --- the fused-kernel path: per-sample temperature and sum_pi_squared -------------------
+
+
+class TinyCausalLM(torch.nn.Module):
+    """What verl's fused forward (dense_common.forward_with_torch_backend) reads of a
+    model: ``.model`` (the decoder: here an embedding and a tanh), ``.lm_head`` and
+    ``.config``."""
+
+    def __init__(self, vocab=VOCAB, size=12):
+        super().__init__()
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        self.embed = torch.nn.Embedding(vocab, size)
+        self.lm_head = torch.nn.Linear(size, vocab, bias=False)
+        self.config = SimpleNamespace(output_attentions=False, output_hidden_states=False)
+        self.model = lambda input_ids, **_: BaseModelOutputWithPast(
+            last_hidden_state=torch.tanh(self.embed(input_ids)) * 3
+        )
+
+    def logits(self, input_ids, **_):
+        return SimpleNamespace(logits=self.lm_head(self.model(input_ids)[0]))
+
+
+def _engine_step(engine, micro_batch, model, fused, keep=None):
+    """verl's forward step around the model: inputs, the model (the fused forward or the
+    plain logits), outputs; flat outputs and the model's gradients of their weighted sum
+    (the log-probs weighted 0 where ``keep`` is False)."""
+    from verl.models.transformers.dense_common import forward_with_torch_backend
+
+    cls = engine_impl.FSDPEngineWithLMHead
+    model.zero_grad()
+    model_inputs, output_args = cls.prepare_model_inputs(engine, micro_batch)
+    if fused:
+        output = forward_with_torch_backend(model, **model_inputs)
+    else:
+        output = model.logits(**model_inputs)
+    result = cls.prepare_model_outputs(engine, output, output_args, micro_batch, None)
+    flat = {key: value.values() for key, value in result.items()}
+    generator = torch.Generator().manual_seed(5)
+    weights = {key: torch.randn(flat[key].shape, generator=generator) for key in sorted(flat)}
+    if keep is not None:
+        weights["log_probs"] = weights["log_probs"] * keep
+    loss = sum((flat[key].float() * weights[key]).sum() for key in flat)
+    loss.backward()
+    return flat, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("remove_padding", [True, False], ids=["rmpad", "padded"])
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample-T", "float-T"])
+def test_fused_kernels_lift_verls_refusals(remove_padding, per_sample):
+    """With use_fused_kernels (torch head) verl refuses a per-sample temperature and
+    sum_pi_squared; patched, the fused path gives what verl's unfused path gives on the
+    same model: log-probs, entropy and sum_pi_squared, and the model's gradients."""
+    lengths = (5, 3, 9)
+    temperature = torch.rand(len(lengths)) + 0.5 if per_sample else 0.7
+    flags = dict(use_remove_padding=remove_padding, calculate_entropy=True,
+                 calculate_sum_pi_squared=True)  # fmt: skip
+    unfused = peers.verl_micro_batch(lengths, VOCAB, {**flags, "use_fused_kernels": False},
+                                     temperature)  # fmt: skip
+    fused = unfused.copy()
+    tu = pytest.importorskip("verl.utils.tensordict_utils")
+    tu.assign_non_tensor(fused, use_fused_kernels=True)
+    # verl's padded paths disagree at each sequence's last token: the fused forward rolls
+    # the labels within each padded row (the pad id follows), the unfused path over the
+    # packed sequence (the next sequence's first token follows); the rest agrees
+    keep = torch.ones(sum(lengths), dtype=torch.bool)
+    if not remove_padding:
+        keep[torch.tensor(lengths).cumsum(0) - 1] = False
+    model = TinyCausalLM()
+    engine = peers.verl_fsdp_engine(fused_backend="torch")
+    expected, expected_grads = _engine_step(engine, unfused, model, fused=False, keep=keep)
+    refusal = AssertionError if per_sample else NotImplementedError
+    with pytest.raises(refusal, match="per sample temperature|calculate_sum_pi_squared"):
+        _engine_step(engine, fused, model, fused=True)
+    adapter.patch()
+    try:
+        got, got_grads = _engine_step(engine, fused, model, fused=True, keep=keep)
+        # the Triton head (verl's linear_cross_entropy) is not replaced: its refusals stay
+        triton_engine = peers.verl_fsdp_engine(fused_backend="triton")
+        with pytest.raises(refusal, match="per sample temperature|calculate_sum_pi_squared"):
+            _engine_step(triton_engine, fused, model, fused=True)
+    finally:
+        adapter.unpatch()
+    assert sorted(got) == sorted(expected) == ["entropy", "log_probs", "sum_pi_squared"]
+    for key in expected:
+        want = expected[key].float()[keep] if key == "log_probs" else expected[key].float()
+        have = got[key].float()[keep] if key == "log_probs" else got[key].float()
+        torch.testing.assert_close(have, want, **TOL, msg=key)
+    for ours, theirs in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, **TOL)

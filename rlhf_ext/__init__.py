@@ -13,6 +13,10 @@ from rlhf_ext.ops.linear_token_logprobs import linear_token_logprobs
 from rlhf_ext.ops.masked_stats import masked_mean, masked_whiten
 from rlhf_ext.ops.ppo_losses import kl_loss, kl_penalty, policy_loss, ppo_policy_loss, value_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs
+from rlhf_ext.ops.vocab_parallel import (
+    vocab_parallel_linear_token_logprobs,
+    vocab_parallel_token_logprobs,
+)
 
 __all__ = [
     "__version__",
@@ -31,4 +35,6 @@ __all__ = [
     "ppo_policy_loss",
     "token_logprobs",
     "value_loss",
+    "vocab_parallel_linear_token_logprobs",
+    "vocab_parallel_token_logprobs",
 ]

@@ -45,6 +45,9 @@ from rlhf_ext.ops.ppo_losses import kl_penalty as _rlhf_kl_penalty
 from rlhf_ext.ops.ppo_losses import policy_loss as _rlhf_policy_loss
 from rlhf_ext.ops.ppo_losses import value_loss as _rlhf_value_loss
 from rlhf_ext.ops.token_logprobs import token_logprobs as _rlhf_token_logprobs
+from rlhf_ext.ops.vocab_parallel import (
+    vocab_parallel_token_logprobs as _rlhf_vocab_parallel_token_logprobs,
+)
 
 PREFIX = "rlhf_ext.integrations.verl"
 # verl's loss_agg_mode -> the rlhf_ext agg computed locally (_global_scale does the rest)
@@ -646,17 +649,75 @@ def _engine_read_plan(engine, output_args, micro_batch) -> tuple[str, ...]:
     return outputs if len(outputs) > 1 else ()
 
 
-def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
-    """verl's ``FSDPEngineWithLMHead.prepare_model_outputs``, run as verl's own, except that
-    on the unfused remove-padding path the log-probs, entropy and sum_pi_squared it asks for
-    come from one read of the logits (verl: one pass each, and an out-of-place log-prob
-    backward whenever the entropy is taken)."""
-    engine_method = _PATCHER.original(f"{ENGINE}.FSDPEngineWithLMHead.prepare_model_outputs")
-    outputs = _engine_read_plan(self, output_args, micro_batch)
-    if not outputs:
-        return engine_method(self, output, output_args, micro_batch, logits_processor_func)
-    with _share_logits_read(output_args["input_ids_rmpad_rolled"], outputs):
-        return engine_method(self, output, output_args, micro_batch, logits_processor_func)
+# --- verl's Megatron backend: logits sharded along the vocabulary -------------------------
+#
+# verl.utils.megatron.tensor_parallel computes the entropy with 3 all-reduces and a saved
+# [N, V_local] softmax, sum_pi_squared with 3 more, the log-probs through Megatron's
+# vocab_parallel_cross_entropy (3 more, softmax saved). The adapters run
+# rlhf_ext.vocab_parallel_token_logprobs on Megatron's tensor-parallel group: one
+# all_gather of 2 floats per row, an O(N) save. Megatron's shards are equal:
+# rank r holds [r * V_local, (r + 1) * V_local).
+
+
+def _megatron_shard(vocab_parallel_logits: torch.Tensor) -> dict:
+    from megatron.core import parallel_state as mpu
+
+    rank = mpu.get_tensor_model_parallel_rank()
+    return dict(
+        vocab_start=rank * vocab_parallel_logits.shape[-1],
+        process_group=mpu.get_tensor_model_parallel_group(),
+        validate=False,  # verl's functions check nothing and do not sync
+    )
+
+
+def _megatron_outputs(vocab_parallel_logits, outputs, labels=None):
+    placeholder = torch.zeros(vocab_parallel_logits.shape[:-1], dtype=torch.long,
+                              device=vocab_parallel_logits.device)  # fmt: skip
+    return _rlhf_vocab_parallel_token_logprobs(
+        vocab_parallel_logits,
+        placeholder if labels is None else labels,
+        outputs=outputs,
+        **_megatron_shard(vocab_parallel_logits),
+    )
+
+
+def vocab_parallel_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
+    """verl's Megatron ``vocab_parallel_entropy``: the entropy of the softmax over the
+    whole vocabulary of logits sharded over Megatron's tensor-parallel group
+    (``[..., V / tp]`` on each rank), shape ``[...]``, dtype of the logits. One all_gather
+    of 2 floats per row; the backward is local and saves O(N) (verl: 3 all-reduces and the
+    ``[N, V / tp]`` float32 softmax)."""
+    out = _megatron_outputs(vocab_parallel_logits, ("entropy",))
+    return out.entropy.to(vocab_parallel_logits.dtype)
+
+
+def vocab_parallel_entropy_with_chunking(vocab_parallel_logits, chunk_size: int = 2048):
+    """verl's ``vocab_parallel_entropy_with_chunking``: as ``vocab_parallel_entropy``, in
+    float32 (verl fills a float32 tensor chunk by chunk); ``chunk_size`` is not needed: the
+    op holds nothing ``[..., V / tp]``-sized."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"{PREFIX}.vocab_parallel_entropy_with_chunking: `chunk_size` must be a positive "
+            f"int, got {chunk_size!r}"
+        )
+    return _megatron_outputs(vocab_parallel_logits, ("entropy",)).entropy.float()
+
+
+def vocab_parallel_sum_pi_squared(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
+    """verl's ``vocab_parallel_sum_pi_squared``: ``sum_v p_v^2`` over the whole vocabulary
+    of tensor-parallel sharded logits, dtype of the logits, differentiable, the logits
+    untouched (verl: 3 all-reduces and two ``[N, V / tp]`` temporaries)."""
+    out = _megatron_outputs(vocab_parallel_logits, ("log_sum_sq_probs",))
+    return out.log_sum_sq_probs.exp().to(vocab_parallel_logits.dtype)
+
+
+def vocab_parallel_log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor):
+    """verl's ``vocab_parallel_log_probs_from_logits``: ``log_softmax`` over the whole
+    vocabulary at ``labels`` (global ids) for tensor-parallel sharded logits, dtype of the
+    logits (verl: minus Megatron's ``vocab_parallel_cross_entropy``: 3 all-reduces, the
+    softmax saved)."""
+    out = _megatron_outputs(logits, ("logprobs",), labels)
+    return out.logprobs.to(logits.dtype)
 
 
 def fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
@@ -670,11 +731,131 @@ def fused_linear_for_ppo_forward(self, hidden_states, vocab_weights, input_ids, 
     there, float32 accumulation and a float32 transform here; the module's ``chunk_size``
     and backend are not read). ``temperature`` is a float as in verl, or (beyond verl,
     whose engines refuse per-sample temperatures with fused kernels) a tensor: one per
-    token, or one per sequence for ``[B, T, H]`` hidden states."""
-    logprobs, entropy = _rlhf_linear_token_logprobs(
-        hidden_states, vocab_weights, input_ids, temperature=temperature, return_entropy=True
-    )
-    return logprobs, entropy.to(hidden_states.dtype)
+    token, or one per sequence for ``[B, T, H]`` hidden states. Inside the patched FSDP
+    engine's micro-batch that asks for sum_pi_squared, the same call also computes it (from
+    the same tiles) for the engine's outputs."""
+    plan = getattr(_SHARED, "fused", None)
+    if plan is None:
+        logprobs, entropy = _rlhf_linear_token_logprobs(
+            hidden_states, vocab_weights, input_ids, temperature=temperature, return_entropy=True
+        )
+        return logprobs, entropy.to(hidden_states.dtype)
+    out = _rlhf_linear_token_logprobs(
+        hidden_states, vocab_weights, input_ids, temperature=temperature,
+        outputs=("logprobs", "entropy", "log_sum_sq_probs"),
+    )  # fmt: skip
+    plan.sum_pi_squared = out.log_sum_sq_probs.exp().to(hidden_states.dtype)
+    return out.logprobs, out.entropy.to(hidden_states.dtype)
+
+
+# --- verl's FSDP engine with fused kernels: what verl refuses there -----------------------
+#
+# With use_fused_kernels, verl 0.9.1's engine asserts a float temperature
+# (prepare_model_inputs: "does not support per sample temperature yet") and raises for
+# calculate_sum_pi_squared (prepare_model_outputs). With the torch / liger head the fused
+# forward is FusedLinearForPPO.forward, the adapter above, which takes per-token
+# temperatures and computes log sum p^2 from the same tiles. The patched methods run
+# verl's own: the inputs as for the unfused path (which builds the per-token
+# temperatures), handed to the model as the fused path hands its float; the outputs
+# without sum_pi_squared, which the adapter's head then supplies.
+
+
+@dataclass
+class _FusedPlan:
+    """One fused micro-batch that asks for sum_pi_squared: the head's result, once run."""
+
+    sum_pi_squared: torch.Tensor | None = None
+
+
+def _flag(micro_batch, key: str, default):
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_non_tensor_data(data=micro_batch, key=key, default=default)
+
+
+def _with_flags(micro_batch, **flags):
+    """A shallow copy of the micro-batch with these non-tensor flags (the caller's own
+    micro-batch is not changed)."""
+    from verl.utils import tensordict_utils as tu
+
+    copy = micro_batch.copy()
+    tu.assign_non_tensor(copy, **flags)
+    return copy
+
+
+def _fused_head_is_ours(engine) -> bool:
+    """Whether the engine's fused forward is FusedLinearForPPO's (the "torch" and "liger"
+    backends; "triton" is verl's linear_cross_entropy, not replaced)."""
+    options = getattr(getattr(engine, "model_config", None), "fused_kernel_options", None)
+    backend = options.get("impl_backend", None) if options is not None else None
+    return backend in ("torch", "liger")
+
+
+def prepare_model_inputs(self, micro_batch):
+    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, run as verl's own, except that
+    with fused kernels (torch / liger head) a per-sample temperature tensor is accepted:
+    the model gets one temperature per token (remove-padding path) or per sequence, where
+    verl asserts a float. A micro-batch that asks for sum_pi_squared has the fused head
+    compute it too."""
+    engine_method = _PATCHER.original(f"{ENGINE}.FSDPEngineWithLMHead.prepare_model_inputs")
+    _SHARED.fused = None
+    if not (_flag(micro_batch, "use_fused_kernels", False) and _fused_head_is_ours(self)):
+        return engine_method(self, micro_batch)
+    if isinstance(micro_batch["temperature"], torch.Tensor):
+        unfused = _with_flags(micro_batch, use_fused_kernels=False)
+        model_inputs, output_args = engine_method(self, unfused)
+        if _flag(micro_batch, "use_remove_padding", True):
+            model_inputs["temperature"] = output_args["temperature_rmpad"].unsqueeze(0)
+            model_inputs["shift_labels"] = output_args["input_ids_rmpad_rolled"].unsqueeze(0)
+        else:
+            model_inputs["temperature"] = output_args["temperature"]  # [bsz]: per sequence
+        model_inputs["return_dict"] = True
+    else:
+        model_inputs, output_args = engine_method(self, micro_batch)
+    if _flag(micro_batch, "calculate_sum_pi_squared", False):
+        _SHARED.fused = _FusedPlan()
+    return model_inputs, output_args
+
+
+def _fused_sum_pi_squared(engine, output, output_args, micro_batch) -> torch.Tensor | None:
+    """The fused head's sum_pi_squared as verl lays out the fused entropy: nested over the
+    micro-batch's sequences (None when the head did not compute it)."""
+    plan, _SHARED.fused = getattr(_SHARED, "fused", None), None
+    if plan is None or plan.sum_pi_squared is None:
+        return None
+    values = plan.sum_pi_squared
+    cu_seqlens = micro_batch["input_ids"].offsets()
+    if _flag(micro_batch, "use_remove_padding", True):
+        values = engine._gather_and_unpad_packed(values.squeeze(0), output_args["pad_size"])
+    else:
+        lengths = cu_seqlens.diff()
+        columns = torch.arange(values.shape[1], device=values.device)
+        values = values[columns < lengths.unsqueeze(1)]
+    return torch.nested.nested_tensor_from_jagged(values, cu_seqlens)
+
+
+def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+    """verl's ``FSDPEngineWithLMHead.prepare_model_outputs``, run as verl's own, except that
+    on the unfused remove-padding path the log-probs, entropy and sum_pi_squared it asks for
+    come from one read of the logits (verl: one pass each, and an out-of-place log-prob
+    backward whenever the entropy is taken), and that with fused kernels (torch / liger
+    head, through the patched ``prepare_model_inputs``) sum_pi_squared comes from the fused
+    head, where verl raises NotImplementedError."""
+    engine_method = _PATCHER.original(f"{ENGINE}.FSDPEngineWithLMHead.prepare_model_outputs")
+    if _flag(micro_batch, "use_fused_kernels", False):
+        wanted = _flag(micro_batch, "calculate_sum_pi_squared", False)
+        sum_pi_squared = _fused_sum_pi_squared(self, output, output_args, micro_batch)
+        if not wanted or sum_pi_squared is None:  # verl's own (and its refusal)
+            return engine_method(self, output, output_args, micro_batch, logits_processor_func)
+        without = _with_flags(micro_batch, calculate_sum_pi_squared=False)
+        model_output = engine_method(self, output, output_args, without, logits_processor_func)
+        model_output["sum_pi_squared"] = sum_pi_squared
+        return model_output
+    outputs = _engine_read_plan(self, output_args, micro_batch)
+    if not outputs:
+        return engine_method(self, output, output_args, micro_batch, logits_processor_func)
+    with _share_logits_read(output_args["input_ids_rmpad_rolled"], outputs):
+        return engine_method(self, output, output_args, micro_batch, logits_processor_func)
 
 
 # --- outcome advantage estimators (verl's ADV_ESTIMATOR_REGISTRY) -------------------------
@@ -1136,6 +1317,13 @@ CORE = "verl.trainer.ppo.core_algos"
 FUNCTIONAL = "verl.utils.torch_functional"
 EXPERIMENTAL = "verl.utils.experimental.torch_functional"
 ENGINE = "verl.workers.engine.fsdp.transformer_impl"
+MEGATRON_TP = "verl.utils.megatron.tensor_parallel"  # imports only with megatron-core
+MEGATRON_FUNCTIONS = (
+    vocab_parallel_entropy,
+    vocab_parallel_entropy_with_chunking,
+    vocab_parallel_sum_pi_squared,
+    vocab_parallel_log_probs_from_logits,
+)
 # the functions, registries and signatures of 0.9.1
 SUPPORTED = VersionRange("0.9.1", "0.10")
 
@@ -1158,12 +1346,11 @@ _PATCHER = Patcher(
             FUNCTIONAL, "calculate_sum_pi_squared_from_logits", calculate_sum_pi_squared_from_logits
         ),  # fmt: skip
         Target(EXPERIMENTAL, "FusedLinearForPPO.forward", fused_linear_for_ppo_forward),
-        Target(
-            ENGINE,
-            "FSDPEngineWithLMHead.prepare_model_outputs",
-            prepare_model_outputs,
-            optional=True,
-        ),  # fmt: skip
+        *(
+            Target(ENGINE, f"FSDPEngineWithLMHead.{f.__name__}", f, optional=True)
+            for f in (prepare_model_inputs, prepare_model_outputs)
+        ),
+        *(Target(MEGATRON_TP, f.__name__, f, optional=True) for f in MEGATRON_FUNCTIONS),
     ],
 )
 
