@@ -38,6 +38,9 @@ ENGINE = "verl.workers.engine.fsdp.transformer_impl"
 ENGINE_SHAPE = (8, 256, 32000)
 QUICK_ENGINE_SHAPE = (4, 64, 4096)
 ENGINE_FLAGS = {"calculate_entropy": True, "calculate_sum_pi_squared": True}
+# the peers' T-step return loops at a realistic rollout: (rows, tokens)
+RETURNS_SHAPE = (4096, 8192)
+QUICK_RETURNS_SHAPE = (64, 256)
 
 
 @dataclass
@@ -303,6 +306,52 @@ def engine_section(quick: bool) -> int:
     return 0
 
 
+def returns_section(quick: bool) -> int:
+    """The peers' T-step Python loops over the returns against the adapters on rlhf_ext.gae
+    (values 0, lam 1): verl's REINFORCE++ estimator (returns, then masked whitening) and
+    OpenRLHF 0.11.2's ``get_cumulative_returns`` (cut from its wheel). Median of 3 calls
+    each; returns 1 when a result differs, else 0."""
+    from rlhf_ext.integrations import openrlhf as openrlhf_adapter
+    from rlhf_ext.integrations import verl as verl_adapter
+
+    from . import peers
+
+    rows, tokens = QUICK_RETURNS_SHAPE if quick else RETURNS_SHAPE
+    print(f"\nreturn loops at [{rows}, {tokens}] float32 (rewards, a mask with right padding)")
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randn(rows, tokens, generator=generator)
+    lengths = torch.randint(tokens // 2, tokens + 1, (rows,), generator=generator)
+    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).float()
+    verl_peer = _peer_function("verl.trainer.ppo.core_algos."
+                               "compute_reinforce_plus_plus_outcome_advantage")  # fmt: skip
+    cases = {
+        "verl compute_reinforce_plus_plus_outcome_advantage": (
+            verl_peer, verl_adapter.compute_reinforce_plus_plus_outcome_advantage,
+            (rewards, mask, VERL_CONFIG)),
+        "OpenRLHF get_cumulative_returns": (
+            peers.openrlhf_get_cumulative_returns(),
+            lambda r, m, g: openrlhf_adapter.get_cumulative_returns(None, r, m, g),
+            (rewards, mask, 1.0)),
+    }  # fmt: skip
+    device = torch.device("cpu")
+    print(f"{'function':52s} {'peer ms':>10s} {'rlhf_ext ms':>12s} {'speedup':>8s}")
+    status = 0
+    for name, (peer, ours, args) in cases.items():
+        if peer is None:
+            print(f"{name:52s} (peer not installed)")
+            continue
+        want, got = _first_tensor(peer(*args)), _first_tensor(ours(*args))
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            print(f"  rlhf_ext differs from the peer: {(got - want).abs().max().item():.3g}")
+            status = 1
+            continue
+        budget = dict(min_time_s=0.0, min_repeats=3, max_repeats=3, warmup=1)
+        times = [harness.time_fn(lambda _, f=f, a=args: f(*a), [None], device, **budget).median_ms
+                 for f in (peer, ours)]  # fmt: skip
+        print(f"{name:52s} {times[0]:10.1f} {times[1]:12.1f} {times[0] / times[1]:7.1f}x")
+    return status
+
+
 def main(argv=None) -> int:
     """Time every installed peer's function against its adapter; print the table."""
     args = harness.parse_args("integrations", argv, __doc__.splitlines()[0])
@@ -328,7 +377,8 @@ def main(argv=None) -> int:
         set_count=lambda set_bytes: 1,
         report=lambda runner: print_table(all_cases, installed, shape, runner),
     )
-    return status | fused_head_section(args.quick) | engine_section(args.quick)
+    sections = (fused_head_section, engine_section, returns_section)
+    return status | max(section(args.quick) for section in sections)
 
 
 if __name__ == "__main__":

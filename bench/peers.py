@@ -462,3 +462,71 @@ def install_fake_megatron(group) -> None:
     sys.modules.update({"megatron": megatron, "megatron.core": core,
                         "megatron.core.parallel_state": parallel_state,
                         "megatron.core.tensor_parallel": tensor_parallel})  # fmt: skip
+
+
+# -- peer code cut from a downloaded wheel (OpenRLHF does not import without flash-attn) ---
+
+
+def openrlhf_wheel_path():
+    """OpenRLHF 0.11.2's wheel: ``RLHF_EXT_OPENRLHF_WHEEL``, else where ``make test``
+    downloads it (``<venv>/peer-wheels``, any platform tag), else the path earlier
+    sessions used (which may not exist)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("RLHF_EXT_OPENRLHF_WHEEL"):
+        return Path(os.environ["RLHF_EXT_OPENRLHF_WHEEL"])
+    found = sorted((Path(sys.prefix) / "peer-wheels").glob("openrlhf-0.11.2-*.whl"))
+    return found[0] if found else Path("/tmp/orl/openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl")
+
+
+def wheel_source(wheel, module_path: str) -> str:
+    """The text of ``module_path`` (``openrlhf/...py``) in ``wheel``, under
+    ``*.data/purelib/`` or the root."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist()
+                   if n == module_path or n.endswith("/" + module_path)]  # fmt: skip
+        return archive.read(name).decode()
+
+
+def top_level(source: str, names) -> list:
+    """The module-level definitions (functions, classes, assignments) of ``source`` named
+    in ``names`` (AssertionError when one is missing)."""
+    import ast
+
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            defined = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        else:
+            defined = [getattr(node, "name", None)]
+        if set(defined) & set(names):
+            found.append(node)
+    assert len(found) == len(names), f"not all of {names} found"
+    return found
+
+
+def exec_nodes(nodes, namespace: dict, origin: str = "<peer wheel>") -> dict:
+    """Run the statements ``nodes`` in ``namespace``; returns it."""
+    import ast
+
+    code = compile(ast.Module(body=list(nodes), type_ignores=[]), origin, "exec")
+    exec(code, namespace)
+    return namespace
+
+
+def openrlhf_get_cumulative_returns():
+    """OpenRLHF 0.11.2's ``RemoteExperienceMaker.get_cumulative_returns`` (its T-step loop),
+    cut from its wheel and called with ``self=None``; None without the wheel."""
+    wheel = openrlhf_wheel_path()
+    if not wheel.is_file():
+        return None
+    source = wheel_source(wheel, "openrlhf/trainer/ppo_utils/experience_maker.py")
+    (maker,) = top_level(source, ["RemoteExperienceMaker"])
+    maker.body = [n for n in maker.body if getattr(n, "name", None) == "get_cumulative_returns"]
+    namespace = exec_nodes([maker], {"torch": torch, "Tuple": tuple}, "<openrlhf 0.11.2>")
+    method = namespace["RemoteExperienceMaker"].get_cumulative_returns
+    return lambda rewards, action_mask, gamma: method(None, rewards, action_mask, gamma)

@@ -23,17 +23,15 @@ from __future__ import annotations
 import ast
 import copy
 import itertools
-import os
 import sys
 import textwrap
 import types
-import zipfile
-from pathlib import Path
 from typing import Optional, Union
 
 import pytest
 import torch
 
+from bench import peers
 from rlhf_ext.integrations import openrlhf as adapter
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -576,14 +574,7 @@ def test_original_rejects_a_name_that_is_not_a_target():
 # -- optional: OpenRLHF 0.11.2's own code, cut out of its wheel ------------------------------
 
 
-def _default_peer_wheel() -> Path:
-    """OpenRLHF 0.11.2's wheel where ``make test`` downloads it (.venv/peer-wheels; any
-    platform tag), else the path earlier sessions used."""
-    found = sorted((Path(sys.prefix) / "peer-wheels").glob("openrlhf-0.11.2-*.whl"))
-    return found[0] if found else Path("/tmp/orl/openrlhf-0.11.2-cp311-cp311-manylinux1_x86_64.whl")
-
-
-PEER_WHEEL = Path(os.environ.get("RLHF_EXT_OPENRLHF_WHEEL") or _default_peer_wheel())
+PEER_WHEEL = peers.openrlhf_wheel_path()
 needs_wheel = pytest.mark.skipif(
     not PEER_WHEEL.is_file(), reason=f"OpenRLHF 0.11.2's wheel is not at {PEER_WHEEL}"
 )
@@ -591,31 +582,14 @@ ESTIMATORS = ("gae", "reinforce") + adapter.GROUP_ESTIMATORS
 
 
 def _wheel_source(module_path: str) -> str:
-    """The text of ``openrlhf/...py`` in the wheel (under ``*.data/purelib/`` or the root)."""
-    with zipfile.ZipFile(PEER_WHEEL) as wheel:
-        (name,) = [n for n in wheel.namelist() if n == module_path or n.endswith("/" + module_path)]
-        return wheel.read(name).decode()
+    return peers.wheel_source(PEER_WHEEL, module_path)
 
 
-def _top_level(source: str, names) -> list[ast.stmt]:
-    """The module-level definitions (functions, classes, assignments) named in ``names``."""
-    found = []
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign):
-            defined = [t.id for t in node.targets if isinstance(t, ast.Name)]
-        else:
-            defined = [getattr(node, "name", None)]
-        if set(defined) & set(names):
-            found.append(node)
-    assert len(found) == len(names), f"not all of {names} found"
-    return found
+_top_level = peers.top_level
 
 
 def _exec(nodes, namespace: dict) -> dict:
-    """Run the statements ``nodes`` in ``namespace``; returns it."""
-    code = compile(ast.Module(body=list(nodes), type_ignores=[]), "<openrlhf 0.11.2>", "exec")
-    exec(code, namespace)
-    return namespace
+    return peers.exec_nodes(nodes, namespace, "<openrlhf 0.11.2>")
 
 
 class _Logger:

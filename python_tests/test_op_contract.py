@@ -242,15 +242,21 @@ SAMPLES = {
     "kl_loss": kl_loss_samples,
 }
 
+# The vocabulary-parallel ops run the ops above on each rank's shard and merge over a
+# process group: they call no dispatcher op of their own, and their contract (every
+# backend's results, gradients, invariance, errors on every rank) is checked on 2 and 4
+# processes in python_tests/test_vocab_parallel.py.
+DISTRIBUTED_OPS = {"vocab_parallel_token_logprobs", "vocab_parallel_linear_token_logprobs"}
 # The public ops that are not helpers (rlhf_ext.__all__ minus the backend / version API).
 PUBLIC_OPS = sorted(
     set(rlhf_ext.__all__) - {"__version__", "BackendUnavailableError", "available_backends",
-                             "build_info"}
+                             "build_info"} - DISTRIBUTED_OPS
 )  # fmt: skip
 
 
 def test_every_public_op_has_samples():
     assert sorted(SAMPLES) == PUBLIC_OPS
+    assert DISTRIBUTED_OPS <= set(rlhf_ext.__all__)
 
 
 # -- the (op, device, backend) grid ---------------------------------------------------

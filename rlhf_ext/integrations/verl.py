@@ -1244,7 +1244,13 @@ def compute_reinforce_plus_plus_outcome_advantage(
         zeros = torch.zeros_like(token_level_rewards)
         returns, _ = _rlhf_gae(token_level_rewards, zeros, response_mask, gamma=gamma, lam=1.0)
         returns = returns.to(token_level_rewards.dtype)
-        advantages = masked_whiten(returns, response_mask) * response_mask
+        advantages = masked_whiten(returns, response_mask)
+        if torch.result_type(advantages, response_mask) == advantages.dtype:
+            # in place (the whitened tensor is new): a fresh [B, T] buffer costs its page
+            # faults, ~25-100 ms at 4096 x 8192 on the CPU
+            advantages.mul_(response_mask)
+        else:  # verl's product promotes (bf16 returns, a float32 mask)
+            advantages = advantages * response_mask
     return advantages, returns
 
 

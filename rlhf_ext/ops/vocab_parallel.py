@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from rlhf_ext.ops._checks import check_ignore_index, check_tensor
+from rlhf_ext.ops._checks import check_ignore_index, check_tensor, raise_on_bad_target
 from rlhf_ext.ops._vocab import LOGPROB_OUTPUTS
 from rlhf_ext.ops.linear_token_logprobs import linear_token_logprobs
 from rlhf_ext.ops.token_logprobs import check_outputs, token_logprobs
@@ -315,7 +315,8 @@ def _agree(op, group, logits, target, vocab_start, ignore_index, refusal, valida
     if refused:
         raise ValueError(f"{op}: rank {refused[0]} refused its arguments (its error says why)")
     _raise_on_disagreement(op, every, group.rank)
-    _raise_on_bad_global_target(op, target, sum(row[_LOCAL] for row in every), ignore_index)
+    # the vocabulary of all the shards
+    raise_on_bad_target(op, target, sum(row[_LOCAL] for row in every), ignore_index)
 
 
 def _raise_on_disagreement(op: str, every: list[list[int]], rank: int) -> None:
@@ -340,16 +341,6 @@ def _raise_on_disagreement(op: str, every: list[list[int]], rank: int) -> None:
                 else f"{op}: rank 0's shard must start at vocab_start=0, got {row[_START]}"
             )
         end = row[_START] + row[_LOCAL]
-
-
-def _raise_on_bad_global_target(op, target, vocab, ignore_index) -> None:
-    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{op}: `target` at {position} is {int(target[position])}, outside [0, {vocab}) "
-            f"(the shards' vocabulary) and not ignore_index={ignore_index}"
-        )
 
 
 def _localize(target, vocab_start, vocab_local, ignore_index):
