@@ -56,8 +56,57 @@ def test_two_process_ddp_run_with_the_memory_features(tmp_path):
     assert [r["train/skipped_updates"] for r in records] == [0, 0]
 
 
-def test_torchrun_cli_two_cpu_processes(tmp_path):
-    config = _train_config(tmp_path, iterations=2)
+def _spawn_run(folder, overrides=None):
+    import torch.multiprocessing as mp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mp.spawn(th.ddp_worker, args=(2, str(folder), overrides), nprocs=2, join=True)
+    return [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_two_process_fsdp_run_matches_ddp_and_exports(tmp_path):
+    """parallelism="fsdp" (FSDP2) trains what DDP trains (to float32 rounding: the
+    reduce-scatter sums in another order), its checkpoint keeps the shards beside
+    checkpoint.pt, and `python -m rlhf_ext export` rebuilds the whole policy from them."""
+    from rlhf_ext.trainer.export import export_checkpoint, load_export
+
+    ddp, _ = _spawn_run(tmp_path / "ddp")
+    fsdp0, fsdp1 = _spawn_run(tmp_path / "fsdp", {"parallelism": "fsdp"})
+    assert torch.equal(fsdp0["params"], fsdp1["params"])
+    torch.testing.assert_close(fsdp0["params"], ddp["params"], rtol=1e-4, atol=1e-5)
+    assert fsdp0["kl_coef"] == pytest.approx(ddp["kl_coef"], rel=1e-5)
+    run = tmp_path / "fsdp" / "run"
+    state = load_checkpoint(str(run / "checkpoint.pt"))
+    assert state["sharded"] == "checkpoint.pt.shards" and state["model"] == {}
+    assert (run / "checkpoint.pt.shards").is_dir() and len(state["rng"]) == 2
+    export_checkpoint(str(run / "checkpoint.pt"), str(tmp_path / "export"))
+    exported = dict(load_export(str(tmp_path / "export")).policy.named_parameters())
+    assert sorted(exported) == sorted(fsdp0["policy"])
+    for name, value in fsdp0["policy"].items():
+        assert torch.equal(exported[name].detach(), value), name
+
+
+def test_two_process_fsdp_resume_gives_the_uninterrupted_run(tmp_path):
+    """One iteration, its sharded checkpoint, a fresh pair of processes that resume it and
+    run the second: the same weights as two iterations in one go."""
+    straight, _ = _spawn_run(tmp_path / "straight", {"parallelism": "fsdp"})
+    first = tmp_path / "resumed"
+    _spawn_run(first, {"parallelism": "fsdp", "iterations": 1})
+    (first / "store").unlink()  # the first pair's rendezvous file
+    resumed, _ = _spawn_run(first, {"parallelism": "fsdp", "iterations": 2, "resume": True})
+    assert torch.equal(resumed["params"], straight["params"])
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path):
+    with pytest.raises(ValueError, match="does not take `fused_lm_head=True`"):
+        th.tiny_config(tmp_path, parallelism="fsdp", fused_lm_head=True)
+    with pytest.raises(ValueError, match="`parallelism` must be one of"):
+        th.tiny_config(tmp_path, parallelism="zero3")
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_torchrun_cli_two_cpu_processes(tmp_path, parallelism):
+    config = _train_config(tmp_path, iterations=2, parallelism=parallelism)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREADS="1")
     command = [
         sys.executable,
@@ -80,12 +129,13 @@ def test_torchrun_cli_two_cpu_processes(tmp_path):
     assert len(load_checkpoint(str(tmp_path / "out" / "checkpoint.pt"))["rng"]) == 2
 
 
-def _train_config(tmp_path, iterations: int) -> str:
+def _train_config(tmp_path, iterations: int, **overrides) -> str:
+    ppo = th.tiny_config(tmp_path / "out", total_iterations=iterations, **overrides)
     spec = {
         "policy": {"builtin": {"n_layer": 1, "n_head": 2, "d_model": 16, "max_seq_len": 48}},
         "reward": "trainer_helpers:byte_reward",
         "prompts": ["abc", "hello", "a cat"],
-        "ppo": th.tiny_config(tmp_path / "out", total_iterations=iterations).to_dict(),
+        "ppo": ppo.to_dict(),
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(spec))

@@ -125,14 +125,22 @@ def ddp_worker(rank: int, world_size: int, folder: str, overrides: dict | None =
         world_size=world_size,
         timeout=datetime.timedelta(seconds=120),  # a lost rank fails the test, never hangs it
     )
+    from rlhf_ext.trainer.distributed import local_value
+
+    overrides = dict(overrides or {})
+    iterations, resume = overrides.pop("iterations", 2), overrides.pop("resume", False)
     try:
         trainer = tiny_trainer(
-            os.path.join(folder, "run"), seed=0, total_iterations=2, **(overrides or {})
+            os.path.join(folder, "run"), seed=0, total_iterations=iterations, **overrides
         )
+        if resume:
+            trainer.load_checkpoint()
         trainer.train(prompts())
-        flat = torch.cat([p.detach().flatten() for p in trainer.all_parameters()])
+        # whole tensors (an FSDP run's parameters are sharded DTensors)
+        flat = torch.cat([local_value(p.detach()).flatten() for p in trainer.all_parameters()])
+        policy = {k: local_value(v.detach()) for k, v in trainer.policy_lm.named_parameters()}
         torch.save(
-            {"params": flat, "kl_coef": trainer.kl_controller.value},
+            {"params": flat, "kl_coef": trainer.kl_controller.value, "policy": policy},
             os.path.join(folder, f"rank{rank}.pt"),
         )
     finally:

@@ -132,9 +132,11 @@ def check_linear(rank: int, world: int, dtype) -> None:
         timeout=TIMEOUT,
     )  # fmt: skip
     _loss(got, SHARDED_OUTPUTS, upstream).backward()
-    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for name in SHARDED_OUTPUTS:
-        torch.testing.assert_close(getattr(got, name), getattr(expected, name), **tol)
+    for name in SHARDED_OUTPUTS:  # float32 outputs: float32's tolerance in both dtypes
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), **TOL)
+    # the gradients are in the inputs' dtype: each rank's part of the hidden states' is
+    # rounded to bf16 before the sum, one bf16 ulp from the single device's
+    tol = TOL if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
     torch.testing.assert_close(mine[0].grad, leaves[0].grad, **tol)
     torch.testing.assert_close(mine[1].grad, leaves[1].grad[start:end], **tol)
     torch.testing.assert_close(mine[2].grad, leaves[2].grad[start:end], **tol)

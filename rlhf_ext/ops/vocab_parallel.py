@@ -238,7 +238,10 @@ class _SumGradOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.group.all_reduce_sum(grad, "all_reduce of the hidden states' gradient"), None
+        # summed in float32 at least: bf16 parts summed in bf16 would round once per rank
+        wide = grad.to(torch.promote_types(grad.dtype, torch.float32))
+        summed = ctx.group.all_reduce_sum(wide, "all_reduce of the hidden states' gradient")
+        return summed.to(grad.dtype), None
 
 
 # --- arguments, agreement, the local target ----------------------------------------------

@@ -31,6 +31,8 @@ RESUME_FIELDS = (
     "mini_batch_size",
     "micro_batch_size",
     "num_generations",
+    # how the weights are stored: whole in checkpoint.pt (ddp) or sharded beside it (fsdp)
+    "parallelism",
     # the LoRA layout: which weights the state dicts hold
     "lora_rank",
     "lora_alpha",
@@ -38,6 +40,7 @@ RESUME_FIELDS = (
 )
 # what a checkpoint from before a field existed was written with (PPOConfig's defaults)
 RESUME_DEFAULTS = {
+    "parallelism": "ddp",
     "num_generations": 1,
     "advantage_estimator": "gae",
     "lora_rank": 0,
@@ -48,24 +51,46 @@ RESUME_DEFAULTS = {
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
 TMP_PATTERN = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
 LOAD = "rlhf_ext.trainer.checkpoint.load_checkpoint"
+# parallelism="fsdp": the models' and optimizer's shards, a torch.distributed.checkpoint
+# folder next to checkpoint.pt (its name is in checkpoint.pt under "sharded")
+SHARDED_SUFFIX = ".shards"
+
+
+def _trained_modules(trainer: PPOTrainer):
+    """The trained models under one module, the keys of the sharded state dicts
+    ("model." / "critic." prefixes)."""
+    modules = {"model": trainer.model}
+    if trainer.critic is not None:
+        modules["critic"] = trainer.critic
+    return torch.nn.ModuleDict(modules)
 
 
 def trainer_state(trainer: PPOTrainer) -> dict:
     """The trainer's state a resumed run needs, without the RNG states (those of
-    every rank are added by :func:`save_trainer_checkpoint` under ``"rng"``)."""
+    every rank are added by :func:`save_trainer_checkpoint` under ``"rng"``). Sharded
+    models (``parallelism="fsdp"``) leave "model", "critic" and "optimizer" empty: their
+    shards are in the folder named under "sharded"."""
+    if dist.is_sharded(trainer.model):
+        return {**_common_state(trainer), "model": {}, "critic": None, "optimizer": {}}
+    return {
+        **_common_state(trainer),
+        "model": trainer.model.state_dict(),
+        "critic": trainer.critic.state_dict() if trainer.critic is not None else None,
+        "optimizer": trainer.optimizer.state_dict(),
+    }
+
+
+def _common_state(trainer: PPOTrainer) -> dict:
     return {
         "iteration": trainer.iteration,
         "episodes": trainer.episodes,
         "config": trainer.config.to_dict(),
-        "model": trainer.model.state_dict(),
         # how to rebuild the models without the run's code (python -m rlhf_ext export)
         "models": {
             "policy": describe_lm(trainer.policy_lm),
             "critic": describe_lm(trainer.critic.lm) if trainer.critic is not None else None,
             "tokenizer": describe_tokenizer(trainer.tokenizer),
         },
-        "critic": trainer.critic.state_dict() if trainer.critic is not None else None,
-        "optimizer": trainer.optimizer.state_dict(),
         "kl_controller": trainer.kl_controller.state_dict(),
         "reward_moments": (
             trainer.reward_moments.state_dict() if trainer.reward_moments is not None else None
@@ -78,12 +103,84 @@ def save_trainer_checkpoint(trainer: PPOTrainer, path: str) -> str:
     """Write ``trainer``'s checkpoint to ``path`` atomically: rank 0 writes it,
     with every rank's RNG states (a collective: every rank must call it)."""
     rng_states = dist.gather_objects(capture_rng(trainer.generator))
+    sharded = dist.is_sharded(trainer.model)
+    if sharded:
+        _save_shards(trainer, path + SHARDED_SUFFIX)
     if trainer.rank == 0:
         state = trainer_state(trainer)
         state["rng"] = rng_states
+        if sharded:
+            state["sharded"] = os.path.basename(path) + SHARDED_SUFFIX
         atomic_torch_save(state, path)
     dist.barrier()  # no rank reads the file before it is complete
     return path
+
+
+def _sharded_state(trainer: PPOTrainer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    modules = _trained_modules(trainer)
+    return {"models": get_model_state_dict(modules),
+            "optimizer": get_optimizer_state_dict(modules, trainer.optimizer)}  # fmt: skip
+
+
+def _save_shards(trainer: PPOTrainer, folder: str) -> None:
+    """Every rank writes its shards (torch.distributed.checkpoint) into a fresh folder,
+    which then replaces ``folder``: a crash mid-way leaves the previous shards whole."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    fresh = folder + ".tmp"
+    if trainer.rank == 0 and os.path.exists(fresh):
+        shutil.rmtree(fresh)
+    dist.barrier()
+    dcp.save(_sharded_state(trainer), checkpoint_id=fresh)
+    dist.barrier()
+    if trainer.rank == 0:
+        old = folder + ".old"
+        if os.path.exists(folder):
+            os.replace(folder, old)
+        os.replace(fresh, folder)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def _load_shards(trainer: PPOTrainer, folder: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{TRAINER}.load_checkpoint: the shards {folder} are missing")
+    state = _sharded_state(trainer)
+    dcp.load(state, checkpoint_id=folder)
+    modules = _trained_modules(trainer)
+    set_model_state_dict(modules, state["models"])
+    set_optimizer_state_dict(modules, trainer.optimizer, state["optimizer"])
+
+
+def full_sharded_states(path: str, state: dict) -> dict:
+    """A sharded checkpoint's models in one process, without a process group: ``state``
+    (read from ``path``) with "model" and "critic" filled from the shards."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)), state["sharded"])
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = os.path.join(tmp, "whole.pt")
+        dcp_to_torch_save(folder, whole)
+        models = torch.load(whole, map_location="cpu", weights_only=True)["models"]
+    split = {"model": {}, "critic": {}}
+    for key, value in models.items():
+        owner, _, name = key.partition(".")
+        split[owner][name] = value
+    return {**state, "model": split["model"], "critic": split["critic"] or None}
 
 
 def load_trainer_checkpoint(trainer: PPOTrainer, path: str) -> None:
@@ -92,10 +189,14 @@ def load_trainer_checkpoint(trainer: PPOTrainer, path: str) -> None:
     :func:`save_trainer_checkpoint`, after checking that this run can continue it."""
     state = load_checkpoint(path)
     check_resumable(state, trainer.config, trainer.world_size, path)
-    trainer.model.load_state_dict(state["model"])
-    if trainer.critic is not None:
-        trainer.critic.load_state_dict(state["critic"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if state.get("sharded"):
+        _load_shards(trainer, os.path.join(os.path.dirname(os.path.abspath(path)),
+                                           state["sharded"]))  # fmt: skip
+    else:
+        trainer.model.load_state_dict(state["model"])
+        if trainer.critic is not None:
+            trainer.critic.load_state_dict(state["critic"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
     # the state restores the old hyper-parameters; this run's config may change them
     apply_optimizer_settings(trainer.optimizer, trainer.config)
     trainer.kl_controller.load_state_dict(state["kl_controller"])

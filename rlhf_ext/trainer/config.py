@@ -19,6 +19,8 @@ from rlhf_ext.trainer.advantages import ADVANTAGE_ESTIMATORS
 
 NAME = "rlhf_ext.trainer.PPOConfig"
 KL_PLACEMENTS = ("reward", "loss")
+# across processes: replicas (DistributedDataParallel) or FSDP2's sharded parameters
+PARALLELISMS = ("ddp", "fsdp")
 # below this, logits / temperature overflow float32 and sampling gets NaN probabilities
 MIN_TEMPERATURE = 1e-6
 BOOL_FIELDS = (
@@ -122,6 +124,9 @@ class PPOConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_target_modules: str | list = "all-linear"
+    # processes (under torchrun): "ddp" replicates the trained models, "fsdp" shards their
+    # parameters, gradients and optimizer state (FSDP2, fully_shard); one process: no effect
+    parallelism: str = "ddp"
     # run
     seed: int = 0
     log_interval: int = 1
@@ -159,6 +164,7 @@ class PPOConfig:
         self._check_estimator()
         self._check_policy_loss()
         self._check_lora()
+        self._check_parallelism()
         self.report_targets  # noqa: B018 (raises on a bad `report_to`)
 
     def _fail(self, name: str, expected: str, got) -> None:
@@ -247,6 +253,7 @@ class PPOConfig:
             "kl_placement": KL_PLACEMENTS,
             "advantage_estimator": tuple(ADVANTAGE_ESTIMATORS),
             "policy_loss": POLICY_KINDS,
+            "parallelism": PARALLELISMS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -315,6 +322,21 @@ class PPOConfig:
             self._fail("lora_target_modules", '"all-linear" or a list of module names', targets)
         if not all(isinstance(name, str) and name for name in names):
             self._fail("lora_target_modules", '"all-linear" or a list of module names', targets)
+
+    def _check_parallelism(self) -> None:
+        if self.parallelism != "fsdp":
+            return
+        # the fused head reads the LM head's weight outside the model's forward, where FSDP
+        # holds only this rank's shard of it; peft's adapters are not sharded here (yet)
+        for name, value, why in (("fused_lm_head", self.fused_lm_head, "the LM head's weight "
+                                  "is read outside the forward, where FSDP holds a shard"),
+                                 ("lora_rank", self.lora_rank, "LoRA adapters are not "
+                                  "sharded")):  # fmt: skip
+            if value:
+                raise ValueError(
+                    f'{NAME}: `parallelism="fsdp"` does not take `{name}={value!r}` ({why}); '
+                    'use parallelism="ddp" with it'
+                )
 
     @property
     def report_targets(self) -> tuple[str, ...]:

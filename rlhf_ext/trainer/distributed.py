@@ -1,9 +1,13 @@
-"""The few collective operations the trainer needs; no-ops in a single process."""
+"""The few collective operations the trainer needs; no-ops in a single process. And
+FSDP2's parameter sharding (``parallelism="fsdp"``)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_distributed() -> bool:
@@ -72,3 +76,51 @@ def barrier() -> None:
     """Wait for every rank."""
     if is_distributed():
         dist.barrier()
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """FSDP2 (``fully_shard``) over ``module`` in place: each block of every
+    ``nn.ModuleList`` (a transformer's layers) is its own unit, gathered for its forward
+    and backward only, and the rest (embeddings, head, value head) the root's. Returns
+    ``module``, whose parameters are now DTensors sharded over the ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in module.modules():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                fully_shard(block)
+    fully_shard(module)
+    # FSDP2 makes the first module to run forward the root; generation calls the policy LM,
+    # a child of a value-head model, first: initialise from the real root now (a private
+    # call: torch has no public one; checked by the 2-process FSDP tests)
+    module._get_fsdp_state()._lazy_init()
+    return module
+
+
+def is_sharded(module: nn.Module | None) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """Every FSDP unit of ``module`` unsharded for the whole block, with no collective
+    inside it: generation runs as many forwards as its longest sequence needs, which
+    differs between ranks. A no-op for a module that is not sharded."""
+    units = [m for m in module.modules() if is_sharded(m)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield module
+    finally:
+        for unit in reversed(units):
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
+def local_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (a plain tensor as it is)."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if full is not None else tensor

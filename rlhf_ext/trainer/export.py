@@ -105,6 +105,8 @@ def export_policy(trainer, output_dir: str) -> dict:
     format of this module's docstring; the manifest written (its ``files`` entry lists
     every path). Rank 0 writes; call it on every rank under DDP (the others return the
     empty dict after rank 0 has written)."""
+    if dist.is_sharded(trainer.model):
+        return _export_sharded(trainer, output_dir)
     value_head = trainer.model.value_head if isinstance(trainer.model, ValueHeadModel) else None
     extra = {"iteration": trainer.iteration, "ppo_config": trainer.config.to_dict()}
     manifest = {}
@@ -118,6 +120,27 @@ def export_policy(trainer, output_dir: str) -> dict:
     return manifest
 
 
+def _export_sharded(trainer, output_dir: str) -> dict:
+    """FSDP-sharded models: every rank writes its shards into a checkpoint in a temporary
+    folder, then rank 0 exports that checkpoint (models rebuilt whole in one process)."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(
+        trainer.config.output_dir)) or ".") if trainer.rank == 0 else None  # fmt: skip
+    folder = dist.gather_objects(folder)[0]
+    manifest = {}
+    try:
+        path = trainer.save_checkpoint(os.path.join(folder, "checkpoint.pt"))
+        if trainer.rank == 0:
+            manifest = export_checkpoint(path, output_dir, tokenizer=trainer.tokenizer)
+        dist.barrier()
+    finally:
+        if trainer.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    return manifest
+
+
 def export_checkpoint(checkpoint_path: str, output_dir: str, tokenizer=None) -> dict:
     """The export of a trainer ``checkpoint.pt`` (models rebuilt from its ``models``
     entry, then its weights loaded): what ``python -m rlhf_ext export`` runs. A Hugging
@@ -126,6 +149,10 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, tokenizer=None) -> 
     from rlhf_ext.trainer.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint_path)
+    if state.get("sharded"):  # parallelism="fsdp": the weights are in the shards' folder
+        from rlhf_ext.trainer.checkpoint import full_sharded_states
+
+        state = full_sharded_states(checkpoint_path, state)
     models = state.get("models")
     if not models:
         raise ValueError(

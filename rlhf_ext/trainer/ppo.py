@@ -181,8 +181,10 @@ class PPOTrainer:
             if module is not None:
                 module.eval()  # dropout off during RL, also while training
         self._prepare_memory_features()
-        self.train_model = _maybe_ddp(self.model)
-        self.train_critic = _maybe_ddp(self.critic) if self.critic is not None else None
+        self.train_model = _distribute(self.model, self.config.parallelism)
+        self.train_critic = (
+            _distribute(self.critic, self.config.parallelism) if self.critic is not None else None
+        )
 
     def _check_bf16(self) -> None:
         if not self.config.bf16 or self.device.type != "cuda":
@@ -263,7 +265,7 @@ class PPOTrainer:
     def generate(self, queries) -> Batch:
         """Sample responses for ``queries`` (token-id sequences) with the KV cache."""
         ids, mask = left_pad(queries, self.pad_token_id, self.device)
-        with self.autocast():
+        with self.autocast(), dist.gathered(self.model):
             return generate(
                 self.policy_lm,
                 ids,
@@ -506,7 +508,7 @@ class PPOTrainer:
         params = [p for p in self.all_parameters() if p.grad is not None]
         # no max_grad_norm: an infinite one still gives the norm (metrics, non-finite guard)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return dist.local_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def _skip(self, what: str, value: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -889,9 +891,13 @@ def _special_tokens(tokenizer) -> tuple[int, int]:
     return int(eos), int(eos if pad is None else pad)
 
 
-def _maybe_ddp(module: nn.Module) -> nn.Module:
+def _distribute(module: nn.Module, parallelism: str) -> nn.Module:
+    """The module the loss's forward runs through: under a process group, a DDP wrapper,
+    or ``module`` itself sharded in place by FSDP2 (``parallelism="fsdp"``)."""
     if not dist.is_distributed():
         return module
+    if parallelism == "fsdp":
+        return dist.shard(module)
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [module_device(module)] if module_device(module).type == "cuda" else None
