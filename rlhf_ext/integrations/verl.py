@@ -624,10 +624,9 @@ def _engine_read_plan(engine, output_args, micro_batch) -> tuple[str, ...]:
     """The token_logprobs outputs that one prepare_model_outputs call can share: those of
     the unfused remove-padding path whose function is this adapter's (an entropy that is
     chunked, checkpointed or torch.compile'd stays verl's own call)."""
-    from verl.utils import tensordict_utils as tu
 
     def flag(key, default):
-        return tu.get_non_tensor_data(data=micro_batch, key=key, default=default)
+        return _flag(micro_batch, key, default)
 
     if flag("use_fused_kernels", False) or not flag("use_remove_padding", True):
         return ()
